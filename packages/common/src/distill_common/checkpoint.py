@@ -1,0 +1,165 @@
+"""Atomic checkpoints and exact resume.
+
+A checkpoint is a folder ``checkpoint-{step:07d}`` holding safetensors weights and a
+``training_state.pt`` (optimizer, scheduler, RNG states, data position), written to a temporary
+sibling and renamed into place, so a kill leaves either the previous or the new checkpoint, never
+half of one. ``training_state.pt`` is read back with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from distill_common.errors import ModelLoadError
+
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+STATE_FILE = "training_state.pt"
+
+
+@contextmanager
+def atomic_dir(target: str | Path) -> Iterator[Path]:
+    """Yield a temporary folder; on success it replaces ``target`` in one rename."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        yield tmp
+        if target.exists():
+            old = target.with_name(f".{target.name}.old-{os.getpid()}")
+            target.rename(old)
+            tmp.rename(target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_weights(state_dict: Mapping[str, torch.Tensor], path: str | Path, metadata: Mapping[str, str] | None = None) -> None:
+    """Save tensors as safetensors (contiguous CPU copies), atomically."""
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    save_file(tensors, tmp, metadata=dict(metadata or {}))
+    os.replace(tmp, path)
+
+
+def load_weights(path: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    path = Path(path)
+    if not path.is_file():
+        raise ModelLoadError(f"weights file {str(path)!r} does not exist; pass a checkpoint folder written by a distill command")
+    try:
+        return load_file(str(path), device=str(device))
+    except Exception as exc:
+        raise ModelLoadError(f"weights file {str(path)!r} is corrupt or not safetensors ({exc}); re-create it") from None
+
+
+def load_into(module: torch.nn.Module, path: str | Path, what: str = "model") -> None:
+    """Load safetensors weights into ``module``; a checkpoint of another architecture is a clear error."""
+    state = load_weights(path)
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if missing or unexpected or wrong:
+        detail = "; ".join(
+            f"{label}: {', '.join(keys[:3])}{'…' if len(keys) > 3 else ''}"
+            for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", wrong)) if keys
+        )
+        raise ModelLoadError(
+            f"{path} does not fit this {what} ({detail}); it was written for another architecture — "
+            "use the config it was trained with"
+        )
+    module.load_state_dict(state)
+
+
+def rng_state() -> dict[str, Any]:
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Mapping[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_training_state(folder: Path, state: Mapping[str, Any]) -> None:
+    torch.save(dict(state), folder / STATE_FILE)
+
+
+def load_training_state(folder: str | Path) -> dict[str, Any]:
+    path = Path(folder) / STATE_FILE
+    if not path.is_file():
+        raise ModelLoadError(f"{folder} has no {STATE_FILE}; it is not a resumable checkpoint")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ModelLoadError(f"{path} is corrupt or was not written by distill ({exc}); delete that checkpoint") from None
+
+
+def list_checkpoints(root: str | Path) -> list[tuple[int, Path]]:
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    out = []
+    for p in root.iterdir():
+        m = CHECKPOINT_RE.match(p.name)
+        if m and p.is_dir():
+            out.append((int(m.group(1)), p))
+    return sorted(out)
+
+
+def latest_checkpoint(root: str | Path) -> Path | None:
+    cps = list_checkpoints(root)
+    return cps[-1][1] if cps else None
+
+
+def checkpoint_dir(root: str | Path, step: int) -> Path:
+    return Path(root) / f"checkpoint-{step:07d}"
+
+
+def prune_checkpoints(root: str | Path, keep: int) -> None:
+    """Keep the newest ``keep`` checkpoints (``keep <= 0`` keeps all)."""
+    if keep <= 0:
+        return
+    for _, p in list_checkpoints(root)[:-keep]:
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def write_json(path: str | Path, data: Mapping[str, Any]) -> None:
+    atomic_write_bytes(path, json.dumps(data, indent=2, default=str).encode())

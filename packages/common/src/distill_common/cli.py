@@ -1,0 +1,82 @@
+"""The umbrella ``distill`` command: one sub-app per installed package, found through entry points.
+
+Packages register their Typer app under the ``distill.commands`` entry-point group, so this module
+imports no subproject: ``distill rf``, ``distill flash``, ``distill prune`` and ``distill eval`` appear
+when their package is installed.
+"""
+
+from __future__ import annotations
+
+import sys
+from importlib.metadata import PackageNotFoundError, entry_points, version
+
+import typer
+from rich.console import Console
+
+from distill_common.errors import DistillError
+
+DISTRIBUTIONS = ("distill-common", "distill-eval", "distill-lora-flash", "distill-rf-cifar", "distill-sd-prune")
+
+app = typer.Typer(
+    name="distill",
+    help="Diffusion distillation workbench: train few-step students, evaluate them against their teacher, "
+    "and promote the winner in the MLflow registry.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+err_console = Console(stderr=True)
+
+
+def package_versions() -> dict[str, str]:
+    """Installed version of each workspace distribution ('not installed' when absent)."""
+    out = {}
+    for dist in DISTRIBUTIONS:
+        try:
+            out[dist] = version(dist)
+        except PackageNotFoundError:
+            out[dist] = "not installed"
+    return out
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        for dist, ver in package_versions().items():
+            typer.echo(f"{dist} {ver}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version_: bool = typer.Option(
+        False, "--version", callback=_version_callback, is_eager=True, help="Print every package's version and exit."
+    ),
+) -> None:
+    """Diffusion distillation workbench."""
+
+
+def _register_subcommands() -> None:
+    from distill_common.registry_cli import app as registry_app
+
+    app.add_typer(registry_app, name="registry")
+    for ep in sorted(entry_points(group="distill.commands"), key=lambda e: e.name):
+        try:
+            sub = ep.load()
+        except Exception as exc:  # a broken optional package must not break the other commands
+            err_console.print(f"[yellow]warning:[/] could not load 'distill {ep.name}': {exc}")
+            continue
+        app.add_typer(sub, name=ep.name)
+
+
+def run_app(typer_app: typer.Typer, argv: list[str] | None = None) -> None:
+    """Run a Typer app, turning DistillError into one red line and exit code 2."""
+    try:
+        typer_app(args=argv, standalone_mode=True)
+    except DistillError as exc:
+        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(exc.exit_code)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the ``distill`` console script."""
+    _register_subcommands()
+    run_app(app, argv)

@@ -1,0 +1,434 @@
+"""Typed dataclass configs as the single source of options, and their Typer command-line form.
+
+A config is a (possibly nested) dataclass whose fields are declared with :func:`option`::
+
+    @dataclass
+    class TrainConfig:
+        learning_rate: float = option(1e-4, "Peak learning rate of AdamW.")
+        sampler: str = option("euler", "ODE solver.", choices=("euler", "heun", "rk45"))
+        steps: list[int] = option([2, 4, 8], "Step counts to evaluate.")
+
+:func:`config_command` turns such a dataclass into a Typer command whose options are generated from
+the fields (help text, types, choices), plus ``--config FILE`` (YAML or JSON, overridden by flags),
+``--preset NAME`` (named defaults, overridden by the file and flags) and ``--dry-run`` (print the
+resolved config and exit). Every multi-word option also accepts the underscore spelling
+(``--num-images`` and ``--num_images``), and list options accept ``--steps 2 4 8``,
+``--steps 2,4,8`` or a repeated flag.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import json
+import types
+import typing
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import typer
+import yaml
+
+from distill_common.errors import ConfigError, unknown_choice
+
+C = TypeVar("C")
+
+_MISSING = dataclasses.MISSING
+
+
+def option(
+    default: Any,
+    help: str,
+    *,
+    choices: Sequence[Any] | None = None,
+    aliases: Sequence[str] = (),
+    cli: bool = True,
+) -> Any:
+    """Declare a config field with its help text, optional valid choices and extra CLI spellings."""
+    metadata = {"help": help, "choices": tuple(choices) if choices else None, "aliases": tuple(aliases), "cli": cli}
+    if isinstance(default, (list, dict, set)):
+        return dataclasses.field(default_factory=lambda d=default: type(d)(d), metadata=metadata)
+    if dataclasses.is_dataclass(default) and not isinstance(default, type):
+        return dataclasses.field(default_factory=lambda d=default: dataclasses.replace(d), metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def nested(cls: type, help: str = "") -> Any:
+    """Declare a nested config section (its fields become ``--section-field`` options)."""
+    return dataclasses.field(default_factory=cls, metadata={"help": help, "nested": True})
+
+
+# --------------------------------------------------------------------------------------- helpers
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1 and len(typing.get_args(tp)) == 2:
+            return args[0], True
+    return tp, False
+
+
+def _list_item_type(tp: Any) -> Any | None:
+    origin = typing.get_origin(tp)
+    if origin in (list, tuple, Sequence, typing.Sequence):
+        args = typing.get_args(tp)
+        return args[0] if args else str
+    return None
+
+
+def _coerce(value: Any, tp: Any, name: str) -> Any:
+    """Convert a value read from a file or the command line to the field's declared type."""
+    base, optional = _unwrap_optional(tp)
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"option '{name}' may not be null")
+    item = _list_item_type(base)
+    if item is not None:
+        if isinstance(value, str):
+            value = [v for v in value.replace(",", " ").split() if v]
+        if not isinstance(value, (list, tuple)):
+            value = [value]
+        return [_coerce(v, item, name) for v in value]
+    if base is bool:
+        if isinstance(value, str):
+            low = value.strip().lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off"):
+                return False
+            raise ConfigError(f"option '{name}' expects true/false, got {value!r}")
+        return bool(value)
+    if base in (int, float, str):
+        try:
+            if base is int and isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return base(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"option '{name}' expects {base.__name__}, got {value!r}") from None
+    if base is Path:
+        return Path(value)
+    return value
+
+
+def _check_choices(cfg: Any, prefix: str = "") -> None:
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if f.metadata.get("nested") or dataclasses.is_dataclass(value):
+            _check_choices(value, f"{prefix}{f.name}.")
+            continue
+        choices = f.metadata.get("choices")
+        if not choices or value is None:
+            continue
+        values = value if isinstance(value, list) else [value]
+        for v in values:
+            if v not in choices:
+                raise unknown_choice(f"value for '{prefix}{f.name}'", v, choices)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """The config as plain JSON-able data (Paths as strings)."""
+
+    def conv(v: Any) -> Any:
+        if dataclasses.is_dataclass(v):
+            return {f.name: conv(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, Path):
+            return str(v)
+        if isinstance(v, (list, tuple)):
+            return [conv(x) for x in v]
+        return v
+
+    return conv(cfg)
+
+
+def flatten(cfg: Any, sep: str = ".") -> dict[str, Any]:
+    """Flatten a (nested) config into ``section.field`` keys, e.g. for MLflow params."""
+    out: dict[str, Any] = {}
+
+    def walk(d: Mapping[str, Any], prefix: str) -> None:
+        for k, v in d.items():
+            if isinstance(v, Mapping):
+                walk(v, f"{prefix}{k}{sep}")
+            else:
+                out[f"{prefix}{k}"] = v
+
+    walk(to_dict(cfg), "")
+    return out
+
+
+def from_dict(cls: type[C], data: Mapping[str, Any], base: C | None = None) -> C:
+    """Build (or update ``base``) from a mapping; unknown keys are refused with the valid names."""
+    cfg = dataclasses.replace(base) if base is not None else cls()
+    hints = _field_types(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key, value in data.items():
+        name = key.replace("-", "_")
+        if name not in fields:
+            raise unknown_choice(f"config key for {cls.__name__}", key, fields)
+        current = getattr(cfg, name)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"config key '{key}' is a section; give it a mapping")
+            setattr(cfg, name, from_dict(type(current), value, current))
+        else:
+            setattr(cfg, name, _coerce(value, hints[name], name))
+    return cfg
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a YAML or JSON config file into a mapping."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {str(p)!r} does not exist; pass an existing YAML or JSON file to --config")
+    text = p.read_text()
+    try:
+        data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        raise ConfigError(f"config file {str(p)!r} is not valid {'JSON' if p.suffix == '.json' else 'YAML'}: {exc}")
+    if data is None:
+        return {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"config file {str(p)!r} must hold a mapping of option names to values")
+    return dict(data)
+
+
+def save_config(cfg: Any, path: str | Path) -> Path:
+    """Write the resolved config as YAML (or JSON when the suffix is .json)."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    data = to_dict(cfg)
+    p.write_text(json.dumps(data, indent=2) if p.suffix == ".json" else yaml.safe_dump(data, sort_keys=False))
+    return p
+
+
+def format_config(cfg: Any) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+# ------------------------------------------------------------------------------- CLI generation
+
+
+@dataclasses.dataclass
+class _CliField:
+    path: tuple[str, ...]  # ("model", "width")
+    param: str  # python identifier: model_width
+    flags: list[str]
+    type: Any
+    default: Any
+    help: str
+    choices: tuple[Any, ...] | None
+    is_list: bool
+    is_bool: bool
+
+
+def _cli_fields(cls: type, instance: Any = None, prefix: tuple[str, ...] = ()) -> list[_CliField]:
+    instance = instance if instance is not None else cls()
+    hints = _field_types(cls)
+    out: list[_CliField] = []
+    for f in dataclasses.fields(cls):
+        value = getattr(instance, f.name)
+        if f.metadata.get("nested") or dataclasses.is_dataclass(value):
+            out += _cli_fields(type(value), value, prefix + (f.name,))
+            continue
+        if not f.metadata.get("cli", True):
+            continue
+        path = prefix + (f.name,)
+        base, _ = _unwrap_optional(hints[f.name])
+        dash = "--" + "-".join(path).replace("_", "-")
+        flags = [dash]
+        under = "--" + "_".join(path)
+        if under != dash:
+            flags.append(under)
+        flags += list(f.metadata.get("aliases", ()))
+        choices = f.metadata.get("choices")
+        help_text = f.metadata.get("help", "")
+        if choices:
+            help_text += f" (choices: {', '.join(map(str, choices))})"
+        out.append(
+            _CliField(
+                path=path,
+                param="__".join(path),
+                flags=flags,
+                type=base,
+                default=value,
+                help=help_text,
+                choices=choices,
+                is_list=_list_item_type(base) is not None,
+                is_bool=base is bool,
+            )
+        )
+    return out
+
+
+class _ConfigCommand(typer.core.TyperCommand):
+    """Accepts ``--steps 2 4 8`` for list options by joining the values before click parses them."""
+
+    list_flags: frozenset[str] = frozenset()
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        out: list[str] = []
+        i = 0
+        while i < len(args):
+            tok = args[i]
+            flag = tok.split("=", 1)[0]
+            if flag in self.list_flags and "=" not in tok:
+                values = []
+                i += 1
+                while i < len(args) and not (args[i].startswith("--") or (args[i].startswith("-") and not _is_number(args[i]))):
+                    values.append(args[i])
+                    i += 1
+                out += [tok, ",".join(values)]
+                continue
+            out.append(tok)
+            i += 1
+        return super().parse_args(ctx, out)
+
+
+def _explicit(ctx: Any, name: str) -> bool:
+    """True when the user set the option (flag, env var), not when it holds its default.
+
+    Typer vendors its own click, so the source is compared by name rather than by enum identity.
+    """
+    source = ctx.get_parameter_source(name)
+    return source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
+
+
+def _is_number(s: str) -> bool:
+    try:
+        float(s)
+        return True
+    except ValueError:
+        return False
+
+
+def config_command(
+    app: typer.Typer,
+    name: str,
+    config_cls: type[C],
+    *,
+    presets: Mapping[str, Callable[[], C] | C] | None = None,
+    default_preset: str | None = None,
+    help: str | None = None,
+) -> Callable[[Callable[[C], Any]], Callable[[C], Any]]:
+    """Register ``fn(cfg)`` as the Typer command ``name`` with one option per config field.
+
+    Precedence, lowest first: dataclass defaults, ``--preset``, ``--config FILE``, explicit flags.
+    """
+    fields = _cli_fields(config_cls)
+    preset_names = tuple(presets or ())
+
+    def decorator(fn: Callable[[C], Any]) -> Callable[[C], Any]:
+        params = [inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context)]
+        for cf in fields:
+            if cf.is_list:
+                annotation: Any = str
+                default = ",".join(map(str, cf.default)) if cf.default is not None else None
+            elif cf.is_bool:
+                annotation, default = bool, cf.default
+            elif cf.type is Path:
+                annotation, default = Path, cf.default
+            elif cf.type in (int, float, str):
+                annotation, default = (typing.Optional[cf.type] if cf.default is None else cf.type), cf.default
+            else:
+                annotation, default = str, cf.default
+            flags = list(cf.flags)
+            if cf.is_bool:
+                flags = [f"{f}/--no-{f[2:]}" for f in flags[:1]] + [f for f in flags[1:]]
+            opt = typer.Option(default, *flags, help=cf.help, show_default=True)
+            params.append(inspect.Parameter(cf.param, inspect.Parameter.KEYWORD_ONLY, default=opt, annotation=annotation))
+        params.append(
+            inspect.Parameter(
+                "config_file",
+                inspect.Parameter.KEYWORD_ONLY,
+                default=typer.Option(None, "--config", help="YAML or JSON file of option values; flags override it."),
+                annotation=typing.Optional[Path],
+            )
+        )
+        if preset_names:
+            params.append(
+                inspect.Parameter(
+                    "preset",
+                    inspect.Parameter.KEYWORD_ONLY,
+                    default=typer.Option(
+                        default_preset, "--preset", help=f"Named defaults: {', '.join(preset_names)}."
+                    ),
+                    annotation=typing.Optional[str],
+                )
+            )
+        params.append(
+            inspect.Parameter(
+                "dry_run",
+                inspect.Parameter.KEYWORD_ONLY,
+                default=typer.Option(False, "--dry-run", help="Print the resolved config and exit."),
+                annotation=bool,
+            )
+        )
+
+        @functools.wraps(fn)
+        def command(ctx: typer.Context, **kwargs: Any) -> Any:
+            cfg = resolve_config(
+                config_cls,
+                presets=presets,
+                preset=kwargs.pop("preset", None),
+                config_file=kwargs.pop("config_file", None),
+                overrides={
+                    cf.path: kwargs[cf.param]
+                    for cf in fields
+                    if _explicit(ctx, cf.param)
+                },
+            )
+            if kwargs.pop("dry_run", False):
+                typer.echo(format_config(cfg))
+                raise typer.Exit(0)
+            return fn(cfg)
+
+        command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+        command.__annotations__ = {p.name: p.annotation for p in params}
+        del command.__wrapped__
+        cmd_cls = type(f"{config_cls.__name__}Command", (_ConfigCommand,), {
+            "list_flags": frozenset(f for cf in fields if cf.is_list for f in cf.flags)
+        })
+        app.command(name, help=help or (fn.__doc__ or "").strip(), cls=cmd_cls)(command)
+        return fn
+
+    return decorator
+
+
+def resolve_config(
+    config_cls: type[C],
+    *,
+    presets: Mapping[str, Callable[[], C] | C] | None = None,
+    preset: str | None = None,
+    config_file: str | Path | None = None,
+    overrides: Mapping[tuple[str, ...], Any] | None = None,
+) -> C:
+    """Apply preset, then config file, then explicit overrides (keyed by field path); validate choices."""
+    if preset is not None:
+        if not presets or preset not in presets:
+            raise unknown_choice("preset", preset, presets or {})
+        p = presets[preset]
+        cfg = p() if callable(p) else dataclasses.replace(p)
+    else:
+        cfg = config_cls()
+    if config_file is not None:
+        cfg = from_dict(config_cls, load_config_file(config_file), cfg)
+    for path, value in (overrides or {}).items():
+        nested_update: dict[str, Any] = {}
+        d = nested_update
+        for part in path[:-1]:
+            d = d.setdefault(part, {})
+        d[path[-1]] = value
+        cfg = from_dict(config_cls, nested_update, cfg)
+    _check_choices(cfg)
+    validate = getattr(cfg, "validate", None)
+    if callable(validate):
+        validate()
+    return cfg

@@ -1,0 +1,50 @@
+"""MLflow tracking and model registry: the only part of the workspace that imports mlflow."""
+
+from distill_common.tracking.registry import (
+    CHALLENGER,
+    CHAMPION,
+    ModelVersionInfo,
+    best_version,
+    delete_alias,
+    list_models,
+    list_versions,
+    register_model,
+    set_alias,
+    set_version_tags,
+    version_by_alias,
+)
+from distill_common.tracking.run import (
+    TrackingRun,
+    artifact_root,
+    check_reachable,
+    configure,
+    relog,
+    start_run,
+    tracking_uri,
+)
+
+
+def log_generator_model(run, generator_dir, name: str = "generator") -> str:
+    from distill_common.tracking.pyfunc import log_generator_model as _log
+
+    return _log(run, generator_dir, name)
+
+
+def download_generator(uri, dst=None):
+    from distill_common.tracking.pyfunc import download_generator as _dl
+
+    return _dl(uri, dst)
+
+
+def decode_image(b64: str):
+    from distill_common.tracking.pyfunc import decode_image as _decode
+
+    return _decode(b64)
+
+
+__all__ = [
+    "CHALLENGER", "CHAMPION", "ModelVersionInfo", "TrackingRun", "artifact_root", "best_version",
+    "check_reachable", "configure", "decode_image", "delete_alias", "download_generator", "list_models",
+    "list_versions", "log_generator_model", "register_model", "relog", "set_alias", "set_version_tags",
+    "start_run", "tracking_uri", "version_by_alias",
+]

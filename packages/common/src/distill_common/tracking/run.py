@@ -1,0 +1,311 @@
+"""MLflow run tracking: the embedded sqlite default, a reachability check, and the run context.
+
+Only this package imports mlflow. Training loops report numbers through a returned dict or a
+callback; the CLI layer hands them to :class:`TrackingRun`.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import warnings
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from distill_common.errors import TrackingError
+
+DEFAULT_DB_NAME = "mlflow.db"
+DEFAULT_ARTIFACT_DIR = "mlartifacts"
+MAX_PARAM_LENGTH = 6000
+
+
+def tracking_uri() -> str:
+    """``MLFLOW_TRACKING_URI`` when set, else an embedded sqlite store in the working directory."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    return f"sqlite:///{Path.cwd() / DEFAULT_DB_NAME}"
+
+
+def artifact_root() -> str:
+    """Where new experiments keep artifacts for the embedded store (``DISTILL_ARTIFACT_ROOT`` overrides)."""
+    root = os.environ.get("DISTILL_ARTIFACT_ROOT") or str(Path.cwd() / DEFAULT_ARTIFACT_DIR)
+    return Path(root).resolve().as_uri()
+
+
+def is_remote(uri: str) -> bool:
+    return uri.startswith(("http://", "https://"))
+
+
+def check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """Fail before any training when a tracking server does not answer (one line, with the fix)."""
+    if not is_remote(uri):
+        return
+    url = uri.rstrip("/") + "/health"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 - the user's own server
+            if resp.status >= 400:
+                raise TrackingError(f"MLflow server {uri} answered HTTP {resp.status}")
+    except (urllib.error.URLError, OSError) as exc:
+        raise TrackingError(
+            f"MLflow tracking server {uri} is unreachable ({getattr(exc, 'reason', exc)}); start it "
+            "(tools/mlflow_server.sh) or unset MLFLOW_TRACKING_URI to use the local store"
+        ) from None
+
+
+def configure(uri: str | None = None) -> str:
+    """Point mlflow at the chosen store after checking that it can be reached; return the URI."""
+    import mlflow
+
+    uri = uri or tracking_uri()
+    check_reachable(uri)
+    mlflow.set_tracking_uri(uri)
+    if not is_remote(uri):
+        mlflow.set_registry_uri(uri)
+    return uri
+
+
+def get_or_create_experiment(name: str) -> str:
+    import mlflow
+
+    exp = mlflow.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    kwargs = {} if is_remote(mlflow.get_tracking_uri()) else {"artifact_location": f"{artifact_root()}/{name}"}
+    try:
+        return mlflow.create_experiment(name, **kwargs)
+    except Exception:  # created concurrently by another process
+        exp = mlflow.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+def git_commit(cwd: Path | None = None) -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=5, check=True
+        )
+        return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def workspace_tags() -> dict[str, str]:
+    """Versions of the five packages, git commit, and device / torch / CUDA versions."""
+    from distill_common.cli import package_versions
+    from distill_common.runtime import environment_info
+
+    tags = {f"version.{k}": v for k, v in package_versions().items()}
+    tags["git_commit"] = git_commit(Path(__file__).resolve().parent)
+    tags.update({f"env.{k}": v for k, v in environment_info().items()})
+    return tags
+
+
+def _to_png_bytes(image: Any) -> bytes:
+    """PIL image, (H,W,3) uint8 array or (3,H,W) float tensor in [0,1] → PNG bytes."""
+    from PIL import Image
+
+    if hasattr(image, "save"):
+        pil = image
+    else:
+        arr = image.detach().cpu().numpy() if hasattr(image, "detach") else np.asarray(image)
+        if arr.ndim == 3 and arr.shape[0] in (1, 3) and arr.shape[-1] not in (1, 3):
+            arr = arr.transpose(1, 2, 0)
+        if arr.dtype != np.uint8:
+            arr = (np.clip(arr, 0, 1) * 255).round().astype(np.uint8)
+        pil = Image.fromarray(arr.squeeze(-1) if arr.shape[-1] == 1 else arr)
+    buf = io.BytesIO()
+    pil.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+class TrackingRun:
+    """One MLflow run. Logging never kills training: a failed call is written to
+    ``<fallback_dir>/unlogged_metrics.jsonl`` and reported at the end with the command that re-logs it.
+    """
+
+    def __init__(self, run_id: str | None, fallback_dir: Path | None, enabled: bool = True):
+        self.run_id = run_id
+        self.enabled = enabled and run_id is not None
+        self.fallback_dir = Path(fallback_dir) if fallback_dir else None
+        self.failed_calls = 0
+        self._client = None
+
+    # -- internals --------------------------------------------------------------------------
+    @property
+    def client(self):
+        if self._client is None:
+            from mlflow import MlflowClient
+
+            self._client = MlflowClient()
+        return self._client
+
+    @property
+    def unlogged_path(self) -> Path | None:
+        return self.fallback_dir / "unlogged_metrics.jsonl" if self.fallback_dir else None
+
+    def _guard(self, kind: str, payload: Mapping[str, Any], fn, *args, **kwargs) -> None:
+        if not self.enabled:
+            return
+        try:
+            fn(*args, **kwargs)
+        except Exception as exc:  # server down, disk full, ...: keep training, keep the numbers
+            self.failed_calls += 1
+            if self.failed_calls == 1:
+                warnings.warn(f"MLflow logging failed ({type(exc).__name__}: {exc}); keeping values on disk")
+            if self.unlogged_path is not None:
+                self.unlogged_path.parent.mkdir(parents=True, exist_ok=True)
+                with self.unlogged_path.open("a") as f:
+                    f.write(json.dumps({"run_id": self.run_id, "kind": kind, "time": time.time(), **payload}) + "\n")
+
+    # -- logging ----------------------------------------------------------------------------
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(str(k), str(v)[:MAX_PARAM_LENGTH]) for k, v in params.items()]
+        for i in range(0, len(items), 100):
+            chunk = items[i : i + 100]
+            self._guard("params", {"params": {p.key: p.value for p in chunk}},
+                        self.client.log_batch, self.run_id, params=chunk)
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, int(step or 0)) for k, v in metrics.items() if v is not None]
+        if items:
+            self._guard("metrics", {"metrics": {m.key: m.value for m in items}, "step": int(step or 0)},
+                        self.client.log_batch, self.run_id, metrics=items)
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        from mlflow.entities import RunTag
+
+        items = [RunTag(str(k), str(v)) for k, v in tags.items()]
+        if items:
+            self._guard("tags", {"tags": {t.key: t.value for t in items}}, self.client.log_batch, self.run_id, tags=items)
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        p = Path(path)
+        fn = self.client.log_artifacts if p.is_dir() else self.client.log_artifact
+        self._guard("artifact", {"path": str(p.resolve()), "artifact_path": artifact_path},
+                    fn, self.run_id, str(p), artifact_path)
+
+    def log_dict(self, data: Mapping[str, Any], artifact_file: str) -> None:
+        self._guard("dict", {"artifact_file": artifact_file}, self.client.log_dict, self.run_id, dict(data), artifact_file)
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self._guard("text", {"artifact_file": artifact_file}, self.client.log_text, self.run_id, text, artifact_file)
+
+    def log_image(self, image: Any, artifact_file: str) -> None:
+        """Log a PIL image, array or (3,H,W) tensor in [0,1] as a PNG artifact."""
+        if not self.enabled:
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            target = Path(tmp) / Path(artifact_file).name
+            target.write_bytes(_to_png_bytes(image))
+            parent = str(Path(artifact_file).parent)
+            self.log_artifact(target, None if parent == "." else parent)
+
+    def log_config(self, cfg: Any, artifact_file: str = "config.yaml") -> None:
+        """Flattened params plus the resolved config file as an artifact."""
+        from distill_common.config import flatten, format_config
+
+        self.log_params(flatten(cfg))
+        self.log_text(format_config(cfg), artifact_file)
+
+    def report_failures(self) -> str | None:
+        """A message naming what could not be logged and how to re-log it, or None."""
+        if not self.failed_calls:
+            return None
+        return (
+            f"{self.failed_calls} MLflow logging call(s) failed; the values are in {self.unlogged_path}. "
+            f"Re-log them with: distill registry relog {self.unlogged_path}"
+        )
+
+
+@contextmanager
+def start_run(
+    experiment: str,
+    run_name: str | None = None,
+    *,
+    config: Any = None,
+    tags: Mapping[str, Any] | None = None,
+    fallback_dir: str | Path | None = None,
+    enabled: bool = True,
+    run_id: str | None = None,
+    nested: bool = False,
+) -> Iterator[TrackingRun]:
+    """Open (or resume, with ``run_id``) an MLflow run that logs the config, versions and environment.
+
+    With ``enabled=False`` no store is touched and every logging call is a no-op.
+    """
+    if not enabled:
+        yield TrackingRun(None, fallback_dir, enabled=False)
+        return
+    import mlflow
+
+    configure()
+    experiment_id = get_or_create_experiment(experiment)
+    active = mlflow.start_run(run_id=run_id, experiment_id=None if run_id else experiment_id,
+                              run_name=None if run_id else run_name, nested=nested)
+    run = TrackingRun(active.info.run_id, fallback_dir)
+    status = "FINISHED"
+    try:
+        if run_id is None:
+            run.set_tags({**workspace_tags(), **(tags or {})})
+            if config is not None:
+                run.log_config(config)
+        yield run
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    except BaseException:
+        status = "FAILED"
+        raise
+    finally:
+        try:
+            mlflow.end_run(status=status)
+        except Exception as exc:  # the server may be gone: the run's data is on disk already
+            warnings.warn(f"could not close MLflow run {run.run_id}: {exc}")
+        msg = run.report_failures()
+        if msg:
+            from rich.console import Console
+
+            Console(stderr=True).print(f"[yellow]warning:[/] {msg}", highlight=False)
+
+
+def relog(path: str | Path) -> int:
+    """Replay an ``unlogged_metrics.jsonl`` file into the store; returns the number of records sent."""
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric, Param, RunTag
+
+    configure()
+    client = MlflowClient()
+    sent = 0
+    for line in Path(path).read_text().splitlines():
+        rec = json.loads(line)
+        ts = int(rec["time"] * 1000)
+        if rec["kind"] == "metrics":
+            client.log_batch(rec["run_id"], metrics=[Metric(k, v, ts, rec["step"]) for k, v in rec["metrics"].items()])
+        elif rec["kind"] == "params":
+            client.log_batch(rec["run_id"], params=[Param(k, v) for k, v in rec["params"].items()])
+        elif rec["kind"] == "tags":
+            client.log_batch(rec["run_id"], tags=[RunTag(k, v) for k, v in rec["tags"].items()])
+        elif rec["kind"] == "artifact" and Path(rec["path"]).exists():
+            p = Path(rec["path"])
+            (client.log_artifacts if p.is_dir() else client.log_artifact)(rec["run_id"], str(p), rec["artifact_path"])
+        else:
+            continue
+        sent += 1
+    return sent

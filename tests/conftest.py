@@ -1,0 +1,54 @@
+"""Shared fixtures: the offline data root, an isolated MLflow store, and CPU-friendly torch settings."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("MPLBACKEND", "Agg")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _default_data_root() -> Path:
+    env = os.environ.get("DISTILL_DATA_ROOT")
+    return Path(env) if env else REPO_ROOT.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def data_root() -> Path:
+    root = _default_data_root()
+    if not (root / "cifar10").is_dir():
+        pytest.fail(f"shared data not found at {root}; set DISTILL_DATA_ROOT to the folder holding cifar10/ and coco2017/")
+    return root
+
+
+@pytest.fixture(scope="session")
+def cifar_root(data_root: Path) -> Path:
+    return data_root / "cifar10"
+
+
+@pytest.fixture(scope="session")
+def coco_root(data_root: Path) -> Path:
+    return data_root / "coco2017"
+
+
+@pytest.fixture
+def mlflow_uri(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """An isolated embedded MLflow store (sqlite + local artifacts) for one test."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("DISTILL_ARTIFACT_ROOT", str(tmp_path / "mlartifacts"))
+    return uri
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _torch_threads() -> None:
+    import torch
+
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
