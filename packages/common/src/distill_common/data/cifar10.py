@@ -1,0 +1,309 @@
+"""CIFAR-10 (Krizhevsky, 2009) as a map-style Dataset of ``(image (3, 32, 32) in [-1, 1], label)``.
+
+Three sources: WebDataset shards (``train-*.tar`` / ``test-*.tar`` with ``KEY.jpg`` + ``KEY.cls``), an image
+folder ``class_name/*.png|jpg``, or the Hub data set ``uoft-cs/cifar10``.
+
+Shards are indexed once with ``tarfile`` (member offsets; ~0.25 s per 5,000-sample shard) and JPEGs are decoded
+lazily with ``torchvision.io.decode_jpeg`` into a shared uint8 cache (N, 3, 32, 32) (150 MB for the train
+split). Measured on 2 CPU cores: indexing the train split 2.4 s, decoding all 50,000 images 1.5 s
+(PIL: 4 s), so :meth:`Cifar10Shards.preload` is cheap; call it before forking DataLoader workers so they share
+the decoded pixels instead of each filling a private cache.
+"""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from rich.progress import track
+from torch.utils.data import Dataset
+from torchvision.datasets import ImageFolder
+from torchvision.io import ImageReadMode, decode_jpeg
+
+from distill_common.data.hub import load_hub_dataset
+from distill_common.data.root import find_dataset_dir, resolve_data_root
+from distill_common.data.transforms import build_image_transform
+from distill_common.errors import DataError, unknown_choice
+
+CIFAR10_CLASSES: tuple[str, ...] = (
+    "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
+)  # fmt: skip
+CIFAR10_SPLITS = ("train", "test")
+CIFAR10_SOURCES = ("shards", "folder", "hub")
+CIFAR10_HUB_NAME = "uoft-cs/cifar10"
+CIFAR10_RESOLUTION = 32
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+Transform = Callable[[Image.Image | torch.Tensor], torch.Tensor]
+
+
+def _check_split(split: str) -> None:
+    if split not in CIFAR10_SPLITS:
+        raise unknown_choice("CIFAR-10 split", split, CIFAR10_SPLITS)
+
+
+class Cifar10Shards(Dataset):
+    """CIFAR-10 from WebDataset shards, indexed in place (samples in shard order, shards sorted by name).
+
+    Attributes: ``keys`` (sample keys, e.g. ``train_cat_0001``), ``labels`` (class indices from ``KEY.cls``),
+    ``shards`` (the tar files), ``classes`` (:data:`CIFAR10_CLASSES`).
+    """
+
+    classes = CIFAR10_CLASSES
+
+    def __init__(
+        self,
+        root: str | Path | None = None,
+        split: str = "train",
+        transform: Transform | None = None,
+        limit: int | None = None,
+        preload: bool = False,
+        show_progress: bool = True,
+    ) -> None:
+        _check_split(split)
+        if limit is not None and limit < 1:
+            raise DataError(f"limit must be positive, got {limit}; pass --limit N with N >= 1 or leave it unset")
+        self.split = split
+        self.shard_dir = find_dataset_dir(root, "cifar10", f"{split}-*.tar")
+        self.shards: list[Path] = sorted(self.shard_dir.glob(f"{split}-*.tar"))
+        self.transform = transform or build_image_transform(CIFAR10_RESOLUTION)
+        self.show_progress = show_progress
+        self.keys: list[str] = []
+        self.labels: list[int] = []
+        shard_ids: list[int] = []
+        offsets: list[int] = []
+        sizes: list[int] = []
+        for shard_id, shard in enumerate(self.shards):
+            for key, offset, size, label in self._index_shard(shard):
+                self.keys.append(key)
+                self.labels.append(label)
+                shard_ids.append(shard_id)
+                offsets.append(offset)
+                sizes.append(size)
+                if limit is not None and len(self.keys) >= limit:
+                    break
+            if limit is not None and len(self.keys) >= limit:
+                break
+        if not self.keys:
+            raise DataError(f"no CIFAR-10 samples in {self.shard_dir}/{split}-*.tar; pass --data-root with the shards")
+        self._shard_ids = np.asarray(shard_ids, dtype=np.int32)
+        self._offsets = np.asarray(offsets, dtype=np.int64)
+        self._sizes = np.asarray(sizes, dtype=np.int64)
+        n = len(self.keys)
+        # Untouched pages of torch.empty cost no memory, so the full cache is allocated up front.
+        self._images = torch.empty((n, 3, CIFAR10_RESOLUTION, CIFAR10_RESOLUTION), dtype=torch.uint8)
+        self._decoded = torch.zeros(n, dtype=torch.bool)
+        if preload:
+            self.preload()
+
+    @staticmethod
+    def _index_shard(shard: Path) -> list[tuple[str, int, int, int]]:
+        """(key, jpg offset, jpg size, label) per sample of one tar, in member order."""
+        data = shard.read_bytes()
+        jpgs: dict[str, tuple[int, int]] = {}
+        labels: dict[str, int] = {}
+        order: list[str] = []
+        try:
+            with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+                for member in tar:
+                    if not member.isfile():
+                        continue
+                    base = member.name.rsplit("/", 1)[-1]
+                    key, _, ext = base.partition(".")
+                    if key not in jpgs and key not in labels:
+                        order.append(key)
+                    if ext == "jpg":
+                        jpgs[key] = (member.offset_data, member.size)
+                    elif ext == "cls":
+                        text = data[member.offset_data : member.offset_data + member.size].decode().strip()
+                        labels[key] = int(text)
+        except (tarfile.TarError, ValueError, UnicodeDecodeError) as err:
+            raise DataError(f"unreadable CIFAR-10 shard {shard} ({err}); re-download it or remove it") from err
+        rows = []
+        for key in order:
+            if key not in jpgs or key not in labels:
+                raise DataError(f"sample {key!r} in {shard} lacks its .jpg or .cls member; re-download the shard")
+            label = labels[key]
+            if not 0 <= label < len(CIFAR10_CLASSES):
+                raise DataError(f"sample {key!r} in {shard} has label {label} outside 0..9; re-download the shard")
+            rows.append((key, *jpgs[key], label))
+        return rows
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def _decode(self, index: int, payload: bytes) -> torch.Tensor:
+        try:
+            image = decode_jpeg(torch.frombuffer(bytearray(payload), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        except RuntimeError as err:
+            shard = self.shards[self._shard_ids[index]]
+            raise DataError(f"corrupt JPEG {self.keys[index]!r} in {shard} ({err}); re-download the shard") from err
+        if tuple(image.shape) != (3, CIFAR10_RESOLUTION, CIFAR10_RESOLUTION):
+            raise DataError(
+                f"sample {self.keys[index]!r} is {tuple(image.shape)}, not (3, 32, 32); these are not CIFAR-10 shards"
+            )
+        return image
+
+    def image_uint8(self, index: int) -> torch.Tensor:
+        """The decoded image (3, 32, 32) uint8, from the cache or read from its shard."""
+        if not self._decoded[index]:
+            shard = self.shards[self._shard_ids[index]]
+            with open(shard, "rb") as handle:
+                handle.seek(int(self._offsets[index]))
+                payload = handle.read(int(self._sizes[index]))
+            self._images[index] = self._decode(index, payload)
+            self._decoded[index] = True
+        return self._images[index]
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} samples")
+        return self.transform(self.image_uint8(index)), self.labels[index]
+
+    def preload(self) -> Cifar10Shards:
+        """Decode every image not yet cached (one sequential read per shard, with a progress bar)."""
+        pending = torch.nonzero(~self._decoded).flatten().tolist()
+        if not pending:
+            return self
+        by_shard: dict[int, list[int]] = {}
+        for index in pending:
+            by_shard.setdefault(int(self._shard_ids[index]), []).append(index)
+        work = ((shard_id, index) for shard_id, indices in sorted(by_shard.items()) for index in indices)
+        data, current = b"", -1
+        for shard_id, index in track(
+            work, total=len(pending), description=f"decoding CIFAR-10 {self.split}", disable=not self.show_progress
+        ):
+            if shard_id != current:
+                data, current = self.shards[shard_id].read_bytes(), shard_id
+            start = int(self._offsets[index])
+            self._images[index] = self._decode(index, data[start : start + int(self._sizes[index])])
+            self._decoded[index] = True
+        return self
+
+    def uint8_images(self) -> torch.Tensor:
+        """All images as one uint8 tensor (N, 3, 32, 32), e.g. the real set for FID; decodes what is missing."""
+        return self.preload()._images
+
+    def class_counts(self) -> dict[str, int]:
+        """Samples per class name, from the index (no decoding)."""
+        counts = Counter(self.labels)
+        return {name: counts.get(i, 0) for i, name in enumerate(CIFAR10_CLASSES)}
+
+
+class Cifar10ImageFolder(ImageFolder):
+    """CIFAR-10 from ``root/[split/]class_name/*.png|jpg``.
+
+    Folder names that are all CIFAR-10 class names get their official indices (so a folder of only ``cat/``
+    and ``dog/`` still labels 3 and 5); any other names are numbered in sorted order.
+    """
+
+    def __init__(
+        self,
+        root: str | Path | None = None,
+        split: str = "train",
+        transform: Transform | None = None,
+        limit: int | None = None,
+    ) -> None:
+        _check_split(split)
+        base = resolve_data_root(root)
+        folder = base / split if (base / split).is_dir() else base
+        self.split = split
+        try:
+            super().__init__(
+                str(folder),
+                transform=transform or build_image_transform(CIFAR10_RESOLUTION),
+                extensions=IMAGE_EXTENSIONS,
+            )
+        except FileNotFoundError as err:
+            raise DataError(
+                f"no class folders with images in {folder} (looked for class_name/*.png|jpg, optionally under "
+                f"{split}/); pass --data-root with such a folder or use --source shards"
+            ) from err
+        if limit is not None:
+            self.samples = self.samples[:limit]
+            self.imgs = self.samples
+            self.targets = [target for _, target in self.samples]
+
+    def find_classes(self, directory: str | Path) -> tuple[list[str], dict[str, int]]:
+        names = sorted(entry.name for entry in Path(directory).iterdir() if entry.is_dir())
+        if not names:
+            raise FileNotFoundError(f"no class folders in {directory}")
+        if set(names) <= set(CIFAR10_CLASSES):
+            present = [name for name in CIFAR10_CLASSES if name in names]
+            return present, {name: CIFAR10_CLASSES.index(name) for name in present}
+        return names, {name: i for i, name in enumerate(names)}
+
+    @property
+    def labels(self) -> list[int]:
+        return list(self.targets)
+
+
+class Cifar10Hub(Dataset):
+    """CIFAR-10 from a Hugging Face data set (default ``uoft-cs/cifar10``: columns ``img`` and ``label``)."""
+
+    classes = CIFAR10_CLASSES
+
+    def __init__(
+        self,
+        split: str = "train",
+        transform: Transform | None = None,
+        limit: int | None = None,
+        name: str = CIFAR10_HUB_NAME,
+        image_column: str = "img",
+        label_column: str = "label",
+    ) -> None:
+        _check_split(split)
+        fix = "pass --data-root with the CIFAR-10 shards (train-*.tar, test-*.tar) and use --source shards"
+        table = load_hub_dataset(name, split, fix)
+        missing = [c for c in (image_column, label_column) if c not in table.column_names]
+        if missing:
+            raise DataError(f"hub data set {name!r} lacks columns {missing} (it has {table.column_names}); {fix}")
+        if limit is not None:
+            table = table.select(range(min(limit, len(table))))
+        self.table = table
+        self.split = split
+        self.transform = transform or build_image_transform(CIFAR10_RESOLUTION)
+        self.image_column = image_column
+        self.labels: list[int] = [int(v) for v in table[label_column]]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.transform(self.table[index][self.image_column]), self.labels[index]
+
+
+def load_cifar10(
+    source: str = "shards",
+    split: str = "train",
+    root: str | Path | None = None,
+    limit: int | None = None,
+    *,
+    random_flip: bool = False,
+    transform: Transform | None = None,
+    preload: bool = False,
+    hub_name: str = CIFAR10_HUB_NAME,
+    show_progress: bool = True,
+) -> Dataset:
+    """CIFAR-10 as ``(image float (3, 32, 32) in [-1, 1], label int)``.
+
+    ``root`` is the data root (holding ``cifar10/``) or the shard/image folder itself; None reads
+    ``DISTILL_DATA_ROOT``. ``random_flip`` adds the horizontal flips used for CIFAR-10 training
+    (Ho et al., 2020, Appendix B); ``transform`` replaces the default transform entirely.
+    """
+    if source not in CIFAR10_SOURCES:
+        raise unknown_choice("CIFAR-10 source", source, CIFAR10_SOURCES)
+    transform = transform or build_image_transform(CIFAR10_RESOLUTION, center_crop=True, random_flip=random_flip)
+    if source == "shards":
+        return Cifar10Shards(root, split, transform, limit, preload=preload, show_progress=show_progress)
+    if source == "folder":
+        return Cifar10ImageFolder(root, split, transform, limit)
+    return Cifar10Hub(split, transform, limit, name=hub_name)

@@ -1,0 +1,398 @@
+"""The shared benchmark: teacher and students at equal seeds, steps and metric protocol.
+
+For every (generator, step count) the benchmark generates the same conditions with the same seeds,
+then measures FID/KID against a reference set, LPIPS to the teacher's image at the same seed,
+CLIPScore for prompt generators (when a CLIP model is available) and latency. Generated images are
+kept as PNG files, so a cut-off benchmark resumes without regenerating finished images.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from rich.progress import Progress
+
+from distill_common.config import option
+from distill_common.errors import ConfigError, DistillError
+
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+
+
+@dataclass
+class BenchmarkConfig:
+    """Options of ``distill eval benchmark``."""
+
+    generators: list[str] = option([], "Generators to evaluate: models:/NAME@ALIAS, runs:/ID/PATH or a local "
+                                   "folder; prefix LABEL= to name one (e.g. student=models:/rf_cifar@champion).")
+    teacher: str | None = option(None, "The teacher generator (same forms); LPIPS to teacher and speed-ups use it.")
+    teacher_steps: int | None = option(None, "Teacher step count (default: the teacher's default_steps).")
+    steps: list[int] = option([1, 2, 4], "Student step counts to evaluate.")
+    num_images: int = option(256, "Generated images per (generator, steps); the seeds are seed..seed+N-1.")
+    seed: int = option(0, "First seed.")
+    guidance: float | None = option(None, "Guidance scale (default: each generator's own).")
+    reference: str = option("cifar10-test", "FID reference set: cifar10-train, cifar10-test, coco-val2017, an "
+                            "image folder, or none.")
+    reference_n: int | None = option(None, "Reference images used (default: all of the set).")
+    resize: str = option("bilinear", "Resize to the Inception input.", choices=("bilinear", "bicubic"))
+    prompts_file: Path | None = option(None, "Prompts for prompt generators (one a line).")
+    coco_prompts: int = option(0, "Use N seeded COCO val captions as prompts instead of a file (0 = off).")
+    clip_model: str | None = option(None, "CLIP model for CLIPScore: a hub id or a local folder.")
+    lpips_net: str = option("alex", "LPIPS backbone.", choices=("alex", "vgg"))
+    batch_size: int = option(32, "Generation and timing batch size.")
+    timing_repeats: int = option(3, "Timed batches per configuration (after one warm-up batch).")
+    grid_rows: int = option(8, "Rows (conditions) in the comparison grid.")
+    output_dir: Path = option(Path("runs/eval/benchmark"), "Where images, reports, grids and plots go.")
+    data_root: Path | None = option(None, "Data root (default: $DISTILL_DATA_ROOT).")
+    experiment: str = option("eval", "MLflow experiment of the evaluation run.")
+    track: bool = option(True, "Log the evaluation run to MLflow.")
+    device: str = option("auto", "Device.", choices=("auto", "cuda", "mps", "cpu"))
+
+    def validate(self) -> None:
+        if not self.generators and not self.teacher:
+            raise ConfigError("nothing to evaluate; pass --generators (and usually --teacher)")
+        if self.num_images < 1:
+            raise ConfigError("--num-images must be at least 1")
+
+
+@dataclass
+class BenchmarkResult:
+    rows: list[dict[str, Any]]
+    report_paths: dict[str, Path]
+    grid_path: Path | None
+    plot_paths: list[Path]
+    protocol: dict[str, Any] | None
+    run_id: str | None = None
+    images: dict[str, Path] = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+
+def parse_generator_spec(spec: str) -> tuple[str, str]:
+    """``label=uri`` → (label, uri); a bare URI gets a label from its last path part."""
+    if "=" in spec and not spec.startswith(("models:/", "runs:/")):
+        label, uri = spec.split("=", 1)
+        return label, uri
+    tail = spec.rstrip("/").split("/")[-1].replace("@", "-")
+    return tail or spec, spec
+
+
+def conditions_for(generator: Any, n: int, prompts: Sequence[str] | None) -> list[Any]:
+    """Class labels cycle 0..9 (equal classes); prompts cycle through the prompt list."""
+    if generator.condition_kind == "class":
+        num_classes = int(getattr(generator, "num_classes", 10))
+        return [i % num_classes for i in range(n)]
+    if not prompts:
+        raise ConfigError("a prompt generator needs prompts; pass --prompts-file or --coco-prompts N")
+    return [prompts[i % len(prompts)] for i in range(n)]
+
+
+def condition_label(c: Any) -> str:
+    if isinstance(c, int) and 0 <= c < len(CIFAR10_CLASSES):
+        return CIFAR10_CLASSES[c]
+    return str(c)
+
+
+def _save_png(img: torch.Tensor, path: Path) -> None:
+    arr = (img.clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
+    tmp = path.with_suffix(".tmp.png")
+    Image.fromarray(arr).save(tmp)
+    tmp.replace(path)
+
+
+def load_png_folder(folder: Path, n: int) -> torch.Tensor:
+    """(n, 3, H, W) float in [0, 1] from ``00000.png`` … in index order."""
+    arrs = [np.asarray(Image.open(folder / f"{i:05d}.png").convert("RGB")) for i in range(n)]
+    return torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2).float() / 255.0
+
+
+def generate_to_folder(
+    generator: Any,
+    num_steps: int,
+    conditions: Sequence[Any],
+    seeds: Sequence[int],
+    folder: Path,
+    *,
+    guidance: float | None,
+    batch_size: int,
+    progress: Progress | None = None,
+    description: str = "",
+) -> int:
+    """Generate the images whose PNG is missing (resume); returns how many were generated now."""
+    folder.mkdir(parents=True, exist_ok=True)
+    todo = [i for i in range(len(conditions)) if not (folder / f"{i:05d}.png").is_file()]
+    task = progress.add_task(description, total=len(conditions), completed=len(conditions) - len(todo)) if progress else None
+    for start in range(0, len(todo), batch_size):
+        idx = todo[start : start + batch_size]
+        with torch.inference_mode():
+            images = generator.generate([conditions[i] for i in idx], num_steps, [seeds[i] for i in idx], guidance)
+        for i, img in zip(idx, images):
+            _save_png(img, folder / f"{i:05d}.png")
+        if progress is not None:
+            progress.advance(task, len(idx))
+    return len(todo)
+
+
+# ------------------------------------------------------------------------------------------ benchmark
+
+
+@dataclass
+class _Config:
+    label: str
+    uri: str
+    generator: Any
+    steps: int
+    is_teacher: bool
+
+    @property
+    def key(self) -> str:
+        return f"{self.label}_s{self.steps}"
+
+
+def run_benchmark(
+    cfg: BenchmarkConfig,
+    *,
+    loader: Callable[[str], Any] | None = None,
+    tracking_run: Any = None,
+    console: Any = None,
+) -> BenchmarkResult:
+    """Evaluate every generator at every step count against the reference set and the teacher."""
+    from rich.console import Console
+
+    from distill_common.generator import load_generator
+    from distill_eval.grids import comparison_grid
+    from distill_eval.plots import plot_quality_vs_latency, plot_quality_vs_steps
+    from distill_eval.reports import write_report
+    from distill_eval.timing import time_generator
+
+    console = console or Console()
+    load = loader or (lambda uri: load_generator(uri, device=cfg.device))
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    configs: list[_Config] = []
+    teacher_cfg: _Config | None = None
+    if cfg.teacher:
+        label, uri = parse_generator_spec(cfg.teacher)
+        label = label if "=" in cfg.teacher else "teacher"
+        gen = load(uri)
+        teacher_cfg = _Config(label, uri, gen, cfg.teacher_steps or int(gen.default_steps), True)
+        configs.append(teacher_cfg)
+    for spec in cfg.generators:
+        label, uri = parse_generator_spec(spec)
+        gen = load(uri)
+        for s in cfg.steps:
+            configs.append(_Config(label, uri, gen, int(s), False))
+    kinds = {c.generator.condition_kind for c in configs}
+    if len(kinds) > 1:
+        raise ConfigError(f"generators mix condition kinds {sorted(kinds)}; benchmark class and prompt models separately")
+
+    prompts = _prompts(cfg) if "prompt" in kinds else None
+    conditions = conditions_for(configs[0].generator, cfg.num_images, prompts)
+    seeds = [cfg.seed + i for i in range(cfg.num_images)]
+    (out / "protocol_inputs.json").write_text(json.dumps({"seeds": [seeds[0], seeds[-1]], "conditions": conditions[:50]}, default=str))
+
+    # 1. images (resumable)
+    image_dirs: dict[str, Path] = {}
+    with Progress(console=console, transient=False) as progress:
+        for c in configs:
+            folder = out / "images" / c.key
+            image_dirs[c.key] = folder
+            generate_to_folder(c.generator, c.steps, conditions, seeds, folder, guidance=cfg.guidance,
+                               batch_size=cfg.batch_size, progress=progress, description=f"generate {c.key}")
+
+    # 2. metrics
+    rows: list[dict[str, Any]] = []
+    fid_eval = _FidEvaluator(cfg) if cfg.reference != "none" else None
+    lpips = _lpips(cfg.lpips_net) if teacher_cfg is not None else None
+    clip = _clip(cfg.clip_model, console) if "prompt" in kinds else None
+    teacher_images = load_png_folder(image_dirs[teacher_cfg.key], cfg.num_images) if teacher_cfg else None
+    teacher_ms = None
+    for c in configs:
+        images = load_png_folder(image_dirs[c.key], cfg.num_images)
+        row: dict[str, Any] = {"model": c.label, "role": "teacher" if c.is_teacher else "student", "steps": c.steps,
+                               "uri": c.uri, "num_images": cfg.num_images}
+        timing = time_generator(c.generator, c.steps, conditions=conditions[: cfg.batch_size],
+                                seeds=seeds[: cfg.batch_size], guidance=cfg.guidance, repeats=cfg.timing_repeats)
+        row.update({"ms_per_image": timing.ms_per_image, "image_p95_ms": timing.image_p95_ms,
+                    "images_per_second": timing.images_per_second, "peak_memory_mb": timing.peak_memory_mb})
+        row.update({f"stage_{k}_ms": v * 1000 for k, v in timing.stages.items()})
+        if c.is_teacher:
+            teacher_ms = timing.ms_per_image
+        if fid_eval is not None:
+            res = fid_eval(images)
+            row.update({"fid": res.fid, "kid": res.kid_mean, "kid_std": res.kid_std})
+        if lpips is not None and teacher_images is not None:
+            row["lpips_to_teacher"] = 0.0 if c.is_teacher else float(_batched(lpips, images, teacher_images, cfg.batch_size))
+        if clip is not None:
+            row["clip_score"] = float(clip(images, conditions))
+        rows.append(row)
+    for row in rows:
+        row["speedup_vs_teacher"] = (teacher_ms / row["ms_per_image"]) if teacher_ms else None
+
+    protocol = fid_eval.protocol_dict(cfg.num_images) if fid_eval is not None else None
+    meta = {"protocol": protocol, "seeds": f"{seeds[0]}..{seeds[-1]}", "guidance": cfg.guidance,
+            "timing": f"batch {cfg.batch_size}, 1 warm-up + {cfg.timing_repeats} timed batches, device-synchronised",
+            "environment": timing.environment if configs else {}}
+    columns = ["model", "role", "steps", "fid", "kid", "lpips_to_teacher", "clip_score", "ms_per_image",
+               "speedup_vs_teacher", "images_per_second", "peak_memory_mb"]
+    report = write_report(rows, out, "benchmark", columns=columns, meta=meta)
+
+    # 3. pictures
+    n_rows = min(cfg.grid_rows, cfg.num_images)
+    grid_idx = _grid_indices(conditions, n_rows)
+    grid_cols = []
+    for c, row in zip(configs, rows):
+        imgs = torch.stack([_load_one(image_dirs[c.key], i) for i in grid_idx])
+        grid_cols.append((f"{c.label} · {c.steps} steps · {row['ms_per_image']:.1f} ms/img", imgs))
+    grid_path = out / "grid.png"
+    comparison_grid(grid_cols, [condition_label(conditions[i]) for i in grid_idx], grid_path,
+                    title=f"seeds {', '.join(str(seeds[i]) for i in grid_idx)}")
+    plot_paths = []
+    metric = "fid" if fid_eval is not None else ("clip_score" if clip is not None else "lpips_to_teacher")
+    if any(r.get(metric) is not None for r in rows):
+        plot_paths.append(plot_quality_vs_steps(rows, metric, out / f"{metric}_vs_steps.png"))
+        plot_paths.append(plot_quality_vs_latency(rows, metric, out / f"{metric}_vs_latency.png"))
+
+    result = BenchmarkResult(rows, report, grid_path, plot_paths, protocol, images=image_dirs)
+    if tracking_run is not None:
+        _log(tracking_run, result, configs)
+        result.run_id = tracking_run.run_id
+    return result
+
+
+def _grid_indices(conditions: Sequence[Any], n_rows: int) -> list[int]:
+    """First index of each distinct condition (so rows show different classes/prompts), then fill."""
+    seen, idx = set(), []
+    for i, c in enumerate(conditions):
+        if c not in seen:
+            seen.add(c)
+            idx.append(i)
+        if len(idx) == n_rows:
+            return idx
+    return (idx + [i for i in range(len(conditions)) if i not in idx])[:n_rows]
+
+
+def _load_one(folder: Path, i: int) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(Image.open(folder / f"{i:05d}.png").convert("RGB"))).permute(2, 0, 1).float() / 255
+
+
+def _batched(metric: Callable, a: torch.Tensor, b: torch.Tensor, batch_size: int) -> float:
+    vals = []
+    with torch.inference_mode():
+        for i in range(0, a.shape[0], batch_size):
+            vals.append(metric(a[i : i + batch_size], b[i : i + batch_size]).reshape(-1))
+    return float(torch.cat(vals).mean())
+
+
+def _prompts(cfg: BenchmarkConfig) -> list[str]:
+    from distill_common.data.prompts import coco_prompt_subset, load_prompts_file
+    from distill_common.data.root import resolve_data_root
+
+    if cfg.prompts_file is not None:
+        return load_prompts_file(cfg.prompts_file)
+    if cfg.coco_prompts:
+        return coco_prompt_subset(resolve_data_root(cfg.data_root) / "coco2017", cfg.coco_prompts, seed=cfg.seed)
+    raise ConfigError("a prompt generator needs prompts; pass --prompts-file or --coco-prompts N")
+
+
+def _lpips(net: str):
+    from distill_eval.lpips_metric import LPIPSMetric
+
+    metric = LPIPSMetric(net=net)
+    return lambda a, b: metric(a, b)
+
+
+def _clip(model: str | None, console: Any):
+    """A CLIPScore function, or None (column marked unavailable) when no CLIP model can be loaded."""
+    if not model:
+        console.print("[yellow]CLIPScore unavailable:[/] no --clip-model given (a hub id or a local CLIP folder)")
+        return None
+    from distill_eval.clip_score import CLIPScorer
+
+    try:
+        scorer = CLIPScorer(model)
+    except DistillError as exc:
+        console.print(f"[yellow]CLIPScore unavailable:[/] {exc}")
+        return None
+    return lambda images, texts: scorer.score(images, list(texts)).mean()
+
+
+class _FidEvaluator:
+    """Inception features of the reference set once (cached), then FID/KID per generated set."""
+
+    def __init__(self, cfg: BenchmarkConfig):
+        from distill_eval.inception import InceptionFeatureExtractor
+        from distill_eval.reference_stats import reference_stats
+
+        self.extractor = InceptionFeatureExtractor()
+        self.ref = reference_stats(cfg.reference, self.extractor, n=cfg.reference_n, resize=cfg.resize,
+                                   data_root=cfg.data_root)
+        self.batch_size = cfg.batch_size
+
+    def __call__(self, images: torch.Tensor):
+        from distill_eval.fid import compute_fid_kid, extract_features
+
+        feats = extract_features(images, self.extractor, batch_size=self.batch_size)
+        return compute_fid_kid(feats, self.ref, resolution=int(images.shape[-1]))
+
+    def protocol_dict(self, generated_n: int) -> dict[str, Any]:
+        from dataclasses import asdict
+
+        proto = self.ref.protocol
+        d = asdict(proto) if hasattr(proto, "__dataclass_fields__") else dict(proto)
+        d["generated_n"] = generated_n
+        return d
+
+
+def _log(run: Any, result: BenchmarkResult, configs: Sequence[_Config]) -> None:
+    """Metrics per configuration, report files, grid and plots; link evaluated registry versions."""
+    from distill_common import tracking
+
+    for row in result.rows:
+        prefix = f"{row['model']}.s{row['steps']}"
+        run.log_metrics({f"{prefix}.{k}": v for k, v in row.items() if isinstance(v, (int, float)) and k != "steps"})
+    for p in result.report_paths.values():
+        run.log_artifact(p, "report")
+    if result.grid_path:
+        run.log_artifact(result.grid_path, "grids")
+    for p in result.plot_paths:
+        run.log_artifact(p, "plots")
+    tags = {"evaluated": ", ".join(sorted({c.uri for c in configs}))}
+    if result.protocol:
+        tags.update({f"protocol.{k}": v for k, v in result.protocol.items()})
+    run.set_tags(tags)
+    # Stamp the numbers on the evaluated registry versions (eval.s{steps}.{metric}).
+    for c, row in zip(configs, result.rows):
+        if not c.uri.startswith("models:/"):
+            continue
+        name, version = _resolve_version(c.uri)
+        if name is None:
+            continue
+        stamp = {f"eval.s{c.steps}.{k}": row[k] for k in ("fid", "kid", "lpips_to_teacher", "clip_score", "ms_per_image")
+                 if row.get(k) is not None}
+        stamp["eval.run_id"] = run.run_id
+        if result.protocol:
+            stamp["eval.protocol"] = json.dumps(result.protocol, sort_keys=True)
+        tracking.set_version_tags(name, version, stamp)
+
+
+def _resolve_version(uri: str) -> tuple[str | None, str | None]:
+    from distill_common import tracking
+
+    body = uri[len("models:/"):]
+    if "@" in body:
+        name, alias = body.split("@", 1)
+        info = tracking.version_by_alias(name, alias)
+        return (name, info.version) if info else (None, None)
+    if "/" in body:
+        name, version = body.split("/", 1)
+        return name, version
+    return None, None
