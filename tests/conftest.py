@@ -52,3 +52,11 @@ def _torch_threads() -> None:
     import torch
 
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random SD 1.5-architecture diffusers folder (latent 16 -> 64x64 images), built once per session."""
+    from distill_common.models.tiny_sd import tiny_sd_folder
+
+    return tiny_sd_folder(tmp_path_factory.mktemp("tiny_sd"))

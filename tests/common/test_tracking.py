@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
-from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -21,31 +19,6 @@ from distill_common.errors import ModelLoadError, TrackingError
 class TinyConfig:
     learning_rate: float = option(1e-3, "LR.")
     steps: list[int] = option([1, 4], "Steps.")
-
-
-class NoiseGenerator:
-    """A deterministic stand-in generator: image = sigmoid of seeded noise, shifted by the class."""
-
-    family = "test_noise"
-    condition_kind = "class"
-    resolution = 8
-    default_steps = 2
-
-    def __init__(self, folder: Path, device: str = "auto"):
-        self.scale = json.loads((folder / "generator.json").read_text())["scale"]
-
-    def generate(self, conditions, num_steps, seeds, guidance=None):
-        out = []
-        for c, s in zip(conditions, seeds):
-            g = torch.Generator().manual_seed(int(s))
-            out.append(torch.sigmoid(self.scale * torch.randn(3, 8, 8, generator=g) + int(c) / 10))
-        return torch.stack(out)
-
-
-@pytest.fixture
-def noise_family(monkeypatch):
-    monkeypatch.setattr(generator_mod, "generator_loaders",
-                        lambda: {"test_noise": SimpleNamespace(load=lambda: NoiseGenerator)})
 
 
 def _mlflow_client():
@@ -115,16 +88,9 @@ def test_logging_failure_keeps_values_on_disk_and_relogs(mlflow_uri, tmp_path, m
     assert [(m.step, m.value) for m in hist] == [(7, 1.5)]
 
 
-def _logged_generator(tmp_path: Path, scale: float) -> str:
-    folder = tmp_path / f"gen-{scale}"
-    generator_mod.write_generator_manifest(folder, "test_noise", scale=scale)
-    with tracking.start_run("unit", f"gen-{scale}") as run:
-        return tracking.log_generator_model(run, folder)
-
-
-def test_registry_alias_round_trip_and_best_version(mlflow_uri, tmp_path, noise_family):
-    v1 = tracking.register_model(_logged_generator(tmp_path, 1.0), "noise", tags={"role": "teacher"})
-    v2 = tracking.register_model(_logged_generator(tmp_path, 2.0), "noise", description="student")
+def test_registry_alias_round_trip_and_best_version(mlflow_uri, logged_generator):
+    v1 = tracking.register_model(logged_generator(1.0), "noise", tags={"role": "teacher"})
+    v2 = tracking.register_model(logged_generator(2.0), "noise", description="student")
     assert (v1, v2) == ("1", "2")
     tracking.set_alias("noise", tracking.CHAMPION, v1)
     assert tracking.version_by_alias("noise", "champion").version == "1"
@@ -140,11 +106,11 @@ def test_registry_alias_round_trip_and_best_version(mlflow_uri, tmp_path, noise_
     assert "noise" in tracking.list_models()
 
 
-def test_pyfunc_generator_loads_by_alias_and_generates(mlflow_uri, tmp_path, noise_family):
+def test_pyfunc_generator_loads_by_alias_and_generates(mlflow_uri, logged_generator):
     import mlflow.pyfunc
     import pandas as pd
 
-    version = tracking.register_model(_logged_generator(tmp_path, 3.0), "noise")
+    version = tracking.register_model(logged_generator(3.0), "noise")
     tracking.set_alias("noise", "champion", version)
     model = mlflow.pyfunc.load_model("models:/noise@champion")
     out = model.predict(pd.DataFrame({"condition": [0, 5], "seed": [11, 12]}))

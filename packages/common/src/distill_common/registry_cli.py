@@ -1,7 +1,128 @@
-"""``distill registry``: list, compare and promote registered generators."""
+"""``distill registry``: list, compare, promote and serve registered generators."""
 
 from __future__ import annotations
 
-import typer
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
-app = typer.Typer(help="MLflow model-registry helpers: list, compare, promote, serve.", no_args_is_help=True)
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from distill_common import promotion, tracking
+
+app = typer.Typer(help="MLflow model-registry helpers: list, compare, promote, serve, relog.", no_args_is_help=True)
+
+
+def _console() -> Console:
+    """A console per call, so the width follows the terminal (and test runners' COLUMNS)."""
+    return Console()
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "n/a"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+@app.command("list")
+def list_cmd() -> None:
+    """Registered models, their versions, aliases and latest evaluation metrics."""
+    table = Table(title=f"registry at {tracking.tracking_uri()}")
+    for col in ("model", "version", "aliases", "role", "evaluated (steps: fid / ms per image)"):
+        table.add_column(col)
+    for name in tracking.list_models():
+        for v in tracking.list_versions(name):
+            evals = promotion.step_metrics(v)
+            summary = ", ".join(f"s{s}: {_fmt(m.get('fid'))} / {_fmt(m.get('ms_per_image'))}" for s, m in sorted(evals.items()))
+            table.add_row(name, v.version, ", ".join(v.aliases), v.tags.get("role", ""), summary or "not evaluated")
+    _console().print(table)
+
+
+@app.command("compare")
+def compare_cmd(
+    name: str = typer.Argument(..., help="Registered model name."),
+    versions: list[str] = typer.Argument(None, help="Versions to compare (default: all)."),
+) -> None:
+    """Side-by-side table of evaluated versions, with the metric protocol and the MLflow UI link."""
+    infos = [v for v in tracking.list_versions(name) if not versions or v.version in versions]
+    table = Table(title=f"{name}: evaluated versions")
+    for col in ("version", "aliases", "steps", "FID", "KID", "CLIPScore", "LPIPS to teacher", "ms/image", "params"):
+        table.add_column(col, justify="right")
+    protocols = set()
+    for v in infos:
+        protocols.add(v.tags.get("eval.protocol"))
+        for steps, m in sorted(promotion.step_metrics(v).items()) or [(None, {})]:
+            table.add_row(v.version, ", ".join(v.aliases), _fmt(steps), _fmt(m.get("fid")), _fmt(m.get("kid")),
+                          _fmt(m.get("clip_score")), _fmt(m.get("lpips_to_teacher")), _fmt(m.get("ms_per_image")),
+                          v.tags.get("params", "n/a"))
+    _console().print(table)
+    for p in sorted(protocols - {None}):
+        _console().print(f"protocol: {json.dumps(json.loads(p))}", highlight=False)
+    if len(protocols - {None}) > 1:
+        _console().print("[yellow]warning:[/] these versions were evaluated under different protocols: "
+                      "their FIDs are not comparable")
+    _console().print(f"MLflow UI: {ui_hint()}", highlight=False)
+
+
+def ui_hint() -> str:
+    uri = tracking.tracking_uri()
+    if tracking.is_remote(uri):
+        return f"{uri}/#/models"
+    return f"mlflow ui --backend-store-uri {uri} --port 5000   (then open http://127.0.0.1:5000/#/models)"
+
+
+@app.command("promote")
+def promote_cmd(
+    name: str = typer.Argument(..., help="Registered model name."),
+    metric: str = typer.Option("fid", "--metric", help="Metric to rank by (fid, kid, clip_score, lpips_to_teacher)."),
+    max_steps: int = typer.Option(4, "--max-steps", help="Only step counts up to this pass the gate."),
+    max_latency_ms: float = typer.Option(None, "--max-latency-ms", help="Only configurations at most this slow pass."),
+    min_improvement: float = typer.Option(0.0, "--min-improvement",
+                                          help="Required gain over the current champion, in metric units."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Show the decision only."),
+) -> None:
+    """Move the champion alias to the best gated version when it beats the current champion."""
+    decision = promotion.decide(name, metric, max_steps=max_steps, max_latency_ms=max_latency_ms,
+                                min_improvement=min_improvement)
+    table = Table(title=f"{name}: candidates ({metric}, steps <= {max_steps})")
+    for col in ("version", "steps", metric, "ms/image"):
+        table.add_column(col, justify="right")
+    for c in decision.considered:
+        table.add_row(c.version, str(c.steps), _fmt(c.value), _fmt(c.ms_per_image))
+    _console().print(table)
+    verb = "would promote" if dry_run else "promoted"
+    if decision.promote:
+        if not dry_run:
+            promotion.apply(decision)
+        _console().print(f"{verb} v{decision.chosen.version} to champion: {decision.reason}")
+    else:
+        _console().print(f"champion unchanged: {decision.reason}")
+
+
+@app.command("relog")
+def relog_cmd(path: Path = typer.Argument(..., help="An unlogged_metrics.jsonl file written during an outage.")) -> None:
+    """Re-send metrics, params and artifacts that could not be logged while the tracking server was down."""
+    n = tracking.relog(path)
+    _console().print(f"re-logged {n} record(s) from {path} to {tracking.tracking_uri()}")
+
+
+@app.command("serve")
+def serve_cmd(
+    model: str = typer.Argument(..., help="NAME@ALIAS or NAME/VERSION of a registered generator."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind (loopback by default)."),
+    port: int = typer.Option(5001, "--port", help="Port of the REST endpoint."),
+) -> None:
+    """Serve a registered generator with MLflow's model server; POST /invocations returns base64 PNGs."""
+    uri = model if model.startswith("models:/") else f"models:/{model}"
+    tracking.configure()
+    env = dict(os.environ, MLFLOW_TRACKING_URI=tracking.tracking_uri())
+    cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", uri, "--env-manager", "local",
+           "--host", host, "--port", str(port), "--workers", "1"]
+    _console().print(f"serving {uri} on http://{host}:{port}/invocations", highlight=False)
+    raise typer.Exit(subprocess.call(cmd, env=env))

@@ -32,8 +32,17 @@ from distill_common.data.transforms import build_image_transform
 from distill_common.errors import DataError, unknown_choice
 
 CIFAR10_CLASSES: tuple[str, ...] = (
-    "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
-)  # fmt: skip
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
+)
 CIFAR10_SPLITS = ("train", "test")
 CIFAR10_SOURCES = ("shards", "folder", "hub")
 CIFAR10_HUB_NAME = "uoft-cs/cifar10"
@@ -68,7 +77,9 @@ class Cifar10Shards(Dataset):
     ) -> None:
         _check_split(split)
         if limit is not None and limit < 1:
-            raise DataError(f"limit must be positive, got {limit}; pass --limit N with N >= 1 or leave it unset")
+            raise DataError(
+                f"limit must be positive, got {limit}; pass --limit N with N >= 1 or leave it unset"
+            )
         self.split = split
         self.shard_dir = find_dataset_dir(root, "cifar10", f"{split}-*.tar")
         self.shards: list[Path] = sorted(self.shard_dir.glob(f"{split}-*.tar"))
@@ -91,7 +102,9 @@ class Cifar10Shards(Dataset):
             if limit is not None and len(self.keys) >= limit:
                 break
         if not self.keys:
-            raise DataError(f"no CIFAR-10 samples in {self.shard_dir}/{split}-*.tar; pass --data-root with the shards")
+            raise DataError(
+                f"no CIFAR-10 samples in {self.shard_dir}/{split}-*.tar; pass --data-root with the shards"
+            )
         self._shard_ids = np.asarray(shard_ids, dtype=np.int32)
         self._offsets = np.asarray(offsets, dtype=np.int64)
         self._sizes = np.asarray(sizes, dtype=np.int64)
@@ -124,14 +137,20 @@ class Cifar10Shards(Dataset):
                         text = data[member.offset_data : member.offset_data + member.size].decode().strip()
                         labels[key] = int(text)
         except (tarfile.TarError, ValueError, UnicodeDecodeError) as err:
-            raise DataError(f"unreadable CIFAR-10 shard {shard} ({err}); re-download it or remove it") from err
+            raise DataError(
+                f"unreadable CIFAR-10 shard {shard} ({err}); re-download it or remove it"
+            ) from err
         rows = []
         for key in order:
             if key not in jpgs or key not in labels:
-                raise DataError(f"sample {key!r} in {shard} lacks its .jpg or .cls member; re-download the shard")
+                raise DataError(
+                    f"sample {key!r} in {shard} lacks its .jpg or .cls member; re-download the shard"
+                )
             label = labels[key]
             if not 0 <= label < len(CIFAR10_CLASSES):
-                raise DataError(f"sample {key!r} in {shard} has label {label} outside 0..9; re-download the shard")
+                raise DataError(
+                    f"sample {key!r} in {shard} has label {label} outside 0..9; re-download the shard"
+                )
             rows.append((key, *jpgs[key], label))
         return rows
 
@@ -140,10 +159,14 @@ class Cifar10Shards(Dataset):
 
     def _decode(self, index: int, payload: bytes) -> torch.Tensor:
         try:
-            image = decode_jpeg(torch.frombuffer(bytearray(payload), dtype=torch.uint8), mode=ImageReadMode.RGB)
+            image = decode_jpeg(
+                torch.frombuffer(bytearray(payload), dtype=torch.uint8), mode=ImageReadMode.RGB
+            )
         except RuntimeError as err:
             shard = self.shards[self._shard_ids[index]]
-            raise DataError(f"corrupt JPEG {self.keys[index]!r} in {shard} ({err}); re-download the shard") from err
+            raise DataError(
+                f"corrupt JPEG {self.keys[index]!r} in {shard} ({err}); re-download the shard"
+            ) from err
         if tuple(image.shape) != (3, CIFAR10_RESOLUTION, CIFAR10_RESOLUTION):
             raise DataError(
                 f"sample {self.keys[index]!r} is {tuple(image.shape)}, not (3, 32, 32); these are not CIFAR-10 shards"
@@ -179,7 +202,10 @@ class Cifar10Shards(Dataset):
         work = ((shard_id, index) for shard_id, indices in sorted(by_shard.items()) for index in indices)
         data, current = b"", -1
         for shard_id, index in track(
-            work, total=len(pending), description=f"decoding CIFAR-10 {self.split}", disable=not self.show_progress
+            work,
+            total=len(pending),
+            description=f"decoding CIFAR-10 {self.split}",
+            disable=not self.show_progress,
         ):
             if shard_id != current:
                 data, current = self.shards[shard_id].read_bytes(), shard_id
@@ -220,7 +246,7 @@ class Cifar10ImageFolder(ImageFolder):
             super().__init__(
                 str(folder),
                 transform=transform or build_image_transform(CIFAR10_RESOLUTION),
-                extensions=IMAGE_EXTENSIONS,
+                is_valid_file=lambda path: path.lower().endswith(IMAGE_EXTENSIONS),
             )
         except FileNotFoundError as err:
             raise DataError(
@@ -265,7 +291,9 @@ class Cifar10Hub(Dataset):
         table = load_hub_dataset(name, split, fix)
         missing = [c for c in (image_column, label_column) if c not in table.column_names]
         if missing:
-            raise DataError(f"hub data set {name!r} lacks columns {missing} (it has {table.column_names}); {fix}")
+            raise DataError(
+                f"hub data set {name!r} lacks columns {missing} (it has {table.column_names}); {fix}"
+            )
         if limit is not None:
             table = table.select(range(min(limit, len(table))))
         self.table = table
@@ -301,7 +329,9 @@ def load_cifar10(
     """
     if source not in CIFAR10_SOURCES:
         raise unknown_choice("CIFAR-10 source", source, CIFAR10_SOURCES)
-    transform = transform or build_image_transform(CIFAR10_RESOLUTION, center_crop=True, random_flip=random_flip)
+    transform = transform or build_image_transform(
+        CIFAR10_RESOLUTION, center_crop=True, random_flip=random_flip
+    )
     if source == "shards":
         return Cifar10Shards(root, split, transform, limit, preload=preload, show_progress=show_progress)
     if source == "folder":

@@ -39,7 +39,9 @@ def resolve_data_root(explicit: str | Path | None = None) -> Path:
     if env:
         root = Path(env).expanduser()
         if not root.is_dir():
-            raise DataError(f"{DATA_ROOT_ENV}={env} does not exist; point it (or --data-root) at an existing folder")
+            raise DataError(
+                f"{DATA_ROOT_ENV}={env} does not exist; point it (or --data-root) at an existing folder"
+            )
         return root.resolve()
     default = default_data_root()
     if default is not None:

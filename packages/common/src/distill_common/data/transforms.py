@@ -26,7 +26,9 @@ class ImageTransform:
 
     def __post_init__(self) -> None:
         if self.resolution < 1:
-            raise ConfigError(f"image resolution must be positive, got {self.resolution}; pass --resolution N")
+            raise ConfigError(
+                f"image resolution must be positive, got {self.resolution}; pass --resolution N"
+            )
         steps: list[v2.Transform] = [
             v2.ToImage(),
             v2.Resize(self.resolution, interpolation=v2.InterpolationMode.BILINEAR, antialias=True),
@@ -44,7 +46,9 @@ class ImageTransform:
         return out.as_subclass(torch.Tensor)
 
 
-def build_image_transform(resolution: int, center_crop: bool = True, random_flip: bool = False) -> ImageTransform:
+def build_image_transform(
+    resolution: int, center_crop: bool = True, random_flip: bool = False
+) -> ImageTransform:
     """The standard training/eval transform; see :class:`ImageTransform`."""
     return ImageTransform(resolution=resolution, center_crop=center_crop, random_flip=random_flip)
 

@@ -70,19 +70,26 @@ def hub_offline() -> bool:
     return env.strip().upper() in {"1", "ON", "YES", "TRUE"} or bool(constants.HF_HUB_OFFLINE)
 
 
+def hub_endpoint() -> str:
+    """The hub URL: ``$HF_ENDPOINT`` read now, else huggingface_hub's configured endpoint."""
+    from huggingface_hub import constants
+
+    return os.environ.get("HF_ENDPOINT") or constants.ENDPOINT
+
+
 def probe_hub(repo_id: str, timeout_s: float = PROBE_TIMEOUT_S, revision: str | None = None) -> str:
     """One quick request for the repo's metadata: 'ok', 'missing' (no such repo or revision) or 'unreachable'.
 
-    Runs in a daemon thread joined with ``timeout_s`` so a hanging DNS lookup cannot block either.
+    Runs in a daemon thread joined with ``timeout_s`` so a hanging DNS lookup or a silent server cannot block either.
     """
-    from huggingface_hub import model_info
+    from huggingface_hub import HfApi
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
 
     result: list[str] = []
 
     def ask() -> None:
         try:
-            model_info(repo_id, revision=revision, timeout=timeout_s)
+            HfApi(endpoint=hub_endpoint()).model_info(repo_id, revision=revision, timeout=timeout_s)
             result.append("ok")
         except GatedRepoError:
             result.append("ok")  # reachable; from_pretrained reports the access problem with its own message
@@ -97,19 +104,23 @@ def probe_hub(repo_id: str, timeout_s: float = PROBE_TIMEOUT_S, revision: str | 
     return result[0] if result else "unreachable"
 
 
-def _in_hf_cache(repo_id: str, revision: str | None) -> bool:
+def _in_hf_cache(repo_id: str, revision: str | None, cache_dir: str | os.PathLike | None) -> bool:
     from huggingface_hub import try_to_load_from_cache
 
     for filename in ("model_index.json", "unet/config.json"):
-        hit = try_to_load_from_cache(repo_id, filename, revision=revision)
+        hit = try_to_load_from_cache(repo_id, filename, cache_dir=cache_dir, revision=revision)
         if isinstance(hit, str) and os.path.isfile(hit):
             return True
     return False
 
 
 def resolve_model_source(model: str | os.PathLike, *, revision: str | None = None,
-                         probe_timeout_s: float = PROBE_TIMEOUT_S) -> ModelSource:
+                         probe_timeout_s: float = PROBE_TIMEOUT_S,
+                         cache_dir: str | os.PathLike | None = None) -> ModelSource:
     """Classify ``model`` as a local folder, a single-file checkpoint or a hub id, checking it can be loaded.
+
+    A hub id is probed first (``probe_timeout_s``); offline or unreachable, a copy in the Hugging Face cache
+    (``cache_dir``, default the standard one) is used with ``local_files_only``.
 
     Raises ModelLoadError (one line) for a missing path, an unreachable hub without a cached copy, or an unknown id.
     """
@@ -141,10 +152,10 @@ def resolve_model_source(model: str | os.PathLike, *, revision: str | None = Non
                 f"model {text!r} (revision {revision or 'main'}) does not exist on the Hugging Face Hub; "
                 "check the id or pass a local diffusers folder"
             )
-        reason = f"the Hugging Face Hub cannot be reached within {probe_timeout_s:g} s"
+        reason = f"the Hugging Face Hub did not answer a {probe_timeout_s:g} s probe"
     else:
         reason = "the Hugging Face Hub is offline (HF_HUB_OFFLINE=1)"
-    if _in_hf_cache(text, revision):
+    if _in_hf_cache(text, revision, cache_dir):
         return ModelSource("hub", text, local_files_only=True)
     raise ModelLoadError(f"cannot load model {text!r}: {reason} and it is not in the local cache; {_local_copy_hint(text)}")
 
@@ -258,6 +269,7 @@ def load_sd_components(
     scheduler_cls: type | None = None,
     single_file_config: str | None = None,
     probe_timeout_s: float = PROBE_TIMEOUT_S,
+    cache_dir: str | os.PathLike | None = None,
 ) -> SDComponents:
     """Load the UNet, VAE, CLIP text encoder, tokenizer and scheduler of a Stable Diffusion model.
 
@@ -275,12 +287,12 @@ def load_sd_components(
             raise unknown_choice("Stable Diffusion component", part, COMPONENTS)
     names = {**{p: p for p in COMPONENTS}, **dict(subfolders or {})}
     torch_dtype = _as_dtype(dtype)
-    source = resolve_model_source(model, revision=revision, probe_timeout_s=probe_timeout_s)
+    source = resolve_model_source(model, revision=revision, probe_timeout_s=probe_timeout_s, cache_dir=cache_dir)
     label = os.fspath(model)
 
     if source.kind == "file":
         pipe = load_sd_pipeline(model, dtype=torch_dtype, device=device, single_file_config=single_file_config,
-                                probe_timeout_s=probe_timeout_s)
+                                probe_timeout_s=probe_timeout_s, cache_dir=cache_dir)
         scheduler = pipe.scheduler
         if scheduler_cls is not None:
             scheduler = scheduler_cls.from_config(pipe.scheduler.config)
@@ -293,6 +305,8 @@ def load_sd_components(
     hub_kwargs: dict[str, Any] = {"local_files_only": source.local_files_only or hub_offline()}
     if revision is not None:
         hub_kwargs["revision"] = revision
+    if cache_dir is not None:
+        hub_kwargs["cache_dir"] = os.fspath(cache_dir)
     offline_hint = source.kind == "hub"
 
     def model_kwargs() -> dict[str, Any]:
@@ -338,6 +352,7 @@ def load_sd_pipeline(
     variant: str | None = None,
     single_file_config: str | None = None,
     probe_timeout_s: float = PROBE_TIMEOUT_S,
+    cache_dir: str | os.PathLike | None = None,
     **pipeline_kwargs: Any,
 ):
     """Load a full pipeline (default ``StableDiffusionPipeline``, safety checker off) from a folder, file or hub id.
@@ -349,7 +364,7 @@ def load_sd_pipeline(
 
     cls = pipeline_cls or StableDiffusionPipeline
     torch_dtype = _as_dtype(dtype)
-    source = resolve_model_source(model, revision=revision, probe_timeout_s=probe_timeout_s)
+    source = resolve_model_source(model, revision=revision, probe_timeout_s=probe_timeout_s, cache_dir=cache_dir)
     label = os.fspath(model)
     kwargs: dict[str, Any] = {"dtype": torch_dtype, "local_files_only": source.local_files_only or hub_offline(),
                               **pipeline_kwargs}
@@ -357,6 +372,8 @@ def load_sd_pipeline(
         kwargs.update(safety_checker=None, requires_safety_checker=False)
     if revision is not None:
         kwargs["revision"] = revision
+    if cache_dir is not None:
+        kwargs["cache_dir"] = os.fspath(cache_dir)
     if variant is not None and source.kind != "file":
         kwargs["variant"] = variant
 

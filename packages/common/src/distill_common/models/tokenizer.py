@@ -14,7 +14,6 @@ import importlib.util
 import json
 import os
 import tempfile
-from functools import lru_cache
 from pathlib import Path
 
 from distill_common.errors import ModelLoadError
@@ -96,9 +95,7 @@ def write_clip_tokenizer_files(directory: Path) -> Path:
     return directory
 
 
-@lru_cache(maxsize=4)
-def _tokenizer_folder(cache_dir: str) -> Path:
-    folder = Path(cache_dir)
+def _tokenizer_folder(folder: Path) -> Path:
     if not ((folder / "vocab.json").is_file() and (folder / "merges.txt").is_file()):
         write_clip_tokenizer_files(folder)
     return folder
@@ -109,7 +106,7 @@ def clip_tokenizer(cache_dir: str | os.PathLike | None = None):
     as in Stable Diffusion 1.5). Files are written once to ``cache_dir`` (default ``<distill cache>/clip_tokenizer``)."""
     from transformers import CLIPTokenizer
 
-    folder = _tokenizer_folder(str(Path(cache_dir or distill_cache_dir() / "clip_tokenizer").expanduser().resolve()))
+    folder = _tokenizer_folder(Path(cache_dir or distill_cache_dir() / "clip_tokenizer").expanduser().resolve())
     tokenizer = CLIPTokenizer.from_pretrained(
         str(folder), model_max_length=CLIP_MAX_LENGTH, pad_token=EOS_TOKEN, local_files_only=True
     )

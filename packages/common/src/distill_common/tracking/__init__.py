@@ -18,6 +18,7 @@ from distill_common.tracking.run import (
     artifact_root,
     check_reachable,
     configure,
+    is_remote,
     relog,
     start_run,
     tracking_uri,
@@ -44,7 +45,7 @@ def decode_image(b64: str):
 
 __all__ = [
     "CHALLENGER", "CHAMPION", "ModelVersionInfo", "TrackingRun", "artifact_root", "best_version",
-    "check_reachable", "configure", "decode_image", "delete_alias", "download_generator", "list_models",
+    "check_reachable", "configure", "decode_image", "is_remote", "delete_alias", "download_generator", "list_models",
     "list_versions", "log_generator_model", "register_model", "relog", "set_alias", "set_version_tags",
     "start_run", "tracking_uri", "version_by_alias",
 ]

@@ -64,7 +64,8 @@ def log_generator_model(run: TrackingRun, generator_dir: str | Path, name: str =
     if not run.enabled:
         raise ModelLoadError("tracking is disabled for this run; enable it to log a registrable model")
     reqs = [f"{d}=={v}" for d, v in package_versions().items() if v != "not installed"]
-    kwargs = dict(name=name, python_model=GeneratorPyfunc(), artifacts={ARTIFACT_KEY: str(generator_dir)},
+    # Logged as a model from code (this package's pyfunc_entry.py), so loading it unpickles nothing.
+    kwargs = dict(name=name, python_model=str(Path(__file__).with_name("pyfunc_entry.py")), artifacts={ARTIFACT_KEY: str(generator_dir)},
                   pip_requirements=reqs)
     active = mlflow.active_run()
     if active is not None and active.info.run_id == run.run_id:

@@ -93,7 +93,15 @@ def list_versions(name: str) -> list[ModelVersionInfo]:
         versions = client.search_model_versions(f"name='{name}'")
     except Exception as exc:
         raise TrackingError(f"cannot read registered model {name!r}: {exc}") from None
-    return sorted((_info(client, mv) for mv in versions), key=lambda v: int(v.version))
+    infos = sorted((_info(client, mv) for mv in versions), key=lambda v: int(v.version))
+    # search results do not carry aliases on every store: read them from the registered model
+    try:
+        aliases = client.get_registered_model(name).aliases or {}
+    except Exception:
+        aliases = {}
+    for info in infos:
+        info.aliases = sorted(a for a, v in aliases.items() if str(v) == info.version)
+    return infos
 
 
 def list_models() -> list[str]:

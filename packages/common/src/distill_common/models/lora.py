@@ -1,0 +1,140 @@
+"""Low-rank adapters (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models") on a diffusers UNet,
+through peft, saved and loaded in the diffusers LoRA format (``pytorch_lora_weights.safetensors``).
+
+The adapter's peft config (rank, alpha, targets) is stored in the safetensors metadata, so ``load_lora`` restores
+the same ``alpha / rank`` scale that training used.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from distill_common.errors import ModelLoadError
+
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+DEFAULT_TARGET_MODULES = ("to_k", "to_q", "to_v", "to_out.0")
+DEFAULT_ADAPTER = "default"
+
+
+def add_lora(
+    unet: torch.nn.Module,
+    rank: int = 4,
+    alpha: float = 32,
+    target_modules: Sequence[str] = DEFAULT_TARGET_MODULES,
+    dropout: float = 0.0,
+    *,
+    adapter_name: str = DEFAULT_ADAPTER,
+    init_lora_weights: bool | str = "gaussian",
+    freeze_base: bool = True,
+) -> torch.nn.Module:
+    """Inject a LoRA adapter into ``unet`` in place (``unet.add_adapter(LoraConfig(...))``, as in diffusers' training
+    examples) and return it. With ``freeze_base`` only the LoRA matrices stay trainable. ``lora_B`` starts at zero,
+    so the adapted UNet initially computes exactly what the base UNet computes."""
+    from peft import LoraConfig
+
+    if rank < 1:
+        from distill_common.errors import ConfigError
+
+        raise ConfigError(f"LoRA rank must be a positive integer, got {rank}; use --lora-rank 4 or larger")
+    if freeze_base:
+        unet.requires_grad_(False)
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        init_lora_weights=init_lora_weights,
+        target_modules=list(target_modules),
+    )
+    unet.add_adapter(config, adapter_name=adapter_name)
+    return unet
+
+
+def lora_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The trainable LoRA parameters of ``model`` (what the optimiser should see)."""
+    return [p for name, p in model.named_parameters() if "lora_" in name and p.requires_grad]
+
+
+def lora_state_dict(unet: torch.nn.Module, adapter_name: str = DEFAULT_ADAPTER) -> dict[str, torch.Tensor]:
+    """The adapter's weights in diffusers' key format (``...to_q.lora_A.weight``), detached, on the CPU."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    state = get_peft_model_state_dict(unet, adapter_name=adapter_name)
+    if not state:
+        raise ModelLoadError(f"the UNet has no LoRA adapter named {adapter_name!r}; call add_lora(unet) first")
+    return {k: v.detach().to("cpu").contiguous() for k, v in convert_state_dict_to_diffusers(state).items()}
+
+
+def save_lora(unet: torch.nn.Module, out_dir: str | os.PathLike, *, adapter_name: str = DEFAULT_ADAPTER) -> Path:
+    """Write the UNet's LoRA as ``out_dir/pytorch_lora_weights.safetensors`` (diffusers format + peft config metadata).
+
+    The file is written in a temporary folder next to ``out_dir`` and moved into place with one atomic rename, so a
+    crash never leaves a half-written adapter. Returns the file's path.
+    """
+    from diffusers import StableDiffusionPipeline
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    layers = lora_state_dict(unet, adapter_name)
+    metadata = unet.peft_config[adapter_name].to_dict()
+    staging = Path(tempfile.mkdtemp(dir=out, prefix=".lora-"))
+    try:
+        StableDiffusionPipeline.save_lora_weights(
+            str(staging),
+            unet_lora_layers=layers,
+            unet_lora_adapter_metadata=metadata,
+            weight_name=LORA_WEIGHT_NAME,
+            safe_serialization=True,
+        )
+        os.replace(staging / LORA_WEIGHT_NAME, out / LORA_WEIGHT_NAME)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out / LORA_WEIGHT_NAME
+
+
+def load_lora(pipe: Any, path_or_dir: str | os.PathLike, adapter_name: str | None = None) -> Any:
+    """Load a diffusers-format LoRA (a folder holding ``pytorch_lora_weights.safetensors``, or the file itself) into
+    ``pipe`` with ``pipe.load_lora_weights``. Raises ModelLoadError for a missing or unreadable adapter."""
+    path = Path(path_or_dir).expanduser()
+    if path.is_dir():
+        folder, weight_name = path, LORA_WEIGHT_NAME
+        if not (folder / weight_name).is_file():
+            candidates = sorted(p.name for p in folder.glob("*.safetensors"))
+            if len(candidates) != 1:
+                raise ModelLoadError(
+                    f"{folder} holds no {LORA_WEIGHT_NAME} (safetensors found: {', '.join(candidates) or 'none'}); "
+                    "pass the folder written by save_lora or the adapter file itself"
+                )
+            weight_name = candidates[0]
+    elif path.is_file():
+        folder, weight_name = path.parent, path.name
+    else:
+        raise ModelLoadError(f"LoRA {path} does not exist; pass a folder from save_lora or a .safetensors adapter")
+    try:
+        pipe.load_lora_weights(str(folder), weight_name=weight_name, adapter_name=adapter_name, local_files_only=True)
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise ModelLoadError(
+            f"cannot load the LoRA {folder / weight_name} into the pipeline: {first}; "
+            "check it was trained for this base model"
+        ) from exc
+    return pipe
+
+
+def fuse_lora(pipe: Any, scale: float = 1.0, adapter_names: Sequence[str] | None = None) -> Any:
+    """Merge the loaded LoRA into the base weights (``W += scale * B A * alpha / r``) for adapter-free inference speed."""
+    pipe.fuse_lora(components=["unet"], lora_scale=scale, adapter_names=list(adapter_names) if adapter_names else None)
+    return pipe
+
+
+def unfuse_lora(pipe: Any) -> Any:
+    """Undo :func:`fuse_lora`, restoring the base weights (the adapter stays loaded)."""
+    pipe.unfuse_lora(components=["unet"])
+    return pipe

@@ -1,0 +1,196 @@
+"""FID (Heusel et al., NeurIPS 2017) and KID (Binkowski et al., "Demystifying MMD GANs", ICLR 2018) from features.
+
+The statistics and distances are torch-fidelity's own routines (``fid_features_to_statistics``,
+``fid_statistics_to_metric``, ``kid_features_to_metric``: unbiased polynomial-kernel MMD^2 over random
+subsets drawn from a seeded ``numpy.random.RandomState``); this module batches feature extraction and
+stamps results with their :class:`~distill_eval.protocol.MetricProtocol`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from torch import nn
+from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
+from torch_fidelity.metric_kid import kid_features_to_metric
+
+from distill_common.errors import ConfigError
+from distill_eval.protocol import FIDResult
+
+if TYPE_CHECKING:
+    from distill_eval.reference_stats import ReferenceStats
+
+KID_SUBSETS = 100
+KID_SUBSET_SIZE = 1000
+
+
+def _as_features(features: torch.Tensor | np.ndarray, name: str) -> torch.Tensor:
+    tensor = torch.as_tensor(features).detach().to("cpu", torch.float64)
+    if tensor.dim() != 2:
+        raise ConfigError(f"{name} must be a (N, D) feature matrix, got shape {tuple(tensor.shape)}")
+    if tensor.shape[0] < 2:
+        raise ConfigError(f"{name} holds {tensor.shape[0]} sample(s); FID/KID need at least 2 images per set")
+    return tensor
+
+
+def feature_statistics(features: torch.Tensor | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean (D,) and unbiased covariance (D, D), float64, via torch-fidelity."""
+    stats = fid_features_to_statistics(_as_features(features, "features"))
+    return stats["mu"], stats["sigma"]
+
+
+def fid_from_stats(mu1, sigma1, mu2, sigma2) -> float:
+    """Frechet distance between N(mu1, sigma1) and N(mu2, sigma2) (torch-fidelity's eigenvalue form)."""
+    as_np = [np.asarray(torch.as_tensor(x).cpu().double().numpy() if torch.is_tensor(x) else x, dtype=np.float64)
+             for x in (mu1, sigma1, mu2, sigma2)]
+    m1, s1, m2, s2 = as_np
+    if m1.shape != m2.shape or s1.shape != s2.shape or s1.shape != (m1.shape[0], m1.shape[0]):
+        raise ConfigError(
+            f"FID statistics do not match (mu {m1.shape} vs {m2.shape}, sigma {s1.shape} vs {s2.shape}); "
+            "compute both with the same feature extractor"
+        )
+    return float(fid_statistics_to_metric({"mu": m1, "sigma": s1}, {"mu": m2, "sigma": s2}, verbose=False)[
+        "frechet_inception_distance"
+    ])
+
+
+def fid_from_features(features_a: torch.Tensor | np.ndarray, features_b: torch.Tensor | np.ndarray) -> float:
+    mu1, sigma1 = feature_statistics(features_a)
+    mu2, sigma2 = feature_statistics(features_b)
+    return fid_from_stats(mu1, sigma1, mu2, sigma2)
+
+
+def kid_from_features(
+    features_a: torch.Tensor | np.ndarray,
+    features_b: torch.Tensor | np.ndarray,
+    subsets: int = KID_SUBSETS,
+    subset_size: int = KID_SUBSET_SIZE,
+    degree: int = 3,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """KID mean and std over ``subsets`` random subsets of ``subset_size`` (kernel (x.y/D + 1)^degree)."""
+    a, b = _as_features(features_a, "features_a"), _as_features(features_b, "features_b")
+    smallest = min(a.shape[0], b.shape[0])
+    if not 2 <= subset_size <= smallest:
+        raise ConfigError(
+            f"KID subset size {subset_size} must be between 2 and the smaller set's size ({smallest}); "
+            f"pass --kid-subset-size {smallest} or fewer, or score more images"
+        )
+    if subsets < 1 or degree < 1:
+        raise ConfigError(f"KID needs subsets >= 1 and degree >= 1 (got {subsets}, {degree}); pass positive values")
+    out = kid_features_to_metric(
+        a, b, kid_subsets=subsets, kid_subset_size=subset_size, kid_kernel_poly_degree=degree,
+        rng_seed=seed, verbose=False,
+    )
+    return float(out["kernel_inception_distance_mean"]), float(out["kernel_inception_distance_std"])
+
+
+# --------------------------------------------------------------------------- batched feature extraction
+
+
+def _batches(images: torch.Tensor | Iterable[torch.Tensor], batch_size: int) -> Iterator[torch.Tensor]:
+    """Re-chunk a tensor, or an iterable of (B, 3, H, W) batches / (3, H, W) images, into batches."""
+    if torch.is_tensor(images):
+        yield from images.split(batch_size)
+        return
+    pending: list[torch.Tensor] = []
+    count = 0
+    for item in images:
+        chunk = item.unsqueeze(0) if item.dim() == 3 else item
+        pending.append(chunk)
+        count += chunk.shape[0]
+        if count >= batch_size:
+            merged = torch.cat(pending)
+            full = count - count % batch_size
+            yield from merged[:full].split(batch_size)
+            pending, count = ([merged[full:]], count - full) if count > full else ([], 0)
+    if count:
+        yield torch.cat(pending)
+
+
+def extract_features(
+    images: torch.Tensor | Iterable[torch.Tensor],
+    extractor: nn.Module,
+    batch_size: int = 64,
+    progress: bool = True,
+    total: int | None = None,
+) -> torch.Tensor:
+    """Run ``extractor`` over images in batches under ``torch.inference_mode``; returns (N, D) float32 on the CPU."""
+    if batch_size < 1:
+        raise ConfigError(f"batch size must be positive, got {batch_size}; pass --batch-size 1 or more")
+    if total is None and torch.is_tensor(images):
+        total = images.shape[0]
+    chunks: list[torch.Tensor] = []
+    columns = (TextColumn("Inception features"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, transient=True, disable=not progress) as bar, torch.inference_mode():
+        task = bar.add_task("features", total=total)
+        for batch in _batches(images, batch_size):
+            chunks.append(extractor(batch).float().cpu())
+            bar.advance(task, batch.shape[0])
+    if not chunks:
+        raise ConfigError("no images were given to the feature extractor; check the image source is not empty")
+    return torch.cat(chunks)
+
+
+def fid_kid_result(
+    generated_features: torch.Tensor,
+    reference: ReferenceStats,
+    extractor_hash: str,
+    generated_resolution: int,
+    kid_subsets: int = KID_SUBSETS,
+    kid_subset_size: int = KID_SUBSET_SIZE,
+    seed: int = 0,
+) -> FIDResult:
+    """FID against the reference's full statistics and KID against its stored features, under one protocol.
+
+    The KID subset size is capped by the smaller set, so tiny runs still report an (unbiased) KID.
+    """
+    if extractor_hash != reference.extractor_hash:
+        raise ConfigError(
+            f"generated features come from Inception weights {extractor_hash} but the reference statistics from "
+            f"{reference.extractor_hash}; recompute the reference statistics with the same extractor"
+        )
+    if generated_resolution != reference.resolution:
+        raise ConfigError(
+            f"generated images are {generated_resolution}px but the reference statistics were taken at "
+            f"{reference.resolution}px; pass --resolution {generated_resolution} for the reference set"
+        )
+    mu, sigma = feature_statistics(generated_features)
+    fid = fid_from_stats(mu, sigma, reference.mu, reference.sigma)
+    size = min(kid_subset_size, generated_features.shape[0], reference.features.shape[0])
+    kid_mean, kid_std = kid_from_features(generated_features, reference.features, kid_subsets, size, seed=seed)
+    return FIDResult(fid=fid, kid_mean=kid_mean, kid_std=kid_std, protocol=reference.protocol(generated_features.shape[0]))
+
+
+def score_images(
+    images: torch.Tensor | Iterable[torch.Tensor],
+    extractor: nn.Module,
+    reference: ReferenceStats,
+    batch_size: int = 64,
+    kid_subsets: int = KID_SUBSETS,
+    kid_subset_size: int = KID_SUBSET_SIZE,
+    seed: int = 0,
+    progress: bool = True,
+) -> FIDResult:
+    """Extract features of generated images (uint8 or float [0, 1], (N, 3, R, R)) and score them against ``reference``."""
+    resolutions: set[int] = set()
+
+    def checked(batches: Iterable[torch.Tensor]) -> Iterator[torch.Tensor]:
+        for batch in batches:
+            if batch.shape[-1] != batch.shape[-2]:
+                raise ConfigError(f"generated images must be square, got {tuple(batch.shape[-2:])}; crop them first")
+            resolutions.add(int(batch.shape[-1]))
+            yield batch
+
+    source = images.split(batch_size) if torch.is_tensor(images) else images
+    total = images.shape[0] if torch.is_tensor(images) else None
+    features = extract_features(checked(source), extractor, batch_size, progress=progress, total=total)
+    if len(resolutions) != 1:
+        raise ConfigError(f"generated images mix resolutions {sorted(resolutions)}; generate at one resolution")
+    return fid_kid_result(
+        features, reference, extractor.extractor_hash, resolutions.pop(), kid_subsets, kid_subset_size, seed
+    )

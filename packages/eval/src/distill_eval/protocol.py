@@ -1,0 +1,84 @@
+"""The measurement protocol stamped on every FID/KID number, and the refusal to compare across protocols.
+
+FID depends on the feature extractor's exact weights, the reference set and its size, the number of
+generated images (the estimator is biased in N; Chong & Forsyth, "Effectively Unbiased FID", CVPR 2020),
+the image resolution and the resize filter (Parmar et al., "On Aliased Resizing and Surprising Subtleties
+in GAN Evaluation", CVPR 2022). Two results are comparable only when all of these agree.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping, Sequence
+from dataclasses import asdict, dataclass, fields
+
+from distill_common.errors import ConfigError, unknown_choice
+
+TAG_PREFIX = "fid_protocol."
+RANK_KEYS = ("fid", "kid_mean")
+
+
+@dataclass(frozen=True)
+class MetricProtocol:
+    """Everything an FID/KID value depends on besides the generator itself."""
+
+    extractor_hash: str  # short sha256 of the Inception weights actually used
+    reference_set: str  # e.g. "cifar10-train", "coco-val2017", "folder:<name>-<pathhash>"
+    reference_n: int  # images in the reference statistics
+    generated_n: int  # generated images scored
+    resolution: int  # side of the square images both sets were evaluated at, before the extractor
+    resize: str  # how images reach the extractor's 299x299 input: "none" | "bilinear" | "bicubic"
+
+    def as_tags(self) -> dict[str, str]:
+        """MLflow tags (string values), one per field, under ``fid_protocol.``."""
+        return {f"{TAG_PREFIX}{k}": str(v) for k, v in asdict(self).items()}
+
+    def as_dict(self) -> dict[str, str | int]:
+        return asdict(self)
+
+    def differences(self, other: MetricProtocol) -> list[str]:
+        """Names of the fields whose values differ, in declaration order."""
+        return [f.name for f in fields(self) if getattr(self, f.name) != getattr(other, f.name)]
+
+
+@dataclass(frozen=True)
+class FIDResult:
+    """FID (Heusel et al. 2017) and KID (Binkowski et al. 2018, mean and std over subsets) under one protocol."""
+
+    fid: float
+    kid_mean: float
+    kid_std: float
+    protocol: MetricProtocol
+
+    def as_metrics(self) -> dict[str, float]:
+        return {"fid": self.fid, "kid_mean": self.kid_mean, "kid_std": self.kid_std}
+
+
+def _protocol_of(item: FIDResult | MetricProtocol) -> MetricProtocol:
+    return item.protocol if isinstance(item, FIDResult) else item
+
+
+def check_comparable(a: FIDResult | MetricProtocol, b: FIDResult | MetricProtocol) -> None:
+    """Raise ConfigError naming every protocol field that differs between ``a`` and ``b``."""
+    pa, pb = _protocol_of(a), _protocol_of(b)
+    diff = pa.differences(pb)
+    if diff:
+        detail = ", ".join(f"{name} {getattr(pa, name)!r} vs {getattr(pb, name)!r}" for name in diff)
+        raise ConfigError(
+            f"FID/KID results were measured under different protocols ({detail}); "
+            "re-evaluate them with the same extractor, reference set, sample counts, resolution and resize"
+        )
+
+
+def rank_results(
+    results: Mapping[Hashable, FIDResult] | Sequence[FIDResult], by: str = "fid"
+) -> list[tuple[Hashable, FIDResult]]:
+    """Sort results best (lowest) first after checking every protocol equals the first one's.
+
+    A mapping keeps its keys as labels; a sequence is labelled by position.
+    """
+    if by not in RANK_KEYS:
+        raise unknown_choice("ranking metric", by, RANK_KEYS)
+    items = list(results.items()) if isinstance(results, Mapping) else list(enumerate(results))
+    for _, result in items[1:]:
+        check_comparable(items[0][1], result)
+    return sorted(items, key=lambda kv: getattr(kv[1], by))
