@@ -5,7 +5,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import json
+from types import SimpleNamespace
+
 import pytest
+import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -60,3 +64,54 @@ def tiny_sd_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from distill_common.models.tiny_sd import tiny_sd_folder
 
     return tiny_sd_folder(tmp_path_factory.mktemp("tiny_sd"))
+
+
+class NoiseGenerator:
+    """A deterministic stand-in generator: image = sigmoid of seeded noise, shifted by the class."""
+
+    family = "test_noise"
+    condition_kind = "class"
+    resolution = 32
+    default_steps = 2
+    images_generated = 0  # across instances: lets resume tests count regenerated images
+
+    def __init__(self, folder: Path, device: str = "auto"):
+        self.scale = json.loads((folder / "generator.json").read_text())["scale"]
+
+    def generate(self, conditions, num_steps, seeds, guidance=None):
+        out = []
+        NoiseGenerator.images_generated += len(conditions)
+        for c, s in zip(conditions, seeds):
+            g = torch.Generator().manual_seed(int(s))
+            out.append(torch.sigmoid(self.scale * torch.randn(3, 32, 32, generator=g) + int(c) / 10))
+        return torch.stack(out)
+
+
+@pytest.fixture
+def noise_family(monkeypatch):
+    from distill_common import generator as generator_mod
+
+    monkeypatch.setattr(generator_mod, "generator_loaders",
+                        lambda: {"test_noise": SimpleNamespace(load=lambda: NoiseGenerator)})
+
+
+@pytest.fixture
+def logged_generator(tmp_path: Path, noise_family):
+    """Returns ``make(scale) -> model URI``: a NoiseGenerator folder logged as a pyfunc model."""
+
+    def make(scale: float) -> str:
+        return _log(tmp_path, scale)
+
+    return make
+
+
+def _log(tmp_path: Path, scale: float) -> str:
+    from distill_common import generator as generator_mod
+    from distill_common import tracking
+
+    folder = tmp_path / f"gen-{scale}"
+    generator_mod.write_generator_manifest(folder, "test_noise", scale=scale)
+    with tracking.start_run("unit", f"gen-{scale}") as run:
+        return tracking.log_generator_model(run, folder)
+
+

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import http.server
+import json
 import os
 import shutil
 import socket
@@ -11,9 +13,13 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from distill_common.errors import ConfigError, ModelLoadError
-from distill_common.models.sd_loading import load_sd_components, load_sd_pipeline, resolve_model_source
+from distill_common.models.sd_loading import (
+    load_sd_components,
+    load_sd_pipeline,
+    probe_hub,
+    resolve_model_source,
+)
 
 MISSING_ID = "distill-tests/no-such-sd-model"
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -113,6 +119,45 @@ def test_unresponsive_hub_is_probed_once_with_a_short_timeout(
         load_sd_components(MISSING_ID, probe_timeout_s=1.0, cache_dir=tmp_path)
     assert time.perf_counter() - start < 5
     assert "--local-dir DIR" in str(err.value)
+
+
+@pytest.fixture
+def fake_hub(monkeypatch: pytest.MonkeyPatch):
+    """A local stand-in for the hub's model-info API: 'owner/exists' is found, every other id is a 404."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+            found = self.path.startswith("/api/models/owner/exists")
+            body = json.dumps({"id": "owner/exists", "sha": "0" * 40} if found else {"error": "not found"}).encode()
+            self.send_response(200 if found else 404)
+            if not found:
+                self.send_header("X-Error-Code", "RepoNotFound")
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    import huggingface_hub.constants
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.server_port}")
+    yield
+    server.shutdown()
+    server.server_close()
+
+
+def test_probe_tells_found_from_missing_ids(fake_hub) -> None:
+    assert probe_hub("owner/exists", timeout_s=2) == "ok"
+    assert probe_hub("owner/absent", timeout_s=2) == "missing"
+    with pytest.raises(ModelLoadError, match="does not exist on the Hugging Face Hub"):
+        load_sd_components("owner/absent")
 
 
 def test_offline_hub_id_served_from_the_hf_cache(tiny_sd_path: Path, tmp_path: Path,

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from distill_common.models.tiny_sd import TinySDSpec, build_tiny_sd, tiny_sd_folder
 
 PROMPT = "a photo of a cat"
@@ -78,13 +77,19 @@ def test_saved_folder_round_trip_gives_identical_images(tiny_pipe, tiny_sd_path:
 
 
 def test_two_step_64px_generation_is_fast(tiny_pipe) -> None:
-    generate(tiny_pipe)  # warm-up
-    best = float("inf")
-    for _ in range(3):
-        start = time.perf_counter()
-        generate(tiny_pipe)
-        best = min(best, time.perf_counter() - start)
-    assert best < 1.0, f"2-step 64x64 generation took {best:.2f} s"
+    """CPU time on one thread, so that other processes sharing the machine do not make the check flaky."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        generate(tiny_pipe)  # warm-up
+        best = float("inf")
+        for _ in range(3):
+            start = time.process_time()
+            generate(tiny_pipe)
+            best = min(best, time.process_time() - start)
+    finally:
+        torch.set_num_threads(threads)
+    assert best < 1.0, f"2-step 64x64 generation took {best:.2f} s of CPU time"
 
 
 def test_cached_folder_is_built_once(tmp_path: Path) -> None:

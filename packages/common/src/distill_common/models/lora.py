@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from distill_common.errors import ModelLoadError
+from distill_common.errors import ConfigError, ModelLoadError
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 DEFAULT_TARGET_MODULES = ("to_k", "to_q", "to_v", "to_out.0")
@@ -40,8 +40,6 @@ def add_lora(
     from peft import LoraConfig
 
     if rank < 1:
-        from distill_common.errors import ConfigError
-
         raise ConfigError(f"LoRA rank must be a positive integer, got {rank}; use --lora-rank 4 or larger")
     if freeze_base:
         unet.requires_grad_(False)
@@ -66,9 +64,13 @@ def lora_state_dict(unet: torch.nn.Module, adapter_name: str = DEFAULT_ADAPTER) 
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
+    adapters = getattr(unet, "peft_config", None) or {}
+    if adapter_name not in adapters:
+        raise ModelLoadError(
+            f"the UNet has no LoRA adapter named {adapter_name!r} (adapters: {', '.join(adapters) or 'none'}); "
+            "call add_lora(unet) first"
+        )
     state = get_peft_model_state_dict(unet, adapter_name=adapter_name)
-    if not state:
-        raise ModelLoadError(f"the UNet has no LoRA adapter named {adapter_name!r}; call add_lora(unet) first")
     return {k: v.detach().to("cpu").contiguous() for k, v in convert_state_dict_to_diffusers(state).items()}
 
 

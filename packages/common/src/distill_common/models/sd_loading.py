@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from distill_common.errors import ModelLoadError
+from distill_common.errors import ModelLoadError, unknown_choice
 
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
@@ -86,21 +86,27 @@ def probe_hub(repo_id: str, timeout_s: float = PROBE_TIMEOUT_S, revision: str | 
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
 
     result: list[str] = []
+    bugs: list[BaseException] = []
+    api = HfApi(endpoint=hub_endpoint())
 
     def ask() -> None:
         try:
-            HfApi(endpoint=hub_endpoint()).model_info(repo_id, revision=revision, timeout=timeout_s)
+            api.model_info(repo_id, revision=revision, timeout=timeout_s)
             result.append("ok")
         except GatedRepoError:
             result.append("ok")  # reachable; from_pretrained reports the access problem with its own message
         except (RepositoryNotFoundError, RevisionNotFoundError):
             result.append("missing")
-        except Exception:  # noqa: BLE001 - any transport failure means "cannot reach the hub"
+        except (TypeError, AttributeError, NameError) as exc:  # a programming error, not a network one
+            bugs.append(exc)
+        except Exception:  # noqa: BLE001 - any transport or server failure means "cannot reach the hub"
             result.append("unreachable")
 
     worker = threading.Thread(target=ask, daemon=True, name=f"hub-probe-{repo_id}")
     worker.start()
     worker.join(timeout_s + 1.0)
+    if bugs:
+        raise bugs[0]
     return result[0] if result else "unreachable"
 
 
@@ -171,11 +177,10 @@ def _check_diffusers_folder(folder: Path, parts: Iterable[str], subfolders: Mapp
         )
     for part in parts:
         sub = folder / subfolders[part]
-        marker = "scheduler_config.json" if part == "scheduler" else None
-        if part == "tokenizer":
+        if part == "tokenizer":  # vocab.json+merges.txt or tokenizer.json, depending on who saved it
             ok = sub.is_dir() and any(sub.iterdir())
         else:
-            ok = (sub / (marker or "config.json")).is_file()
+            ok = (sub / ("scheduler_config.json" if part == "scheduler" else "config.json")).is_file()
         if not ok:
             raise ModelLoadError(
                 f"{folder} has no usable {subfolders[part]}/ subfolder for the {part}; "
@@ -189,8 +194,6 @@ def _as_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype not in _DTYPE_NAMES:
-        from distill_common.errors import unknown_choice
-
         raise unknown_choice("dtype", dtype, _DTYPE_NAMES)
     return _DTYPE_NAMES[dtype]
 
@@ -282,8 +285,6 @@ def load_sd_components(
     parts = tuple(include)
     for part in parts:
         if part not in COMPONENTS:
-            from distill_common.errors import unknown_choice
-
             raise unknown_choice("Stable Diffusion component", part, COMPONENTS)
     names = {**{p: p for p in COMPONENTS}, **dict(subfolders or {})}
     torch_dtype = _as_dtype(dtype)
@@ -360,11 +361,14 @@ def load_sd_pipeline(
     ``pipeline_kwargs`` go to ``from_pretrained``/``from_single_file`` (e.g. ``scheduler=...`` to swap the sampler).
     The progress bar is disabled; the tokenizer is checked against the text encoder. Raises ModelLoadError.
     """
-    from diffusers import StableDiffusionPipeline
-
-    cls = pipeline_cls or StableDiffusionPipeline
     torch_dtype = _as_dtype(dtype)
+    # resolve first: a bad id or an unreachable hub fails before the (slow) diffusers pipeline import
     source = resolve_model_source(model, revision=revision, probe_timeout_s=probe_timeout_s, cache_dir=cache_dir)
+    if pipeline_cls is None:
+        from diffusers import StableDiffusionPipeline
+
+        pipeline_cls = StableDiffusionPipeline
+    cls = pipeline_cls
     label = os.fspath(model)
     kwargs: dict[str, Any] = {"dtype": torch_dtype, "local_files_only": source.local_files_only or hub_offline(),
                               **pipeline_kwargs}

@@ -25,7 +25,12 @@ from typing import Any
 
 import torch
 
-from distill_common.models.tokenizer import CLIP_MAX_LENGTH, CLIP_VOCAB_SIZE, clip_tokenizer, distill_cache_dir
+from distill_common.models.tokenizer import (
+    CLIP_MAX_LENGTH,
+    CLIP_VOCAB_SIZE,
+    clip_tokenizer,
+    distill_cache_dir,
+)
 
 SD15_DOWN_BLOCKS = ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")
 SD15_UP_BLOCKS = ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")

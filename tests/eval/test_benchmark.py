@@ -1,0 +1,69 @@
+"""`distill eval benchmark` end to end on a stand-in generator: files, MLflow links, registry stamps, resume."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from distill_common import promotion, tracking
+from distill_eval.cli import app
+
+
+@pytest.mark.slow
+def test_benchmark_end_to_end_and_resume(mlflow_uri, logged_generator, data_root, tmp_path):
+    from conftest import NoiseGenerator  # the stand-in family registered by the fixture
+
+    teacher = tracking.register_model(logged_generator(1.0), "noise", tags={"role": "teacher"})
+    student = tracking.register_model(logged_generator(1.5), "noise", tags={"role": "student"})
+    out = tmp_path / "bench"
+    args = ["benchmark", "--teacher", f"models:/noise/{teacher}", "--generators", f"student=models:/noise/{student}",
+            "--steps", "1", "2", "--num-images", "24", "--reference", "cifar10-test", "--reference-n", "48",
+            "--batch-size", "12", "--timing-repeats", "2", "--output-dir", str(out), "--data-root", str(data_root)]
+    runner = CliRunner()
+    NoiseGenerator.images_generated = 0
+    result = runner.invoke(app, args, env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    generated_first = NoiseGenerator.images_generated
+    # 3 configurations x 24 images, plus warm-up and timed batches of 12
+    assert generated_first == 3 * 24 + 3 * 12 * 3
+
+    for name in ("benchmark.csv", "benchmark.json", "benchmark.md", "grid.png", "fid_vs_steps.png",
+                 "fid_vs_latency.png"):
+        assert (out / name).is_file(), name
+    report = json.loads((out / "benchmark.json").read_text())
+    rows = report["rows"]
+    assert [(r["model"], r["steps"]) for r in rows] == [("teacher", 2), ("student", 1), ("student", 2)]
+    assert rows[0]["lpips_to_teacher"] == 0.0 and rows[1]["lpips_to_teacher"] > 0
+    assert all(r["fid"] > 0 and r["ms_per_image"] > 0 for r in rows)
+    proto = report["meta"]["protocol"]
+    assert proto["reference_set"] == "cifar10-test" and proto["reference_n"] == 48 and proto["generated_n"] == 24
+    assert proto["resolution"] == 32
+
+    # the evaluation run is linked to the versions, and the versions carry the numbers
+    info = {v.version: v for v in tracking.list_versions("noise")}[student]
+    assert float(info.tags["eval.s1.fid"]) == pytest.approx(rows[1]["fid"], rel=1e-6)
+    from mlflow import MlflowClient
+
+    run = MlflowClient().get_run(info.tags["eval.run_id"])
+    assert f"models:/noise/{student}" in run.data.tags["evaluated"]
+    assert run.data.tags["protocol.reference_set"] == "cifar10-test"
+    assert any(k.startswith("student.s1.fid") for k in run.data.metrics)
+    decision = promotion.decide("noise", "fid", max_steps=2)
+    assert decision.chosen.version in (teacher, student)
+
+    # resume: remove 5 images of one configuration; only those are regenerated
+    for i in range(5):
+        (out / "images" / "student_s2" / f"{i:05d}.png").unlink()
+    NoiseGenerator.images_generated = 0
+    result = runner.invoke(app, args + ["--no-track"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert NoiseGenerator.images_generated == 5 + 3 * 12 * 3
+    again = json.loads((out / "benchmark.json").read_text())["rows"]
+    assert again[2]["fid"] == pytest.approx(rows[2]["fid"], rel=1e-5)  # same seeds → same images → same FID
+
+
+def test_benchmark_needs_something_to_evaluate(tmp_path):
+    result = CliRunner().invoke(app, ["benchmark", "--output-dir", str(tmp_path)])
+    assert result.exit_code != 0 and "--generators" in str(result.exception)
