@@ -80,3 +80,7 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``distill`` console script."""
     _register_subcommands()
     run_app(app, argv)
+
+
+if __name__ == "__main__":
+    main()
