@@ -21,6 +21,15 @@ from distill_common.models.lora import (
 from distill_common.models.sd_loading import load_sd_pipeline
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models run fastest on one thread; on a shared, busy CPU extra OpenMP threads only spin."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def generate(pipe) -> torch.Tensor:
     return pipe("a photo of a cat", num_inference_steps=2, height=64, width=64, output_type="pt",
                 generator=torch.Generator().manual_seed(0)).images  # (1, 3, 64, 64)

@@ -25,6 +25,15 @@ MISSING_ID = "distill-tests/no-such-sd-model"
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models run fastest on one thread; on a shared, busy CPU extra OpenMP threads only spin."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def linked_copy(src: Path, dst: Path) -> Path:
     """A copy of a diffusers folder whose files are symlinks (cheap), so parts can be replaced."""
     shutil.copytree(src, dst, copy_function=os.symlink)

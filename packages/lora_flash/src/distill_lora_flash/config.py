@@ -1,0 +1,186 @@
+"""Options of ``distill flash generate | train | eval``: the single source of the CLI (underscore spellings
+such as ``--num_images`` and ``--compare_baseline`` are accepted as aliases automatically)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from distill_common.config import option
+from distill_common.errors import ConfigError
+from distill_common.models.lora import DEFAULT_TARGET_MODULES
+from distill_common.runtime import DEVICES, PRECISIONS
+from distill_lora_flash.loading import DEFAULT_BASE_MODEL, DEFAULT_LORA_ID
+from distill_lora_flash.schedule import DEFAULT_ORIGINAL_STEPS
+
+DEFAULT_PROMPT = "A raccoon reading a book in a lush forest."
+DEFAULT_CLIP_MODEL = "openai/clip-vit-large-patch14"
+DEFAULT_VALIDATION_PROMPTS = [
+    "A raccoon reading a book in a lush forest.",
+    "a photograph of an astronaut riding a horse",
+    "a red vintage car parked by the sea at sunset",
+    "a bowl of fruit on a wooden table, studio lighting",
+]
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
+
+
+def _positive(name: str, value: int | float) -> None:
+    if value <= 0:
+        raise ConfigError(f"--{name} must be positive, got {value}")
+
+
+def _steps(name: str, values: list[int]) -> None:
+    if not values:
+        raise ConfigError(f"--{name} needs at least one step count, e.g. --{name} 2 4 8")
+    for v in values:
+        if v < 1:
+            raise ConfigError(f"--{name} values must be positive step counts, got {v}")
+
+
+@dataclass
+class GenerateConfig:
+    """``distill flash generate``: Flash LoRA images at 2/4/8 LCM steps, optionally next to the 30-step baseline."""
+
+    base_model: str = option(DEFAULT_BASE_MODEL, "Base SD 1.5 model: hub id or local diffusers folder.")
+    lora_id: str = option(DEFAULT_LORA_ID, "Hub id of the Flash LoRA (used when --lora-path is not given).")
+    lora_path: Path | None = option(None, "Local LoRA .safetensors file or its folder; takes precedence over --lora-id.")
+    lora_scale: float = option(1.0, "Scale of the LoRA when it is fused into the UNet.")
+    prompt: str = option(DEFAULT_PROMPT, "The prompt (ignored when --prompts-file is given).")
+    prompts_file: Path | None = option(None, "Text file with one prompt per line.")
+    steps: list[int] = option([2, 4, 8], "LCM step counts to generate with, e.g. --steps 2 4 8.")
+    guidance_scale: float = option(0.0, "Guidance scale of the Flash sampler (the LoRA is trained for 0).")
+    seed: int = option(0, "Base seed: image i of each prompt uses seed + i.")
+    num_images: int = option(4, "Images per prompt.")
+    batch_size: int = option(4, "Images per pipeline call.")
+    outdir: Path = option(Path("outputs/flash"), "Output folder.")
+    compare_baseline: bool = option(False, "Also generate with the base model (no LoRA) and write comparisons.")
+    baseline_steps: int = option(30, "Steps of the baseline sampler (the base model's own scheduler).")
+    baseline_guidance: float = option(7.5, "Classifier-free guidance of the baseline.")
+    baseline_outdir: Path | None = option(None, "Baseline folder (default: OUTDIR/baseline).")
+    clip_model: str = option(DEFAULT_CLIP_MODEL, "CLIP model for CLIPScore (hub id or local folder); 'none' skips it.")
+    lcm_original_steps: int = option(DEFAULT_ORIGINAL_STEPS, "LCMScheduler original_inference_steps (grid size).")
+    device: str = option("auto", "Device.", choices=DEVICES)
+    precision: str = option("auto", "Weights precision: auto = fp16 on CUDA, fp32 elsewhere.", choices=PRECISIONS)
+
+    def validate(self) -> None:
+        _steps("steps", self.steps)
+        for name in ("num_images", "batch_size", "baseline_steps", "lcm_original_steps"):
+            _positive(name.replace("_", "-"), getattr(self, name))
+
+
+@dataclass
+class TrainConfig:
+    """``distill flash train``: distil the CFG teacher (base UNet) into a LoRA student for few-step sampling."""
+
+    base_model: str = option(DEFAULT_BASE_MODEL, "Teacher SD 1.5 model: hub id or local diffusers folder.")
+    output_dir: Path = option(Path("runs/lora_flash"), "Root of the training outputs.")
+    run_name: str = option("flash-lora", "Run folder under --output-dir; rerunning it resumes from its last checkpoint.")
+    resume: str = option("latest", "'latest' resumes from the newest checkpoint if any, 'never' refuses to reuse a "
+                         "run folder that has checkpoints, or a checkpoint folder path.")
+    # data
+    dataset_name: str | None = option(None, "Hugging Face data set (e.g. lambdalabs/pokemon-blip-captions).")
+    dataset_split: str = option("train", "Split of --dataset-name / subfolder of --data-dir.")
+    image_column: str = option("image", "Image column of --dataset-name.")
+    caption_column: str = option("text", "Caption column of --dataset-name (or metadata.jsonl key of --data-dir).")
+    data_dir: Path | None = option(None, "Local captioned images: images/ + captions/, side-by-side .txt files, or "
+                                   "metadata.jsonl.")
+    data_root: Path | None = option(None, "Data root holding coco2017/ (default $DISTILL_DATA_ROOT); used when "
+                                    "neither --dataset-name nor --data-dir is given.")
+    coco_split: str = option("train", "COCO 2017 split of the default data.", choices=("train", "val"))
+    max_train_samples: int | None = option(None, "Use only the first N images.")
+    resolution: int = option(512, "Training image side (pixels).")
+    center_crop: bool = option(False, "Center crop (default: random crop).")
+    random_flip: bool = option(True, "Random horizontal flip.")
+    empty_prompt_prob: float = option(0.1, "Probability of replacing a caption by the empty prompt.")
+    dataloader_num_workers: int = option(0, "DataLoader workers (0 keeps resume exact).")
+    # model
+    lora_rank: int = option(4, "LoRA rank.")
+    lora_alpha: float = option(32.0, "LoRA alpha (scale alpha / rank).")
+    lora_targets: list[str] = option(list(DEFAULT_TARGET_MODULES), "UNet modules that get a LoRA.")
+    teacher_guidance: float = option(7.5, "Classifier-free guidance scale of the teacher target.")
+    snr_gamma: float = option(5.0, "Min-SNR-gamma weighting (Hang et al. 2023); 0 turns it off.")
+    use_discrete_timesteps: bool = option(False, "Draw t only from the LCM inference timesteps of --discrete-steps.")
+    discrete_steps: list[int] = option([2, 4, 8], "Step counts whose LCM timesteps form the discrete grid.")
+    lcm_original_steps: int = option(DEFAULT_ORIGINAL_STEPS, "LCMScheduler original_inference_steps (grid size).")
+    # optimisation
+    learning_rate: float = option(1e-4, "AdamW learning rate.")
+    lr_scheduler: str = option("constant", "Learning-rate schedule.", choices=LR_SCHEDULERS)
+    lr_warmup_steps: int = option(0, "Warm-up optimiser steps.")
+    adam_weight_decay: float = option(1e-2, "AdamW weight decay.")
+    max_grad_norm: float = option(1.0, "Gradient clipping norm.")
+    batch_size: int = option(1, "Images per micro-batch per device.", aliases=("--train-batch-size", "--train_batch_size"))
+    gradient_accumulation_steps: int = option(4, "Micro-batches per optimiser step.")
+    max_steps: int = option(2000, "Optimiser steps.", aliases=("--max-train-steps", "--max_train_steps"))
+    precision: str = option("auto", "Mixed precision: auto = fp16 on CUDA, fp32 on the CPU (bf16 allowed there).",
+                            choices=PRECISIONS)
+    gradient_checkpointing: bool = option(False, "Trade compute for UNet activation memory.")
+    checkpointing_steps: int = option(500, "Save a resumable checkpoint every N optimiser steps.")
+    checkpoints_total_limit: int = option(0, "Keep only the newest N checkpoints (0 keeps all).")
+    seed: int = option(0, "Seed of data order, noise and timesteps.")
+    device: str = option("auto", "Device.", choices=DEVICES)
+    # validation and tracking
+    validation_steps: int = option(500, "Validation images every N optimiser steps (0 = only at the end).")
+    validation_prompts: list[str] = option(list(DEFAULT_VALIDATION_PROMPTS), "Validation prompts (config file only).",
+                                           cli=False)
+    validation_prompts_file: Path | None = option(None, "Validation prompts, one a line (overrides the built-in list).")
+    validation_step_counts: list[int] = option([2, 4, 8], "Student LCM step counts shown at validation.")
+    validation_teacher_steps: int = option(30, "Teacher steps (its own scheduler, CFG) shown at validation.")
+    log_every: int = option(10, "Log training metrics every N optimiser steps.")
+    experiment: str = option("lora_flash", "MLflow experiment.")
+    track: bool = option(True, "Log the run to MLflow.")
+    register_name: str | None = option("lora_flash", "Register the final LoRA generator under this MLflow model "
+                                       "name ('' to skip).")
+
+    def validate(self) -> None:
+        for name in ("resolution", "lora_rank", "batch_size", "gradient_accumulation_steps", "max_steps",
+                     "checkpointing_steps", "learning_rate", "lcm_original_steps", "validation_teacher_steps",
+                     "log_every"):
+            _positive(name.replace("_", "-"), getattr(self, name))
+        if not 0.0 <= self.empty_prompt_prob <= 1.0:
+            raise ConfigError(f"--empty-prompt-prob must be in [0, 1], got {self.empty_prompt_prob}")
+        if self.snr_gamma < 0:
+            raise ConfigError(f"--snr-gamma must be >= 0 (0 = off), got {self.snr_gamma}")
+        _steps("discrete-steps", self.discrete_steps)
+        _steps("validation-step-counts", self.validation_step_counts)
+        if self.dataset_name and self.data_dir:
+            raise ConfigError("pass either --dataset-name or --data-dir, not both")
+
+
+@dataclass
+class EvalConfig:
+    """``distill flash eval``: baseline (30 steps, CFG 7.5) vs the LoRA student at 2/4/8 steps, at fixed seeds."""
+
+    base_model: str = option(DEFAULT_BASE_MODEL, "Base SD 1.5 model: hub id or local diffusers folder.")
+    lora_id: str = option(DEFAULT_LORA_ID, "Hub id of the LoRA (used when --lora-path is not given).")
+    lora_path: Path | None = option(None, "Local LoRA file/folder, e.g. RUN/lora/final; takes precedence.")
+    lora_scale: float = option(1.0, "Scale of the fused LoRA.")
+    prompts_file: Path | None = option(None, "Prompts, one a line (default: --coco-prompts seeded COCO val captions).")
+    coco_prompts: int = option(16, "Number of seeded COCO val2017 captions used as prompts without --prompts-file.")
+    num_images: int = option(1, "Images per prompt (seeds seed..seed+N-1 over all images).")
+    steps: list[int] = option([2, 4, 8], "Student LCM step counts.")
+    guidance_scale: float = option(0.0, "Student guidance scale.")
+    baseline_steps: int = option(30, "Baseline steps (the base model's own scheduler).")
+    baseline_guidance: float = option(7.5, "Baseline classifier-free guidance.")
+    seed: int = option(0, "First seed.")
+    batch_size: int = option(4, "Generation and timing batch size.")
+    timing_repeats: int = option(3, "Timed batches per configuration after one warm-up batch.")
+    clip_model: str = option(DEFAULT_CLIP_MODEL, "CLIP model for CLIPScore; 'none' skips it.")
+    lpips_net: str = option("alex", "LPIPS backbone.", choices=("alex", "vgg"))
+    fid: bool = option(False, "Also compute FID/KID against COCO val2017.")
+    fid_reference: str = option("coco-val2017", "FID reference set (see distill eval benchmark).")
+    reference_n: int | None = option(None, "Reference images for FID (default: all available).")
+    grid_rows: int = option(8, "Prompts shown in the comparison grid.")
+    output_dir: Path = option(Path("runs/lora_flash/eval"), "Where images, grids and reports go.")
+    data_root: Path | None = option(None, "Data root holding coco2017/ (default $DISTILL_DATA_ROOT).")
+    lcm_original_steps: int = option(DEFAULT_ORIGINAL_STEPS, "LCMScheduler original_inference_steps.")
+    experiment: str = option("lora_flash_eval", "MLflow experiment.")
+    track: bool = option(True, "Log the evaluation to MLflow.")
+    device: str = option("auto", "Device.", choices=DEVICES)
+    precision: str = option("auto", "Weights precision: auto = fp16 on CUDA, fp32 elsewhere.", choices=PRECISIONS)
+
+    def validate(self) -> None:
+        _steps("steps", self.steps)
+        for name in ("num_images", "batch_size", "baseline_steps", "timing_repeats", "grid_rows"):
+            _positive(name.replace("_", "-"), getattr(self, name))
+        if self.prompts_file is None and self.coco_prompts < 1:
+            raise ConfigError("no prompts; pass --prompts-file FILE or --coco-prompts N (N >= 1)")

@@ -1,0 +1,52 @@
+"""Training data: a Hugging Face data set, a local captioned folder, or COCO 2017 captions (the default),
+and a shuffling sampler whose order depends only on (seed, epoch), so a resumed run sees the same batches."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch.utils.data import Sampler
+
+from distill_common.data.captioned import CaptionedImageDataset, load_captioned
+from distill_lora_flash.config import TrainConfig
+
+
+def training_dataset(cfg: TrainConfig) -> CaptionedImageDataset:
+    """The captioned images ``cfg`` names, resized/cropped to ``cfg.resolution`` in [-1, 1], optionally flipped."""
+    common: dict[str, Any] = dict(resolution=cfg.resolution, center_crop=cfg.center_crop, random_flip=cfg.random_flip,
+                                  seed=cfg.seed, limit=cfg.max_train_samples, caption_column=cfg.caption_column)
+    if cfg.dataset_name:
+        return load_captioned("hub", hub_name=cfg.dataset_name, split=cfg.dataset_split,
+                              image_column=cfg.image_column, **common)
+    if cfg.data_dir is not None:
+        return load_captioned("folder", root=cfg.data_dir, split=cfg.dataset_split, **common)
+    return load_captioned("coco", root=cfg.data_root, split=cfg.coco_split, **common)
+
+
+class EpochShuffleSampler(Sampler[int]):
+    """A permutation of ``range(n)`` drawn from ``seed`` and the epoch alone (no global RNG is consumed)."""
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n = int(n)
+        self.seed = int(seed)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __iter__(self) -> Iterator[int]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(torch.randperm(self.n, generator=g).tolist())
+
+    def __len__(self) -> int:
+        return self.n
+
+
+def collate_captioned(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "pixel_values": torch.stack([s["pixel_values"] for s in samples]),  # (B, 3, R, R) in [-1, 1]
+        "caption": [s["caption"] for s in samples],
+        "image_id": [s["image_id"] for s in samples],
+    }
