@@ -169,6 +169,7 @@ def test_probe_tells_found_from_missing_ids(fake_hub) -> None:
         load_sd_components("owner/absent")
 
 
+@pytest.mark.filterwarnings("ignore:The `local_dir_use_symlinks` argument is deprecated")
 def test_offline_hub_id_served_from_the_hf_cache(tiny_sd_path: Path, tmp_path: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

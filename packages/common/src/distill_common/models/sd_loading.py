@@ -43,6 +43,7 @@ class SDComponents:
 
     @property
     def vae_scale_factor(self) -> int:
+        """Image pixels per latent pixel: 2 ** (VAE blocks - 1); SD's 8 when no VAE was loaded."""
         return 2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae is not None else 8
 
 
@@ -280,7 +281,8 @@ def load_sd_components(
     ``StableDiffusionPipeline.from_single_file``; ``single_file_config`` names a diffusers folder or id for its
     configs) or a hub id. ``include`` picks the parts (the others are None); ``subfolders`` renames folders
     (e.g. ``{"unet": "unet_ema"}``). Models are put in eval mode on ``device`` with ``dtype``; the tokenizer is
-    checked against the text encoder's vocabulary. Raises ModelLoadError with one line on any failure.
+    checked against the text encoder's vocabulary. A hub id is probed first (``probe_timeout_s``); offline or
+    unreachable, only the Hugging Face cache (``cache_dir``) is used. Raises ModelLoadError with one line on failure.
     """
     parts = tuple(include)
     for part in parts:

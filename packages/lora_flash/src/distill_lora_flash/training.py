@@ -1,0 +1,382 @@
+"""The LoRA student training loop (noise matching to a CFG teacher, optional Min-SNR weighting and discrete
+LCM timesteps), with atomic checkpoints, exact resume and validation images.
+
+Layout of a run: ``{output_dir}/{run_name}/``
+    ``train_config.yaml``                        the resolved options
+    ``lora/checkpoint-{N:07d}/``                 ``pytorch_lora_weights.safetensors`` + ``training_state.pt``
+    ``lora/final/pytorch_lora_weights.safetensors``
+    ``generator/``                               ``generator.json`` + the final LoRA (the registered model)
+
+Every LoRA file is in diffusers' format, so ``pipe.load_lora_weights(folder)`` reads it. The loop itself never
+logs: it reports numbers and images through :class:`TrainHooks`, which the CLI connects to MLflow.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+from distill_common.checkpoint import (
+    atomic_dir,
+    checkpoint_dir,
+    latest_checkpoint,
+    load_training_state,
+    prune_checkpoints,
+    save_training_state,
+)
+from distill_common.config import save_config, to_dict
+from distill_common.errors import ConfigError, ModelLoadError
+from distill_common.models.lora import LORA_WEIGHT_NAME, add_lora, lora_parameters, save_lora
+from distill_lora_flash.config import TrainConfig
+from distill_lora_flash.generator import FlashGenerator, write_generator_folder
+from distill_lora_flash.losses import NoiseMatchingLoss
+from distill_lora_flash.schedule import FlashSchedule
+
+CONFIG_FILE = "train_config.yaml"
+# Options that must not change between a run and its resumption.
+RESUME_INVARIANTS = ("base_model", "lora_rank", "lora_alpha", "lora_targets", "resolution", "batch_size",
+                     "gradient_accumulation_steps", "seed", "use_discrete_timesteps", "discrete_steps")
+
+
+@dataclass
+class TrainHooks:
+    """Where the loop reports: ``metrics(step, {name: value})`` and ``images(step, {name: PIL image})``."""
+
+    metrics: Callable[[int, dict[str, float]], None] | None = None
+    images: Callable[[int, dict[str, Any]], None] | None = None
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    final_dir: Path
+    generator_dir: Path
+    global_step: int
+    resumed_from: Path | None
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def run_dir(cfg: TrainConfig) -> Path:
+    return Path(cfg.output_dir) / cfg.run_name
+
+
+def lora_dir(cfg: TrainConfig) -> Path:
+    return run_dir(cfg) / "lora"
+
+
+# ------------------------------------------------------------------------------------------- state
+
+
+def rng_state() -> dict[str, Any]:
+    """RNG states as tensors and ints, so ``torch.load(weights_only=True)`` reads them back."""
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
+                  "cached_gaussian": float(cached)},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def load_lora_into_unet(unet: Any, lora_file: str | Path, adapter_name: str = "default") -> None:
+    """Copy a diffusers-format LoRA file into the UNet's existing peft adapter (resume)."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_unet_state_dict_to_peft
+    from peft import set_peft_model_state_dict
+
+    state, _ = StableDiffusionPipeline.lora_state_dict(str(Path(lora_file).parent),
+                                                       weight_name=Path(lora_file).name)
+    unet_state = {k.removeprefix("unet."): v for k, v in state.items() if k.startswith("unet.")}
+    result = set_peft_model_state_dict(unet, convert_unet_state_dict_to_peft(unet_state), adapter_name=adapter_name)
+    unexpected = getattr(result, "unexpected_keys", None) or []
+    if unexpected or not unet_state:
+        raise ModelLoadError(f"{lora_file} does not fit this UNet's LoRA ({len(unexpected)} unexpected keys); "
+                             "resume with the --lora-rank/--lora-targets it was trained with")
+
+
+def _check_resume_config(cfg: TrainConfig, folder: Path) -> None:
+    path = folder / CONFIG_FILE
+    if not path.is_file():
+        return
+    saved = yaml.safe_load(path.read_text()) or {}
+    now = to_dict(cfg)
+    changed = [k for k in RESUME_INVARIANTS if k in saved and saved[k] != now[k]]
+    if changed:
+        detail = ", ".join(f"{k}: {saved[k]!r} -> {now[k]!r}" for k in changed)
+        raise ConfigError(f"run {folder} was started with other options ({detail}); use the same options to resume "
+                          "or pass a new --run-name")
+
+
+def _resume_checkpoint(cfg: TrainConfig) -> Path | None:
+    root = lora_dir(cfg)
+    if cfg.resume == "latest":
+        return latest_checkpoint(root)
+    if cfg.resume == "never":
+        if latest_checkpoint(root) is not None:
+            raise ConfigError(f"{root} already holds checkpoints; pass --resume latest to continue it or a new --run-name")
+        return None
+    path = Path(cfg.resume).expanduser()
+    if not (path / LORA_WEIGHT_NAME).is_file():
+        raise ConfigError(f"--resume {cfg.resume!r} is not a checkpoint folder; pass 'latest', 'never' or a "
+                          "lora/checkpoint-N folder")
+    return path
+
+
+# ------------------------------------------------------------------------------------------- helpers
+
+
+def encode_prompts(tokenizer: Any, text_encoder: Any, prompts: Sequence[str], device: torch.device) -> torch.Tensor:
+    """CLIP text embeddings (B, 77, D) as SD 1.5 conditions on them (last hidden state, padded to 77)."""
+    ids = tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids.to(device)
+    return text_encoder(ids)[0]
+
+
+def _prompts(cfg: TrainConfig) -> list[str]:
+    if cfg.validation_prompts_file is not None:
+        from distill_common.data.prompts import load_prompts_file
+
+        return load_prompts_file(cfg.validation_prompts_file)
+    return list(cfg.validation_prompts)
+
+
+class Validator:
+    """Teacher (own scheduler, CFG) and student (LCM, guidance 0) images of fixed prompts and seeds, side by side.
+
+    The teacher is frozen, so its column is generated once. RNG streams of training are left untouched.
+    """
+
+    def __init__(self, components: Any, unet: Any, schedule: FlashSchedule, cfg: TrainConfig, prompts: list[str],
+                 autocast: Callable[[], Any]) -> None:
+        from diffusers import StableDiffusionPipeline
+
+        self.unet = unet
+        self.pipe = StableDiffusionPipeline(
+            vae=components.vae, text_encoder=components.text_encoder, tokenizer=components.tokenizer, unet=unet,
+            scheduler=components.scheduler, safety_checker=None, feature_extractor=None,
+            requires_safety_checker=False)
+        self.pipe.set_progress_bar_config(disable=True)
+        self.student = FlashGenerator(self.pipe, schedule, default_steps=min(cfg.validation_step_counts))
+        self.teacher = FlashGenerator(self.pipe, None, default_steps=cfg.validation_teacher_steps,
+                                      default_guidance=cfg.teacher_guidance, label="teacher")
+        self.cfg = cfg
+        self.prompts = prompts
+        self.seeds = [cfg.seed + i for i in range(len(prompts))]
+        self.autocast = autocast
+        self.teacher_images: torch.Tensor | None = None
+
+    def __call__(self, step: int) -> dict[str, Any]:
+        from distill_eval.grids import comparison_grid
+
+        was_training = self.unet.training
+        self.unet.eval()
+        devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+        try:
+            with torch.random.fork_rng(devices=devices), self.autocast():
+                if self.teacher_images is None:
+                    self.unet.disable_adapters()
+                    try:
+                        self.teacher_images = self.teacher.generate(self.prompts, self.cfg.validation_teacher_steps,
+                                                                    self.seeds)
+                    finally:
+                        self.unet.enable_adapters()
+                students = {n: self.student.generate(self.prompts, n, self.seeds)
+                            for n in self.cfg.validation_step_counts}
+        finally:
+            self.unet.train(was_training)
+        columns = [(f"teacher {self.cfg.validation_teacher_steps} steps CFG {self.cfg.teacher_guidance:g}",
+                    self.teacher_images)]
+        columns += [(f"student {n} steps (step {step})", imgs) for n, imgs in students.items()]
+        grid = comparison_grid(columns, self.prompts)
+        out: dict[str, Any] = {"grid": grid}
+        out.update({f"student_s{n}": imgs for n, imgs in students.items()})
+        out["teacher"] = self.teacher_images
+        return out
+
+
+# ------------------------------------------------------------------------------------------- training
+
+
+def train(cfg: TrainConfig, hooks: TrainHooks | None = None, console: Any = None) -> TrainResult:
+    """Distil the base model's CFG predictions into a LoRA; resumes from the run's latest checkpoint."""
+    from diffusers import DDPMScheduler
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import cast_training_params
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from distill_common.models.sd_loading import load_sd_components
+    from distill_common.runtime import make_accelerator, resolve_device, resolve_precision, seed_everything
+    from distill_lora_flash.data import EpochShuffleSampler, collate_captioned, training_dataset
+
+    hooks = hooks or TrainHooks()
+    console = console or Console()
+    folder = run_dir(cfg)
+    resume_from = _resume_checkpoint(cfg)
+    final_dir = lora_dir(cfg) / "final"
+    if resume_from is not None:
+        _check_resume_config(cfg, folder)
+
+    device = resolve_device(cfg.device)
+    precision = resolve_precision(cfg.precision, device)
+    accelerator = make_accelerator(precision, cfg.gradient_accumulation_steps, device=cfg.device)
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
+    seed_everything(cfg.seed)
+
+    # models: frozen VAE / text encoder / UNet in the weight dtype, trainable LoRA in fp32
+    parts = load_sd_components(cfg.base_model, dtype=weight_dtype, device=accelerator.device)
+    unet = parts.unet
+    for module in (parts.vae, parts.text_encoder):
+        module.requires_grad_(False)
+    add_lora(unet, rank=cfg.lora_rank, alpha=cfg.lora_alpha, target_modules=cfg.lora_targets)
+    if weight_dtype != torch.float32:
+        cast_training_params(unet, dtype=torch.float32)
+    if cfg.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    params = lora_parameters(unet)
+
+    # schedules: the LCM object the generator samples with also gives the discrete training grid
+    schedule = FlashSchedule.from_scheduler(parts.scheduler, cfg.lcm_original_steps)
+    noise_scheduler = DDPMScheduler.from_config(parts.scheduler.config)
+    schedule.verify_noise_schedule(noise_scheduler)
+    discrete = list(cfg.discrete_steps) if cfg.use_discrete_timesteps else None
+    timestep_sampler = schedule.timestep_sampler(discrete)
+    alphas_cumprod = noise_scheduler.alphas_cumprod.to(accelerator.device)
+    loss_fn = NoiseMatchingLoss(alphas_cumprod, cfg.teacher_guidance, cfg.snr_gamma or None, schedule.prediction_type)
+
+    dataset = training_dataset(cfg)
+    sampler = EpochShuffleSampler(len(dataset), cfg.seed)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, drop_last=False,
+                                         collate_fn=collate_captioned, num_workers=cfg.dataloader_num_workers,
+                                         generator=torch.Generator().manual_seed(cfg.seed))
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.adam_weight_decay)
+    lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer,
+                                 num_warmup_steps=cfg.lr_warmup_steps * accelerator.num_processes,
+                                 num_training_steps=cfg.max_steps * accelerator.num_processes)
+    unet, optimizer, loader, lr_scheduler = accelerator.prepare(unet, optimizer, loader, lr_scheduler)
+    base_unet = accelerator.unwrap_model(unet)
+
+    global_step, epoch, batch_in_epoch = 0, 0, 0
+    if resume_from is not None:
+        load_lora_into_unet(base_unet, resume_from / LORA_WEIGHT_NAME)
+        state = load_training_state(resume_from)
+        optimizer.load_state_dict(state["optimizer"])
+        lr_scheduler.load_state_dict(state["lr_scheduler"])
+        global_step, epoch, batch_in_epoch = int(state["step"]), int(state["epoch"]), int(state["batch_in_epoch"])
+        set_rng_state(state["rng"])
+        console.print(f"resuming {folder} from {resume_from.name} (step {global_step})", highlight=False)
+    if accelerator.is_main_process:
+        save_config(cfg, folder / CONFIG_FILE)
+
+    with torch.no_grad():
+        uncond_embed = encode_prompts(parts.tokenizer, parts.text_encoder, [""], accelerator.device)  # (1, 77, D)
+    validator = None
+    if accelerator.is_main_process:
+        validator = Validator(parts, base_unet, schedule, cfg, _prompts(cfg), accelerator.autocast)
+        validator.student.schedule.verify(validator.student.scheduler, discrete or cfg.validation_step_counts)
+
+    def save_checkpoint(step: int) -> Path:
+        target = checkpoint_dir(lora_dir(cfg), step)
+        with atomic_dir(target) as tmp:
+            save_lora(base_unet, tmp)
+            save_training_state(tmp, {"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
+                                      "optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
+                                      "rng": rng_state()})
+        prune_checkpoints(lora_dir(cfg), cfg.checkpoints_total_limit)
+        return target
+
+    def validate(step: int) -> None:
+        if validator is not None and hooks.images is not None:
+            hooks.images(step, validator(step))
+
+    unet.train()
+    metrics: dict[str, float] = {}
+    window: list[dict[str, float]] = []
+    progress = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+                        TimeRemainingColumn(), console=console, disable=not accelerator.is_main_process)
+    with progress:
+        task = progress.add_task("train", total=cfg.max_steps, completed=global_step, info="")
+        while global_step < cfg.max_steps:
+            sampler.set_epoch(epoch)
+            dataset.set_epoch(epoch)
+            epoch_loader = accelerator.skip_first_batches(loader, batch_in_epoch) if batch_in_epoch else loader
+            for batch in epoch_loader:
+                with accelerator.accumulate(unet), accelerator.autocast():
+                    pixels = batch["pixel_values"].to(accelerator.device, weight_dtype)  # (B, 3, R, R)
+                    bsz = pixels.shape[0]
+                    with torch.no_grad():
+                        latents = parts.vae.encode(pixels).latent_dist.sample() * parts.vae.config.scaling_factor
+                        drop = (torch.rand(bsz) < cfg.empty_prompt_prob).tolist()
+                        captions = ["" if d else c for d, c in zip(drop, batch["caption"])]
+                        cond = encode_prompts(parts.tokenizer, parts.text_encoder, captions, accelerator.device)
+                    noise = torch.randn_like(latents)  # (B, 4, h, w)
+                    t = timestep_sampler(bsz, accelerator.device)  # (B,)
+                    x_t = noise_scheduler.add_noise(latents, noise, t)
+                    loss, logs = loss_fn(unet, x_t, t, cond, uncond_embed.expand(bsz, -1, -1))
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients:
+                        accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+                    optimizer.step()
+                    lr_scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                window.append({"loss": float(loss.detach()), **logs})
+                batch_in_epoch += 1
+                if not accelerator.sync_gradients:
+                    continue
+                global_step += 1
+                metrics = {k: float(np.mean([w[k] for w in window])) for k in window[0]}
+                metrics["lr"] = float(lr_scheduler.get_last_lr()[0])
+                metrics["epoch"] = float(epoch)
+                window = []
+                progress.update(task, advance=1, info=f"loss {metrics['loss']:.4g}")
+                if hooks.metrics is not None and (global_step % cfg.log_every == 0 or global_step == cfg.max_steps):
+                    hooks.metrics(global_step, metrics)
+                if global_step % cfg.checkpointing_steps == 0 and accelerator.is_main_process:
+                    save_checkpoint(global_step)
+                if cfg.validation_steps and global_step % cfg.validation_steps == 0 and global_step < cfg.max_steps:
+                    validate(global_step)
+                if global_step >= cfg.max_steps:
+                    break
+            else:
+                epoch, batch_in_epoch = epoch + 1, 0
+                continue
+            break
+
+    accelerator.wait_for_everyone()
+    generator_dir = folder / "generator"
+    if accelerator.is_main_process:
+        with atomic_dir(final_dir) as tmp:
+            save_lora(base_unet, tmp)
+        write_generator_folder(generator_dir, base_model=_portable_model_id(cfg.base_model),
+                               lora_file=final_dir / LORA_WEIGHT_NAME, schedule=schedule, discrete_steps=discrete,
+                               default_steps=4 if 4 in cfg.validation_step_counts else min(cfg.validation_step_counts),
+                               guidance=0.0, teacher_guidance=cfg.teacher_guidance, trained_steps=global_step)
+        validate(global_step)
+    accelerator.end_training()
+    return TrainResult(folder, final_dir, generator_dir, global_step, resume_from, metrics)
+
+
+def _portable_model_id(model: str) -> str:
+    """An absolute path for a local folder (the generator folder may be read from elsewhere), else the hub id."""
+    path = Path(model).expanduser()
+    return str(path.resolve()) if path.exists() else model
