@@ -40,9 +40,18 @@ def tiny_clip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
+def positive_scorer(folder: Path, batch_size: int) -> CLIPScorer:
+    """The random tiny CLIP gives these pairs negative cosines; negating its image projection makes them positive,
+    so scores are not all clamped to 0 and comparisons have power."""
+    scorer = CLIPScorer.from_pretrained(folder, batch_size=batch_size)
+    with torch.no_grad():
+        scorer.model.visual_projection.weight.neg_()
+    return scorer
+
+
 @pytest.fixture(scope="module")
 def scorer(tiny_clip_dir: Path) -> CLIPScorer:
-    return CLIPScorer.from_pretrained(tiny_clip_dir, batch_size=3)
+    return positive_scorer(tiny_clip_dir, batch_size=3)
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +59,8 @@ def images() -> torch.Tensor:
     return torch.rand(len(CAPTIONS), 3, 48, 40, generator=torch.Generator().manual_seed(1))
 
 
-def test_score_matches_a_hand_computation(scorer: CLIPScorer, tiny_clip_dir: Path, images: torch.Tensor) -> None:
+def test_score_matches_a_hand_computation(tiny_clip_dir: Path, images: torch.Tensor) -> None:
+    """100 * max(0, cos) of embeddings computed here with plain transformers calls, for both signs of cos."""
     model = CLIPModel.from_pretrained(tiny_clip_dir).eval()
     processor = CLIPProcessor.from_pretrained(tiny_clip_dir)
     with torch.no_grad():
@@ -61,11 +71,16 @@ def test_score_matches_a_hand_computation(scorer: CLIPScorer, tiny_clip_dir: Pat
     e_img = getattr(image_out, "pooler_output", image_out)
     e_txt = getattr(text_out, "pooler_output", text_out)
     cos = (e_img * e_txt).sum(-1) / (e_img.norm(dim=-1) * e_txt.norm(dim=-1))
-    expected = 100 * torch.maximum(cos, torch.zeros_like(cos))
-    scores = scorer(images, CAPTIONS)
+
+    scorer = CLIPScorer.from_pretrained(tiny_clip_dir, batch_size=3)
+    flipped = positive_scorer(tiny_clip_dir, batch_size=3)  # negates every image embedding, hence every cosine
+    scores, flipped_scores = scorer(images, CAPTIONS), flipped(images, CAPTIONS)
     assert scores.shape == (len(CAPTIONS),)
-    torch.testing.assert_close(scores, expected, atol=1e-4, rtol=1e-4)
-    assert (scores >= 0).all() and (scores <= 100).all()
+    torch.testing.assert_close(scores, 100 * cos.clamp(min=0), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(flipped_scores, 100 * (-cos).clamp(min=0), atol=1e-4, rtol=1e-4)
+    both = torch.cat([scores, flipped_scores])
+    assert (both == 0).sum() == len(CAPTIONS) and (both > 0).sum() == len(CAPTIONS)  # clamp and pass-through
+    assert (both <= 100).all()
 
 
 def test_negative_cosines_clamp_to_zero() -> None:
@@ -75,8 +90,10 @@ def test_negative_cosines_clamp_to_zero() -> None:
 
 
 def test_batching_does_not_change_scores(tiny_clip_dir: Path, scorer: CLIPScorer, images: torch.Tensor) -> None:
-    one_batch = CLIPScorer.from_pretrained(tiny_clip_dir, batch_size=len(CAPTIONS))
-    torch.testing.assert_close(scorer(images, CAPTIONS), one_batch(images, CAPTIONS), atol=1e-4, rtol=1e-4)
+    one_batch = positive_scorer(tiny_clip_dir, batch_size=len(CAPTIONS))
+    scores = scorer(images, CAPTIONS)
+    assert (scores > 0).all() and scores.std() > 0
+    torch.testing.assert_close(scores, one_batch(images, CAPTIONS), atol=1e-4, rtol=1e-4)
     uint8 = (images * 255).round().to(torch.uint8)
     torch.testing.assert_close(scorer(uint8, CAPTIONS), scorer(uint8.float() / 255, CAPTIONS))
 

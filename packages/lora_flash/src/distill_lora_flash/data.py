@@ -1,5 +1,8 @@
-"""Training data: a Hugging Face data set, a local captioned folder, or COCO 2017 captions (the default),
-and a shuffling sampler whose order depends only on (seed, epoch), so a resumed run sees the same batches."""
+"""Training data: a Hugging Face data set, a local captioned folder, or COCO 2017 captions (the default).
+
+Shuffling and augmentation (random crop, flip) depend only on (seed, epoch, index) and never touch the global
+RNG, so a run resumed from a checkpoint sees exactly the batches, crops and noise of an uninterrupted run.
+"""
 
 from __future__ import annotations
 
@@ -7,14 +10,18 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-from torch.utils.data import Sampler
+from torch.utils.data import Dataset, Sampler
 
 from distill_common.data.captioned import CaptionedImageDataset, load_captioned
 from distill_lora_flash.config import TrainConfig
 
 
-def training_dataset(cfg: TrainConfig) -> CaptionedImageDataset:
+def training_dataset(cfg: TrainConfig) -> SeededAugmentation:
     """The captioned images ``cfg`` names, resized/cropped to ``cfg.resolution`` in [-1, 1], optionally flipped."""
+    return SeededAugmentation(_captioned(cfg), cfg.seed)
+
+
+def _captioned(cfg: TrainConfig) -> CaptionedImageDataset:
     common: dict[str, Any] = dict(resolution=cfg.resolution, center_crop=cfg.center_crop, random_flip=cfg.random_flip,
                                   seed=cfg.seed, limit=cfg.max_train_samples, caption_column=cfg.caption_column)
     if cfg.dataset_name:
@@ -23,6 +30,30 @@ def training_dataset(cfg: TrainConfig) -> CaptionedImageDataset:
     if cfg.data_dir is not None:
         return load_captioned("folder", root=cfg.data_dir, split=cfg.dataset_split, **common)
     return load_captioned("coco", root=cfg.data_root, split=cfg.coco_split, **common)
+
+
+class SeededAugmentation(Dataset):
+    """Wraps a data set so sample ``i`` of epoch ``e`` is drawn under its own torch seed (seed, e, i)."""
+
+    def __init__(self, dataset: CaptionedImageDataset, seed: int) -> None:
+        self.dataset = dataset
+        self.seed = int(seed)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+        self.dataset.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(((self.seed * 1_000_003 + self.epoch) * 10_000_019 + int(index)) % (2**63 - 1))
+            return self.dataset[index]
+
+    def stats(self) -> dict[str, int]:
+        return self.dataset.stats()
 
 
 class EpochShuffleSampler(Sampler[int]):

@@ -317,8 +317,7 @@ def train(cfg: TrainConfig, hooks: TrainHooks | None = None, console: Any = None
     with progress:
         task = progress.add_task("train", total=cfg.max_steps, completed=global_step, info="")
         while global_step < cfg.max_steps:
-            sampler.set_epoch(epoch)
-            dataset.set_epoch(epoch)
+            loader.set_epoch(epoch)  # accelerate's loader forwards it to the sampler and the data set on __iter__
             epoch_loader = accelerator.skip_first_batches(loader, batch_in_epoch) if batch_in_epoch else loader
             for batch in epoch_loader:
                 with accelerator.accumulate(unet), accelerator.autocast():

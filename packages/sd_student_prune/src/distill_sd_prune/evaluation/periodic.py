@@ -1,0 +1,83 @@
+"""Periodic evaluation during training (the seed's V2.x): FID against a fixed COCO val subset and LPIPS to the
+teacher's image at the same seed, every N steps.
+
+The subset is the first ``num_images`` locally present COCO 2017 val images (sorted by id): their first captions are
+the prompts and the images themselves the FID reference (``coco-val2017`` limited to n, at the training
+resolution). Seeds are ``seed .. seed + n - 1``; the teacher's images are generated once. With a few images FID is
+strongly biased upward: compare it across steps of one run (same protocol), not with published numbers.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from distill_sd_prune.sampling.pipeline import build_pipeline, generate_images, make_scheduler
+
+
+def coco_val_subset(data_root: str | Path | None, num_images: int) -> list[str]:
+    """First captions of the first ``num_images`` local COCO val images (by image id)."""
+    from distill_sd_prune.data.training_data import load_coco_captions
+
+    dataset = load_coco_captions(data_root, "val", 64, limit=num_images, show_progress=False)
+    if len(dataset.records) < num_images:
+        from distill_common.errors import DataError
+
+        raise DataError(f"asked for {num_images} COCO val images but {len(dataset.records)} are present; "
+                        "pass a smaller --eval-num-images")
+    return [r.captions[0] for r in dataset.records[:num_images]]
+
+
+class PeriodicEvaluator:
+    """``evaluator(unet) -> (metrics, images)`` with the teacher's VAE / text encoder and a fixed prompt set."""
+
+    def __init__(self, components: Any, *, data_root: str | Path | None, resolution: int, num_images: int,
+                 steps: int, guidance: float, scheduler: str, lpips_net: str = "alex", batch_size: int = 8,
+                 seed: int = 0, device: torch.device | str = "cpu", autocast_dtype: torch.dtype | None = None) -> None:
+        from distill_eval.inception import InceptionFeatureExtractor
+        from distill_eval.lpips_metric import LPIPSMetric
+        from distill_eval.reference_stats import reference_stats
+
+        self.components = components
+        self.resolution = resolution
+        self.steps = steps
+        self.guidance = guidance
+        self.scheduler = scheduler
+        self.batch_size = batch_size
+        self.autocast_dtype = autocast_dtype
+        self.device = torch.device(device)
+        self.prompts = coco_val_subset(data_root, num_images)
+        self.seeds = [seed + i for i in range(num_images)]
+        self.extractor = InceptionFeatureExtractor().to(self.device)
+        self.reference = reference_stats("coco-val2017", self.extractor, n=num_images, resolution=resolution,
+                                         data_root=data_root, batch_size=batch_size, progress=False)
+        self.lpips = LPIPSMetric(lpips_net, value_range=(0.0, 1.0)).to(self.device)
+        self.teacher_images = self.generate(components.unet)
+
+    def generate(self, unet: Any) -> torch.Tensor:
+        c = self.components
+        pipe = build_pipeline(unet, c.vae, c.text_encoder, c.tokenizer, make_scheduler(self.scheduler, c.scheduler.config))
+        was_training = unet.training
+        unet.eval()
+        try:
+            return generate_images(pipe, self.prompts, self.seeds, self.steps, self.guidance, self.resolution,
+                                   self.batch_size, self.autocast_dtype)
+        finally:
+            unet.train(was_training)
+
+    @torch.no_grad()
+    def __call__(self, unet: Any) -> tuple[dict[str, float], torch.Tensor]:
+        from distill_eval.fid import score_images
+
+        images = self.generate(unet)  # (N, 3, R, R) in [0, 1]
+        fid = score_images(images, self.extractor, self.reference, batch_size=self.batch_size, progress=False)
+        lpips = self.lpips(images.to(self.device), self.teacher_images.to(self.device)).mean()
+        metrics = {"eval/fid": fid.fid, "eval/kid": fid.kid_mean, "eval/lpips_to_teacher": float(lpips)}
+        return metrics, images
+
+    @property
+    def protocol(self) -> dict[str, Any]:
+        return {**self.reference.protocol(len(self.seeds)).as_dict(), "steps": self.steps, "guidance": self.guidance,
+                "scheduler": self.scheduler}
