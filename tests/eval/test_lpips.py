@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import pickle
+from importlib.util import find_spec
 from pathlib import Path
 
 import numpy as np
@@ -43,7 +44,7 @@ def real_images(data_root: Path) -> dict[str, torch.Tensor]:
 
 
 def test_linear_layers_equal_the_lpips_wheel(metric: LPIPSMetric) -> None:
-    wheel_dir = Path(lpips_module.build_lpips_module.__globals__["find_spec"]("lpips").submodule_search_locations[0])
+    wheel_dir = Path(find_spec("lpips").submodule_search_locations[0])
     shipped = torch.load(wheel_dir / "weights" / "v0.1" / f"{metric.net_name}.pth", map_location="cpu", weights_only=True)
     ours = metric.model.state_dict()
     assert set(shipped) == {f"lin{k}.model.1.weight" for k in range(5)}

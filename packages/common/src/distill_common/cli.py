@@ -54,6 +54,17 @@ def _root(
     """Diffusion distillation workbench."""
 
 
+@app.command("ui")
+def ui_cmd(
+    port: int = typer.Option(8501, "--port", help="Port of the page."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind (loopback by default)."),
+) -> None:
+    """Web page to try registered teachers and students side by side, with their metrics and plots."""
+    from distill_common.ui import serve
+
+    raise typer.Exit(serve(host, port))
+
+
 def _register_subcommands() -> None:
     from distill_common.registry_cli import app as registry_app
 

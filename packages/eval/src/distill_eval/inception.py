@@ -237,7 +237,7 @@ def build_torch_fidelity_inception(state: dict[str, torch.Tensor]) -> nn.Module:
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
     full = dict(state)
-    for key, value in state.items():
+    for key in state:
         if key.endswith(".bn.running_mean"):
             full[key.replace("running_mean", "num_batches_tracked")] = torch.tensor(0, dtype=torch.long)
     full["fc.weight"] = torch.zeros(1008, NUM_FEATURES)

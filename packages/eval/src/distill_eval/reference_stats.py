@@ -44,7 +44,7 @@ CIFAR_RESOLUTION = 32
 KID_FEATURES = 10_000  # features kept for KID: enough for 10 disjoint subsets of the usual 1,000
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class ReferenceStats:
     """FID statistics (float64) and up to ``KID_FEATURES`` features (float32) of one reference set."""
 

@@ -199,8 +199,8 @@ def summary_rows(results: Sequence[tuple[str, int, float, Any, TimedImages]], co
     for kind, steps, guidance, gen, run in results:
         calls, unet_rows = gen.unet_evaluations(steps, guidance)
         clip = float(scorer(run.images, list(conditions)).mean()) if scorer is not None else None
-        label = (f"baseline {steps} steps, CFG {guidance:g}" if kind == "baseline"
-                 else f"flash LCM {steps} steps, guidance {guidance:g}")
+        sampler = type(gen.scheduler).__name__.removesuffix("Scheduler")
+        label = f"{kind} ({sampler})"
         if kind == "baseline":
             base_time, base_clip = run.seconds_per_image, clip
         rows.append({"configuration": label, "steps": steps, "guidance": guidance, "unet_calls": calls,

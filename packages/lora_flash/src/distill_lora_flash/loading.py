@@ -106,9 +106,16 @@ def load_base_pipeline(base_model: str | os.PathLike, device: torch.device | str
 
 def apply_lora(pipe: Any, lora: LoraSource, scale: float = 1.0, fuse: bool = True) -> Any:
     """Load ``lora`` with ``pipe.load_lora_weights``; with ``fuse`` merge it into the weights and drop the adapter."""
+    from diffusers.utils import logging as diffusers_logging
+
     from distill_common.models.lora import fuse_lora, load_lora
 
-    load_lora(pipe, lora.file)
+    level = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()  # "no LoRA keys for the text encoder" is expected for UNet-only LoRAs
+    try:
+        load_lora(pipe, lora.file)
+    finally:
+        diffusers_logging.set_verbosity(level)
     if fuse:
         fuse_lora(pipe, scale=scale)
         pipe.unload_lora_weights()  # the merged weights stay; the per-layer adapter branches go

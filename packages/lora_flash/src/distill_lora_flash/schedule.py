@@ -1,8 +1,9 @@
 """The few-step LCM schedule that sampling and training share (Luo et al. 2023, "Latent Consistency Models").
 
 ``LCMScheduler`` keeps a grid of ``original_inference_steps`` (50) "origin" timesteps, every
-``1000 // 50 = 20``-th training timestep ending at 999, and picks the inference steps from it by striding
-backwards: 2 steps -> [999, 499], 4 -> [999, 759, 499, 259], 8 -> [999, 879, 759, 639, 499, 379, 259, 139].
+``1000 // 50 = 20``-th training timestep ending at 999, and reads the inference steps from its end at the
+evenly spread indices ``floor(i * 50 / n)``: 2 steps -> [999, 499], 4 -> [999, 759, 499, 259],
+8 -> [999, 879, 759, 639, 499, 379, 259, 139].
 Its ``timestep_spacing`` option does not change these (checked in the tests); we still set "trailing", as the
 Flash Diffusion and LCM-LoRA model cards do.
 

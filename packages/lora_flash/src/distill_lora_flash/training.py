@@ -206,8 +206,8 @@ class Validator:
             self.unet.train(was_training)
         columns = [(f"teacher {self.cfg.validation_teacher_steps} steps CFG {self.cfg.teacher_guidance:g}",
                     self.teacher_images)]
-        columns += [(f"student {n} steps (step {step})", imgs) for n, imgs in students.items()]
-        grid = comparison_grid(columns, self.prompts)
+        columns += [(f"student {n} steps", imgs) for n, imgs in students.items()]
+        grid = comparison_grid(columns, self.prompts, title=f"training step {step}")
         out: dict[str, Any] = {"grid": grid}
         out.update({f"student_s{n}": imgs for n, imgs in students.items()})
         out["teacher"] = self.teacher_images
@@ -219,27 +219,47 @@ class Validator:
 
 def train(cfg: TrainConfig, hooks: TrainHooks | None = None, console: Any = None) -> TrainResult:
     """Distil the base model's CFG predictions into a LoRA; resumes from the run's latest checkpoint."""
-    from diffusers import DDPMScheduler
-    from diffusers.optimization import get_scheduler
-    from diffusers.training_utils import cast_training_params
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from distill_common.models.sd_loading import load_sd_components
-    from distill_common.runtime import make_accelerator, resolve_device, resolve_precision, seed_everything
-    from distill_lora_flash.data import EpochShuffleSampler, collate_captioned, training_dataset
+    from distill_common.runtime import make_accelerator, resolve_device, resolve_precision
 
     hooks = hooks or TrainHooks()
     console = console or Console()
     folder = run_dir(cfg)
     resume_from = _resume_checkpoint(cfg)
-    final_dir = lora_dir(cfg) / "final"
     if resume_from is not None:
         _check_resume_config(cfg, folder)
 
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
+    _release_accelerate_state()  # a finished run earlier in this process may have fixed another precision
     accelerator = make_accelerator(precision, cfg.gradient_accumulation_steps, device=cfg.device)
+    try:
+        return _train(cfg, hooks, console, accelerator, precision, resume_from, folder)
+    finally:
+        _release_accelerate_state()
+
+
+def _release_accelerate_state() -> None:
+    """Accelerate's state is a process-wide singleton: release it so a later run may choose another precision."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
+
+
+def _train(cfg: TrainConfig, hooks: TrainHooks, console: Any, accelerator: Any, precision: str,
+           resume_from: Path | None, folder: Path) -> TrainResult:
+    from diffusers import DDPMScheduler
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import cast_training_params
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from distill_common.models.sd_loading import load_sd_components
+    from distill_common.runtime import seed_everything
+    from distill_lora_flash.data import EpochShuffleSampler, collate_captioned, training_dataset
+
+    final_dir = lora_dir(cfg) / "final"
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
     seed_everything(cfg.seed)
 

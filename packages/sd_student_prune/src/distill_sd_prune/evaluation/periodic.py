@@ -16,6 +16,8 @@ import torch
 
 from distill_sd_prune.sampling.pipeline import build_pipeline, generate_images, make_scheduler
 
+FID_RESIZE = "bicubic"  # antialiased resize to 299 of both sets (clean-fid style); COCO images are not square
+
 
 def coco_val_subset(data_root: str | Path | None, num_images: int) -> list[str]:
     """First captions of the first ``num_images`` local COCO val images (by image id)."""
@@ -50,7 +52,7 @@ class PeriodicEvaluator:
         self.device = torch.device(device)
         self.prompts = coco_val_subset(data_root, num_images)
         self.seeds = [seed + i for i in range(num_images)]
-        self.extractor = InceptionFeatureExtractor().to(self.device)
+        self.extractor = InceptionFeatureExtractor(resize=FID_RESIZE).to(self.device)
         self.reference = reference_stats("coco-val2017", self.extractor, n=num_images, resolution=resolution,
                                          data_root=data_root, batch_size=batch_size, progress=False)
         self.lpips = LPIPSMetric(lpips_net, value_range=(0.0, 1.0)).to(self.device)

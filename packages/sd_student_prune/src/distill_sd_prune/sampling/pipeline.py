@@ -27,6 +27,8 @@ def make_scheduler(name: str, base_config: Mapping[str, Any]):
     if name not in SAMPLERS:
         raise unknown_choice("sampler", name, SAMPLERS)
     config = {k: v for k, v in dict(base_config).items() if not k.startswith("_")}
+    if name in ("ddpm", "ddim"):
+        config.setdefault("clip_sample", False)  # SD's latents are not clipped to [-1, 1]
     return getattr(diffusers, SAMPLERS[name]).from_config(config)
 
 

@@ -63,7 +63,7 @@ class ScheduleOptions:
 
 @dataclass
 class DataOptions:
-    data_root: Path | None = option(None, "Data root holding coco2017/ (default: $DISTILL_DATA_ROOT).")
+    root: Path | None = option(None, "Data root holding coco2017/ (default: $DISTILL_DATA_ROOT).")
     split: str = option("train", "COCO 2017 split to train on.", choices=("train", "val"))
     limit: int | None = option(None, "Use only the first N images.")
     resolution: int | None = option(None, "Image resolution, 64..512 (default: the recipe's).")

@@ -1,0 +1,140 @@
+"""What the page offers: registered generators grouped by family and role, their metrics and evaluation plots.
+
+Everything here reads the registry through :mod:`distill_common.tracking` and :mod:`distill_common.promotion`,
+so the page imports no subproject. A version's family is its ``family`` tag, else the registered name's
+prefix (``rf_cifar-student`` -> ``rf_cifar``); its role is its ``role`` tag, else the name's suffix.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from distill_common import promotion, tracking
+from distill_common.errors import TrackingError
+from distill_common.generator import generator_loaders
+
+KNOWN_FAMILIES = ("rf_cifar", "lora_flash", "sd_student_prune")
+CONDITION_KINDS = {"rf_cifar": "class", "lora_flash": "prompt", "sd_student_prune": "prompt"}
+OTHER_FAMILY = "other"
+TEACHER, STUDENT = "teacher", "student"
+# The `distill registry compare` columns: (header, metric key of the eval.s{steps}.{metric} tags).
+METRIC_COLUMNS = (("FID", "fid"), ("KID", "kid"), ("CLIPScore", "clip_score"),
+                  ("LPIPS to teacher", "lpips_to_teacher"), ("ms/image", "ms_per_image"))
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    """One selectable generator: a registered version reached through an alias or its number."""
+
+    name: str
+    version: str
+    family: str
+    role: str
+    alias: str | None = None
+
+    @property
+    def uri(self) -> str:
+        return f"models:/{self.name}@{self.alias}" if self.alias else f"models:/{self.name}/{self.version}"
+
+    @property
+    def label(self) -> str:
+        return f"{self.name}@{self.alias} (v{self.version})" if self.alias else f"{self.name} v{self.version}"
+
+
+@dataclass
+class Catalog:
+    """Model choices per family, plus every version's registry record for the metrics tab."""
+
+    choices: dict[str, list[ModelChoice]] = field(default_factory=dict)
+    versions: dict[str, list[tracking.ModelVersionInfo]] = field(default_factory=dict)
+
+    @property
+    def families(self) -> list[str]:
+        return sorted(self.choices, key=lambda f: (f == OTHER_FAMILY, f not in KNOWN_FAMILIES, f))
+
+    def of_role(self, family: str, role: str) -> list[ModelChoice]:
+        return [c for c in self.choices.get(family, []) if c.role == role]
+
+    def models(self, family: str) -> list[str]:
+        return sorted({c.name for c in self.choices.get(family, [])})
+
+
+def known_families() -> list[str]:
+    """Families with an installed loader, plus the workspace's own (longest first, for prefix matching)."""
+    return sorted(set(KNOWN_FAMILIES) | set(generator_loaders()), key=len, reverse=True)
+
+
+def _norm(text: str) -> str:
+    return re.sub(r"[-_. ]+", "_", text.lower())
+
+
+def family_of(name: str, tags: dict[str, str], families: Sequence[str]) -> str:
+    if tags.get("family"):
+        return tags["family"]
+    norm = _norm(name)
+    for fam in families:
+        if norm == fam or norm.startswith(fam + "_"):
+            return fam
+    return OTHER_FAMILY
+
+
+def role_of(name: str, tags: dict[str, str]) -> str:
+    role = tags.get("role", "").lower()
+    if role in (TEACHER, STUDENT):
+        return role
+    return TEACHER if TEACHER in _norm(name).split("_") else STUDENT
+
+
+def build_catalog(model_names: Iterable[str] | None = None) -> Catalog:
+    """Every registered version, offered under each of its aliases (newest first) and by number."""
+    families = known_families()
+    cat = Catalog()
+    for name in model_names if model_names is not None else tracking.list_models():
+        infos = tracking.list_versions(name)
+        cat.versions[name] = infos
+        by_alias, by_number = [], []
+        for info in reversed(infos):
+            fam, role = family_of(name, info.tags, families), role_of(name, info.tags)
+            by_alias += [ModelChoice(name, info.version, fam, role, alias) for alias in sorted(info.aliases)]
+            by_number.append(ModelChoice(name, info.version, fam, role))
+        for choice in by_alias + by_number:
+            cat.choices.setdefault(choice.family, []).append(choice)
+    return cat
+
+
+def compare_rows(infos: Sequence[tracking.ModelVersionInfo]) -> list[dict[str, object]]:
+    """The ``distill registry compare`` table as rows: one per evaluated (version, steps)."""
+    rows = []
+    for info in infos:
+        for steps, metrics in sorted(promotion.step_metrics(info).items()) or [(None, {})]:
+            row: dict[str, object] = {"model": info.name, "version": info.version, "aliases": ", ".join(info.aliases),
+                                      "steps": steps}
+            row.update({header: metrics.get(key) for header, key in METRIC_COLUMNS})
+            row["params"] = info.tags.get("params", "n/a")
+            rows.append(row)
+    return rows
+
+
+def protocols(infos: Sequence[tracking.ModelVersionInfo]) -> list[str]:
+    """Distinct metric protocols (compact JSON) the versions were evaluated under."""
+    return sorted({json.dumps(json.loads(p), sort_keys=True) for i in infos if (p := i.tags.get("eval.protocol"))})
+
+
+def latest_eval_run(infos: Sequence[tracking.ModelVersionInfo]) -> str | None:
+    """The most recently started evaluation run among the versions' ``eval.run_id`` tags."""
+    run_ids = {i.tags["eval.run_id"] for i in infos if i.tags.get("eval.run_id")}
+    started = {r: t for r in run_ids if (t := tracking.run_start_time(r)) is not None}
+    return max(started, key=started.get) if started else None
+
+
+def eval_plots(run_id: str, dst: str | Path | None = None) -> list[Path]:
+    """The ``plots/*.png`` artifacts of an evaluation run (empty when it logged none)."""
+    try:
+        folder = tracking.download_run_artifacts(run_id, "plots", dst)
+    except TrackingError:
+        return []
+    return sorted(folder.glob("*.png")) if folder.is_dir() else []

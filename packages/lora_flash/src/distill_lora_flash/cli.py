@@ -1,0 +1,120 @@
+"""``distill flash``: few-step generation with a Flash LoRA, LoRA student distillation, and evaluation."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.console import Console
+
+from distill_common.config import config_command
+from distill_lora_flash.config import EvalConfig, GenerateConfig, TrainConfig
+
+app = typer.Typer(help="Flash LoRA: 2/4/8-step SD 1.5 generation, LoRA student distillation from a CFG teacher, "
+                  "and baseline-vs-student evaluation.", no_args_is_help=True)
+RUN_ID_FILE = "mlflow_run_id"
+
+
+@config_command(app, "generate", GenerateConfig)
+def generate(cfg: GenerateConfig) -> None:
+    """Generate with the Flash LoRA at each --steps (LCM, guidance 0), optionally next to the 30-step CFG baseline.
+
+    Writes image_s{steps}_i{idx}_seed{seed}.png, grid_s{steps}_seed{seed}.png, baseline/..., compare_... and
+    summary.{csv,json,md} (time/image, speed-up, CLIPScore, quality retention).
+    """
+    from distill_lora_flash.generation import run_generate
+
+    console = Console()
+    result = run_generate(cfg, console)
+    console.print(f"{len(result.files)} files in {cfg.outdir}; summary: {result.report_paths['csv']}", highlight=False)
+
+
+@contextlib.contextmanager
+def _tracking_run(cfg: TrainConfig, folder: Path):
+    """The run's MLflow run, continued after a resume when its id is on disk and the store still has it."""
+    from distill_common import tracking
+
+    tags = {"kind": "training", "family": "lora_flash"}
+    previous = (folder / RUN_ID_FILE).read_text().strip() if (folder / RUN_ID_FILE).is_file() else None
+    with contextlib.ExitStack() as stack:
+        run = None
+        if previous and cfg.track:
+            try:
+                run = stack.enter_context(tracking.start_run(cfg.experiment, cfg.run_name, run_id=previous,
+                                                             fallback_dir=folder))
+            except Exception:  # noqa: BLE001 - another store, or the run was deleted: start a new one
+                run = None
+        if run is None:
+            run = stack.enter_context(tracking.start_run(cfg.experiment, cfg.run_name, config=cfg, tags=tags,
+                                                         fallback_dir=folder, enabled=cfg.track))
+        if run.run_id:
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / RUN_ID_FILE).write_text(run.run_id)
+        yield run
+
+
+@config_command(app, "train", TrainConfig)
+def train(cfg: TrainConfig) -> None:
+    """Distil the base model's CFG predictions into a LoRA (noise matching, Min-SNR, optional discrete LCM timesteps).
+
+    Writes OUTPUT_DIR/RUN_NAME/lora/checkpoint-N/ and lora/final/ (diffusers LoRA files), resumes after a kill,
+    logs losses and validation grids (teacher next to the 2/4/8-step student) to MLflow, and registers the final
+    LoRA as an MLflow pyfunc generator.
+    """
+    from distill_common import tracking
+    from distill_lora_flash.training import TrainHooks, run_dir
+    from distill_lora_flash.training import train as run_training
+
+    console = Console()
+    folder = run_dir(cfg)
+    with _tracking_run(cfg, folder) as run:
+        hooks = TrainHooks(metrics=lambda step, m: run.log_metrics({f"train.{k}": v for k, v in m.items()}, step=step),
+                           images=lambda step, images: _log_validation(run, folder, step, images))
+        result = run_training(cfg, hooks, console)
+        console.print(f"final LoRA: {result.final_dir} (step {result.global_step})", highlight=False)
+        if cfg.track:
+            uri = tracking.log_generator_model(run, result.generator_dir)
+            console.print(f"generator model: {uri}", highlight=False)
+            if cfg.register_name:
+                version = tracking.register_model(uri, cfg.register_name,
+                                                  tags={"family": "lora_flash", "steps": result.global_step},
+                                                  description=f"Flash LoRA student of {cfg.base_model}")
+                console.print(f"registered {cfg.register_name} version {version}", highlight=False)
+
+
+def _log_validation(run: Any, folder: Path, step: int, images: dict[str, Any]) -> None:
+    """Validation grid (teacher column next to the student's 2/4/8-step columns) to disk and MLflow."""
+    target = folder / "validation" / f"step_{step:07d}.png"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    images["grid"].save(target)
+    run.log_artifact(target, "validation")
+
+
+@config_command(app, "eval", EvalConfig)
+def evaluate(cfg: EvalConfig) -> None:
+    """Baseline (30 steps, CFG 7.5) vs the LoRA student at 2/4/8 steps on a prompt list at fixed seeds.
+
+    Reports time/image, speed-up, CLIPScore and its retention, LPIPS to the baseline image of the same seed and
+    optional FID against COCO val2017, with comparison grids, all logged to MLflow.
+    """
+    from distill_common import tracking
+    from distill_lora_flash.evaluation import run_eval
+
+    console = Console()
+    with tracking.start_run(cfg.experiment, Path(cfg.output_dir).name, config=cfg,
+                            tags={"kind": "evaluation", "family": "lora_flash"}, fallback_dir=cfg.output_dir,
+                            enabled=cfg.track) as run:
+        result = run_eval(cfg, tracking_run=run if cfg.track else None, console=console)
+    console.print(f"report: {result.report_paths['md']}", highlight=False)
+
+
+def main() -> None:
+    from distill_common.cli import run_app
+
+    run_app(app)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,406 @@
+"""Typed configs of every ``distill rf`` command, and the three scales they come in (smoke, cpu, paper).
+
+One preset table (:data:`SCALES`) is the single source of the numbers: each command's preset is cut
+from the pipeline preset of the same name, so ``train-teacher --preset cpu`` trains exactly the
+teacher that ``pipeline --preset cpu`` trains.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from distill_common.config import nested, option
+from distill_common.errors import ConfigError
+
+DEVICES = ("auto", "cuda", "mps", "cpu")
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+SAMPLER_NAMES = ("euler", "heun", "rk45")
+TIME_SAMPLER_NAMES = ("uniform", "logit_normal")
+RECIPE_NAMES = ("teacher", "one_step", "four_step", "reflow", "progressive")
+DISTANCES = ("l2", "lpips")
+DATA_SOURCES = ("shards", "folder", "hub")
+LR_SCHEDULES = ("constant_with_warmup", "linear", "cosine")
+
+
+@dataclass
+class UNetConfig:
+    """The denoiser: diffusers' ``UNet2DModel`` (Ho et al. 2020 layout) with a class embedding."""
+
+    base_channels: int = option(64, "Channels of the first level; level i has base_channels * channel_mults[i].")
+    channel_mults: list[int] = option([1, 1, 2], "Channel multiplier per resolution level (32, 16, 8, ...).")
+    res_blocks: int = option(1, "Residual blocks per level (the up path has one more, as in DDPM).")
+    attention_resolutions: list[int] = option([16], "Resolutions whose blocks get self-attention (empty: none).")
+    mid_attention: bool = option(True, "Self-attention in the middle block (lowest resolution).")
+    dropout: float = option(0.1, "Dropout in the residual blocks (DDPM's CIFAR-10 value).")
+    norm_groups: int = option(32, "GroupNorm groups; must divide every level's channel count.")
+    num_classes: int = option(10, "Class labels (0 = unconditional); one extra 'null' class serves CFG.")
+
+    def validate(self) -> None:
+        if self.base_channels < 1 or not self.channel_mults or self.res_blocks < 1:
+            raise ConfigError("the UNet needs base_channels >= 1, res_blocks >= 1 and at least one channel multiplier")
+        for m in self.channel_mults:
+            if (self.base_channels * m) % self.norm_groups:
+                raise ConfigError(
+                    f"GroupNorm groups {self.norm_groups} do not divide {self.base_channels * m} channels; "
+                    "pass --model-norm-groups with a divisor of every level's width (e.g. 8)"
+                )
+        levels = [32 // 2**i for i in range(len(self.channel_mults))]
+        bad = [r for r in self.attention_resolutions if r not in levels]
+        if bad:
+            raise ConfigError(f"attention resolutions {bad} are not levels of this UNet ({levels}); pick from those")
+
+
+@dataclass
+class FlowConfig:
+    """Rectified flow (Liu et al. 2023): how the teacher draws t and drops labels."""
+
+    time_sampler: str = option("logit_normal", "How training draws t: uniform, or logit-normal (SD3, minRF).",
+                               choices=TIME_SAMPLER_NAMES)
+    label_dropout: float = option(0.1, "Probability of replacing the label by the null class (CFG training).")
+
+
+@dataclass
+class DataConfig:
+    """Where CIFAR-10 comes from."""
+
+    data_root: Path | None = option(None, "Data root holding cifar10/ (default: $DISTILL_DATA_ROOT, then "
+                                    "../shared/data next to the repository).")
+    source: str = option("shards", "CIFAR-10 source: WebDataset shards, an image folder, or the Hub.",
+                         choices=DATA_SOURCES)
+    limit: int | None = option(None, "Use only the first N training images (default: all 50,000).")
+    random_flip: bool = option(True, "Random horizontal flips (Ho et al. 2020, App. B).")
+
+    def resolved_root(self) -> Path | None:
+        if self.data_root is not None:
+            return self.data_root
+        env = os.environ.get("DISTILL_DATA_ROOT")
+        return Path(env) if env else None
+
+
+@dataclass
+class LoopConfig:
+    """The one training loop (``training.loop.train``): optimiser, schedule, EMA, checkpoints, logging."""
+
+    steps: int = option(1000, "Optimiser steps of this run.")
+    batch_size: int = option(64, "Images per optimiser step.")
+    learning_rate: float = option(2e-4, "Peak learning rate of AdamW (DDPM: 2e-4).")
+    weight_decay: float = option(0.0, "AdamW weight decay.")
+    warmup_steps: int = option(100, "Linear learning-rate warm-up steps.")
+    lr_schedule: str = option("constant_with_warmup", "Learning-rate schedule after warm-up (diffusers names).",
+                              choices=LR_SCHEDULES)
+    grad_clip: float = option(1.0, "Clip the gradient norm to this value (0 = off).")
+    ema_decay: float = option(0.9999, "EMA decay cap; the decay warms up as (1+n)/(10+n), so short runs still average.")
+    precision: str = option("auto", "Mixed precision through Accelerate (auto: fp16 on CUDA, fp32 elsewhere).",
+                            choices=PRECISIONS)
+    device: str = option("auto", "Device.", choices=DEVICES)
+    seed: int = option(0, "Seed of weights-independent randomness: data order, t, noise, dropout.")
+    checkpoint_every: int = option(500, "Write a resumable checkpoint every N steps (and at the end).")
+    keep_checkpoints: int = option(2, "Checkpoints kept on disk (0 = all).")
+    log_every: int = option(25, "Report loss (overall and per t-bin) every N steps.")
+    sample_every: int = option(0, "Log a sample grid every N steps (0 = only at the end).")
+    time_bins: int = option(4, "Bins of t for the per-t-bin loss.")
+    stop_at_step: int | None = option(None, "Stop (with a checkpoint) at this step without finishing, as a kill would; "
+                                      "a later run resumes.")
+    log_checkpoints: bool = option(True, "Log each checkpoint's weights to MLflow as artifacts.")
+
+    def validate(self) -> None:
+        if self.steps < 1 or self.batch_size < 1:
+            raise ConfigError("training needs --steps >= 1 and --batch-size >= 1")
+        if self.checkpoint_every < 1 or self.log_every < 1 or self.time_bins < 1:
+            raise ConfigError("--checkpoint-every, --log-every and --time-bins must be at least 1")
+
+
+@dataclass
+class SamplingConfig:
+    """How a generator samples by default."""
+
+    sampler: str = option("euler", "ODE solver.", choices=SAMPLER_NAMES)
+    steps: int = option(32, "Default number of steps (ignored by rk45).")
+    guidance: float = option(1.0, "Classifier-free guidance scale w: v = v_u + w (v_c - v_u); 1 = conditional only.")
+    rtol: float = option(1e-3, "RK45 relative tolerance (Liu et al. use 1e-3 for CIFAR-10).")
+    atol: float = option(1e-3, "RK45 absolute tolerance.")
+
+
+@dataclass
+class TeacherConfig:
+    """``distill rf train-teacher``."""
+
+    output_dir: Path = option(Path("runs/rf_cifar/teacher"), "Run folder: checkpoints/, generator/, samples.")
+    model: UNetConfig = nested(UNetConfig, "The UNet.")
+    flow: FlowConfig = nested(FlowConfig, "Rectified flow.")
+    train: LoopConfig = nested(LoopConfig, "Training loop.")
+    data: DataConfig = nested(DataConfig, "CIFAR-10.")
+    sampling: SamplingConfig = nested(SamplingConfig, "Default sampling of the exported generator.")
+    experiment: str = option("rf_cifar", "MLflow experiment.")
+    run_name: str = option("teacher", "MLflow run name.")
+    track: bool = option(True, "Log to MLflow.")
+
+    def validate(self) -> None:
+        self.model.validate()
+        self.train.validate()
+
+
+@dataclass
+class PairsConfig:
+    """``distill rf make-pairs``: (noise, image, label, seed) from the teacher's ODE."""
+
+    teacher: Path = option(Path("runs/rf_cifar/teacher/generator"), "Teacher generator folder.")
+    output_dir: Path = option(Path("runs/rf_cifar/pairs"), "Folder of pair shards and manifest.json.")
+    num_pairs: int = option(1024, "Pairs in total; seeds seed_start .. seed_start + num_pairs - 1.")
+    shard_size: int = option(512, "Pairs per safetensors shard (the unit of resume).")
+    seed_start: int = option(1_000_000, "First seed (kept apart from evaluation seeds 0..N).")
+    sampler: str = option("euler", "Teacher ODE solver.", choices=SAMPLER_NAMES)
+    steps: int = option(16, "Teacher steps (euler/heun).")
+    guidance: float = option(1.0, "Teacher CFG scale baked into the pairs.")
+    rtol: float = option(1e-3, "RK45 relative tolerance.")
+    atol: float = option(1e-3, "RK45 absolute tolerance.")
+    batch_size: int = option(256, "Pairs generated per batch.")
+    storage_dtype: str = option("float32", "dtype of stored noise and images.", choices=("float32", "float16"))
+    device: str = option("auto", "Device.", choices=DEVICES)
+    experiment: str = option("rf_cifar", "MLflow experiment.")
+    track: bool = option(True, "Log to MLflow.")
+
+    def validate(self) -> None:
+        if self.num_pairs < 1 or self.shard_size < 1 or self.batch_size < 1:
+            raise ConfigError("make-pairs needs --num-pairs, --shard-size and --batch-size >= 1")
+
+
+@dataclass
+class RecipeConfig:
+    """Options of the student recipes (which ones a recipe reads is listed in recipes.py)."""
+
+    k: int = option(4, "Steps of the k-step student (four_step).")
+    distance: str = option("l2", "One-step loss: L2 on the velocity, or LPIPS on the predicted image "
+                           "(Liu et al. use LPIPS for the one-step student).", choices=DISTANCES)
+    lpips_resize: int = option(224, "Upsample to this size before LPIPS (as Liu et al.; 0 = native 32 px).")
+    reflow_fraction: float = option(0.5, "reflow recipe: share of the steps spent on 2-RF before the one-step distill.")
+    progressive_start: int = option(32, "progressive: the teacher's Euler steps in the first round.")
+    progressive_end: int = option(4, "progressive: the student's steps after the last round (halving each round).")
+    time_sampler: str = option("uniform", "reflow recipe: how t is drawn.", choices=TIME_SAMPLER_NAMES)
+
+
+@dataclass
+class DistillConfig:
+    """``distill rf distill``: a student from the teacher's weights by a named recipe."""
+
+    recipe: str = option("four_step", "Student recipe.", choices=RECIPE_NAMES[1:])
+    teacher: Path = option(Path("runs/rf_cifar/teacher/generator"), "Teacher generator folder (its weights start "
+                           "the student; progressive also queries it).")
+    pairs: Path = option(Path("runs/rf_cifar/pairs"), "Pair folder (one_step, four_step, reflow).")
+    output_dir: Path | None = option(None, "Run folder (default: runs/rf_cifar/students/<recipe>).")
+    options: RecipeConfig = nested(RecipeConfig, "Recipe options.")
+    train: LoopConfig = nested(LoopConfig, "Training loop.")
+    data: DataConfig = nested(DataConfig, "CIFAR-10 (progressive recipe).")
+    experiment: str = option("rf_cifar", "MLflow experiment.")
+    run_name: str | None = option(None, "MLflow run name (default: distill-<recipe>).")
+    track: bool = option(True, "Log to MLflow.")
+
+    def validate(self) -> None:
+        self.train.validate()
+
+    @property
+    def folder(self) -> Path:
+        return self.output_dir or Path("runs/rf_cifar/students") / self.recipe
+
+
+@dataclass
+class SampleConfig:
+    """``distill rf sample``: PNGs and a grid from a generator."""
+
+    generator: str = option("runs/rf_cifar/teacher/generator", "Generator folder, runs:/ID/PATH or models:/NAME@ALIAS.")
+    classes: list[int] = option(list(range(10)), "Class labels to draw.")
+    per_class: int = option(8, "Images per class (seeds seed, seed+1, ...).")
+    steps: int | None = option(None, "Steps (default: the generator's own).")
+    sampler: str | None = option(None, "ODE solver (default: the generator's own).", choices=SAMPLER_NAMES)
+    guidance: float | None = option(None, "CFG scale (default: the generator's own).")
+    seed: int = option(0, "First seed.")
+    output_dir: Path = option(Path("runs/rf_cifar/samples"), "Where the PNGs and grid.png go.")
+    device: str = option("auto", "Device.", choices=DEVICES)
+
+
+@dataclass
+class EvalConfig:
+    """The FID-vs-NFE sweep."""
+
+    teacher_steps: list[int] = option([1, 2, 4, 8, 16, 32, 100], "Teacher Euler step counts.")
+    teacher_rk45: bool = option(True, "Also evaluate the teacher with the adaptive RK45 solve.")
+    student_steps: list[int] = option([1, 2, 4], "Student step counts.")
+    num_images: int = option(1000, "Generated images per configuration (seeds 0..N-1, classes cycling 0..9).")
+    reference: str = option("cifar10-train", "FID reference set (distill_eval.reference_stats).")
+    reference_n: int | None = option(10_000, "Reference images (default: all of the set).")
+    batch_size: int = option(250, "Generation batch size.")
+    timing_batch: int = option(64, "Batch of the latency measurement.")
+    timing_repeats: int = option(3, "Timed batches per configuration, after one warm-up batch.")
+    grid_classes: int = option(10, "Rows (classes) of the comparison grid.")
+
+
+@dataclass
+class EvaluateConfig:
+    """``distill rf evaluate``: teacher and students on one protocol."""
+
+    teacher: str = option("runs/rf_cifar/teacher/generator", "Teacher generator (folder or URI).")
+    students: list[str] = option([], "Students as LABEL=FOLDER_OR_URI (e.g. four_step=runs/rf_cifar/students/four_step/generator).")
+    eval: EvalConfig = nested(EvalConfig, "Sweep.")
+    output_dir: Path = option(Path("runs/rf_cifar/eval"), "Images, report, grid and plots.")
+    data_root: Path | None = option(None, "Data root (default: $DISTILL_DATA_ROOT).")
+    device: str = option("auto", "Device.", choices=DEVICES)
+    experiment: str = option("rf_cifar", "MLflow experiment.")
+    track: bool = option(True, "Log to MLflow.")
+
+
+@dataclass
+class RegistryConfig:
+    """Where the pipeline registers its models and how it picks the champion."""
+
+    teacher_name: str = option("rf_cifar-teacher", "Registered model of teachers (champion: best FID at any steps).")
+    student_name: str = option("rf_cifar-student", "Registered model of students (champion: best FID at <= max_steps).")
+    max_steps: int = option(4, "Champion gate: only step counts up to this compete.")
+    register: bool = option(True, "Register and promote (needs tracking).")
+
+
+@dataclass
+class PipelineConfig:
+    """``distill rf pipeline``: teacher → pairs → four-step and one-step students → FID/time → registry."""
+
+    run_name: str = option("smoke", "Name of this pipeline run (default folder runs/rf_cifar/<run-name>).")
+    output_dir: Path | None = option(None, "Output folder (default: runs/rf_cifar/<run-name>).")
+    data: DataConfig = nested(DataConfig, "CIFAR-10.")
+    model: UNetConfig = nested(UNetConfig, "The UNet (students share it).")
+    flow: FlowConfig = nested(FlowConfig, "Rectified flow.")
+    teacher: LoopConfig = nested(LoopConfig, "Teacher training.")
+    sampling: SamplingConfig = nested(SamplingConfig, "Teacher default sampling.")
+    pairs: PairsConfig = nested(PairsConfig, "Pair generation (teacher/output_dir are set by the pipeline).")
+    four_step: LoopConfig = nested(LoopConfig, "Four-step student training.")
+    one_step: LoopConfig = nested(LoopConfig, "One-step student training.")
+    options: RecipeConfig = nested(RecipeConfig, "Recipe options.")
+    eval: EvalConfig = nested(EvalConfig, "FID-vs-NFE sweep.")
+    registry: RegistryConfig = nested(RegistryConfig, "Model registry.")
+    device: str = option("auto", "Device of every stage.", choices=DEVICES)
+    experiment: str = option("rf_cifar", "MLflow experiment.")
+    track: bool = option(True, "Log to MLflow (and register; --no-track skips the registry).")
+
+    def validate(self) -> None:
+        self.model.validate()
+        for loop in (self.teacher, self.four_step, self.one_step):
+            loop.validate()
+
+    @property
+    def folder(self) -> Path:
+        return self.output_dir or Path("runs/rf_cifar") / self.run_name
+
+
+# ----------------------------------------------------------------------------------------------- presets
+
+
+def _loop(**kw) -> LoopConfig:
+    return dataclasses.replace(LoopConfig(), **kw)
+
+
+def smoke_pipeline() -> PipelineConfig:
+    """Minutes on 2 CPU cores: a 0.27M-parameter UNet, ~1k teacher steps, 1,024 pairs, FID on 500 images."""
+    cfg = PipelineConfig(run_name="smoke")
+    cfg.model = UNetConfig(base_channels=16, channel_mults=[1, 2, 2], res_blocks=1, attention_resolutions=[],
+                           mid_attention=False, dropout=0.0, norm_groups=8)
+    cfg.flow = FlowConfig(time_sampler="logit_normal", label_dropout=0.1)
+    cfg.data = DataConfig(limit=None)
+    cfg.teacher = _loop(steps=1200, batch_size=64, learning_rate=2e-3, warmup_steps=50, ema_decay=0.999,
+                        checkpoint_every=400, log_every=50, sample_every=400, log_checkpoints=False)
+    cfg.sampling = SamplingConfig(sampler="euler", steps=16, guidance=1.0)
+    cfg.pairs = PairsConfig(num_pairs=1024, shard_size=512, steps=16, guidance=1.0, batch_size=256)
+    cfg.four_step = _loop(steps=300, batch_size=64, learning_rate=5e-4, warmup_steps=20, ema_decay=0.99,
+                          checkpoint_every=300, log_every=50, log_checkpoints=False)
+    cfg.one_step = _loop(steps=300, batch_size=64, learning_rate=5e-4, warmup_steps=20, ema_decay=0.99,
+                         checkpoint_every=300, log_every=50, seed=1, log_checkpoints=False)
+    cfg.options = RecipeConfig(k=4, distance="l2")
+    cfg.eval = EvalConfig(teacher_steps=[1, 2, 4, 8, 16, 32, 100], teacher_rk45=True, student_steps=[1, 2, 4],
+                          num_images=500, reference="cifar10-train", reference_n=2000, batch_size=250,
+                          timing_batch=50, timing_repeats=2)
+    return cfg
+
+
+def cpu_pipeline() -> PipelineConfig:
+    """About an hour on 2 CPU cores: a 1.07M-parameter UNet, 6k teacher steps, 8k pairs, FID on 2,000 images."""
+    cfg = PipelineConfig(run_name="cpu")
+    cfg.model = UNetConfig(base_channels=32, channel_mults=[1, 2, 2], res_blocks=1, attention_resolutions=[],
+                           mid_attention=True, dropout=0.0, norm_groups=8)
+    cfg.teacher = _loop(steps=6000, batch_size=64, learning_rate=1e-3, warmup_steps=200, ema_decay=0.999,
+                        checkpoint_every=500, log_every=50, sample_every=1000)
+    cfg.sampling = SamplingConfig(sampler="euler", steps=32, guidance=1.0)
+    cfg.pairs = PairsConfig(num_pairs=8192, shard_size=1024, steps=32, guidance=1.0, batch_size=256)
+    cfg.four_step = _loop(steps=1500, batch_size=64, learning_rate=3e-4, warmup_steps=50, ema_decay=0.999,
+                          checkpoint_every=500, log_every=50)
+    cfg.one_step = _loop(steps=1500, batch_size=64, learning_rate=3e-4, warmup_steps=50, ema_decay=0.999,
+                         checkpoint_every=500, log_every=50, seed=1)
+    cfg.eval = EvalConfig(num_images=2000, reference="cifar10-train", reference_n=10_000, batch_size=250,
+                          timing_batch=64, timing_repeats=3)
+    return cfg
+
+
+def paper_pipeline() -> PipelineConfig:
+    """GPU, published scale: DDPM's 35.7M-parameter CIFAR-10 UNet (Ho et al. 2020), batch 128, 800k steps,
+    EMA 0.9999, lr 2e-4 with 5k warm-up, dropout 0.1; 1M pairs (Liu et al.'s reflow scale); FID on 50k vs 50k."""
+    cfg = PipelineConfig(run_name="paper")
+    cfg.model = UNetConfig(base_channels=128, channel_mults=[1, 2, 2, 2], res_blocks=2, attention_resolutions=[16],
+                           mid_attention=True, dropout=0.1, norm_groups=32)
+    cfg.teacher = _loop(steps=800_000, batch_size=128, learning_rate=2e-4, warmup_steps=5000, ema_decay=0.9999,
+                        checkpoint_every=10_000, keep_checkpoints=3, log_every=100, sample_every=10_000)
+    cfg.sampling = SamplingConfig(sampler="rk45", steps=100, guidance=1.0)
+    cfg.pairs = PairsConfig(num_pairs=1_000_000, shard_size=10_000, sampler="rk45", guidance=1.0, batch_size=1000,
+                            storage_dtype="float16")
+    cfg.four_step = _loop(steps=100_000, batch_size=128, learning_rate=2e-5, warmup_steps=1000, ema_decay=0.9999,
+                          checkpoint_every=10_000, log_every=100)
+    cfg.one_step = _loop(steps=100_000, batch_size=128, learning_rate=2e-5, warmup_steps=1000, ema_decay=0.9999,
+                         checkpoint_every=10_000, log_every=100, seed=1)
+    cfg.options = RecipeConfig(k=4, distance="lpips")
+    cfg.eval = EvalConfig(num_images=50_000, reference="cifar10-train", reference_n=None, batch_size=1000,
+                          timing_batch=256, timing_repeats=5)
+    return cfg
+
+
+SCALES = {"smoke": smoke_pipeline, "cpu": cpu_pipeline, "paper": paper_pipeline}
+
+
+def teacher_config(p: PipelineConfig, output_dir: Path | None = None) -> TeacherConfig:
+    return TeacherConfig(output_dir=output_dir or Path("runs/rf_cifar/teacher"), model=p.model, flow=p.flow,
+                         train=dataclasses.replace(p.teacher, device=p.device if p.device != "auto" else p.teacher.device),
+                         data=p.data, sampling=p.sampling, experiment=p.experiment, track=p.track)
+
+
+def pairs_config(p: PipelineConfig, teacher: Path | None = None, output_dir: Path | None = None) -> PairsConfig:
+    cfg = dataclasses.replace(p.pairs, experiment=p.experiment, track=p.track)
+    if p.device != "auto":
+        cfg.device = p.device
+    if teacher is not None:
+        cfg.teacher = teacher
+    if output_dir is not None:
+        cfg.output_dir = output_dir
+    return cfg
+
+
+def distill_config(p: PipelineConfig, recipe: str, teacher: Path | None = None, pairs: Path | None = None,
+                   output_dir: Path | None = None) -> DistillConfig:
+    loop = p.one_step if recipe in ("one_step", "reflow") else p.four_step
+    cfg = DistillConfig(recipe=recipe, options=p.options, train=dataclasses.replace(loop), data=p.data,
+                        experiment=p.experiment, track=p.track, output_dir=output_dir)
+    if p.device != "auto":
+        cfg.train.device = p.device
+    if teacher is not None:
+        cfg.teacher = teacher
+    if pairs is not None:
+        cfg.pairs = pairs
+    return cfg
+
+
+def evaluate_config(p: PipelineConfig) -> EvaluateConfig:
+    return EvaluateConfig(eval=p.eval, data_root=p.data.data_root, device=p.device, experiment=p.experiment,
+                          track=p.track)
+
+
+PIPELINE_PRESETS = SCALES
+TEACHER_PRESETS = {name: (lambda f=f: teacher_config(f())) for name, f in SCALES.items()}
+PAIRS_PRESETS = {name: (lambda f=f: pairs_config(f())) for name, f in SCALES.items()}
+DISTILL_PRESETS = {name: (lambda f=f: distill_config(f(), "four_step")) for name, f in SCALES.items()}
+EVALUATE_PRESETS = {name: (lambda f=f: evaluate_config(f())) for name, f in SCALES.items()}

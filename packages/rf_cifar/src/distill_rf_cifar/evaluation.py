@@ -1,0 +1,188 @@
+"""The FID-vs-NFE sweep: the teacher at several Euler step counts and with RK45, every student at 1, 2, 4 steps,
+all on the same conditions and seeds, scored against one CIFAR-10 reference set under one protocol.
+
+Thin on purpose: images are generated into resumable PNG folders (distill_eval.benchmark), FID/KID come from
+distill_eval.fid with cached reference statistics (distill_eval.reference_stats), latency from
+distill_eval.timing (warm-up, device-synchronised), pictures from distill_eval.grids / plots, reports from
+distill_eval.reports. Classes cycle 0..9 over seeds 0..N-1, so grid row c shows seed c for every column.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import Progress
+
+from distill_common.data.cifar10 import CIFAR10_CLASSES
+from distill_common.errors import ConfigError
+from distill_rf_cifar.config import EvalConfig
+from distill_rf_cifar.generator import RFGenerator
+
+RK45 = "rk45"
+
+
+@dataclass
+class SweepEntry:
+    label: str  # model label: "teacher", "four_step", ...
+    role: str  # "teacher" | "student"
+    generator: RFGenerator
+    sampler: str  # "euler" | "rk45"
+    steps: int  # Euler steps (for rk45: the generator's default steps, unused)
+
+    @property
+    def key(self) -> str:
+        return f"{self.label}_{RK45}" if self.sampler == RK45 else f"{self.label}_s{self.steps}"
+
+
+@dataclass
+class SweepResult:
+    rows: list[dict[str, Any]]
+    protocol: dict[str, Any]
+    grid_path: Path
+    plot_paths: list[Path]
+    report_paths: dict[str, Path]
+    image_dirs: dict[str, Path] = field(default_factory=dict)
+
+
+class _BoundSampler:
+    """A generator with its sampler fixed, shaped like the Generator protocol for distill_eval's helpers."""
+
+    def __init__(self, generator: RFGenerator, sampler: str) -> None:
+        self.generator, self.sampler = generator, sampler
+        self.family, self.condition_kind, self.resolution = generator.family, generator.condition_kind, generator.resolution
+        self.default_steps, self.device, self.dtype = generator.default_steps, generator.device, generator.dtype
+        self.nfe: list[int] = []
+
+    def generate(self, conditions, num_steps, seeds, guidance=None):
+        images = self.generator.generate(conditions, num_steps, seeds, guidance, sampler=self.sampler)
+        self.nfe.append(self.generator.last_nfe)
+        return images
+
+
+def sweep_entries(teacher: tuple[str, RFGenerator], students: Sequence[tuple[str, RFGenerator]],
+                  cfg: EvalConfig) -> list[SweepEntry]:
+    label, gen = teacher
+    steps = sorted(set(cfg.teacher_steps) | {gen.default_steps})
+    entries = [SweepEntry(label, "teacher", gen, "euler", s) for s in steps]
+    if cfg.teacher_rk45:
+        entries.append(SweepEntry(label, "teacher", gen, RK45, gen.default_steps))
+    for s_label, s_gen in students:
+        entries += [SweepEntry(s_label, "student", s_gen, "euler", s) for s in sorted(set(cfg.student_steps))]
+    if len({e.key for e in entries}) != len(entries):
+        raise ConfigError("two models share a label; give every student its own LABEL=... name")
+    return entries
+
+
+def run_sweep(
+    teacher: tuple[str, RFGenerator],
+    students: Sequence[tuple[str, RFGenerator]],
+    cfg: EvalConfig,
+    output_dir: str | Path,
+    *,
+    data_root: str | Path | None = None,
+    console: Console | None = None,
+    progress: bool = True,
+) -> SweepResult:
+    """Generate, score and time every configuration; write report, grid and plots under ``output_dir``."""
+    from distill_eval.benchmark import generate_to_folder, load_png_folder
+    from distill_eval.fid import score_images
+    from distill_eval.grids import comparison_grid
+    from distill_eval.inception import InceptionFeatureExtractor
+    from distill_eval.plots import plot_quality_vs_latency, plot_quality_vs_steps
+    from distill_eval.reference_stats import reference_stats
+    from distill_eval.reports import write_report
+    from distill_eval.timing import measure_latency
+
+    console = console or Console()
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    entries = sweep_entries(teacher, students, cfg)
+    n = cfg.num_images
+    if n < 2:
+        raise ConfigError("FID needs at least 2 images per configuration; pass --eval-num-images 2 or more")
+    num_classes = max(teacher[1].num_classes, 1)
+    conditions = [i % num_classes for i in range(n)]
+    seeds = list(range(n))
+
+    # 1. images, resumable; NFE per configuration kept beside them
+    bound = {e.key: _BoundSampler(e.generator, e.sampler) for e in entries}
+    image_dirs: dict[str, Path] = {}
+    nfe: dict[str, float] = {}
+    with Progress(console=console, disable=not progress) as bar:
+        for e in entries:
+            folder = out / "images" / e.key
+            image_dirs[e.key] = folder
+            generate_to_folder(bound[e.key], e.steps, conditions, seeds, folder, guidance=None,
+                               batch_size=cfg.batch_size, progress=bar, description=f"generate {e.key}")
+            meta = folder / "nfe.json"
+            if bound[e.key].nfe:
+                meta.write_text(json.dumps({"nfe": sum(bound[e.key].nfe) / len(bound[e.key].nfe)}))
+            nfe[e.key] = json.loads(meta.read_text())["nfe"] if meta.is_file() else float(e.steps)
+
+    # 2. FID/KID against cached reference statistics
+    extractor = InceptionFeatureExtractor()
+    reference = reference_stats(cfg.reference, extractor, n=cfg.reference_n, resolution=32, data_root=data_root,
+                                progress=progress)
+    rows: list[dict[str, Any]] = []
+    for e in entries:
+        images = load_png_folder(image_dirs[e.key], n)
+        res = score_images(images, extractor, reference, batch_size=50, progress=progress)
+        timing = measure_latency(
+            lambda e=e: bound[e.key].generate(conditions[: cfg.timing_batch], e.steps, seeds[: cfg.timing_batch]),
+            label=e.key, batch_size=min(cfg.timing_batch, n), device=e.generator.device, warmup=1,
+            repeats=cfg.timing_repeats, dtype=str(e.generator.dtype))
+        rows.append({"model": e.label, "role": e.role, "sampler": e.sampler,
+                     "steps": e.steps if e.sampler != RK45 else None, "nfe": nfe[e.key],
+                     "guidance": e.generator.default_guidance, "fid": res.fid, "kid": res.kid_mean,
+                     "kid_std": res.kid_std, "ms_per_image": timing.ms_per_image,
+                     "images_per_second": timing.images_per_second, "key": e.key})
+        console.print(f"  {e.key:>18}: FID {res.fid:8.2f}  NFE {nfe[e.key]:6.1f}  {timing.ms_per_image:8.2f} ms/image",
+                      highlight=False)
+    teacher_label, teacher_gen = teacher
+    base = next(r for r in rows if r["model"] == teacher_label and r["sampler"] == "euler"
+                and r["steps"] == teacher_gen.default_steps)
+    for r in rows:
+        r["speedup_vs_teacher"] = base["ms_per_image"] / r["ms_per_image"]
+    protocol = reference.protocol(n).as_dict()
+
+    # 3. report, grid (rows = classes, columns = configurations, same seeds), plots
+    meta = {"protocol": protocol, "seeds": f"0..{n - 1}", "classes": "seed % 10",
+            "teacher_reference": f"{teacher_label} euler {teacher_gen.default_steps} steps",
+            "timing": f"batch {min(cfg.timing_batch, n)}, 1 warm-up + {cfg.timing_repeats} timed batches, "
+                      f"device-synchronised ({teacher_gen.device})"}
+    columns = ["model", "role", "sampler", "steps", "nfe", "fid", "kid", "ms_per_image", "speedup_vs_teacher",
+               "images_per_second", "guidance"]
+    report = write_report(rows, out, "fid_vs_nfe", columns=columns, meta=meta)
+    grid_rows = list(range(min(cfg.grid_classes, num_classes, n)))
+    grid_columns = []
+    for e, r in zip(entries, rows):
+        imgs = load_png_folder(image_dirs[e.key], max(grid_rows) + 1)[grid_rows]
+        title = f"{e.label} {'RK45' if e.sampler == RK45 else f'{e.steps} st'} · FID {r['fid']:.0f} · {r['ms_per_image']:.1f} ms"
+        grid_columns.append((title, imgs))
+    grid_path = out / "grid.png"
+    comparison_grid(grid_columns, [CIFAR10_CLASSES[c] if num_classes == 10 else str(c) for c in grid_rows], grid_path,
+                    title=f"seeds {', '.join(map(str, grid_rows))} (same noise in every column)")
+    plot_rows = [{**r, "model": f"{r['model']} ({r['sampler']})"} for r in rows]
+    plots = [plot_quality_vs_steps(plot_rows, "fid", out / "fid_vs_nfe.png", steps_key="nfe"),
+             plot_quality_vs_latency(plot_rows, "fid", out / "fid_vs_latency.png", steps_key="nfe")]
+    return SweepResult(rows, protocol, grid_path, plots, report, image_dirs)
+
+
+def registry_tags(rows: Sequence[dict[str, Any]], label: str, protocol: dict[str, Any]) -> dict[str, Any]:
+    """``eval.s{steps}.{fid,kid,ms_per_image}`` (+ ``eval.rk45.*``, ``eval.protocol``) for one model's rows, the
+    tags distill_common.promotion ranks versions by."""
+    tags: dict[str, Any] = {"eval.protocol": json.dumps(protocol, sort_keys=True)}
+    for r in rows:
+        if r["model"] != label:
+            continue
+        prefix = f"eval.{RK45}" if r["sampler"] == RK45 else f"eval.s{r['steps']}"
+        tags.update({f"{prefix}.fid": r["fid"], f"{prefix}.kid": r["kid"], f"{prefix}.ms_per_image": r["ms_per_image"]})
+        if r["sampler"] == RK45:
+            tags[f"{prefix}.nfe"] = r["nfe"]
+    return tags
+

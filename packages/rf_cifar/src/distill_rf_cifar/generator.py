@@ -1,0 +1,157 @@
+"""``RFGenerator``: a trained flow as a distill_common Generator (family ``rf_cifar``), and its folder format.
+
+A generator folder holds ``generator.json`` (family, role, default steps / guidance / sampler), ``model_config.json``
+(the UNetConfig) and ``model.safetensors`` (the EMA weights). :func:`load_generator` is registered under the
+``distill.generators`` entry point, so ``distill_common.generator.load_generator`` (and the MLflow pyfunc model)
+find it from a folder, ``runs:/`` or ``models:/`` URI.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from distill_common import checkpoint as ckpt
+from distill_common.config import from_dict, to_dict
+from distill_common.data.transforms import to_unit_range
+from distill_common.errors import ConfigError, ModelLoadError
+from distill_common.generator import read_generator_manifest, write_generator_manifest
+from distill_common.runtime import resolve_device
+from distill_rf_cifar.config import UNetConfig
+from distill_rf_cifar.flow import model_fn, noise_for_seeds
+from distill_rf_cifar.models.unet import ClassConditionalUNet, count_parameters
+from distill_rf_cifar.samplers import CountingModelFn, get_sampler, time_grid
+
+FAMILY = "rf_cifar"
+MODEL_FILE = "model.safetensors"
+MODEL_CONFIG_FILE = "model_config.json"
+
+
+class RFGenerator:
+    """Class-conditional CIFAR-10 images from a rectified flow: noise per seed, an ODE solve t: 0 -> 1."""
+
+    family = FAMILY
+    condition_kind = "class"
+    resolution = 32
+
+    def __init__(self, model: ClassConditionalUNet, *, role: str = "teacher", default_steps: int = 32,
+                 default_guidance: float = 1.0, sampler: str = "euler", rtol: float = 1e-3, atol: float = 1e-3,
+                 batch_size: int = 500, info: dict[str, Any] | None = None) -> None:
+        get_sampler(sampler)
+        self.model = model.eval()
+        self.role = role
+        self.default_steps = int(default_steps)
+        self.default_guidance = float(default_guidance)
+        self.sampler = sampler
+        self.rtol, self.atol = rtol, atol
+        self.batch_size = batch_size
+        self.num_classes = model.num_classes
+        self.info = dict(info or {})
+        self.last_nfe = 0  # network calls per image of the last sample() (a CFG call counts once)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def labels(self, conditions: Sequence[Any]) -> torch.Tensor:
+        if self.num_classes == 0:
+            return torch.zeros(len(conditions), dtype=torch.long)  # unconditional: the null class
+        labels = torch.tensor([int(c) for c in conditions], dtype=torch.long)
+        if labels.numel() and (labels.min() < 0 or labels.max() >= self.num_classes):
+            raise ConfigError(f"class labels must lie in 0..{self.num_classes - 1}, got {labels.tolist()[:10]}; "
+                              "pass CIFAR-10 class indices (0 airplane ... 9 truck)")
+        return labels
+
+    @torch.no_grad()
+    def sample(self, x0: torch.Tensor, labels: torch.Tensor, num_steps: int | None = None,
+               guidance: float | None = None, sampler: str | None = None) -> torch.Tensor:
+        """Integrate from noise x0 (B, 3, 32, 32); returns the raw endpoint x1 on the CPU (float32, ~[-1, 1])."""
+        name = sampler or self.sampler
+        solve = get_sampler(name)
+        steps = int(num_steps or self.default_steps)
+        w = self.default_guidance if guidance is None else float(guidance)
+        fn = CountingModelFn(model_fn(self.model, labels.to(self.device), w))
+        ts = time_grid(steps, device=self.device)
+        kwargs = {"rtol": self.rtol, "atol": self.atol} if name == "rk45" else {}
+        x = solve(fn, x0.to(self.device, self.dtype), ts, **kwargs)
+        self.last_nfe = fn.calls
+        return x.float().cpu()
+
+    def generate(self, conditions: Sequence[Any], num_steps: int | None = None, seeds: Sequence[int] | None = None,
+                 guidance: float | None = None, sampler: str | None = None) -> torch.Tensor:
+        """(N, 3, 32, 32) in [0, 1] on the CPU; image i from noise seeded by seeds[i] (default 0..N-1)."""
+        seeds = list(range(len(conditions))) if seeds is None else [int(s) for s in seeds]
+        if len(seeds) != len(conditions):
+            raise ConfigError(f"{len(conditions)} conditions but {len(seeds)} seeds; pass one seed per condition")
+        labels = self.labels(conditions)
+        out = []
+        for i in range(0, len(seeds), self.batch_size):
+            x0 = noise_for_seeds(seeds[i : i + self.batch_size])
+            out.append(to_unit_range(self.sample(x0, labels[i : i + self.batch_size], num_steps, guidance, sampler)))
+        return torch.cat(out) if out else torch.empty(0, 3, 32, 32)
+
+    def save(self, folder: str | Path, **info: Any) -> Path:
+        return save_generator(folder, self.model, role=self.role, default_steps=self.default_steps,
+                              default_guidance=self.default_guidance, sampler=self.sampler, rtol=self.rtol,
+                              atol=self.atol, **{**self.info, **info})
+
+
+def save_generator(folder: str | Path, model: ClassConditionalUNet, *, role: str, default_steps: int,
+                   default_guidance: float = 1.0, sampler: str = "euler", rtol: float = 1e-3, atol: float = 1e-3,
+                   **info: Any) -> Path:
+    """Write a generator folder atomically (weights: ``model``'s current state, i.e. pass it with EMA swapped in)."""
+    folder = Path(folder)
+    with ckpt.atomic_dir(folder) as tmp:
+        ckpt.save_weights(model.state_dict(), tmp / MODEL_FILE)
+        (tmp / MODEL_CONFIG_FILE).write_text(json.dumps(to_dict(model.config), indent=2))
+        write_generator_manifest(tmp, FAMILY, role=role, default_steps=int(default_steps),
+                                 default_guidance=float(default_guidance), sampler=sampler, rtol=rtol, atol=atol,
+                                 resolution=32, num_classes=model.num_classes, parameters=count_parameters(model),
+                                 convention="x_t = t*x1 + (1-t)*x0, x0 noise, x1 data, integrate t: 0 -> 1", **info)
+    return folder
+
+
+def weights_sha256(folder: str | Path) -> str:
+    """sha256 of a generator's (or checkpoint's) ``model.safetensors``: the identity pairs and students refer to."""
+    path = Path(folder) / MODEL_FILE
+    if not path.is_file():
+        raise ModelLoadError(f"{folder} holds no {MODEL_FILE}; pass a generator folder written by 'distill rf'")
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def load_model(folder: str | Path, device: str | torch.device = "cpu") -> ClassConditionalUNet:
+    """The UNet of a generator folder (config from model_config.json, weights checked against it)."""
+    folder = Path(folder)
+    cfg_path = folder / MODEL_CONFIG_FILE
+    if not cfg_path.is_file():
+        raise ModelLoadError(f"{folder} holds no {MODEL_CONFIG_FILE}; pass a generator folder written by 'distill rf'")
+    model = ClassConditionalUNet(from_dict(UNetConfig, json.loads(cfg_path.read_text())))
+    ckpt.load_into(model, folder / MODEL_FILE, "rf_cifar UNet")
+    return model.to(device).eval()
+
+
+def load_generator(folder: str | Path, device: str = "auto", **overrides: Any) -> RFGenerator:
+    """Entry point ``distill.generators:rf_cifar``: a generator folder -> ready :class:`RFGenerator`."""
+    manifest = read_generator_manifest(folder)
+    if manifest.get("family") != FAMILY:
+        raise ModelLoadError(f"{folder} holds a {manifest.get('family')!r} generator, not {FAMILY!r}; "
+                             "load it with its own family's loader")
+    model = load_model(folder, resolve_device(device))
+    keys = ("role", "default_steps", "default_guidance", "sampler", "rtol", "atol")
+    kwargs = {k: manifest[k] for k in keys if k in manifest}
+    kwargs.update({k: v for k, v in overrides.items() if k in (*keys, "batch_size")})
+    info = {k: v for k, v in manifest.items() if k not in (*keys, "family")}
+    return RFGenerator(model, info=info, **kwargs)

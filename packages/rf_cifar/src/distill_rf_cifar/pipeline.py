@@ -1,0 +1,175 @@
+"""The main job, ``distill rf pipeline``: teacher -> pairs -> four-step and one-step students -> FID-vs-NFE and
+latency -> MLflow registry (teacher and students as pyfunc models) -> champion -> one table.
+
+Registry layout: teachers are versions of ``rf_cifar-teacher`` and students (tagged with their recipe) versions of
+``rf_cifar-student``. The student ``champion`` is the version with the best FID at <= 4 steps (distill_common
+.promotion over the ``eval.s{steps}.fid`` tags), i.e. the model to serve when only a few steps are affordable; the
+teacher ``champion`` is the best teacher at any step count. Keeping the teacher out of the student name means a
+student champion is always a distilled model, compared only with other students under the same protocol.
+
+Every stage writes into ``<output-dir>/<stage>`` and records itself in ``stage.json``, so a rerun of the same
+command skips what is finished, resumes what was cut off, and reuses registered versions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from distill_common import checkpoint as ckpt
+from distill_common import tracking
+from distill_common.config import save_config
+from distill_common.errors import DistillError
+from distill_rf_cifar.config import PipelineConfig, distill_config, evaluate_config, pairs_config, teacher_config
+from distill_rf_cifar.generator import weights_sha256
+from distill_rf_cifar.stages import StageOutcome, distill_student, evaluate, make_pairs, stage_summary, train_teacher
+
+STUDENTS = ("four_step", "one_step")
+
+
+@dataclass
+class PipelineResult:
+    folder: Path
+    finished: bool
+    seconds: float
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    outcomes: dict[str, StageOutcome] = field(default_factory=dict)
+    versions: dict[str, tuple[str, str]] = field(default_factory=dict)  # label -> (registered name, version)
+    champions: dict[str, str] = field(default_factory=dict)  # registered name -> champion version or reason
+    grid_path: Path | None = None
+    plot_paths: list[Path] = field(default_factory=list)
+    report_paths: dict[str, Path] = field(default_factory=dict)
+    protocol: dict[str, Any] | None = None
+    ui_command: str | None = None
+
+
+def _register(name: str, outcome: StageOutcome, tags: dict[str, Any]) -> str:
+    """Register the stage's logged model, or reuse the version already holding these exact weights."""
+    sha = weights_sha256(outcome.generator_dir)
+    try:
+        for v in tracking.list_versions(name):
+            if v.tags.get("generator.sha256") == sha:
+                return v.version
+    except DistillError:
+        pass  # the registered model does not exist yet
+    if outcome.model_uri is None:
+        raise DistillError(f"{outcome.folder} was trained without tracking, so it has no logged model to register; "
+                           "rerun with --track or delete the folder")
+    return tracking.register_model(outcome.model_uri, name, tags={**tags, "generator.sha256": sha},
+                                   description=f"rf_cifar {tags.get('role')} from {outcome.folder}")
+
+
+def _promote(name: str, max_steps: int | None) -> str:
+    from distill_common import promotion
+
+    try:
+        decision = promotion.decide(name, "fid", max_steps=max_steps)
+    except DistillError as exc:  # e.g. older versions measured under another protocol
+        return f"unchanged ({exc})"
+    promotion.apply(decision)
+    champion = tracking.version_by_alias(name, tracking.CHAMPION)
+    return f"v{champion.version}" + ("" if decision.promote else f" ({decision.reason})") if champion else decision.reason
+
+
+def run_pipeline(cfg: PipelineConfig, *, console: Console | None = None, progress: bool = True) -> PipelineResult:
+    """Run (or resume) every stage; see the module docstring."""
+    from distill_common.registry_cli import ui_hint
+    from distill_rf_cifar.evaluation import registry_tags
+
+    console = console or Console()
+    start = time.perf_counter()
+    out = cfg.folder
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "pipeline_config.yaml")
+    result = PipelineResult(out, False, 0.0)
+    with tracking.start_run(cfg.experiment, f"pipeline-{cfg.run_name}", config=cfg, tags={"stage": "pipeline"},
+                            fallback_dir=out, enabled=cfg.track) as parent:
+        console.rule(f"[bold]1/5 teacher[/] → {out / 'teacher'}")
+        teacher = train_teacher(teacher_config(cfg, out / "teacher"), console=console, progress=progress, nested=True)
+        result.outcomes["teacher"] = teacher
+        if not teacher.finished:
+            result.seconds = time.perf_counter() - start
+            return result
+        console.rule(f"[bold]2/5 pairs[/] → {out / 'pairs'}")
+        result.outcomes["pairs"] = make_pairs(pairs_config(cfg, teacher.generator_dir, out / "pairs"), console=console,
+                                              progress=progress, nested=True)
+        for i, recipe in enumerate(STUDENTS):
+            console.rule(f"[bold]{3 + i}/5 student {recipe}[/] → {out / 'students' / recipe}")
+            student = distill_student(distill_config(cfg, recipe, teacher.generator_dir, out / "pairs",
+                                                     out / "students" / recipe), console=console, progress=progress,
+                                      nested=True)
+            result.outcomes[recipe] = student
+            if not student.finished:
+                result.seconds = time.perf_counter() - start
+                return result
+
+        console.rule(f"[bold]5/5 FID vs NFE and latency[/] → {out / 'eval'}")
+        eval_cfg = dataclasses.replace(evaluate_config(cfg), teacher=str(teacher.generator_dir),
+                                       students=[f"{r}={result.outcomes[r].generator_dir}" for r in STUDENTS],
+                                       output_dir=out / "eval")
+        sweep, eval_run = evaluate(eval_cfg, console=console, progress=progress, nested=True)
+        result.rows, result.protocol = sweep.rows, sweep.protocol
+        result.grid_path, result.plot_paths, result.report_paths = sweep.grid_path, sweep.plot_paths, sweep.report_paths
+
+        if cfg.track and cfg.registry.register:
+            names = {"teacher": cfg.registry.teacher_name, **{r: cfg.registry.student_name for r in STUDENTS}}
+            for label, name in names.items():
+                outcome = result.outcomes[label]
+                tags = {"role": "teacher" if label == "teacher" else "student", "recipe": label,
+                        "pipeline.run_name": cfg.run_name, "pipeline.output_dir": str(out.resolve()),
+                        "params": outcome.info.get("parameters")}
+                version = _register(name, outcome, tags)
+                tracking.set_version_tags(name, version, {**registry_tags(sweep.rows, label, sweep.protocol),
+                                                          "eval.run_id": eval_run})
+                result.versions[label] = (name, version)
+            result.champions[cfg.registry.student_name] = _promote(cfg.registry.student_name, cfg.registry.max_steps)
+            result.champions[cfg.registry.teacher_name] = _promote(cfg.registry.teacher_name, None)
+        result.finished = True
+        result.seconds = time.perf_counter() - start
+        result.ui_command = ui_hint() if cfg.track else None
+        summary = {"finished": True, "seconds": round(result.seconds, 1), "rows": result.rows,
+                   "protocol": result.protocol, "versions": result.versions, "champions": result.champions,
+                   "grid": str(result.grid_path), "plots": [str(p) for p in result.plot_paths],
+                   "stages": {k: stage_summary(v) for k, v in result.outcomes.items()}}
+        ckpt.write_json(out / "summary.json", summary)
+        parent.log_metrics({"pipeline_seconds": result.seconds})
+        parent.log_artifact(out / "summary.json", "pipeline")
+        if result.grid_path:
+            parent.log_artifact(result.grid_path, "pipeline")
+        parent.set_tags({f"registry.{label}": f"{n}/{v}" for label, (n, v) in result.versions.items()})
+    print_summary(result, cfg, console)
+    return result
+
+
+def print_summary(result: PipelineResult, cfg: PipelineConfig, console: Console) -> None:
+    """The main job's table: model, steps, FID, ms/image, speed-up vs the teacher at its default steps."""
+    teacher_steps = cfg.sampling.steps
+    table = Table(title=f"rf_cifar pipeline '{cfg.run_name}': FID ({result.protocol['reference_set']}, "
+                        f"{result.protocol['generated_n']} generated vs {result.protocol['reference_n']} reference) "
+                        f"and latency (speed-up vs teacher at {teacher_steps} Euler steps)")
+    for col, justify in (("model", "left"), ("registry", "left"), ("sampler", "left"), ("steps", "right"),
+                         ("NFE", "right"), ("FID", "right"), ("ms/image", "right"), ("speed-up", "right")):
+        table.add_column(col, justify=justify)
+    for r in result.rows:
+        name, version = result.versions.get(r["model"], ("", ""))
+        reg = f"{name} v{version}" if name else "-"
+        best = r["model"] != "teacher" and r["steps"] is not None and r["steps"] <= cfg.registry.max_steps
+        table.add_row(r["model"], reg, r["sampler"], "-" if r["steps"] is None else str(r["steps"]), f"{r['nfe']:.0f}",
+                      f"{r['fid']:.2f}", f"{r['ms_per_image']:.2f}", f"{r['speedup_vs_teacher']:.1f}×",
+                      style="bold" if best else None)
+    console.print(table)
+    for name, champ in result.champions.items():
+        console.print(f"champion of [bold]{name}[/]: {champ}", highlight=False)
+    console.print(f"comparison grid: {result.grid_path}", highlight=False)
+    for p in result.plot_paths:
+        console.print(f"plot: {p}", highlight=False)
+    console.print(f"report: {result.report_paths.get('md')}", highlight=False)
+    if result.ui_command:
+        console.print(f"MLflow UI: {result.ui_command}", highlight=False)
+    console.print(f"pipeline finished in {result.seconds / 60:.1f} min ({result.folder})", highlight=False)

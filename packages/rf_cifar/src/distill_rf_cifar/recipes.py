@@ -1,0 +1,185 @@
+"""Named recipes: each is a list of phases (a loss, a data set, a share of the steps) run by the one training loop.
+
+=============  =========  ===========================================================================  =======
+recipe         data       phases                                                                       steps
+=============  =========  ===========================================================================  =======
+teacher        images     RectifiedFlowLoss (random init)                                              N
+one_step       pairs      PairDistillationLoss: t = 0, L2 or LPIPS (Liu et al. 2023)                   1
+four_step      pairs      KStepDistillationLoss: t on the k fixed points of k-step Euler (k = 4)       k
+reflow         pairs      ReflowLoss (2-RF, Liu et al. 2023), then PairDistillationLoss on the pairs   1
+progressive    images     ProgressiveDistillationLoss rounds 32 -> 16 -> 8 -> 4 (Salimans & Ho 2022)   end
+=============  =========  ===========================================================================  =======
+
+Students start from the teacher's weights; each phase starts from the previous phase's EMA weights; a
+progressive round's frozen teacher is the previous round's student. The reflow recipe distils on the first
+teacher's pairs rather than on fresh 2-RF pairs (Liu et al. regenerate them), so it needs one pair set only.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from distill_common import checkpoint as ckpt
+from distill_common.errors import ConfigError, unknown_choice
+from distill_rf_cifar.config import FlowConfig, LoopConfig, RecipeConfig
+from distill_rf_cifar.losses import (
+    KStepDistillationLoss,
+    PairDistillationLoss,
+    ProgressiveDistillationLoss,
+    RectifiedFlowLoss,
+    ReflowLoss,
+)
+from distill_rf_cifar.training.data import TrainingData
+from distill_rf_cifar.training.loop import MODEL_FILE, SampleFn, TrainingCallback, TrainResult, train
+
+FINAL = "final"
+
+
+@dataclass
+class Phase:
+    name: str
+    data: str  # "images" | "pairs"
+    make_loss: Callable[[nn.Module], nn.Module]  # the model at the phase's start -> its loss
+    steps: int
+    sample_steps: int  # the step count the model samples with after this phase
+    guidance: float = 1.0  # the CFG scale it samples with
+
+
+def _teacher(opts: RecipeConfig, flow: FlowConfig, steps: int, teacher_steps: int, guidance: float) -> list[Phase]:
+    return [Phase("teacher", "images", lambda _: RectifiedFlowLoss(flow.time_sampler, flow.label_dropout), steps,
+                  teacher_steps, guidance)]
+
+
+def _one_step(opts: RecipeConfig, flow: FlowConfig, steps: int, teacher_steps: int, guidance: float) -> list[Phase]:
+    return [Phase("one_step", "pairs", lambda _: PairDistillationLoss(opts.distance, opts.lpips_resize), steps, 1)]
+
+
+def _four_step(opts: RecipeConfig, flow: FlowConfig, steps: int, teacher_steps: int, guidance: float) -> list[Phase]:
+    return [Phase("four_step", "pairs", lambda _: KStepDistillationLoss(opts.k, "l2"), steps, opts.k)]
+
+
+def _reflow(opts: RecipeConfig, flow: FlowConfig, steps: int, teacher_steps: int, guidance: float) -> list[Phase]:
+    if not 0 < opts.reflow_fraction < 1:
+        raise ConfigError(f"reflow_fraction must lie in (0, 1), got {opts.reflow_fraction}; e.g. --options-reflow-fraction 0.5")
+    first = max(1, int(round(steps * opts.reflow_fraction)))
+    return [
+        Phase("reflow", "pairs", lambda _: ReflowLoss(opts.time_sampler), first, teacher_steps),
+        Phase("distill", "pairs", lambda _: PairDistillationLoss(opts.distance, opts.lpips_resize), max(1, steps - first), 1),
+    ]
+
+
+def _progressive(opts: RecipeConfig, flow: FlowConfig, steps: int, teacher_steps: int, guidance: float) -> list[Phase]:
+    n, end = opts.progressive_start, opts.progressive_end
+    if end < 1 or n <= end or n & (n - 1) or end & (end - 1):
+        raise ConfigError(f"progressive distillation halves from {n} to {end} steps; pass powers of two with "
+                          "--options-progressive-start > --options-progressive-end (e.g. 32 and 4)")
+    rounds = []
+    while n > end:
+        rounds.append(n)
+        n //= 2
+    per_round = max(1, steps // len(rounds))
+
+    def make(n_teacher: int, w: float) -> Callable[[nn.Module], nn.Module]:
+        return lambda start: ProgressiveDistillationLoss(copy.deepcopy(start), n_teacher, w)
+
+    # the first round queries the CFG teacher; later rounds a student that learned the guided velocity
+    return [Phase(f"round{i + 1}_{n_t}to{n_t // 2}", "images", make(n_t, guidance if i == 0 else 1.0), per_round, n_t // 2)
+            for i, n_t in enumerate(rounds)]
+
+
+RECIPES: dict[str, Callable[..., list[Phase]]] = {
+    "teacher": _teacher,
+    "one_step": _one_step,
+    "four_step": _four_step,
+    "reflow": _reflow,
+    "progressive": _progressive,
+}
+
+
+def build_recipe(name: str, options: RecipeConfig, flow: FlowConfig, steps: int, *, teacher_steps: int = 32,
+                 guidance: float = 1.0) -> list[Phase]:
+    """The phases of recipe ``name`` splitting ``steps`` optimiser steps."""
+    if name not in RECIPES:
+        raise unknown_choice("recipe", name, RECIPES)
+    return RECIPES[name](options, flow, steps, teacher_steps, guidance)
+
+
+def recipe_data_kinds(phases: list[Phase]) -> set[str]:
+    return {p.data for p in phases}
+
+
+class _PhaseCallback(TrainingCallback):
+    """Forward a phase's reports with its global step offset (and a metric prefix when there are several phases)."""
+
+    def __init__(self, inner: TrainingCallback, offset: int, prefix: str) -> None:
+        self.inner, self.offset, self.prefix = inner, offset, prefix
+
+    def on_metrics(self, step: int, metrics: dict[str, float]) -> None:
+        self.inner.on_metrics(self.offset + step, {f"{self.prefix}{k}": v for k, v in metrics.items()})
+
+    def on_samples(self, step: int, images: torch.Tensor) -> None:
+        self.inner.on_samples(self.offset + step, images)
+
+    def on_checkpoint(self, step: int, folder: Path) -> None:
+        self.inner.on_checkpoint(self.offset + step, folder)
+
+
+@dataclass
+class RecipeRun:
+    model: nn.Module  # EMA weights of the last finished phase
+    finished: bool
+    results: list[TrainResult]
+    last_phase: Phase
+
+
+def run_recipe(
+    phases: list[Phase],
+    model: nn.Module,
+    loop: LoopConfig,
+    data: dict[str, TrainingData],
+    output_dir: str | Path,
+    *,
+    callback: TrainingCallback | None = None,
+    sample_fn: Callable[[Phase], SampleFn] | None = None,
+    progress: bool = True,
+) -> RecipeRun:
+    """Run the phases in order; a finished phase (``<phase>/final/model.safetensors``) is loaded, not retrained.
+
+    ``loop.stop_at_step`` counts steps over all phases.
+    """
+    out = Path(output_dir)
+    callback = callback or TrainingCallback()
+    offset, results = 0, []
+    for i, phase in enumerate(phases):
+        folder = out / phase.name
+        final = folder / FINAL / MODEL_FILE
+        if final.is_file():
+            ckpt.load_into(model, final, "model")
+            offset += phase.steps
+            continue
+        stop = loop.stop_at_step
+        if stop is not None and stop <= offset:
+            return RecipeRun(model, False, results, phase)
+        cfg = dataclasses.replace(loop, steps=phase.steps, seed=loop.seed + i,
+                                  stop_at_step=None if stop is None else stop - offset)
+        if phase.data not in data:
+            raise ConfigError(f"phase {phase.name!r} needs {phase.data} data, which was not provided")
+        result, model, ema = train(cfg, model, phase.make_loss(model), data[phase.data], folder,
+                                   callback=_PhaseCallback(callback, offset, f"{phase.name}/" if len(phases) > 1 else ""),
+                                   sample_fn=sample_fn(phase) if sample_fn else None, progress=progress,
+                                   description=phase.name)
+        results.append(result)
+        if not result.finished:
+            return RecipeRun(model, False, results, phase)
+        ema.copy_to(model)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        ckpt.save_weights(model.state_dict(), final)
+        offset += phase.steps
+    return RecipeRun(model, True, results, phases[-1])

@@ -1,0 +1,308 @@
+"""The stages behind ``distill rf`` commands: train a teacher, make pairs, distil a student, sample, evaluate.
+
+Each stage reads its typed config, does its work through the package's components, logs to MLflow through
+distill_common.tracking (the only place mlflow is touched) and records what it produced in ``stage.json``
+in its output folder, so a rerun skips finished work and resumes unfinished work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+
+from distill_common import checkpoint as ckpt
+from distill_common import tracking
+from distill_common.config import to_dict
+from distill_common.errors import ConfigError
+from distill_common.runtime import environment_info
+from distill_rf_cifar.config import (
+    DistillConfig,
+    EvaluateConfig,
+    FlowConfig,
+    LoopConfig,
+    PairsConfig,
+    RecipeConfig,
+    SampleConfig,
+    TeacherConfig,
+)
+from distill_rf_cifar.generator import RFGenerator, load_model, save_generator, weights_sha256
+from distill_rf_cifar.models.unet import build_unet, count_parameters
+from distill_rf_cifar.recipes import Phase, build_recipe, recipe_data_kinds, run_recipe
+from distill_rf_cifar.training.loop import TrainingCallback
+
+STAGE_FILE = "stage.json"
+GENERATOR_DIR = "generator"
+# Loop options that do not change the trained weights (a rerun with other values resumes the same run).
+_NON_SEMANTIC = {"stop_at_step", "log_every", "sample_every", "checkpoint_every", "keep_checkpoints",
+                 "log_checkpoints", "device", "precision"}
+
+
+@dataclass
+class StageOutcome:
+    name: str
+    folder: Path
+    finished: bool
+    generator_dir: Path | None = None
+    model_uri: str | None = None
+    run_id: str | None = None
+    skipped: bool = False
+    seconds: float = 0.0
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+class TrackingCallback(TrainingCallback):
+    """Training reports -> MLflow: metrics under ``train/``, sample grids, checkpoint weights as artifacts."""
+
+    def __init__(self, run: tracking.TrackingRun, samples_dir: Path, log_checkpoints: bool = True) -> None:
+        self.run, self.samples_dir, self.log_checkpoints = run, samples_dir, log_checkpoints
+
+    def on_metrics(self, step: int, metrics: dict[str, float]) -> None:
+        self.run.log_metrics({f"train/{k}": v for k, v in metrics.items()}, step=step)
+
+    def on_samples(self, step: int, images: torch.Tensor) -> None:
+        from distill_eval.grids import image_grid
+
+        grid = image_grid(images, ncols=10)
+        self.samples_dir.mkdir(parents=True, exist_ok=True)
+        grid.save(self.samples_dir / f"step_{step:07d}.png")
+        self.run.log_image(grid, f"samples/step_{step:07d}.png")
+
+    def on_checkpoint(self, step: int, folder: Path) -> None:
+        if self.log_checkpoints:
+            for name in ("model.safetensors", "ema.safetensors"):
+                self.run.log_artifact(folder / name, f"checkpoints/{folder.name}")
+
+
+def config_hash(cfg: Any) -> str:
+    """Hash of the options that determine the trained weights (loop bookkeeping and devices excluded)."""
+
+    def strip(d: Any) -> Any:
+        if isinstance(d, dict):
+            return {k: strip(v) for k, v in d.items()
+                    if k not in _NON_SEMANTIC | {"data_root", "track", "experiment", "run_name", "output_dir"}}
+        return d
+
+    return hashlib.sha256(json.dumps(strip(to_dict(cfg)), sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _read_stage(folder: Path) -> dict[str, Any]:
+    path = folder / STAGE_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _check_same_config(folder: Path, stage: dict[str, Any], digest: str, what: str) -> None:
+    if stage.get("config_hash") not in (None, digest):
+        raise ConfigError(f"{folder} holds a {what} trained with other options (config hash {stage['config_hash']} vs "
+                          f"{digest}); pass a new --output-dir or delete {folder}")
+
+
+def _samples_fn(num_classes: int) -> Any:
+    """A SampleFn per phase: 2 images per class (seeds 0..19) at the phase's step count and guidance."""
+
+    def for_phase(phase: Phase):
+        labels = [i % max(num_classes, 1) for i in range(2 * max(num_classes, 1))]
+
+        def sample(model: torch.nn.Module) -> torch.Tensor:
+            gen = RFGenerator(model, default_steps=phase.sample_steps, default_guidance=phase.guidance)
+            return gen.generate(labels, seeds=list(range(len(labels))))
+
+        return sample
+
+    return for_phase
+
+
+def _train_recipe(name: str, phases: list[Phase], model: torch.nn.Module, loop: LoopConfig, data: dict[str, Any],
+                  folder: Path, cfg: Any, run_name: str, tags: dict[str, Any], export: dict[str, Any],
+                  progress: bool, console: Console, nested: bool = False) -> StageOutcome:
+    """Shared by teacher and students: run the recipe under an MLflow run, export and log the generator."""
+    start = time.perf_counter()
+    stage = _read_stage(folder)
+    gen_dir = folder / GENERATOR_DIR
+    digest = config_hash(cfg)
+    _check_same_config(folder, stage, digest, name)
+    if stage.get("finished") and (gen_dir / "generator.json").is_file():
+        console.print(f"[green]✓[/] {name}: already trained ({gen_dir}); skipping")
+        return StageOutcome(name, folder, True, gen_dir, stage.get("model_uri"), stage.get("run_id"), skipped=True,
+                            info=stage.get("info", {}))
+    tags = {**tags, "config_hash": digest}
+    if stage.get("run_id"):
+        tags["resumes_run"] = stage["run_id"]  # an earlier, unfinished run of this folder
+    with tracking.start_run(cfg.experiment, run_name, config=cfg, tags=tags, fallback_dir=folder,
+                            enabled=cfg.track, nested=nested) as run:
+        ckpt.write_json(folder / STAGE_FILE, {"config_hash": digest, "run_id": run.run_id, "finished": False})
+        params = count_parameters(model)
+        run.log_params({"model.parameters": params, "model.megabytes_fp32": round(params * 4 / 1e6, 2),
+                        "phases": ",".join(f"{p.name}:{p.steps}" for p in phases)})
+        callback = TrackingCallback(run, folder / "samples", loop.log_checkpoints)
+        result = run_recipe(phases, model, loop, data, folder, callback=callback,
+                            sample_fn=_samples_fn(model.num_classes), progress=progress)
+        info = {"parameters": params, "steps": sum(p.steps for p in phases),
+                "steps_per_second": [round(r.steps_per_second, 3) for r in result.results]}
+        if not result.finished:
+            console.print(f"[yellow]{name}: stopped at --stop-at-step {loop.stop_at_step}; rerun to resume[/]")
+            return StageOutcome(name, folder, False, run_id=run.run_id, seconds=time.perf_counter() - start, info=info)
+        save_generator(gen_dir, result.model, **export)
+        model_uri = tracking.log_generator_model(run, gen_dir) if run.enabled else None
+        run.set_tags({"generator.sha256": weights_sha256(gen_dir)})
+        ckpt.write_json(folder / STAGE_FILE, {"config_hash": digest, "run_id": run.run_id, "finished": True,
+                                              "model_uri": model_uri, "generator": str(gen_dir), "info": info})
+    return StageOutcome(name, folder, True, gen_dir, model_uri, run.run_id, seconds=time.perf_counter() - start,
+                        info=info)
+
+
+def train_teacher(cfg: TeacherConfig, *, console: Console | None = None, progress: bool = True,
+                  nested: bool = False) -> StageOutcome:
+    """Rectified-flow teacher on CIFAR-10 from random weights (recipe ``teacher``)."""
+    from distill_rf_cifar.training.data import load_cifar_training_data
+
+    console = console or Console()
+    folder = Path(cfg.output_dir)
+    torch.manual_seed(cfg.train.seed)  # the initial weights
+    model = build_unet(cfg.model)
+    phases = build_recipe("teacher", RecipeConfig(), cfg.flow, cfg.train.steps, teacher_steps=cfg.sampling.steps,
+                          guidance=cfg.sampling.guidance)
+    stage = _read_stage(folder)
+    data = {}
+    if not stage.get("finished"):
+        data["images"] = load_cifar_training_data(cfg.data.resolved_root(), cfg.data.source, cfg.data.limit,
+                                                  cfg.data.random_flip, show_progress=progress)
+    export = dict(role="teacher", default_steps=cfg.sampling.steps, default_guidance=cfg.sampling.guidance,
+                  sampler=cfg.sampling.sampler, rtol=cfg.sampling.rtol, atol=cfg.sampling.atol, recipe="teacher",
+                  time_sampler=cfg.flow.time_sampler, label_dropout=cfg.flow.label_dropout, train_steps=cfg.train.steps)
+    return _train_recipe("teacher", phases, model, cfg.train, data, folder, cfg, cfg.run_name,
+                         {"stage": "train-teacher", "recipe": "teacher"}, export, progress, console, nested)
+
+
+def make_pairs(cfg: PairsConfig, *, console: Console | None = None, progress: bool = True,
+               run_name: str = "make-pairs", nested: bool = False) -> StageOutcome:
+    """Teacher ODE pairs into resumable shards (see pairs.py)."""
+    from distill_rf_cifar.pairs import MANIFEST, make_pairs as generate
+
+    console = console or Console()
+    start = time.perf_counter()
+    folder = Path(cfg.output_dir)
+    with tracking.start_run(cfg.experiment, run_name, config=cfg, tags={"stage": "make-pairs"}, fallback_dir=folder,
+                            enabled=cfg.track, nested=nested) as run:
+        result = generate(cfg, progress=progress)
+        seconds = time.perf_counter() - start
+        run.log_metrics({"pairs": result.manifest["num_pairs"], "shards_generated": result.generated_shards,
+                         "seconds": seconds})
+        run.set_tags({"teacher.sha256": result.manifest["teacher_sha256"]})
+        run.log_artifact(folder / MANIFEST, "pairs")
+    if result.generated_shards == 0:
+        console.print(f"[green]✓[/] pairs: all {result.manifest['num_pairs']} already in {folder}; nothing to do")
+    return StageOutcome("pairs", folder, True, run_id=run.run_id, skipped=result.generated_shards == 0,
+                        seconds=seconds, info={"num_pairs": result.manifest["num_pairs"],
+                                               "shards_generated": result.generated_shards})
+
+
+def distill_student(cfg: DistillConfig, *, console: Console | None = None, progress: bool = True,
+                    nested: bool = False) -> StageOutcome:
+    """A student from the teacher's weights by recipe ``cfg.recipe`` (see recipes.py)."""
+    from distill_rf_cifar.generator import load_generator
+    from distill_rf_cifar.pairs import check_teacher, load_pairs
+    from distill_rf_cifar.training.data import load_cifar_training_data
+
+    console = console or Console()
+    folder = cfg.folder
+    teacher = load_generator(cfg.teacher, device="cpu")
+    phases = build_recipe(cfg.recipe, cfg.options, FlowConfig(), cfg.train.steps,
+                          teacher_steps=teacher.default_steps, guidance=teacher.default_guidance)
+    kinds = recipe_data_kinds(phases)
+    manifest = check_teacher(cfg.pairs, cfg.teacher) if "pairs" in kinds else None  # refuse before any work
+    stage = _read_stage(folder)
+    data: dict[str, Any] = {}
+    if not stage.get("finished"):
+        if "pairs" in kinds:
+            data["pairs"] = load_pairs(cfg.pairs)
+        if "images" in kinds:
+            data["images"] = load_cifar_training_data(cfg.data.resolved_root(), cfg.data.source, cfg.data.limit,
+                                                      cfg.data.random_flip, show_progress=progress)
+    model = load_model(cfg.teacher)  # every student starts from the teacher's weights
+    export = dict(role=cfg.recipe, default_steps=phases[-1].sample_steps, default_guidance=1.0, sampler="euler",
+                  recipe=cfg.recipe, teacher_sha256=weights_sha256(cfg.teacher), teacher=str(Path(cfg.teacher).resolve()),
+                  teacher_guidance=teacher.default_guidance, train_steps=cfg.train.steps,
+                  pairs_teacher_sha256=manifest["teacher_sha256"] if manifest else None)
+    tags = {"stage": "distill", "recipe": cfg.recipe, "teacher.sha256": export["teacher_sha256"]}
+    return _train_recipe(cfg.recipe, phases, model, cfg.train, data, folder, cfg, cfg.run_name or f"distill-{cfg.recipe}",
+                         tags, export, progress, console, nested)
+
+
+def sample(cfg: SampleConfig, *, console: Console | None = None) -> Path:
+    """PNG per image (``class{c}_seed{s}.png``) and ``grid.png`` (rows = classes, columns = seeds)."""
+    from distill_common.generator import load_generator
+    from distill_eval.grids import image_grid
+    from PIL import Image
+
+    console = console or Console()
+    gen = load_generator(cfg.generator, device=cfg.device)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    conditions = [c for c in cfg.classes for _ in range(cfg.per_class)]
+    seeds = [cfg.seed + j for _ in cfg.classes for j in range(cfg.per_class)]
+    kwargs = {"sampler": cfg.sampler} if cfg.sampler else {}
+    images = gen.generate(conditions, cfg.steps or gen.default_steps, seeds, cfg.guidance, **kwargs)  # (N, 3, 32, 32)
+    for img, c, s in zip(images, conditions, seeds):
+        arr = (img.permute(1, 2, 0).numpy() * 255).round().astype("uint8")
+        Image.fromarray(arr).save(out / f"class{c}_seed{s}.png")
+    image_grid(images, ncols=cfg.per_class).save(out / "grid.png")
+    console.print(f"wrote {len(conditions)} images and {out / 'grid.png'} "
+                  f"({cfg.steps or gen.default_steps} steps, NFE {getattr(gen, 'last_nfe', '?')})")
+    return out / "grid.png"
+
+
+def evaluate(cfg: EvaluateConfig, *, console: Console | None = None, progress: bool = True,
+             run_name: str = "evaluate", nested: bool = False) -> tuple[Any, str | None]:
+    """FID-vs-NFE sweep of a teacher and students; logs an MLflow run and stamps evaluated registry versions."""
+    from distill_common.generator import load_generator
+    from distill_rf_cifar.evaluation import registry_tags, run_sweep
+
+    console = console or Console()
+    teacher = ("teacher", load_generator(cfg.teacher, device=cfg.device))
+    students = []
+    for spec in cfg.students:
+        if "=" not in spec:
+            raise ConfigError(f"student {spec!r} has no label; pass LABEL=FOLDER_OR_URI (e.g. four_step=runs/.../generator)")
+        label, src = spec.split("=", 1)
+        students.append((label, load_generator(src, device=cfg.device)))
+    out = Path(cfg.output_dir)
+    with tracking.start_run(cfg.experiment, run_name, config=cfg, tags={"stage": "evaluate"}, fallback_dir=out,
+                            enabled=cfg.track, nested=nested) as run:
+        result = run_sweep(teacher, students, cfg.eval, out, data_root=cfg.data_root, console=console, progress=progress)
+        for r in result.rows:
+            run.log_metrics({f"{r['key']}.{k}": r[k] for k in ("fid", "kid", "nfe", "ms_per_image", "speedup_vs_teacher")})
+        run.set_tags({f"protocol.{k}": v for k, v in result.protocol.items()} | {"env.device_name": environment_info()["device_name"]})
+        for p in [*result.report_paths.values(), result.grid_path, *result.plot_paths]:
+            run.log_artifact(p, "eval")
+        for label, src in [("teacher", cfg.teacher), *[s.split("=", 1) for s in cfg.students]]:
+            if src.startswith("models:/"):
+                name, version = registry_version(src)
+                if name:
+                    tracking.set_version_tags(name, version, {**registry_tags(result.rows, label, result.protocol),
+                                                              "eval.run_id": run.run_id})
+    return result, run.run_id
+
+
+def registry_version(uri: str) -> tuple[str | None, str | None]:
+    """``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` -> (name, version); (None, None) when unresolvable."""
+    body = uri.removeprefix("models:/")
+    if "@" in body:
+        name, alias = body.split("@", 1)
+        info = tracking.version_by_alias(name, alias)
+        return (name, info.version) if info else (None, None)
+    if "/" in body:
+        name, version = body.split("/", 1)
+        return name, version
+    return None, None
+
+
+def stage_summary(outcome: StageOutcome) -> dict[str, Any]:
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(outcome).items()}

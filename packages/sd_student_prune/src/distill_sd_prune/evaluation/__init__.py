@@ -1,0 +1,1 @@
+"""Evaluation: periodic FID/LPIPS during training, ``distill prune evaluate``, and per-budget champions."""

@@ -1,0 +1,224 @@
+"""``distill prune evaluate``: students against their teacher at equal seeds through the shared benchmark
+(``distill_eval.benchmark``: FID on COCO val, LPIPS to the teacher's image at the same seed, time per image), plus
+the UNet's parameters and MACs per call and CLIPScore when a CLIP model is given, at the headline setting (the
+first of ``--steps`` and ``--guidance``: 25 DDPM steps, CFG 5) and at the others. Registered students get their
+headline numbers stamped (``eval.s{steps}.*``) and the per-budget champion aliases move."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from distill_common.config import option
+from distill_common.errors import ConfigError
+from distill_common.runtime import DEVICES
+from distill_sd_prune.sampling.pipeline import SAMPLERS
+from distill_sd_prune.training.config import DEFAULT_TEACHER
+
+
+@dataclass
+class EvaluateConfig:
+    """Options of ``distill prune evaluate``."""
+
+    generators: list[str] = option([], "Students: generator folders, runs:/ID/PATH or models:/NAME@ALIAS (LABEL=URI "
+                                   "names one).")
+    teacher_model: str = option(DEFAULT_TEACHER, "The teacher: hub id or local diffusers folder.")
+    resolution: int | None = option(None, "Image resolution (default: the first student's).")
+    steps: list[int] = option([25], "Sampler step counts; the first is the headline.")
+    guidance: list[float] = option([5.0], "CFG scales; the first is the headline.")
+    scheduler: str = option("ddpm", "Sampler for every model.", choices=tuple(SAMPLERS))
+    num_images: int = option(64, "Images per (model, steps, guidance): seeded COCO val captions as prompts.")
+    seed: int = option(0, "First seed (and prompt-subset seed).")
+    reference: str = option("coco-val2017", "FID reference set.")
+    reference_n: int | None = option(None, "Reference images used (default: all of the set).")
+    clip_model: str | None = option(None, "CLIP model for CLIPScore: a hub id in the cache or a local folder.")
+    lpips_net: str = option("alex", "LPIPS backbone.", choices=("alex", "vgg"))
+    batch_size: int = option(8, "Generation and timing batch size.")
+    timing_repeats: int = option(3, "Timed batches per configuration.")
+    output_dir: Path = option(Path("runs/prune/evaluate"), "Images, reports, grids and plots go here.")
+    data_root: Path | None = option(None, "Data root (default: $DISTILL_DATA_ROOT).")
+    experiment: str = option("sd_student_prune-eval", "MLflow experiment of the evaluation run.")
+    track: bool = option(True, "Log the evaluation to MLflow and stamp registered versions.")
+    promote: bool = option(True, "Move champion-<budget> aliases of the registered model after stamping.")
+    registered_name: str = option("sd_student_prune", "Registered model whose champions are promoted.")
+    device: str = option("auto", "Device.", choices=DEVICES)
+
+    def validate(self) -> None:
+        if not self.generators:
+            raise ConfigError("nothing to evaluate; pass --generators FOLDER_OR_URI [...]")
+        if not self.steps or not self.guidance:
+            raise ConfigError("pass at least one --steps and one --guidance value")
+        if self.num_images < 2:
+            raise ConfigError("FID needs at least 2 images; pass --num-images 2 or more")
+
+
+def _label(spec: str) -> tuple[str, str]:
+    from distill_eval.benchmark import parse_generator_spec
+
+    return parse_generator_spec(spec)
+
+
+def evaluate(cfg: EvaluateConfig, tracking_run: Any = None, console: Any = None) -> dict[str, Any]:
+    """Run the evaluation; returns ``{"rows": [...], "report": paths, "champions": [...]}``."""
+    from rich.console import Console
+
+    from distill_common.generator import load_generator
+    from distill_eval.benchmark import BenchmarkConfig, load_png_folder, run_benchmark
+    from distill_eval.reports import write_report
+    from distill_sd_prune.architecture.complexity import count_parameters, unet_macs
+    from distill_sd_prune.sampling.generator import write_teacher_folder
+
+    console = console or Console()
+    out = Path(cfg.output_dir)
+    loaded: dict[str, Any] = {}
+
+    def loader(uri: str) -> Any:
+        if uri not in loaded:
+            loaded[uri] = load_generator(uri, device=cfg.device, scheduler=cfg.scheduler, batch_size=cfg.batch_size)
+        return loaded[uri]
+
+    students = [_label(spec) for spec in cfg.generators]
+    resolution = cfg.resolution or int(loader(students[0][1]).resolution)
+    teacher_dir = write_teacher_folder(out / "teacher_generator", cfg.teacher_model, resolution)
+    for label, uri in students:
+        if int(loader(uri).resolution) != resolution:
+            raise ConfigError(f"{label} generates {loader(uri).resolution}px images but the evaluation runs at "
+                              f"{resolution}px; evaluate models of one resolution together")
+    complexity: dict[str, dict[str, Any]] = {}
+    for label, uri in [("teacher", str(teacher_dir)), *students]:
+        gen = loader(uri)
+        latent = resolution // (2 ** (len(gen.pipe.vae.config.block_out_channels) - 1))
+        macs = unet_macs(gen.unet.config, latent)
+        complexity[label] = {"params": count_parameters(gen.unet), "gmacs": macs.total / 1e9,
+                             "gmacs_conv_linear": macs.conv_linear / 1e9, "budget": gen.info.get("budget", "")}
+
+    fid_scorer = _FidScorer(cfg, resolution) if cfg.reference != "none" else None
+    rows: list[dict[str, Any]] = []
+    for g_index, guidance in enumerate(cfg.guidance):
+        bcfg = BenchmarkConfig(
+            generators=[f"{label}={uri}" for label, uri in students], teacher=f"teacher={teacher_dir}",
+            teacher_steps=cfg.steps[0], steps=list(cfg.steps), num_images=cfg.num_images, seed=cfg.seed,
+            guidance=guidance, reference="none", coco_prompts=cfg.num_images, clip_model=None,
+            lpips_net=cfg.lpips_net, batch_size=cfg.batch_size, timing_repeats=cfg.timing_repeats,
+            output_dir=out / f"cfg{guidance:g}", data_root=cfg.data_root, track=tracking_run is not None,
+            device=cfg.device,
+        )
+        headline = g_index == 0
+        result = run_benchmark(bcfg, loader=loader, tracking_run=tracking_run if headline else None, console=console)
+        clip = _clip_scores(cfg, result, console) if cfg.clip_model else {}
+        for row in result.rows:
+            key = f"{row['model']}_s{row['steps']}"
+            if fid_scorer is not None:
+                row.update(fid_scorer(load_png_folder(Path(result.images[key]), cfg.num_images)))
+            row.update(guidance=guidance, scheduler=cfg.scheduler, headline=headline and row["steps"] == cfg.steps[0],
+                       **complexity.get(row["model"], {}))
+            if row["model"] in clip.get(row["steps"], {}):
+                row["clip_score"] = clip[row["steps"]][row["model"]]
+            rows.append(row)
+    protocol = fid_scorer.protocol(cfg.num_images) if fid_scorer is not None else None
+    columns = ["model", "budget", "steps", "guidance", "fid", "kid", "lpips_to_teacher", "clip_score", "ms_per_image",
+               "speedup_vs_teacher", "params", "gmacs", "gmacs_conv_linear", "headline"]
+    meta = {"protocol": protocol, "scheduler": cfg.scheduler, "seeds": f"{cfg.seed}..{cfg.seed + cfg.num_images - 1}",
+            "headline": f"{cfg.steps[0]} steps, CFG {cfg.guidance[0]:g}"}
+    report = write_report(rows, out, "evaluation", columns=columns, meta=meta)
+    champions = []
+    if tracking_run is not None:
+        _log(tracking_run, cfg, rows, students, report, protocol)
+        registered = [uri for _, uri in students if uri.startswith(f"models:/{cfg.registered_name}")]
+        if cfg.promote and registered:
+            from distill_sd_prune.evaluation.champions import promote_per_budget
+
+            champions = promote_per_budget(cfg.registered_name, steps=cfg.steps[0])
+    return {"rows": rows, "report": report, "champions": champions}
+
+
+class _FidScorer:
+    """FID/KID of generated images against the reference set, both brought to 299 px by an antialiased bicubic
+    resize (COCO images are not square, so the reference needs a resize; the benchmark's default extractor has none)."""
+
+    def __init__(self, cfg: EvaluateConfig, resolution: int) -> None:
+        from distill_eval.inception import InceptionFeatureExtractor
+        from distill_eval.reference_stats import reference_stats
+        from distill_sd_prune.evaluation.periodic import FID_RESIZE
+
+        self.extractor = InceptionFeatureExtractor(resize=FID_RESIZE)
+        self.reference = reference_stats(cfg.reference, self.extractor, n=cfg.reference_n, resolution=resolution,
+                                         data_root=cfg.data_root, batch_size=cfg.batch_size, progress=False)
+        self.batch_size = cfg.batch_size
+
+    def __call__(self, images: Any) -> dict[str, float]:
+        from distill_eval.fid import score_images
+
+        result = score_images(images, self.extractor, self.reference, batch_size=self.batch_size, progress=False)
+        return {"fid": result.fid, "kid": result.kid_mean, "kid_std": result.kid_std}
+
+    def protocol(self, generated_n: int) -> dict[str, Any]:
+        return self.reference.protocol(generated_n).as_dict()
+
+
+def _clip_scores(cfg: EvaluateConfig, result: Any, console: Any) -> dict[int, dict[str, float]]:
+    """Mean CLIPScore per (steps, model) from the benchmark's saved images; {} when CLIP cannot be loaded."""
+    from distill_common.data.prompts import coco_prompt_subset
+    from distill_common.data.root import resolve_data_root
+    from distill_common.errors import DistillError
+    from distill_eval.benchmark import load_png_folder
+    from distill_eval.clip_score import CLIPScorer
+
+    try:
+        scorer = CLIPScorer.from_pretrained(cfg.clip_model, batch_size=cfg.batch_size)
+    except DistillError as exc:
+        console.print(f"[yellow]CLIPScore unavailable:[/] {exc}")
+        return {}
+    prompts = coco_prompt_subset(resolve_data_root(cfg.data_root) / "coco2017", cfg.num_images, seed=cfg.seed)
+    captions = [prompts[i % len(prompts)] for i in range(cfg.num_images)]
+    scores: dict[int, dict[str, float]] = {}
+    for key, folder in result.images.items():
+        model, steps = key.rsplit("_s", 1)
+        images = load_png_folder(Path(folder), cfg.num_images)
+        scores.setdefault(int(steps), {})[model] = float(scorer(images, captions).mean())
+    return scores
+
+
+def _log(run: Any, cfg: EvaluateConfig, rows: list[dict[str, Any]], students: list[tuple[str, str]],
+         report: dict[str, Path], protocol: dict[str, Any] | None) -> None:
+    import json
+
+    from distill_common import tracking
+
+    for row in rows:
+        prefix = f"{row['model']}.s{row['steps']}.cfg{row['guidance']:g}"
+        run.log_metrics({f"{prefix}.{k}": float(v) for k, v in row.items()
+                         if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("steps", "guidance")})
+    run.log_artifact(report["md"], "report")
+    run.log_artifact(report["json"], "report")
+    for label, uri in students:  # the benchmark stamped eval.s*.*; add the sampling setting and CLIPScore
+        name, version = registry_version(uri)
+        if name is None:
+            continue
+        stamp: dict[str, Any] = {"eval.guidance": cfg.guidance[0], "eval.sampler": cfg.scheduler, "eval.run_id": run.run_id}
+        if protocol is not None:
+            stamp["eval.protocol"] = json.dumps(protocol, sort_keys=True)
+        for row in rows:
+            if row["model"] == label and row["guidance"] == cfg.guidance[0]:
+                for metric in ("fid", "kid", "clip_score", "params", "gmacs"):
+                    if row.get(metric) is not None:
+                        stamp[f"eval.s{row['steps']}.{metric}"] = row[metric]
+        tracking.set_version_tags(name, version, {k: v for k, v in stamp.items() if v is not None})
+
+
+def registry_version(uri: str) -> tuple[str | None, str | None]:
+    """(name, version) of ``models:/NAME/VERSION`` or ``models:/NAME@ALIAS``; (None, None) otherwise."""
+    from distill_common import tracking
+
+    if not uri.startswith("models:/"):
+        return None, None
+    body = uri[len("models:/"):]
+    if "@" in body:
+        name, alias = body.split("@", 1)
+        info = tracking.version_by_alias(name, alias)
+        return (name, info.version) if info else (None, None)
+    if "/" in body:
+        name, version = body.split("/", 1)
+        return name, version
+    return None, None
