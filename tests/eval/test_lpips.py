@@ -36,10 +36,10 @@ def metric(request: pytest.FixtureRequest, cache_dir: Path) -> LPIPSMetric:
 
 @pytest.fixture(scope="module")
 def real_images(data_root: Path) -> dict[str, torch.Tensor]:
-    """Real pixels in [-1, 1]: CIFAR-10 at 32x32 and COCO center crops at 96x96."""
+    """Real pixels in [-1, 1]: CIFAR-10 at 32x32 and COCO center crops resized to 64x64."""
     cifar = Cifar10Shards(data_root, "test", limit=4, show_progress=False).uint8_images()
     files = sorted((data_root / "coco2017" / "val2017").glob("*.jpg"))[:3]
-    coco = torch.stack([to_square_uint8(decode_image(str(f), mode=ImageReadMode.RGB), 96, "bicubic") for f in files])
+    coco = torch.stack([to_square_uint8(decode_image(str(f), mode=ImageReadMode.RGB), 64, "bicubic") for f in files])
     return {name: images.float() / 127.5 - 1 for name, images in (("cifar", cifar), ("coco", coco))}
 
 

@@ -1,13 +1,13 @@
-"""`distill ui` end to end: a registry with a teacher and students, the page as a subprocess, headless Chromium.
+"""`distill ui` end to end: a registry with rf_cifar teacher and students, the page as a subprocess, headless Chromium.
 
-The page runs as a separate process, so its generators must come from a family installed for that
-process (the ``distill.generators`` entry point). Smoke-trained rf_cifar models are used when the
-rf_cifar package can build them; otherwise a small stand-in family is installed for the page
-process only, through a ``*.dist-info`` folder on its PYTHONPATH (the same mechanism a real package uses).
+The generators are real rf_cifar folders (its UNet at a tiny width, written by its own ``save_generator``,
+loaded in the page process through the ``distill.generators`` entry point); the challenger version's
+folder lacks its weights, so the page must show that model's load error and keep the others usable.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -22,44 +22,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
-FAMILY = "ui_stub"
-
-STUB_MODULE = '''
-"""A stand-in generator family for the UI test: class colour plus seeded noise, sharper with more steps."""
-import json
-from pathlib import Path
-
-import torch
-
-PALETTE = torch.tensor([[0.9, 0.2, 0.2], [0.2, 0.7, 0.2], [0.2, 0.3, 0.9], [0.9, 0.8, 0.1], [0.6, 0.3, 0.8],
-                        [0.1, 0.8, 0.8], [0.9, 0.5, 0.1], [0.5, 0.5, 0.5], [0.1, 0.4, 0.6], [0.7, 0.2, 0.5]])
-
-
-class StubGenerator:
-    family = "ui_stub"
-    condition_kind = "class"
-    resolution = 32
-
-    def __init__(self, folder, device="auto"):
-        info = json.loads((Path(folder) / "generator.json").read_text())
-        self.default_steps = int(info["default_steps"])
-        self.noise = float(info["noise"])
-
-    def generate(self, conditions, num_steps, seeds, guidance=None):
-        out = []
-        for c, s in zip(conditions, seeds):
-            g = torch.Generator().manual_seed(int(s))
-            yy, xx = torch.meshgrid(torch.linspace(-1, 1, 32), torch.linspace(-1, 1, 32), indexing="ij")
-            disk = (xx ** 2 + yy ** 2 < 0.5).float()
-            img = 0.15 + 0.8 * disk * PALETTE[int(c)].view(3, 1, 1)
-            img = img + self.noise / num_steps * torch.randn(3, 32, 32, generator=g)
-            out.append(img.clamp(0, 1))
-        return torch.stack(out)
-
-
-def load_generator(folder, device="auto", **kw):
-    return StubGenerator(folder, device)
-'''
+FAMILY = "rf_cifar"
+TEACHER, STUDENT = "rf_cifar-teacher", "rf_cifar-student"
 
 
 def free_port() -> int:
@@ -80,14 +44,17 @@ def stop_process_group(proc: subprocess.Popen) -> None:
         proc.wait(timeout=5)
 
 
-def install_stub_family(site: Path) -> None:
-    """Write the stand-in family and its entry point as an installed distribution under ``site``."""
-    site.mkdir(parents=True, exist_ok=True)
-    (site / "ui_stub_family.py").write_text(STUB_MODULE)
-    dist = site / "ui_stub_family-0.1.dist-info"
-    dist.mkdir(exist_ok=True)
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: ui-stub-family\nVersion: 0.1\n")
-    (dist / "entry_points.txt").write_text(f"[distill.generators]\n{FAMILY} = ui_stub_family:load_generator\n")
+def tiny_rf_generator(folder: Path, role: str, default_steps: int, seed: int) -> Path:
+    """An rf_cifar generator folder: the package's UNet at a tiny width (random weights), saved by rf_cifar."""
+    import torch
+    from distill_rf_cifar.config import UNetConfig
+    from distill_rf_cifar.generator import save_generator
+    from distill_rf_cifar.models.unet import build_unet
+
+    torch.manual_seed(seed)
+    unet = build_unet(UNetConfig(base_channels=8, channel_mults=[1, 2], res_blocks=1, attention_resolutions=[],
+                                 mid_attention=False, dropout=0.0, norm_groups=8))
+    return save_generator(folder, unet, role=role, default_steps=default_steps)
 
 
 def log_plots(run, folder: Path) -> None:
@@ -97,37 +64,37 @@ def log_plots(run, folder: Path) -> None:
     rows = [{"model": "student", "steps": s, "fid": 80.0 / s, "ms_per_image": 2.0 * s} for s in (1, 2, 4)]
     for plot, fn in ((plot_quality_vs_steps, "fid_vs_steps.png"), (plot_quality_vs_latency, "fid_vs_latency.png")):
         run.log_artifact(plot(rows, "fid", folder / fn), "plots")
+    (folder / "benchmark.md").write_text("| model | fid |\n")  # a report beside them: not a plot
+    run.log_artifact(folder / "benchmark.md", "report")
 
 
 @pytest.fixture
 def ui_registry(tmp_path: Path, mlflow_uri: str) -> dict[str, str]:
-    """Teacher (champion), student v1 (champion, evaluated) and v2 (challenger, whose folder cannot load)."""
+    """Teacher v1 (champion); student v1 (champion, evaluated) and v2 (challenger, its weights missing)."""
     from distill_common import tracking
-    from distill_common.generator import write_generator_manifest
 
-    def log(name: str, family: str, **info) -> str:
-        folder = tmp_path / "generators" / name
-        write_generator_manifest(folder, family, **info)
-        (folder / "weights.safetensors").write_bytes(b"")  # the stand-in has no weights
-        with tracking.start_run("ui-test", name) as run:
+    def log(folder: Path) -> str:
+        with tracking.start_run("ui-test", folder.name) as run:
             return tracking.log_generator_model(run, folder)
 
-    tags = {"family": FAMILY}
-    t = tracking.register_model(log("teacher", FAMILY, default_steps=8, noise=0.8), f"{FAMILY}-teacher",
-                                tags=tags | {"role": "teacher"})
-    tracking.set_alias(f"{FAMILY}-teacher", "champion", t)
-    s1 = tracking.register_model(log("student", FAMILY, default_steps=2, noise=0.8), f"{FAMILY}-student",
-                                 tags=tags | {"role": "student"})
-    s2 = tracking.register_model(log("broken", "not_installed_family", default_steps=1, noise=0.0),
-                                 f"{FAMILY}-student", tags=tags | {"role": "student"})
-    tracking.set_alias(f"{FAMILY}-student", "champion", s1)
-    tracking.set_alias(f"{FAMILY}-student", "challenger", s2)
+    gens = tmp_path / "generators"
+    teacher = tiny_rf_generator(gens / "teacher", "teacher", default_steps=8, seed=0)
+    student = tiny_rf_generator(gens / "student", "four_step", default_steps=4, seed=1)
+    broken = gens / "broken"
+    broken.mkdir(parents=True)
+    manifest = json.loads((student / "generator.json").read_text())
+    (broken / "generator.json").write_text(json.dumps(manifest))  # an rf_cifar manifest without its weights
+    t = tracking.register_model(log(teacher), TEACHER, tags={"role": "teacher"})
+    tracking.set_alias(TEACHER, "champion", t)
+    s1 = tracking.register_model(log(student), STUDENT, tags={"role": "student"})
+    s2 = tracking.register_model(log(broken), STUDENT, tags={"role": "student"})
+    tracking.set_alias(STUDENT, "champion", s1)
+    tracking.set_alias(STUDENT, "challenger", s2)
     with tracking.start_run("eval", "benchmark") as run:
         log_plots(run, tmp_path / "evalrun")
         eval_run = run.run_id
-    tracking.set_version_tags(f"{FAMILY}-student", s1, {"eval.s1.fid": 80.0, "eval.s2.fid": 40.0,
-                                                          "eval.s1.ms_per_image": 2.0, "eval.s2.ms_per_image": 4.0,
-                                                          "eval.run_id": eval_run})
+    tracking.set_version_tags(STUDENT, s1, {"eval.s1.fid": 80.0, "eval.s2.fid": 40.0, "eval.s1.ms_per_image": 2.0,
+                                            "eval.s2.ms_per_image": 4.0, "eval.run_id": eval_run})
     return {"uri": mlflow_uri, "eval_run": eval_run}
 
 
@@ -135,16 +102,15 @@ def test_catalog_groups_versions_by_family_and_role(ui_registry):
     from distill_common.ui.catalog import build_catalog, compare_rows, eval_plots, latest_eval_run
 
     cat = build_catalog()
-    assert FAMILY in cat.families
+    assert cat.families == [FAMILY]  # from the registered names' prefix: these versions carry no family tag
     teachers = [c.label for c in cat.of_role(FAMILY, "teacher")]
     students = [c.label for c in cat.of_role(FAMILY, "student")]
-    assert teachers == [f"{FAMILY}-teacher@champion (v1)", f"{FAMILY}-teacher v1"]
-    assert students == [f"{FAMILY}-student@challenger (v2)", f"{FAMILY}-student@champion (v1)",
-                        f"{FAMILY}-student v2", f"{FAMILY}-student v1"]
-    assert cat.of_role(FAMILY, "student")[1].uri == f"models:/{FAMILY}-student@champion"
-    rows = compare_rows(cat.versions[f"{FAMILY}-student"])
+    assert teachers == [f"{TEACHER}@champion (v1)", f"{TEACHER} v1"]
+    assert students == [f"{STUDENT}@challenger (v2)", f"{STUDENT}@champion (v1)", f"{STUDENT} v2", f"{STUDENT} v1"]
+    assert cat.of_role(FAMILY, "student")[1].uri == f"models:/{STUDENT}@champion"
+    rows = compare_rows(cat.versions[STUDENT])
     assert [(r["version"], r["steps"], r["FID"]) for r in rows] == [("1", 1, 80.0), ("1", 2, 40.0), ("2", None, None)]
-    infos = cat.versions[f"{FAMILY}-student"] + cat.versions[f"{FAMILY}-teacher"]
+    infos = cat.versions[STUDENT] + cat.versions[TEACHER]
     assert latest_eval_run(infos) == ui_registry["eval_run"]
     assert [p.name for p in eval_plots(ui_registry["eval_run"])] == ["fid_vs_latency.png", "fid_vs_steps.png"]
 
@@ -226,6 +192,16 @@ def _set_number(driver, wait, label: str, value: int) -> None:
     wait.until(lambda d: d.find_element(By.XPATH, xpath).get_attribute("value") == str(value))
 
 
+def _screenshot(driver, path: Path) -> None:
+    """The whole page: grow the window to the main area's scroll height, then take the screenshot."""
+    height = driver.execute_script(
+        "return Math.max(...[...document.querySelectorAll('[data-testid=stMain], section, body')]"
+        ".map(e => e.scrollHeight))")
+    driver.set_window_size(1400, min(int(height) + 120, 4000))
+    time.sleep(0.5)  # let the layout settle at the new size
+    driver.save_screenshot(str(path))
+
+
 def _settled(driver) -> bool:
     """No script run in progress (Streamlit shows its 'Running…' widget while the page re-runs)."""
     from selenium.webdriver.common.by import By
@@ -246,12 +222,8 @@ def test_page_generates_side_by_side_in_headless_chromium(ui_registry, tmp_path:
 
     from distill_common.ui import streamlit_command
 
-    site = tmp_path / "site"
-    install_stub_family(site)
     port = free_port()
-    env = dict(os.environ, MLFLOW_TRACKING_URI=ui_registry["uri"],
-               PYTHONPATH=os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
-               HOME=str(tmp_path / "home"), OMP_NUM_THREADS="1")
+    env = dict(os.environ, MLFLOW_TRACKING_URI=ui_registry["uri"], HOME=str(tmp_path / "home"), OMP_NUM_THREADS="1")
     log = tmp_path / "streamlit.log"
     with log.open("w") as fh:
         proc = subprocess.Popen(streamlit_command("127.0.0.1", port), env=env, stdout=fh, stderr=subprocess.STDOUT,
@@ -268,16 +240,16 @@ def test_page_generates_side_by_side_in_headless_chromium(ui_registry, tmp_path:
         teacher = WebDriverWait(driver, 90, poll_frequency=0.3).until(
             EC.element_to_be_clickable((By.XPATH, "//input[@role='combobox'][@aria-label='Teacher']")))
         # Preselected: the teacher's and the student's champions. Add the student's v2 (it cannot load).
-        assert teacher.get_attribute("value") == f"{FAMILY}-teacher@champion (v1)"
-        assert driver.find_elements(By.XPATH, f"//span[@data-tag][@aria-label='{FAMILY}-student@champion (v1)']")
-        _choose(driver, wait, "Students", f"{FAMILY}-student v2")
-        # v2 names a family that is not installed: its error shows, the other models stay usable.
+        assert teacher.get_attribute("value") == f"{TEACHER}@champion (v1)"
+        assert driver.find_elements(By.XPATH, f"//span[@data-tag][@aria-label='{STUDENT}@champion (v1)']")
+        _choose(driver, wait, "Students", f"{STUDENT} v2")
+        # v2's folder has no weights: rf_cifar's loader error shows, the other models stay usable.
         err = wait.until(EC.presence_of_element_located(
-            (By.XPATH, f"//*[@data-testid='stAlert'][contains(., 'Could not load {FAMILY}-student v2')]")))
-        assert "not_installed_family" in err.text
+            (By.XPATH, f"//*[@data-testid='stAlert'][contains(., 'Could not load {STUDENT} v2')]")))
+        assert "model_config.json" in err.text
         _choose(driver, wait, "Classes (one image each)", "ship")
-        _set_number(driver, wait, f"{FAMILY}-teacher@champion (v1)", 6)
-        _set_number(driver, wait, f"{FAMILY}-student@champion (v1)", 1)
+        _set_number(driver, wait, f"{TEACHER}@champion (v1)", 6)
+        _set_number(driver, wait, f"{STUDENT}@champion (v1)", 1)
         wait.until(_settled)
         wait.until(EC.element_to_be_clickable((By.XPATH, "//button[.//*[normalize-space()='Generate']]"))).click()
         captions_xpath = "//*[@data-testid='stImageCaption'][contains(., 'ms/image')]"
@@ -285,29 +257,29 @@ def test_page_generates_side_by_side_in_headless_chromium(ui_registry, tmp_path:
         wait.until(_settled)
         captions = [e.text for e in driver.find_elements(By.XPATH, captions_xpath)]
         assert len(captions) == 6, captions  # 2 loadable models x 3 classes; the broken one adds none
-        for model, steps, n in ((f"{FAMILY}-teacher@champion (v1)", 6, 3), (f"{FAMILY}-student@champion (v1)", 1, 3)):
+        for model, steps, n in ((f"{TEACHER}@champion (v1)", 6, 3), (f"{STUDENT}@champion (v1)", 1, 3)):
             mine = [c for c in captions if c.startswith(model)]
             assert len(mine) == n, captions
-            assert all(f"· {steps} steps ·" in c for c in mine), mine
+            assert all(f"· {steps} step{'s' if steps > 1 else ''} ·" in c for c in mine), mine
             assert [c.rsplit("· ", 1)[1] for c in mine] == ["airplane", "cat", "ship"]
             for c in mine:
-                ms = float(c.split(" steps · ")[1].split(" ms/image")[0])
+                ms = float(c.split(" · ")[2].split(" ms/image")[0])
                 assert ms > 0
         images = driver.find_elements(By.XPATH, "//*[@data-testid='stImage'][.//*[contains(., 'ms/image')]]//img")
         assert len(images) == 6
         # Every image decoded in the browser, enlarged from 32 px for display.
         wait.until(lambda d: all(d.execute_script("return arguments[0].complete && arguments[0].naturalWidth", i)
                                  for i in images))
-        assert {driver.execute_script("return arguments[0].naturalWidth", i) for i in images} == {160}
-        driver.save_screenshot(str(shot))
+        assert {driver.execute_script("return arguments[0].naturalWidth", i) for i in images} == {192}
+        _screenshot(driver, shot)
         # The metrics tab: the registry compare table and the evaluation run's plots.
-        driver.find_element(By.XPATH, "//button[@role='tab'][.//*[normalize-space()='Metrics']]").click()
+        driver.find_element(By.XPATH, "//*[@role='tab'][normalize-space()='Metrics']").click()
         table = wait.until(EC.visibility_of_element_located((By.CSS_SELECTOR, "[data-testid='stTable'] table")))
-        assert "80" in table.text and "40" in table.text and f"{FAMILY}-student" in table.text
+        assert "80" in table.text and "40" in table.text and STUDENT in table.text
         plot_caps = wait.until(lambda d: [e.text for e in d.find_elements(
             By.XPATH, "//*[@data-testid='stImageCaption'][contains(., 'fid vs')]") if e.is_displayed()] or None)
         assert sorted(plot_caps) == ["fid vs latency", "fid vs steps"]
-        driver.save_screenshot(str(tmp_path / "ui-metrics.png"))
+        _screenshot(driver, tmp_path / "ui-metrics.png")
     finally:
         if driver is not None:
             driver.quit()

@@ -346,7 +346,7 @@ def _train(cfg: TrainConfig, hooks: TrainHooks, console: Any, accelerator: Any, 
                     with torch.no_grad():
                         latents = parts.vae.encode(pixels).latent_dist.sample() * parts.vae.config.scaling_factor
                         drop = (torch.rand(bsz) < cfg.empty_prompt_prob).tolist()
-                        captions = ["" if d else c for d, c in zip(drop, batch["caption"])]
+                        captions = ["" if d else c for d, c in zip(drop, batch["caption"], strict=True)]
                         cond = encode_prompts(parts.tokenizer, parts.text_encoder, captions, accelerator.device)
                     noise = torch.randn_like(latents)  # (B, 4, h, w)
                     t = timestep_sampler(bsz, accelerator.device)  # (B,)

@@ -1,6 +1,6 @@
 """MLflow tracking and model registry: the only part of the workspace that imports mlflow."""
 
-from distill_common.tracking.artifacts import download_run_artifacts, run_start_time
+from distill_common.tracking.artifacts import download_run_artifacts, list_run_artifacts, run_start_time
 from distill_common.tracking.registry import (
     CHALLENGER,
     CHAMPION,
@@ -47,7 +47,7 @@ def decode_image(b64: str):
 __all__ = [
     "CHALLENGER", "CHAMPION", "ModelVersionInfo", "TrackingRun", "artifact_root", "best_version",
     "check_reachable", "configure", "decode_image", "is_remote", "delete_alias", "download_generator",
-    "download_run_artifacts", "list_models",
+    "download_run_artifacts", "list_models", "list_run_artifacts",
     "list_versions", "log_generator_model", "register_model", "relog", "set_alias", "set_version_tags",
     "run_start_time", "start_run", "tracking_uri", "version_by_alias",
 ]

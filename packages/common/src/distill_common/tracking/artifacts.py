@@ -1,4 +1,4 @@
-"""Read back what a run logged: its start time and its artifact files (plots, reports) as local paths."""
+"""Read back what a run logged: its start time, the list of its artifact files, and local copies of them."""
 
 from __future__ import annotations
 
@@ -21,6 +21,21 @@ def download_run_artifacts(run_id: str, path: str = "", dst: str | Path | None =
     except Exception as exc:
         raise TrackingError(f"cannot download artifacts {path or '(all)'!r} of run {run_id}: {exc}; "
                             "check the run still exists in the tracking store") from None
+
+
+def list_run_artifacts(run_id: str, path: str = "") -> list[str]:
+    """Paths of every file under ``path`` of run ``run_id`` (recursive, relative to the run's artifact root)."""
+    from mlflow import MlflowClient
+
+    configure()
+    client, files, folders = MlflowClient(), [], [path or None]
+    try:
+        while folders:
+            for entry in client.list_artifacts(run_id, folders.pop()):
+                (folders if entry.is_dir else files).append(entry.path)
+    except Exception as exc:
+        raise TrackingError(f"cannot list the artifacts of run {run_id}: {exc}; check the run still exists") from None
+    return sorted(files)
 
 
 def run_start_time(run_id: str) -> float | None:

@@ -7,8 +7,10 @@ prefix (``rf_cifar-student`` -> ``rf_cifar``); its role is its ``role`` tag, els
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import re
+import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +22,7 @@ from distill_common.generator import generator_loaders
 KNOWN_FAMILIES = ("rf_cifar", "lora_flash", "sd_student_prune")
 CONDITION_KINDS = {"rf_cifar": "class", "lora_flash": "prompt", "sd_student_prune": "prompt"}
 OTHER_FAMILY = "other"
+PLOT_PATTERN = "*_vs_*.png"  # fid_vs_steps.png, fid_vs_nfe.png, fid_vs_latency.png
 TEACHER, STUDENT = "teacher", "student"
 # The `distill registry compare` columns: (header, metric key of the eval.s{steps}.{metric} tags).
 METRIC_COLUMNS = (("FID", "fid"), ("KID", "kid"), ("CLIPScore", "clip_score"),
@@ -132,9 +135,11 @@ def latest_eval_run(infos: Sequence[tracking.ModelVersionInfo]) -> str | None:
 
 
 def eval_plots(run_id: str, dst: str | Path | None = None) -> list[Path]:
-    """The ``plots/*.png`` artifacts of an evaluation run (empty when it logged none)."""
+    """The plots an evaluation run logged: ``*_vs_*.png`` anywhere in its artifacts (``distill eval benchmark``
+    logs them under ``plots/``, ``distill rf evaluate`` under ``eval/``); empty when it logged none."""
     try:
-        folder = tracking.download_run_artifacts(run_id, "plots", dst)
+        wanted = [p for p in tracking.list_run_artifacts(run_id) if fnmatch.fnmatch(Path(p).name, PLOT_PATTERN)]
+        target = Path(dst) if dst else Path(tempfile.mkdtemp(prefix="distill-plots-"))
+        return [tracking.download_run_artifacts(run_id, p, target) for p in wanted]
     except TrackingError:
         return []
-    return sorted(folder.glob("*.png")) if folder.is_dir() else []

@@ -178,9 +178,9 @@ def show_results(results: list) -> None:
         if isinstance(res, tuple):
             col.error(f"{res[0]} failed: {res[1]}")
             continue
-        col.markdown(f"**{res.label}**  \n{res.steps} steps · {res.ms_per_image:.1f} ms/image")
+        col.markdown(f"**{res.label}**  \n{res.summary}")
         for i, img in enumerate(res.images):
-            col.image(img, caption=res.caption(i))
+            col.image(img, caption=res.caption(i), width=img.width)
 
 
 def metrics_tab(family: str, catalog: Catalog) -> None:

@@ -12,7 +12,7 @@ from distill_common.errors import ConfigError
 from distill_common.generator import Generator, load_generator
 from distill_common.runtime import timed
 
-DISPLAY_SIZE = 160  # small images (CIFAR 32x32) are enlarged with nearest-neighbour for the page
+DISPLAY_SIZE = 192  # small images (CIFAR 32x32) are enlarged with nearest-neighbour for the page
 
 
 @dataclass
@@ -26,8 +26,12 @@ class Sample:
     images: list[Image.Image]
     conditions: list[str]
 
+    @property
+    def summary(self) -> str:
+        return f"{self.steps} step{'s' if self.steps != 1 else ''} · {self.ms_per_image:.1f} ms/image"
+
     def caption(self, i: int) -> str:
-        return f"{self.label} · {self.steps} steps · {self.ms_per_image:.1f} ms/image · {self.conditions[i]}"
+        return f"{self.label} · {self.summary} · {self.conditions[i]}"
 
 
 def seeds_for(seed: int, n: int) -> list[int]:
