@@ -13,15 +13,16 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
+DISTILL = Path(sys.executable).with_name("distill")  # the console script of this environment
 FAMILY = "rf_cifar"
 TEACHER, STUDENT = "rf_cifar-teacher", "rf_cifar-student"
 
@@ -98,6 +99,7 @@ def ui_registry(tmp_path: Path, mlflow_uri: str) -> dict[str, str]:
     return {"uri": mlflow_uri, "eval_run": eval_run}
 
 
+@pytest.mark.slow
 def test_catalog_groups_versions_by_family_and_role(ui_registry):
     from distill_common.ui.catalog import build_catalog, compare_rows, eval_plots, latest_eval_run
 
@@ -129,7 +131,7 @@ def test_family_from_name_prefix_and_role_from_suffix():
 
 
 def test_ui_command_rejects_a_bad_port():
-    out = subprocess.run([str(REPO / ".venv" / "bin" / "distill"), "ui", "--port", "70000"],
+    out = subprocess.run([str(DISTILL), "ui", "--port", "70000"],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2
     assert "--port 70000 is not a TCP port" in out.stderr
@@ -220,14 +222,13 @@ def test_page_generates_side_by_side_in_headless_chromium(ui_registry, tmp_path:
     from selenium.webdriver.support import expected_conditions as EC
     from selenium.webdriver.support.ui import WebDriverWait
 
-    from distill_common.ui import streamlit_command
-
     port = free_port()
     env = dict(os.environ, MLFLOW_TRACKING_URI=ui_registry["uri"], HOME=str(tmp_path / "home"), OMP_NUM_THREADS="1")
     log = tmp_path / "streamlit.log"
     with log.open("w") as fh:
-        proc = subprocess.Popen(streamlit_command("127.0.0.1", port), env=env, stdout=fh, stderr=subprocess.STDOUT,
-                                cwd=tmp_path, start_new_session=True)
+        # `distill ui` runs streamlit as its child; both share a new process group, stopped together below.
+        proc = subprocess.Popen([str(DISTILL), "ui", "--port", str(port), "--host", "127.0.0.1"], env=env, stdout=fh,
+                                stderr=subprocess.STDOUT, cwd=tmp_path, start_new_session=True)
     driver = None
     shot = tmp_path / "ui.png"
     try:
@@ -280,14 +281,26 @@ def test_page_generates_side_by_side_in_headless_chromium(ui_registry, tmp_path:
             By.XPATH, "//*[@data-testid='stImageCaption'][contains(., 'fid vs')]") if e.is_displayed()] or None)
         assert sorted(plot_caps) == ["fid vs latency", "fid vs steps"]
         _screenshot(driver, tmp_path / "ui-metrics.png")
+    except Exception:
+        if driver is not None:  # what the page showed when it went wrong, for the test artifacts
+            _screenshot(driver, tmp_path / "ui-failure.png")
+            _keep_artifacts(tmp_path / "ui-failure.png")
+        raise
     finally:
         if driver is not None:
             driver.quit()
         stop_process_group(proc)
     assert proc.poll() is not None, "the page server is still running after being stopped by its PID"
-    artifacts = os.environ.get("DISTILL_TEST_ARTIFACTS")
-    if artifacts:
-        Path(artifacts).mkdir(parents=True, exist_ok=True)
-        shutil.copy(shot, Path(artifacts) / "ui.png")
-        shutil.copy(tmp_path / "ui-metrics.png", Path(artifacts) / "ui-metrics.png")
+    with socket.socket() as s:
+        assert s.connect_ex(("127.0.0.1", port)) != 0, "streamlit still listens after its process group was stopped"
     assert shot.stat().st_size > 10_000
+    _keep_artifacts(shot, tmp_path / "ui-metrics.png")
+
+
+def _keep_artifacts(*paths: Path) -> None:
+    """Copy screenshots to $DISTILL_TEST_ARTIFACTS (e.g. test-artifacts/ui.png) when it is set."""
+    folder = os.environ.get("DISTILL_TEST_ARTIFACTS")
+    if folder:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        for p in paths:
+            shutil.copy(p, Path(folder) / p.name)

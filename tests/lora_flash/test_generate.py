@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import time
 from pathlib import Path
 
@@ -162,4 +161,3 @@ def test_dry_run_shows_seed_options(capsys):
                             "--dry-run"], capsys)
     assert code == 0
     assert "num_images: 3" in out and "compare_baseline: true" in out and "baseline_outdir: b" in out
-    assert os.environ.get("HF_HUB_OFFLINE") == "1"

@@ -185,3 +185,12 @@ def test_cli_training_logs_validation_and_registers_a_generator(tiny_sd_path, da
     assert (gen.family, gen.condition_kind, gen.resolution) == ("lora_flash", "prompt", 64)
     images = gen.generate(["a cat", "a dog"], 2, [0, 1])
     assert images.shape == (2, 3, 64, 64)
+
+    import mlflow.pyfunc
+    import pandas as pd
+
+    from distill_common.tracking import decode_image
+
+    model = mlflow.pyfunc.load_model("models:/flash_test/1")
+    out = model.predict(pd.DataFrame({"condition": ["a cat"], "seed": [0], "steps": [2]}))
+    assert decode_image(out["image"][0]).size == (64, 64)

@@ -57,14 +57,18 @@ def test_student_features_pair_with_the_teachers_at_equal_shapes(teacher_unet, u
 
 def test_hooks_under_accelerate_prepare(teacher_unet, unet_inputs):
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
     build = build_student(teacher_unet, "sd_small")
     pairs = feature_block_pairs(build.unet, teacher_unet.config, "sd_small")
     accelerator = Accelerator(cpu=True, mixed_precision="bf16")
     model = accelerator.prepare(DistillStudent(build.unet, pairs, teacher_unet))
     names = ["unet.down_blocks.0", "module.unet.up_blocks.3", "unet.mid_block"]
-    with FeatureRecorder(model, names) as recorder:
-        prediction, features = model(*unet_inputs)
+    try:
+        with FeatureRecorder(model, names) as recorder:
+            prediction, features = model(*unet_inputs)
+    finally:
+        AcceleratorState._reset_state()  # do not leak bf16 into later tests
     assert recorder.features["unet.mid_block"].dtype == torch.bfloat16  # the prepared forward runs under autocast
     assert shapes(recorder) == {"unet.down_blocks.0": (2, 32, 8, 8), "unet.up_blocks.3": (2, 32, 16, 16),
                                 "unet.mid_block": (2, 64, 2, 2)}

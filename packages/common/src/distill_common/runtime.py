@@ -80,9 +80,15 @@ def make_accelerator(precision: str = "fp32", gradient_accumulation_steps: int =
     """An ``accelerate.Accelerator`` for the training loops (multi-GPU and multi-node via ``accelerate launch``)."""
     from accelerate import Accelerator
 
+    from accelerate.state import AcceleratorState
+
     cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
     if cpu and precision == "fp16":
         raise ConfigError("precision fp16 is not supported on the CPU; use --precision bf16 or fp32")
+    # Accelerate keeps process-wide state; a second training in one process (tests, pipelines) may use
+    # another precision, so start from a clean state unless a distributed launch already set one up.
+    if AcceleratorState._shared_state and AcceleratorState().num_processes == 1:
+        AcceleratorState._reset_state(reset_partial_state=False)
     return Accelerator(
         mixed_precision=accelerate_mixed_precision(precision),
         gradient_accumulation_steps=gradient_accumulation_steps,

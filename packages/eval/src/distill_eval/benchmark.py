@@ -108,7 +108,7 @@ def _save_png(img: torch.Tensor, path: Path) -> None:
 
 def load_png_folder(folder: Path, n: int) -> torch.Tensor:
     """(n, 3, H, W) float in [0, 1] from ``00000.png`` … in index order."""
-    arrs = [np.asarray(Image.open(folder / f"{i:05d}.png").convert("RGB")) for i in range(n)]
+    arrs = [np.array(Image.open(folder / f"{i:05d}.png").convert("RGB")) for i in range(n)]
     return torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2).float() / 255.0
 
 
@@ -280,7 +280,7 @@ def _grid_indices(conditions: Sequence[Any], n_rows: int) -> list[int]:
 
 
 def _load_one(folder: Path, i: int) -> torch.Tensor:
-    return torch.from_numpy(np.asarray(Image.open(folder / f"{i:05d}.png").convert("RGB"))).permute(2, 0, 1).float() / 255
+    return torch.from_numpy(np.array(Image.open(folder / f"{i:05d}.png").convert("RGB"))).permute(2, 0, 1).float() / 255
 
 
 def _batched(metric: Callable, a: torch.Tensor, b: torch.Tensor, batch_size: int) -> float:
@@ -317,11 +317,11 @@ def _clip(model: str | None, console: Any):
     from distill_eval.clip_score import CLIPScorer
 
     try:
-        scorer = CLIPScorer(model)
+        scorer = CLIPScorer.from_pretrained(model)
     except DistillError as exc:
         console.print(f"[yellow]CLIPScore unavailable:[/] {exc}")
         return None
-    return lambda images, texts: scorer.score(images, list(texts)).mean()
+    return lambda images, texts: scorer(images, list(texts)).mean()
 
 
 class _FidEvaluator:

@@ -51,7 +51,7 @@ def _folder_images(folder: Path, limit: int | None = None) -> torch.Tensor:
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)[:limit]
     if not files:
         raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {folder}")
-    arrs = [np.asarray(Image.open(p).convert("RGB")) for p in files]
+    arrs = [np.array(Image.open(p).convert("RGB")) for p in files]
     shapes = {a.shape for a in arrs}
     if len(shapes) > 1:
         raise DataError(f"images in {folder} have different sizes {sorted(shapes)[:3]}; resize them to one size first")
@@ -112,9 +112,8 @@ def clip_score_cmd(
     texts = load_prompts_file(prompts)
     if len(texts) < images.shape[0]:
         raise DataError(f"{prompts} has {len(texts)} prompts for {images.shape[0]} images; give one prompt per image")
-    scorer = CLIPScorer(clip_model)
-    scores = torch.cat([scorer.score(x.float() / 255, texts[i : i + batch_size])
-                        for i, x in zip(range(0, images.shape[0], batch_size), images.split(batch_size))])
+    scorer = CLIPScorer.from_pretrained(clip_model, batch_size=batch_size)
+    scores = scorer(images, texts[: images.shape[0]])
     print_table([{"clip_score": float(scores.mean()), "n": len(scores), "model": clip_model}],
                 ["clip_score", "n", "model"], title="CLIPScore")
 

@@ -13,7 +13,6 @@ logs: it reports numbers and images through :class:`TrainHooks`, which the CLI c
 
 from __future__ import annotations
 
-import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +28,9 @@ from distill_common.checkpoint import (
     latest_checkpoint,
     load_training_state,
     prune_checkpoints,
+    rng_state,
     save_training_state,
+    set_rng_state,
 )
 from distill_common.config import save_config, to_dict
 from distill_common.errors import ConfigError, ModelLoadError
@@ -72,30 +73,6 @@ def lora_dir(cfg: TrainConfig) -> Path:
 
 
 # ------------------------------------------------------------------------------------------- state
-
-
-def rng_state() -> dict[str, Any]:
-    """RNG states as tensors and ints, so ``torch.load(weights_only=True)`` reads them back."""
-    _, keys, pos, has_gauss, cached = np.random.get_state()
-    state: dict[str, Any] = {
-        "python": random.getstate(),
-        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
-                  "cached_gaussian": float(cached)},
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    n = state["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-                         n["cached_gaussian"]))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def load_lora_into_unet(unet: Any, lora_file: str | Path, adapter_name: str = "default") -> None:

@@ -16,7 +16,8 @@ PAGE = Path(__file__).with_name("page.py")
 
 def streamlit_command(host: str = "127.0.0.1", port: int = 8501) -> list[str]:
     return [sys.executable, "-m", "streamlit", "run", str(PAGE), "--server.port", str(port),
-            "--server.address", host, "--server.headless", "true", "--browser.gatherUsageStats", "false"]
+            "--server.address", host, "--server.headless", "true", "--browser.gatherUsageStats", "false",
+            "--server.fileWatcherType", "none", "--client.toolbarMode", "minimal"]
 
 
 def page_environment() -> dict[str, str]:

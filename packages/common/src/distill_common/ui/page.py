@@ -17,7 +17,7 @@ import streamlit as st
 from distill_common import tracking
 from distill_common.data.cifar10 import CIFAR10_CLASSES
 from distill_common.errors import DistillError
-from distill_common.generator import Generator
+from distill_common.generator import Generator, load_generator
 from distill_common.runtime import timed
 from distill_common.tracking import CHAMPION
 from distill_common.ui.catalog import (
@@ -32,7 +32,7 @@ from distill_common.ui.catalog import (
     latest_eval_run,
     protocols,
 )
-from distill_common.ui.sampling import Sample, generate_sample, load
+from distill_common.ui.sampling import Sample, generate_sample, warm_up
 
 DEFAULT_PROMPT = "a photograph of an astronaut riding a horse"
 
@@ -61,10 +61,11 @@ def _message(exc: BaseException) -> str:
 
 @st.cache_resource(show_spinner=False, max_entries=16)
 def load_cached(uri: str, device: str) -> Loaded:
-    """Load once per (URI, device); failures are cached too, until 'Reload models' clears the cache."""
+    """Load and warm up once per (URI, device); failures are cached too, until 'Reload models' clears the cache."""
     try:
         with timed() as t:
-            gen = load(uri, device)
+            gen = load_generator(uri, device=device)
+            warm_up(gen)
         return Loaded(gen, None, t["seconds"])
     except Exception as exc:  # shown in the page; the other models stay usable
         traceback.print_exc()
@@ -112,12 +113,13 @@ def load_models(chosen: list[ModelChoice], device: str) -> dict[str, Generator]:
     failures: list[tuple[ModelChoice, str]] = []
     with st.status(f"Loading {len(chosen)} model(s)…", expanded=False) as status:
         for c in chosen:
-            st.write(f"{c.label} ← `{c.uri}`")
             result = load_cached(c.uri, device)
             if result.generator is not None:
                 loaded[c.uri] = result.generator
+                st.write(f"{c.label} ← `{c.uri}` (loaded and warmed up in {result.seconds:.1f} s)")
             else:
                 failures.append((c, result.error or "unknown error"))
+                st.write(f"{c.label} ← `{c.uri}`: failed")
         label = f"Loaded {len(loaded)} of {len(chosen)} model(s)"
         status.update(label=label, state="error" if failures else "complete")
     for c, err in failures:
@@ -152,7 +154,7 @@ def generate_tab(family: str, chosen: list[ModelChoice], device: str) -> None:
     steps: dict[str, int] = {}
     if usable:
         st.caption("Steps per model")
-        for col, c in zip(st.columns(len(usable)), usable):
+        for col, c in zip(st.columns(len(usable)), usable, strict=True):
             steps[c.uri] = int(col.number_input(c.label, min_value=1, max_value=1000, step=1,
                                                 value=int(getattr(loaded[c.uri], "default_steps", 1) or 1),
                                                 key=f"steps::{c.uri}"))
@@ -174,7 +176,7 @@ def show_results(results: list) -> None:
     if not results:
         return
     st.subheader("Results")
-    for col, res in zip(st.columns(len(results)), results):
+    for col, res in zip(st.columns(len(results)), results, strict=True):
         if isinstance(res, tuple):
             col.error(f"{res[0]} failed: {res[1]}")
             continue
@@ -203,7 +205,8 @@ def metrics_tab(family: str, catalog: Catalog) -> None:
     st.caption(f"evaluation run {run_id}")
     if not plots:
         st.info(f"The evaluation run {run_id} logged no plots.")
-    for col, path in zip(st.columns(max(1, len(plots))), plots):
+        return
+    for col, path in zip(st.columns(len(plots)), plots, strict=True):
         col.image(path, caption=Path(path).stem.replace("_", " "))
 
 

@@ -1,4 +1,4 @@
-"""Load generators behind the page and time one batch of images per model."""
+"""One timed batch of images per model, as the page shows them."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any
 from PIL import Image
 
 from distill_common.errors import ConfigError
-from distill_common.generator import Generator, load_generator
+from distill_common.generator import Generator
 from distill_common.runtime import timed
 
 DISPLAY_SIZE = 192  # small images (CIFAR 32x32) are enlarged with nearest-neighbour for the page
@@ -52,6 +52,12 @@ def to_pil(images) -> list[Image.Image]:
     return out
 
 
+def warm_up(generator: Generator) -> None:
+    """One 1-step image, so lazy initialisation (kernels, caches) is not billed to the first measured batch."""
+    condition = 0 if generator.condition_kind == "class" else "a photograph"
+    generator.generate([condition], 1, [0], None)
+
+
 def generate_sample(generator: Generator, label: str, uri: str, conditions: Sequence[Any], names: Sequence[str],
                     steps: int, seed: int, guidance: float | None) -> Sample:
     """Generate one image per condition and time it (device-synchronised, :func:`distill_common.runtime.timed`)."""
@@ -64,7 +70,3 @@ def generate_sample(generator: Generator, label: str, uri: str, conditions: Sequ
         images = generator.generate(list(conditions), int(steps), seeds, guidance)  # (N, 3, H, W)
     ms = 1000.0 * t["seconds"] / len(conditions)
     return Sample(label, uri, int(steps), ms, to_pil(images), [str(n) for n in names])
-
-
-def load(uri: str, device: str = "auto") -> Generator:
-    return load_generator(uri, device=device)

@@ -130,6 +130,9 @@ def train(cfg: TrainConfig, reporter: Reporter | None = None, *,
     out = Path(cfg.output_dir)
     ckpt_root = out / CHECKPOINTS
     precision = resolve_precision(cfg.precision, resolve_device(cfg.device))
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state()  # a new run may use another precision; the process-group state is kept
     accelerator = make_accelerator(precision, cfg.gradient_accumulation, cfg.device)
     device = accelerator.device
     weight_dtype = torch.float32 if precision == "fp32" else torch_dtype(precision)
