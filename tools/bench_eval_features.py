@@ -25,7 +25,7 @@ from torch_fidelity.utils import get_featuresdict_from_dataset
 from distill_common.data.cifar10 import Cifar10Shards
 from distill_common.runtime import resolve_device, synchronize
 from distill_eval.fid import extract_features, fid_from_features
-from distill_eval.inception import InceptionFeatureExtractor, NUM_FEATURES, load_inception_state
+from distill_eval.inception import NUM_FEATURES, InceptionFeatureExtractor, load_inception_state
 from distill_eval.reference_stats import reference_stats
 
 

@@ -10,10 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from distill_common.data import CaptionedImageDataset, load_captioned
-from distill_common.errors import ConfigError, DataError
 from PIL import Image
 from torch.utils.data import DataLoader
+
+from distill_common.data import CaptionedImageDataset, load_captioned
+from distill_common.errors import ConfigError, DataError
 
 R = 32  # tiny resolution keeps decoding cheap
 

@@ -11,9 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
+
 from distill_common.data import CIFAR10_CLASSES, Cifar10Shards, load_cifar10
 from distill_common.errors import ConfigError, DataError
-from PIL import Image
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+
 from distill_common.data import coco_captions, coco_prompt_subset, load_prompts_file
 from distill_common.errors import DataError
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from distill_common.data import DATA_ROOT_ENV, find_dataset_dir, resolve_data_root
 from distill_common.errors import DataError
 

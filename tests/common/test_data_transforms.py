@@ -5,9 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from PIL import Image
+
 from distill_common.data import build_image_transform, to_unit_range
 from distill_common.errors import ConfigError
-from PIL import Image
 
 
 def _gradient_image(width: int, height: int) -> Image.Image:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from distill_common.errors import ConfigError, ModelLoadError
 from distill_common.models.ema import EMA
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from distill_common.errors import ModelLoadError
 from distill_common.models.lora import (
     LORA_WEIGHT_NAME,

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from distill_common.errors import ConfigError, ModelLoadError
 from distill_common.models.sd_loading import (
     load_sd_components,

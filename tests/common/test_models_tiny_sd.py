@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from distill_common.models.tiny_sd import TinySDSpec, build_tiny_sd, tiny_sd_folder
 
 PROMPT = "a photo of a cat"

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+
 from distill_common.models.tokenizer import clip_tokenizer, clip_vocab_and_merges
 
 

@@ -12,7 +12,7 @@ from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcesso
 import distill_eval.clip_score as clip_module
 from distill_common.errors import ConfigError, DistillError
 from distill_common.models.tokenizer import clip_tokenizer
-from distill_eval.clip_score import ClipUnavailableError, CLIPScorer, clip_score_from_embeddings
+from distill_eval.clip_score import CLIPScorer, ClipUnavailableError, clip_score_from_embeddings
 
 CAPTIONS = [
     "a cat sitting on a red sofa", "two dogs running on the beach", "a plate of pasta with basil",

@@ -48,6 +48,7 @@ def stop_process_group(proc: subprocess.Popen) -> None:
 def tiny_rf_generator(folder: Path, role: str, default_steps: int, seed: int) -> Path:
     """An rf_cifar generator folder: the package's UNet at a tiny width (random weights), saved by rf_cifar."""
     import torch
+
     from distill_rf_cifar.config import UNetConfig
     from distill_rf_cifar.generator import save_generator
     from distill_rf_cifar.models.unet import build_unet

@@ -5,9 +5,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from distill_common.errors import DataError
 from distill_common.models import load_sd_components
-from distill_sd_prune.data import ResumableBatchSampler, TrainingStream, load_coco_captions, open_or_build_cache
+from distill_sd_prune.data import (
+    ResumableBatchSampler,
+    TrainingStream,
+    load_coco_captions,
+    open_or_build_cache,
+)
 
 
 def test_cached_and_uncached_streams_give_the_same_batches(tiny_sd_path, data_root, tmp_path):

@@ -7,6 +7,7 @@ import os
 
 import pytest
 import torch
+
 from distill_common.errors import ConfigError
 from distill_sd_prune.architecture import build_student, feature_block_pairs
 from distill_sd_prune.losses import FeatureRecorder, resolve_module

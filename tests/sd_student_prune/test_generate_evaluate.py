@@ -7,12 +7,18 @@ import json
 
 import pytest
 import torch
+from typer.testing import CliRunner
+
 from distill_common.generator import load_generator
 from distill_sd_prune.architecture import build_student
 from distill_sd_prune.cli import app
 from distill_sd_prune.evaluation.champions import promote_per_budget, register_student
-from distill_sd_prune.sampling import build_pipeline, make_scheduler, write_generator_folder, write_teacher_folder
-from typer.testing import CliRunner
+from distill_sd_prune.sampling import (
+    build_pipeline,
+    make_scheduler,
+    write_generator_folder,
+    write_teacher_folder,
+)
 
 PROMPTS = ["a red bus on a street", "two cats on a sofa"]
 

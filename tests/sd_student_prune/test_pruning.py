@@ -9,6 +9,7 @@ import pytest
 import torch
 from conftest import run_unet
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
 from distill_common.errors import ConfigError
 from distill_sd_prune.architecture import build_student, count_parameters, save_student, student_unet_config
 

@@ -7,8 +7,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
+
 from distill_common.models.tiny_sd import SD15_SCHEDULER_CONFIG
-from distill_sd_prune.losses import DistillObjective, LossWeights, MagnitudeBalancer, feature_kd, noise_mse, output_kd
+from distill_sd_prune.losses import (
+    DistillObjective,
+    LossWeights,
+    MagnitudeBalancer,
+    feature_kd,
+    noise_mse,
+    output_kd,
+)
 from distill_sd_prune.schedules import (
     CaptionDropoutSchedule,
     KDAlphaSchedule,

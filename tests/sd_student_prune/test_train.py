@@ -8,13 +8,14 @@ import json
 import pytest
 import torch
 import yaml
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
 from distill_common.config import flatten
 from distill_common.errors import TrainingDivergedError
 from distill_sd_prune.cli import app
 from distill_sd_prune.training.config import TrainConfig
 from distill_sd_prune.training.loop import train
-from safetensors.torch import load_file
-from typer.testing import CliRunner
 
 ACTIVE_TERMS = {"v1": {"task", "output_kd", "feature_kd"}, "v2.1": {"task"}, "v2.2": {"task", "output_kd"},
                 "v3": {"task", "output_kd", "feature_kd"}}
@@ -22,8 +23,7 @@ RECIPE_FLAGS = {
     "v1": [],
     "v2.1": ["--eval-every", "2", "--eval-num-images", "2", "--eval-steps", "2", "--eval-batch-size", "2"],
     "v2.2": ["--eval-every", "0"],
-    "v3": ["--gradient-accumulation", "2", "--batch-size", "1", "--data-resolution", "64", "--student-plan", "sd_tiny",
-           "--register"],
+    "v3": ["--gradient-accumulation", "2", "--batch-size", "1", "--data-resolution", "64", "--register"],
 }
 
 
@@ -41,11 +41,16 @@ def test_each_recipe_trains_and_logs_every_term(tiny_sd_path, data_root, tmp_pat
     """One MLflow store (creating one costs seconds), one experiment per recipe."""
     from mlflow import MlflowClient
 
-    client = MlflowClient(mlflow_uri)
+    client = MlflowClient(mlflow_uri, registry_uri=mlflow_uri)
     for recipe in ("v1", "v2.1", "v2.2", "v3"):
         out = tmp_path / recipe
         args = ["train", "--recipe", recipe, *tiny_args(tiny_sd_path, data_root, out), "--experiment", f"prune-{recipe}",
                 *RECIPE_FLAGS[recipe]]
+        if recipe == "v3":  # train a student prepared by `distill prune prepare-unet`
+            prepared = CliRunner().invoke(app, ["prepare-unet", "--teacher-model", str(tiny_sd_path), "--plan", "sd_tiny",
+                                                "--resolution", "64", "--output-dir", str(tmp_path / "prepared")])
+            assert prepared.exit_code == 0, prepared.output + repr(prepared.exception)
+            args += ["--student-unet", str(tmp_path / "prepared")]
         result = CliRunner().invoke(app, args)
         assert result.exit_code == 0, result.output + repr(result.exception)
         (run,) = client.search_runs([client.get_experiment_by_name(f"prune-{recipe}").experiment_id])
@@ -77,6 +82,7 @@ def check_recipe_run(recipe, client, run, out):
         assert checkpoint["micro_batch"] == 4  # 2 steps x 2 accumulated micro-batches
         (version,) = client.search_model_versions("name='sd_student_prune'")
         assert version.tags["budget"] == "sd_tiny" and int(version.tags["params"]) == manifest["params"]
+        assert manifest["init"] == "slice" and manifest["plan"] == "sd_tiny"
 
 
 class Killed(KeyboardInterrupt):

@@ -49,7 +49,7 @@ class PromotionDecision:
             "promotion.new_value": self.chosen.value if self.chosen else "none",
             "promotion.steps": self.chosen.steps if self.chosen else "none",
             "promotion.by": getpass.getuser(),
-            "promotion.at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "promotion.at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         }
 
 

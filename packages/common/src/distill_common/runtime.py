@@ -79,7 +79,6 @@ def seed_worker(worker_id: int) -> None:
 def make_accelerator(precision: str = "fp32", gradient_accumulation_steps: int = 1, device: str = "auto", **kwargs):
     """An ``accelerate.Accelerator`` for the training loops (multi-GPU and multi-node via ``accelerate launch``)."""
     from accelerate import Accelerator
-
     from accelerate.state import AcceleratorState
 
     cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())

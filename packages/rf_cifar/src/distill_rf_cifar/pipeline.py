@@ -26,9 +26,22 @@ from distill_common import checkpoint as ckpt
 from distill_common import tracking
 from distill_common.config import save_config
 from distill_common.errors import DistillError
-from distill_rf_cifar.config import PipelineConfig, distill_config, evaluate_config, pairs_config, teacher_config
+from distill_rf_cifar.config import (
+    PipelineConfig,
+    distill_config,
+    evaluate_config,
+    pairs_config,
+    teacher_config,
+)
 from distill_rf_cifar.generator import weights_sha256
-from distill_rf_cifar.stages import StageOutcome, distill_student, evaluate, make_pairs, stage_summary, train_teacher
+from distill_rf_cifar.stages import (
+    StageOutcome,
+    distill_student,
+    evaluate,
+    make_pairs,
+    stage_summary,
+    train_teacher,
+)
 
 STUDENTS = ("four_step", "one_step")
 

@@ -184,7 +184,8 @@ def train_teacher(cfg: TeacherConfig, *, console: Console | None = None, progres
 def make_pairs(cfg: PairsConfig, *, console: Console | None = None, progress: bool = True,
                run_name: str = "make-pairs", nested: bool = False) -> StageOutcome:
     """Teacher ODE pairs into resumable shards (see pairs.py)."""
-    from distill_rf_cifar.pairs import MANIFEST, make_pairs as generate
+    from distill_rf_cifar.pairs import MANIFEST
+    from distill_rf_cifar.pairs import make_pairs as generate
 
     console = console or Console()
     start = time.perf_counter()
@@ -238,9 +239,10 @@ def distill_student(cfg: DistillConfig, *, console: Console | None = None, progr
 
 def sample(cfg: SampleConfig, *, console: Console | None = None) -> Path:
     """PNG per image (``class{c}_seed{s}.png``) and ``grid.png`` (rows = classes, columns = seeds)."""
+    from PIL import Image
+
     from distill_common.generator import load_generator
     from distill_eval.grids import image_grid
-    from PIL import Image
 
     console = console or Console()
     gen = load_generator(cfg.generator, device=cfg.device)

@@ -163,7 +163,7 @@ class TrackingRun:
         except Exception as exc:  # server down, disk full, ...: keep training, keep the numbers
             self.failed_calls += 1
             if self.failed_calls == 1:
-                warnings.warn(f"MLflow logging failed ({type(exc).__name__}: {exc}); keeping values on disk")
+                warnings.warn(f"MLflow logging failed ({type(exc).__name__}: {exc}); keeping values on disk", stacklevel=3)
             if self.unlogged_path is not None:
                 self.unlogged_path.parent.mkdir(parents=True, exist_ok=True)
                 with self.unlogged_path.open("a") as f:
@@ -277,7 +277,7 @@ def start_run(
         try:
             mlflow.end_run(status=status)
         except Exception as exc:  # the server may be gone: the run's data is on disk already
-            warnings.warn(f"could not close MLflow run {run.run_id}: {exc}")
+            warnings.warn(f"could not close MLflow run {run.run_id}: {exc}", stacklevel=2)
         msg = run.report_failures()
         if msg:
             from rich.console import Console

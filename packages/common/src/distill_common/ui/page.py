@@ -173,16 +173,20 @@ def generate_tab(family: str, chosen: list[ModelChoice], device: str) -> None:
 
 
 def show_results(results: list) -> None:
+    """One column per model, one row per condition, so images of the same condition and seed line up."""
     if not results:
         return
     st.subheader("Results")
     for col, res in zip(st.columns(len(results)), results, strict=True):
         if isinstance(res, tuple):
             col.error(f"{res[0]} failed: {res[1]}")
-            continue
-        col.markdown(f"**{res.label}**  \n{res.summary}")
-        for i, img in enumerate(res.images):
-            col.image(img, caption=res.caption(i), width=img.width)
+        else:
+            col.markdown(f"**{res.label}**  \n{res.summary}")
+    rows = max((len(r.images) for r in results if isinstance(r, Sample)), default=0)
+    for i in range(rows):
+        for col, res in zip(st.columns(len(results)), results, strict=True):
+            if isinstance(res, Sample) and i < len(res.images):
+                col.image(res.images[i], caption=res.caption(i), width=res.images[i].width)
 
 
 def metrics_tab(family: str, catalog: Catalog) -> None:

@@ -14,7 +14,12 @@ from torch.utils.data import DataLoader
 from distill_common.errors import ConfigError
 from distill_sd_prune.data.batches import ResumableBatchSampler
 from distill_sd_prune.data.encoding import encode_prompts, latent_moments, sample_latents
-from distill_sd_prune.data.latent_cache import CachedLatentDataset, LatentCache, build_latent_cache, cache_fingerprint
+from distill_sd_prune.data.latent_cache import (
+    CachedLatentDataset,
+    LatentCache,
+    build_latent_cache,
+    cache_fingerprint,
+)
 from distill_sd_prune.training.randomness import step_generator
 
 

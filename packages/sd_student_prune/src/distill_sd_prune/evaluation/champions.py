@@ -76,7 +76,7 @@ def promote_per_budget(name: str, steps: int = 25, metric: str = "fid") -> list[
             tracking.set_version_tags(name, best.version, {
                 "champion.budget": budget, "champion.metric": key, "champion.value": best.metrics[key],
                 "champion.previous_version": decision.previous or "none",
-                "champion.at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                "champion.at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
             })
         decisions.append(decision)
     return decisions

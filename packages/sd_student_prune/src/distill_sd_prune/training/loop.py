@@ -29,7 +29,12 @@ from distill_common.config import to_dict
 from distill_common.errors import ModelLoadError, TrainingDivergedError
 from distill_sd_prune.architecture.complexity import count_parameters, unet_macs
 from distill_sd_prune.architecture.pruning import plain_config
-from distill_sd_prune.architecture.student import budget_label, build_student, feature_block_pairs, load_student_unet
+from distill_sd_prune.architecture.student import (
+    budget_label,
+    build_student,
+    feature_block_pairs,
+    load_student_unet,
+)
 from distill_sd_prune.losses.balancer import MagnitudeBalancer
 from distill_sd_prune.losses.feature_hooks import FeatureRecorder, unwrap_model
 from distill_sd_prune.losses.objective import DistillObjective, LossWeights
@@ -122,7 +127,13 @@ def train(cfg: TrainConfig, reporter: Reporter | None = None, *,
     """
     from distill_common.models import load_sd_components
     from distill_common.models.ema import EMA
-    from distill_common.runtime import make_accelerator, resolve_device, resolve_precision, seed_everything, torch_dtype
+    from distill_common.runtime import (
+        make_accelerator,
+        resolve_device,
+        resolve_precision,
+        seed_everything,
+        torch_dtype,
+    )
     from distill_sd_prune.data.training_data import TrainingStream, load_coco_captions, open_or_build_cache
     from distill_sd_prune.sampling.pipeline import check_resolution, make_scheduler
 
