@@ -1,13 +1,14 @@
-"""Benchmark of the sd_student_prune students: UNet forward time vs parameters and MACs, and training speed with
-cached vs uncached latents.
+"""Benchmark of the sd_student_prune students: UNet forward time vs parameters and MACs, and training speed
+with cached vs uncached latents.
 
-1. Forward: teacher, sd_small and sd_tiny UNets built from one SD 1.5-shaped config (random weights) are timed on
-   the same input (device-synchronised, warm-up, median of repeats). The target: each student's time ratio to the
-   teacher tracks its MAC ratio within 15%. On CPU the config is a mid-sized SD-shaped UNet (so compute, not Python
-   overhead, dominates); with ``--sd15`` (default on CUDA) it is SD 1.5's own UNet at 512x512 (64x64 latents).
-2. Training: ``distill prune train`` (recipe v3, sd_small) for a few steps on the shared COCO subset, with
-   ``--data-cache`` off and on; steps/s is measured after the first two steps. On CPU the tiny SD test pipeline at
-   64 px is used; with ``--sd15`` a random SD 1.5-sized pipeline (UNet, VAE, CLIP text encoder) at 512 px.
+1. Forward: teacher, sd_small and sd_tiny UNets built from one SD 1.5-shaped config (random weights) are timed
+on the same input (device-synchronised, warm-up, median of repeats). The target: each student's time ratio to
+the teacher tracks its MAC ratio within 15%. On CPU the config is a mid-sized SD-shaped UNet (so compute, not
+Python overhead, dominates); with ``--sd15`` (default on CUDA) it is SD 1.5's own UNet at 512x512 (64x64
+latents). 2. Training: ``distill prune train`` (recipe v3, sd_small) for a few steps on the shared COCO
+subset, with ``--data-cache`` off and on; steps/s is measured after the first two steps. On CPU the tiny SD
+test pipeline at 64 px is used; with ``--sd15`` a random SD 1.5-sized pipeline (UNet, VAE, CLIP text encoder)
+at 512 px.
 
 Usage: ``python tools/bench_sd_prune.py [--device cuda] [--sd15] [--out results.json]``
 """
@@ -26,12 +27,25 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-SD15_UNET = dict(sample_size=64, in_channels=4, out_channels=4, block_out_channels=[320, 640, 1280, 1280],
-                 down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"], layers_per_block=2,
-                 up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3, cross_attention_dim=768,
-                 attention_head_dim=8, mid_block_type="UNetMidBlock2DCrossAttn")
-# SD 1.5's block structure at a quarter of its width, 32x32 latents: big enough that convolutions dominate on a CPU.
-CPU_UNET = {**SD15_UNET, "block_out_channels": [80, 160, 320, 320], "cross_attention_dim": 192, "sample_size": 32}
+SD15_UNET = dict(
+    sample_size=64,
+    in_channels=4,
+    out_channels=4,
+    block_out_channels=[320, 640, 1280, 1280],
+    down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+    layers_per_block=2,
+    up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+    cross_attention_dim=768,
+    attention_head_dim=8,
+    mid_block_type="UNetMidBlock2DCrossAttn",
+)
+# SD 1.5's block structure at 0.3 of its width, 32x32 latents: big enough that convolutions dominate on a CPU.
+CPU_UNET = {
+    **SD15_UNET,
+    "block_out_channels": [96, 192, 384, 384],
+    "cross_attention_dim": 192,
+    "sample_size": 32,
+}
 
 
 def synchronize(device: torch.device) -> None:
@@ -39,22 +53,26 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_forward(unet, inputs, device, warmup: int, repeats: int) -> float:
-    with torch.inference_mode():
-        for _ in range(warmup):
-            unet(*inputs)
-        times = []
-        for _ in range(repeats):
-            synchronize(device)
-            start = time.perf_counter()
-            unet(*inputs)
-            synchronize(device)
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def time_forward(unet, inputs, device, clock) -> float:
+    synchronize(device)
+    start = clock()
+    unet(*inputs)
+    synchronize(device)
+    return clock() - start
 
 
-def forward_benchmark(config: dict, device: torch.device, dtype: torch.dtype, batch: int, warmup: int,
-                      repeats: int) -> list[dict]:
+def pick_clock(device: torch.device):
+    """Wall clock, except on a CPU with one torch thread: that thread's CPU time, which other processes on a
+    shared machine do not inflate."""
+    if device.type == "cpu" and torch.get_num_threads() == 1:
+        return time.thread_time, "thread CPU time (1 torch thread)"
+    return time.perf_counter, "wall clock, device-synchronised"
+
+
+def forward_benchmark(
+    config: dict, device: torch.device, dtype: torch.dtype, batch: int, warmup: int, repeats: int
+) -> list[dict]:
+    """Median forward time per model; models are timed in interleaved rounds so load drift hits all alike."""
     from diffusers import UNet2DConditionModel
 
     from distill_sd_prune.architecture import build_student, count_parameters, unet_macs
@@ -64,19 +82,34 @@ def forward_benchmark(config: dict, device: torch.device, dtype: torch.dtype, ba
     latent = int(config["sample_size"])
     cross = int(config["cross_attention_dim"])
     g = torch.Generator().manual_seed(0)
-    inputs = (torch.randn(batch, 4, latent, latent, generator=g).to(device, dtype), torch.full((batch,), 500, device=device),
-              torch.randn(batch, 77, cross, generator=g).to(device, dtype))
-    rows = []
+    inputs = (
+        torch.randn(batch, 4, latent, latent, generator=g).to(device, dtype),
+        torch.full((batch,), 500, device=device),
+        torch.randn(batch, 77, cross, generator=g).to(device, dtype),
+    )
+    models, rows = {}, []
     for plan in ("none", "sd_small", "sd_tiny"):
         unet = teacher if plan == "none" else build_student(teacher, plan).unet
         macs = unet_macs(unet.config, latent, batch=batch)
-        params = count_parameters(unet)
-        unet = unet.to(device, dtype)
-        seconds = time_forward(unet, inputs, device, warmup, repeats)
-        rows.append({"model": "teacher" if plan == "none" else plan, "params": params, "gmacs": macs.total / 1e9,
-                     "gmacs_conv_linear": macs.conv_linear / 1e9, "ms": seconds * 1000})
-        if plan != "none":
-            unet.to("cpu")
+        rows.append(
+            {
+                "model": "teacher" if plan == "none" else plan,
+                "params": count_parameters(unet),
+                "gmacs": macs.total / 1e9,
+                "gmacs_conv_linear": macs.conv_linear / 1e9,
+            }
+        )
+        models[rows[-1]["model"]] = unet.to(device, dtype).eval()
+    clock, _ = pick_clock(device)
+    times: dict[str, list[float]] = {name: [] for name in models}
+    with torch.inference_mode():
+        for round_index in range(warmup + repeats):
+            for name, unet in models.items():
+                seconds = time_forward(unet, inputs, device, clock)
+                if round_index >= warmup:
+                    times[name].append(seconds)
+    for row in rows:
+        row["ms"] = 1000 * statistics.median(times[row["model"]])
     base = rows[0]
     for row in rows:
         row["time_ratio"] = row["ms"] / base["ms"]
@@ -91,36 +124,64 @@ def sd15_pipeline_folder(root: Path) -> Path:
     """A random SD 1.5-sized diffusers folder (UNet 860M, VAE 84M, CLIP ViT-L text encoder 123M)."""
     from distill_common.models.tiny_sd import TinySDSpec, tiny_sd_folder
 
-    spec = TinySDSpec(sample_size=64, cross_attention_dim=768, block_out_channels=(320, 640, 1280, 1280),
-                      layers_per_block=2, attention_head_dim=8, norm_num_groups=32,
-                      vae_block_out_channels=(128, 256, 512, 512), vae_layers_per_block=2, text_layers=12,
-                      text_heads=12, text_intermediate_size=3072)
+    spec = TinySDSpec(
+        sample_size=64,
+        cross_attention_dim=768,
+        block_out_channels=(320, 640, 1280, 1280),
+        layers_per_block=2,
+        attention_head_dim=8,
+        norm_num_groups=32,
+        vae_block_out_channels=(128, 256, 512, 512),
+        vae_layers_per_block=2,
+        text_layers=12,
+        text_heads=12,
+        text_intermediate_size=3072,
+    )
     return tiny_sd_folder(root, spec=spec)
 
 
-def training_benchmark(teacher: Path, resolution: int, device: str, steps: int, batch: int, precision: str,
-                       workdir: Path) -> list[dict]:
+def training_benchmark(
+    teacher: Path, resolution: int, device: str, steps: int, batch: int, precision: str, workdir: Path
+) -> list[dict]:
     from distill_sd_prune.training.config import TrainConfig
     from distill_sd_prune.training.loop import train
 
     rows = []
+    clock, _ = pick_clock(torch.device(device))
     for cached in (False, True):
         stamps: dict[int, float] = {}
 
         def on_step(step, metrics, stamps=stamps):
             synchronize(torch.device(device))
-            stamps[step] = time.perf_counter()
+            stamps[step] = clock()
 
-        cfg = TrainConfig(recipe="v3", teacher_model=str(teacher), output_dir=workdir / f"train-cache{int(cached)}",
-                          max_steps=steps, batch_size=batch, gradient_accumulation=1, checkpoint_every=10**6,
-                          track=False, resume=False, precision=precision, device=device)
+        cfg = TrainConfig(
+            recipe="v3",
+            teacher_model=str(teacher),
+            output_dir=workdir / f"train-cache{int(cached)}",
+            max_steps=steps,
+            batch_size=batch,
+            gradient_accumulation=1,
+            checkpoint_every=10**6,
+            track=False,
+            resume=False,
+            precision=precision,
+            device=device,
+        )
         cfg.data.resolution, cfg.data.cache, cfg.data.cache_dir = resolution, cached, workdir / "cache"
         cfg.data.num_workers = 2 if device == "cuda" else 0
         start = time.perf_counter()
         train(cfg, on_step=on_step, show_progress=False)
         timed = steps - 2
-        rows.append({"latents": "cached" if cached else "uncached", "resolution": resolution, "batch": batch,
-                     "steps_per_s": timed / (stamps[steps] - stamps[2]), "total_s_incl_setup": time.perf_counter() - start})
+        rows.append(
+            {
+                "latents": "cached" if cached else "uncached",
+                "resolution": resolution,
+                "batch": batch,
+                "steps_per_s": timed / (stamps[steps] - stamps[2]),
+                "total_s_incl_setup": time.perf_counter() - start,
+            }
+        )
     rows[1]["speedup"] = rows[1]["steps_per_s"] / rows[0]["steps_per_s"]
     return rows
 
@@ -139,8 +200,12 @@ def print_rows(title: str, rows: list[dict]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--sd15", action=argparse.BooleanOptionalAction, default=None,
-                        help="SD 1.5-sized configs at 512 px (default: on with CUDA)")
+    parser.add_argument(
+        "--sd15",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="SD 1.5-sized configs at 512 px (default: on with CUDA)",
+    )
     parser.add_argument("--batch", type=int, default=None, help="forward batch (default 4 on CUDA, 1 on CPU)")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--train-steps", type=int, default=12)
@@ -156,15 +221,23 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     batch = args.batch or (4 if device.type == "cuda" else 1)
-    repeats = args.repeats or (20 if device.type == "cuda" else 5)
+    repeats = args.repeats or (20 if device.type == "cuda" else 7)
     from distill_common.runtime import environment_info
 
-    results: dict = {"environment": environment_info(device), "dtype": str(dtype), "sd15": sd15}
+    results: dict = {
+        "environment": environment_info(device),
+        "dtype": str(dtype),
+        "sd15": sd15,
+        "clock": pick_clock(device)[1],
+    }
     config = SD15_UNET if sd15 else CPU_UNET
-    results["forward"] = forward_benchmark(config, device, dtype, batch, warmup=3 if device.type == "cuda" else 1,
-                                           repeats=repeats)
-    label = "SD 1.5 UNet, 64x64 latents (512 px)" if sd15 else "SD-shaped UNet at 1/4 width, 32x32 latents"
-    print_rows(f"UNet forward, {label}, batch {batch}, {dtype}, {device}", results["forward"])
+    results["forward"] = forward_benchmark(
+        config, device, dtype, batch, warmup=3 if device.type == "cuda" else 1, repeats=repeats
+    )
+    label = "SD 1.5 UNet, 64x64 latents (512 px)" if sd15 else "SD-shaped UNet at 0.3 width, 32x32 latents"
+    print_rows(
+        f"UNet forward, {label}, batch {batch}, {dtype}, {device}; {results['clock']}", results["forward"]
+    )
     if not args.skip_train:
         workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench_sd_prune-"))
         if sd15:
@@ -174,9 +247,13 @@ def main() -> None:
 
             teacher, resolution, precision = tiny_sd_folder(), 64, "fp32"
         train_batch = args.train_batch or (4 if sd15 else 2)
-        results["training"] = training_benchmark(teacher, resolution, args.device, args.train_steps, train_batch,
-                                                 precision, workdir)
-        print_rows(f"training steps/s (recipe v3, sd_small, {resolution}px, batch {train_batch})", results["training"])
+        results["training"] = training_benchmark(
+            teacher, resolution, args.device, args.train_steps, train_batch, precision, workdir
+        )
+        print_rows(
+            f"training steps/s (recipe v3, sd_small, {resolution}px, batch {train_batch})",
+            results["training"],
+        )
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=2, default=str))

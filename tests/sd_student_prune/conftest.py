@@ -1,5 +1,5 @@
-"""Fixtures of the sd_student_prune tests: the tiny SD 1.5-shaped teacher (``tiny_sd_path`` from tests/conftest.py)
-loaded once, and fixed UNet inputs (latent 16 -> 64x64 images)."""
+"""Fixtures of the sd_student_prune tests: the tiny SD 1.5-shaped teacher (``tiny_sd_path`` from
+tests/conftest.py) loaded once, and fixed UNet inputs (latent 16 -> 64x64 images)."""
 
 from __future__ import annotations
 

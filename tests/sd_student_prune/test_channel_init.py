@@ -30,7 +30,8 @@ def test_slicing_cuts_each_segment(teacher_unet):
     assert torch.equal(s[q], torch.cat([t[q][0:8, :16], t[q][16:24, :16]]))
     out = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_out.0.weight"
     assert torch.equal(s[out], torch.cat([t[out][:16, 0:8], t[out][:16, 16:24]], dim=1))
-    geglu = "down_blocks.0.attentions.0.transformer_blocks.0.ff.net.0.proj.weight"  # value | gate halves (2x128 -> 2x64)
+    # GEGLU value | gate halves: 2 x 128 -> 2 x 64
+    geglu = "down_blocks.0.attentions.0.transformer_blocks.0.ff.net.0.proj.weight"
     assert torch.equal(s[geglu], torch.cat([t[geglu][0:64, :16], t[geglu][128:192, :16]]))
     conv1 = "up_blocks.3.resnets.0.conv1.weight"  # input = [hidden 32 | skip 32] -> [16 | 16]
     assert torch.equal(s[conv1], torch.cat([t[conv1][:16, 0:16], t[conv1][:16, 32:48]], dim=1))
@@ -39,8 +40,13 @@ def test_slicing_cuts_each_segment(teacher_unet):
 def test_slicing_keeps_the_exact_timestep_frequencies(teacher_unet):
     student = build_student(teacher_unet, "none", 0.5, "slice").unet
     timesteps = torch.tensor([3, 250, 999])
-    t_features, s_features = teacher_unet.time_proj(timesteps), student.time_proj(timesteps)  # (3, 32), (3, 16)
-    picked = torch.cat([torch.arange(0, 16, 2), torch.arange(16, 32, 2)])  # cos | sin halves, every other frequency
+    t_features, s_features = (
+        teacher_unet.time_proj(timesteps),
+        student.time_proj(timesteps),
+    )  # (3, 32), (3, 16)
+    picked = torch.cat(
+        [torch.arange(0, 16, 2), torch.arange(16, 32, 2)]
+    )  # cos | sin halves, every other frequency
     torch.testing.assert_close(s_features, t_features[:, picked], rtol=0, atol=1e-6)
     w_s, w_t = student.time_embedding.linear_1.weight, teacher_unet.time_embedding.linear_1.weight
     assert torch.equal(w_s, w_t[:64][:, picked])
@@ -49,9 +55,12 @@ def test_slicing_keeps_the_exact_timestep_frequencies(teacher_unet):
 def test_projection_averages_channel_groups(teacher_unet):
     s = build_student(teacher_unet, "none", 0.5, "project").unet.state_dict()
     t = teacher_unet.state_dict()
-    torch.testing.assert_close(s["conv_in.bias"], (t["conv_in.bias"][0::2] + t["conv_in.bias"][1::2]) / 2**0.5)
-    torch.testing.assert_close(s["conv_norm_out.weight"],
-                               (t["conv_norm_out.weight"][0::2] + t["conv_norm_out.weight"][1::2]) / 2)
+    torch.testing.assert_close(
+        s["conv_in.bias"], (t["conv_in.bias"][0::2] + t["conv_in.bias"][1::2]) / 2**0.5
+    )
+    torch.testing.assert_close(
+        s["conv_norm_out.weight"], (t["conv_norm_out.weight"][0::2] + t["conv_norm_out.weight"][1::2]) / 2
+    )
     assert torch.equal(s["conv_out.bias"], t["conv_out.bias"])
 
 

@@ -13,9 +13,24 @@ from distill_sd_prune.cli import app
 
 def test_prepare_unet_writes_the_student_and_reports_params_and_macs(tiny_sd_path, tmp_path):
     out = tmp_path / "student"
-    result = CliRunner().invoke(app, ["prepare-unet", "--teacher-model", str(tiny_sd_path), "--plan", "sd_small",
-                                      "--width", "0.5", "--init", "project", "--resolution", "64",
-                                      "--output-dir", str(out)])
+    result = CliRunner().invoke(
+        app,
+        [
+            "prepare-unet",
+            "--teacher-model",
+            str(tiny_sd_path),
+            "--plan",
+            "sd_small",
+            "--width",
+            "0.5",
+            "--init",
+            "project",
+            "--resolution",
+            "64",
+            "--output-dir",
+            str(out),
+        ],
+    )
     assert result.exit_code == 0, result.output + repr(result.exception)
     assert "teacher" in result.output and "UNet per call" in result.output
     described = json.loads((out / "prune_map.json").read_text())
@@ -27,11 +42,14 @@ def test_prepare_unet_writes_the_student_and_reports_params_and_macs(tiny_sd_pat
     assert (out / "unet" / "diffusion_pytorch_model.safetensors").is_file()
 
 
-@pytest.mark.parametrize(("args", "message"), [
-    (["prepare-unet", "--plan", "sd_huge"], "valid choices: 'bk_small', 'none', 'sd_small', 'sd_tiny'"),
-    (["train", "--recipe", "v4"], "valid choices: 'v1', 'v2.1', 'v2.2', 'v3'"),
-    (["train", "--data-resolution", "1024"], "outside 64..512"),
-])
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["prepare-unet", "--plan", "sd_huge"], "valid choices: 'bk_small', 'none', 'sd_small', 'sd_tiny'"),
+        (["train", "--recipe", "v4"], "valid choices: 'v1', 'v2.1', 'v2.2', 'v3'"),
+        (["train", "--data-resolution", "1024"], "outside 64..512"),
+    ],
+)
 def test_bad_options_fail_with_one_line(args, message):
     result = CliRunner().invoke(app, [*args, "--dry-run"])
     assert isinstance(result.exception, ConfigError) and message in str(result.exception)

@@ -20,12 +20,32 @@ def test_cached_and_uncached_streams_give_the_same_batches(tiny_sd_path, data_ro
     components = load_sd_components(tiny_sd_path, include=("vae", "text_encoder", "tokenizer"))
     dataset = load_coco_captions(data_root, "train", 64, limit=3, show_progress=False)
     assert len(dataset) == sum(len(r.captions) for r in dataset.records) >= 15  # one sample per caption
-    cache = open_or_build_cache(dataset, components, tmp_path, str(tiny_sd_path), "train", 64, True, False,
-                                torch.float32, show_progress=False)
+    cache = open_or_build_cache(
+        dataset,
+        components,
+        tmp_path,
+        str(tiny_sd_path),
+        "train",
+        64,
+        True,
+        False,
+        torch.float32,
+        show_progress=False,
+    )
     manifest = cache.folder / "manifest.json"
     stamp = manifest.stat().st_mtime_ns
-    again = open_or_build_cache(dataset, components, tmp_path, str(tiny_sd_path), "train", 64, True, False,
-                                torch.float32, show_progress=False)
+    again = open_or_build_cache(
+        dataset,
+        components,
+        tmp_path,
+        str(tiny_sd_path),
+        "train",
+        64,
+        True,
+        False,
+        torch.float32,
+        show_progress=False,
+    )
     assert again.folder == cache.folder and manifest.stat().st_mtime_ns == stamp  # reused, not rebuilt
     kwargs = dict(batch_size=2, seed=3, device=torch.device("cpu"))
     plain = TrainingStream(dataset, components, **kwargs).iterate(start=4)

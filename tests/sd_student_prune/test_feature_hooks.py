@@ -15,9 +15,15 @@ from distill_sd_prune.training.student_model import DistillStudent
 
 # tiny teacher: channels (32, 32, 64, 64), latent 16 -> down 8, 4, 2, 2; mid 2; up 4, 8, 16, 16
 TEACHER_SHAPES = {
-    "down_blocks.0": (2, 32, 8, 8), "down_blocks.1": (2, 32, 4, 4), "down_blocks.2": (2, 64, 2, 2),
-    "down_blocks.3": (2, 64, 2, 2), "mid_block": (2, 64, 2, 2), "up_blocks.0": (2, 64, 4, 4),
-    "up_blocks.1": (2, 64, 8, 8), "up_blocks.2": (2, 32, 16, 16), "up_blocks.3": (2, 32, 16, 16),
+    "down_blocks.0": (2, 32, 8, 8),
+    "down_blocks.1": (2, 32, 4, 4),
+    "down_blocks.2": (2, 64, 2, 2),
+    "down_blocks.3": (2, 64, 2, 2),
+    "mid_block": (2, 64, 2, 2),
+    "up_blocks.0": (2, 64, 4, 4),
+    "up_blocks.1": (2, 64, 8, 8),
+    "up_blocks.2": (2, 32, 16, 16),
+    "up_blocks.3": (2, 32, 16, 16),
     "down_blocks.2.attentions.1": (2, 64, 4, 4),
 }
 
@@ -70,10 +76,17 @@ def test_hooks_under_accelerate_prepare(teacher_unet, unet_inputs):
             prediction, features = model(*unet_inputs)
     finally:
         AcceleratorState._reset_state()  # do not leak bf16 into later tests
-    assert recorder.features["unet.mid_block"].dtype == torch.bfloat16  # the prepared forward runs under autocast
-    assert shapes(recorder) == {"unet.down_blocks.0": (2, 32, 8, 8), "unet.up_blocks.3": (2, 32, 16, 16),
-                                "unet.mid_block": (2, 64, 2, 2)}
-    assert {k: tuple(v.shape) for k, v in features.items()} == {k: TEACHER_SHAPES[v] for k, v in pairs.items()}
+    assert (
+        recorder.features["unet.mid_block"].dtype == torch.bfloat16
+    )  # the prepared forward runs under autocast
+    assert shapes(recorder) == {
+        "unet.down_blocks.0": (2, 32, 8, 8),
+        "unet.up_blocks.3": (2, 32, 16, 16),
+        "unet.mid_block": (2, 64, 2, 2),
+    }
+    assert {k: tuple(v.shape) for k, v in features.items()} == {
+        k: TEACHER_SHAPES[v] for k, v in pairs.items()
+    }
 
 
 def test_hooks_under_distributed_data_parallel(teacher_unet, unet_inputs, tmp_path):

@@ -1,5 +1,6 @@
-"""Generators (student and teacher, one loader through the ``distill.generators`` entry point), ``distill prune
-generate``, and ``distill prune evaluate`` stamping registered students and moving per-budget champions."""
+"""Generators (student and teacher, one loader through the ``distill.generators`` entry point), ``distill
+prune generate``, and ``distill prune evaluate`` stamping registered students and moving per-budget champions.
+"""
 
 from __future__ import annotations
 
@@ -25,23 +26,49 @@ PROMPTS = ["a red bus on a street", "two cats on a sofa"]
 
 def student_folder(teacher_unet, tiny_sd_path, folder, plan="sd_tiny", init="slice", **info):
     build = build_student(teacher_unet, plan, 1.0, init, seed=1)
-    return write_generator_folder(folder, str(tiny_sd_path), unet=build.unet, resolution=64, plan=plan,
-                                  budget=build.budget, params=sum(p.numel() for p in build.unet.parameters()), **info)
+    return write_generator_folder(
+        folder,
+        str(tiny_sd_path),
+        unet=build.unet,
+        resolution=64,
+        plan=plan,
+        budget=build.budget,
+        params=sum(p.numel() for p in build.unet.parameters()),
+        **info,
+    )
 
 
 def test_student_and_teacher_generators_share_seeds(teacher_unet, tiny_sd_path, tmp_path):
     student = load_generator(student_folder(teacher_unet, tiny_sd_path, tmp_path / "student"), device="cpu")
-    assert student.family == "sd_student_prune" and student.condition_kind == "prompt" and student.resolution == 64
+    assert (
+        student.family == "sd_student_prune"
+        and student.condition_kind == "prompt"
+        and student.resolution == 64
+    )
     a = student.generate(PROMPTS, 2, [5, 6], guidance=5.0)
     assert a.shape == (2, 3, 64, 64) and 0 <= float(a.min()) and float(a.max()) <= 1
-    torch.testing.assert_close(a[1:], student.generate(PROMPTS[1:], 2, [6], guidance=5.0), atol=1e-4, rtol=0)  # per-image seed
+    torch.testing.assert_close(
+        a[1:], student.generate(PROMPTS[1:], 2, [6], guidance=5.0), atol=1e-4, rtol=0
+    )  # per-image seed
     assert not torch.equal(a[0], student.generate(PROMPTS[:1], 2, [7], guidance=5.0)[0])
     teacher = load_generator(write_teacher_folder(tmp_path / "teacher", str(tiny_sd_path), 64), device="cpu")
     assert teacher.unet.config.layers_per_block == 2 and teacher.info["budget"] == "teacher"
-    pipe = build_pipeline(teacher_unet, teacher.pipe.vae, teacher.pipe.text_encoder, teacher.pipe.tokenizer,
-                          make_scheduler("ddpm", teacher.pipe.scheduler.config))
-    direct = pipe(PROMPTS[0], num_inference_steps=2, guidance_scale=5.0, height=64, width=64, output_type="pt",
-                  generator=[torch.Generator().manual_seed(5)]).images
+    pipe = build_pipeline(
+        teacher_unet,
+        teacher.pipe.vae,
+        teacher.pipe.text_encoder,
+        teacher.pipe.tokenizer,
+        make_scheduler("ddpm", teacher.pipe.scheduler.config),
+    )
+    direct = pipe(
+        PROMPTS[0],
+        num_inference_steps=2,
+        guidance_scale=5.0,
+        height=64,
+        width=64,
+        output_type="pt",
+        generator=[torch.Generator().manual_seed(5)],
+    ).images
     torch.testing.assert_close(teacher.generate(PROMPTS[:1], 2, [5], 5.0), direct.clamp(0, 1))
     outputs = {}
     for sampler in ("ddpm", "pndm", "ddim"):
@@ -65,36 +92,83 @@ def test_bundled_student_is_a_complete_diffusers_pipeline(teacher_unet, tiny_sd_
 def test_generate_command_writes_images(teacher_unet, tiny_sd_path, tmp_path):
     folder = student_folder(teacher_unet, tiny_sd_path, tmp_path / "student")
     out = tmp_path / "images"
-    result = CliRunner().invoke(app, ["generate", "--generator", str(folder), "--prompts", *PROMPTS, "--steps", "2",
-                                      "--scheduler", "ddim", "--output-dir", str(out), "--device", "cpu"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "generate",
+            "--generator",
+            str(folder),
+            "--prompts",
+            *PROMPTS,
+            "--steps",
+            "2",
+            "--scheduler",
+            "ddim",
+            "--output-dir",
+            str(out),
+            "--device",
+            "cpu",
+        ],
+    )
     assert result.exit_code == 0, result.output + repr(result.exception)
     assert (out / "00000.png").is_file() and (out / "00001.png").is_file() and (out / "grid.png").is_file()
     assert json.loads((out / "prompts.json").read_text())["scheduler"] == "ddim"
 
 
 @pytest.mark.slow
-def test_evaluate_stamps_versions_and_crowns_the_best_per_budget(teacher_unet, tiny_sd_path, data_root, tmp_path,
-                                                                 mlflow_uri):
+def test_evaluate_stamps_versions_and_crowns_the_best_per_budget(
+    teacher_unet, tiny_sd_path, data_root, tmp_path, mlflow_uri
+):
     from distill_common import tracking
 
-    specs = {"tiny_slice": ("sd_tiny", "slice"), "tiny_random": ("sd_tiny", "random"), "small": ("sd_small", "slice")}
+    specs = {
+        "tiny_slice": ("sd_tiny", "slice"),
+        "tiny_random": ("sd_tiny", "random"),
+        "small": ("sd_small", "slice"),
+    }
     versions = {}
     with tracking.start_run("unit", "register") as run:
         for label, (plan, init) in specs.items():
             folder = student_folder(teacher_unet, tiny_sd_path, tmp_path / label, plan, init)
             manifest = json.loads((folder / "generator.json").read_text())
             versions[label] = register_student(run, folder, "sd_student_prune", manifest)
-    args = ["evaluate", "--generators", *(f"{k}=models:/sd_student_prune/{v}" for k, v in versions.items()),
-            "--teacher-model", str(tiny_sd_path), "--steps", "2", "--guidance", "5", "3", "--num-images", "2",
-            "--reference-n", "4", "--batch-size", "2", "--timing-repeats", "1", "--data-root", str(data_root),
-            "--output-dir", str(tmp_path / "eval"), "--device", "cpu"]
+    args = [
+        "evaluate",
+        "--generators",
+        *(f"{k}=models:/sd_student_prune/{v}" for k, v in versions.items()),
+        "--teacher-model",
+        str(tiny_sd_path),
+        "--steps",
+        "2",
+        "--guidance",
+        "5",
+        "3",
+        "--num-images",
+        "2",
+        "--reference-n",
+        "4",
+        "--batch-size",
+        "2",
+        "--timing-repeats",
+        "1",
+        "--data-root",
+        str(data_root),
+        "--output-dir",
+        str(tmp_path / "eval"),
+        "--device",
+        "cpu",
+    ]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output + repr(result.exception)
     report = json.loads((tmp_path / "eval" / "evaluation.json").read_text())
     rows = {(r["model"], r["guidance"]): r for r in report["rows"]}
     assert len(rows) == 8  # teacher + 3 students at CFG 5 and 3
     assert rows[("teacher", 5.0)]["lpips_to_teacher"] == 0.0 and rows[("small", 5.0)]["lpips_to_teacher"] > 0
-    assert rows[("teacher", 5.0)]["params"] > rows[("small", 5.0)]["params"] > rows[("tiny_slice", 5.0)]["params"]
+    assert (
+        rows[("teacher", 5.0)]["params"]
+        > rows[("small", 5.0)]["params"]
+        > rows[("tiny_slice", 5.0)]["params"]
+    )
     assert all(r["fid"] > 0 and r["ms_per_image"] > 0 and r["gmacs"] > 0 for r in report["rows"])
     info = {v.version: v for v in tracking.list_versions("sd_student_prune")}
     fids = {label: info[v].metrics["s2.fid"] for label, v in versions.items()}

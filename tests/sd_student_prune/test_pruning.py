@@ -1,5 +1,5 @@
-"""Block pruning: sd_small / bk_small / sd_tiny remove exactly the FIELD_NOTES blocks, inherit the rest through an
-explicit name map, and save as standard diffusers UNets that load in a StableDiffusionPipeline."""
+"""Block pruning: sd_small / bk_small / sd_tiny remove exactly the FIELD_NOTES blocks, inherit the rest
+through an explicit name map, and save as standard diffusers UNets that load in a StableDiffusionPipeline."""
 
 from __future__ import annotations
 
@@ -23,8 +23,13 @@ SMALL_REMOVED = [
 REMOVED = {
     "sd_small": SMALL_REMOVED,
     "bk_small": [*SMALL_REMOVED, "mid_block"],
-    "sd_tiny": [*(n for n in SMALL_REMOVED if not n.startswith(("down_blocks.3", "up_blocks.0"))), "mid_block",
-                "down_blocks.3", "down_blocks.2.downsamplers", "up_blocks.0"],
+    "sd_tiny": [
+        *(n for n in SMALL_REMOVED if not n.startswith(("down_blocks.3", "up_blocks.0"))),
+        "mid_block",
+        "down_blocks.3",
+        "down_blocks.2.downsamplers",
+        "up_blocks.0",
+    ],
 }
 
 
@@ -33,7 +38,9 @@ def numel(module) -> int:
 
 
 @pytest.mark.parametrize("plan", ["sd_small", "bk_small", "sd_tiny"])
-def test_pruned_student_loses_exactly_the_removed_blocks_and_inherits_the_rest(plan, teacher_unet, unet_inputs):
+def test_pruned_student_loses_exactly_the_removed_blocks_and_inherits_the_rest(
+    plan, teacher_unet, unet_inputs
+):
     modules = dict(teacher_unet.named_modules())
     expected = numel(teacher_unet) - sum(numel(modules[name]) for name in REMOVED[plan])
     build = build_student(teacher_unet, plan)
@@ -42,7 +49,10 @@ def test_pruned_student_loses_exactly_the_removed_blocks_and_inherits_the_rest(p
     assert out.shape == (2, 4, 16, 16) and torch.isfinite(out).all()
     teacher_state = teacher_unet.state_dict()
     student_modules = dict(build.unet.named_modules())
-    for s_name, t_name in build.module_map.items():  # every kept layer is the teacher's layer, tensor for tensor
+    for (
+        s_name,
+        t_name,
+    ) in build.module_map.items():  # every kept layer is the teacher's layer, tensor for tensor
         for key, tensor in student_modules[s_name].state_dict().items():
             assert torch.equal(tensor, teacher_state[f"{t_name}.{key}"]), (s_name, key)
 
@@ -74,7 +84,9 @@ def test_student_config_is_the_teachers_with_standard_fields_edited(teacher_unet
         student_unet_config(teacher_unet.config, "sd_small", width=1.5)
 
 
-def test_saved_student_is_a_standard_unet_folder_that_loads_in_a_pipeline(teacher_unet, tiny_sd_path, tmp_path):
+def test_saved_student_is_a_standard_unet_folder_that_loads_in_a_pipeline(
+    teacher_unet, tiny_sd_path, tmp_path
+):
     build = build_student(teacher_unet, "sd_tiny", width=0.5)
     folder = save_student(build, tmp_path / "student")
     config = json.loads((folder / "unet" / "config.json").read_text())
@@ -84,24 +96,43 @@ def test_saved_student_is_a_standard_unet_folder_that_loads_in_a_pipeline(teache
     loaded = UNet2DConditionModel.from_pretrained(str(folder / "unet"))  # strict: config matches the weights
     for key, tensor in build.unet.state_dict().items():
         assert torch.equal(tensor, loaded.state_dict()[key])
-    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_sd_path), unet=loaded, safety_checker=None,
-                                                   requires_safety_checker=False)
+    pipe = StableDiffusionPipeline.from_pretrained(
+        str(tiny_sd_path), unet=loaded, safety_checker=None, requires_safety_checker=False
+    )
     pipe.set_progress_bar_config(disable=True)
-    image = pipe("a dog on a beach", num_inference_steps=2, height=64, width=64, output_type="pt",
-                 generator=torch.Generator().manual_seed(0)).images
+    image = pipe(
+        "a dog on a beach",
+        num_inference_steps=2,
+        height=64,
+        width=64,
+        output_type="pt",
+        generator=torch.Generator().manual_seed(0),
+    ).images
     assert image.shape == (1, 3, 64, 64) and torch.isfinite(image).all()
 
 
 def test_sd15_sized_plans_reproduce_the_published_parameter_and_mac_counts():
-    """distill-sd: 859,520,964 -> 579,384,964 (sd_small) -> 323,384,964 (sd_tiny) UNet parameters; BK-SDM's conv +
-    linear MACs at 64x64 latents: 339G (SD 1.4), 224G (Base), 205G (Tiny). Built on the meta device."""
+    """distill-sd: 859,520,964 -> 579,384,964 (sd_small) -> 323,384,964 (sd_tiny) UNet parameters; BK-SDM's
+    conv + linear MACs at 64x64 latents: 339G (SD 1.4), 224G (Base), 205G (Tiny). Built on the meta device."""
     from distill_sd_prune.architecture import unet_macs
 
-    sd15 = dict(sample_size=64, in_channels=4, out_channels=4, block_out_channels=[320, 640, 1280, 1280],
-                down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"], layers_per_block=2,
-                up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3, cross_attention_dim=768,
-                attention_head_dim=8, mid_block_type="UNetMidBlock2DCrossAttn")
-    expected = {"none": (859_520_964, 339e9), "sd_small": (579_384_964, 224e9), "sd_tiny": (323_384_964, 205e9)}
+    sd15 = dict(
+        sample_size=64,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=[320, 640, 1280, 1280],
+        down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+        layers_per_block=2,
+        up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+        cross_attention_dim=768,
+        attention_head_dim=8,
+        mid_block_type="UNetMidBlock2DCrossAttn",
+    )
+    expected = {
+        "none": (859_520_964, 339e9),
+        "sd_small": (579_384_964, 224e9),
+        "sd_tiny": (323_384_964, 205e9),
+    }
     for plan, (params, macs) in expected.items():
         config = student_unet_config(sd15, plan)
         with torch.device("meta"):

@@ -52,7 +52,9 @@ def test_caption_dropout_rate_grows_and_replaces_by_the_empty_prompt():
     out, mask = schedule.apply(embeds, empty, 1.0, torch.Generator().manual_seed(0))
     assert 0.08 < mask.float().mean() < 0.12
     assert torch.equal(out[mask], torch.zeros_like(out[mask])) and torch.equal(out[~mask], embeds[~mask])
-    assert torch.equal(CaptionDropoutSchedule(1.0, 1.0).apply(embeds[:5], empty, 0.5)[0], torch.zeros(5, 3, 2))
+    assert torch.equal(
+        CaptionDropoutSchedule(1.0, 1.0).apply(embeds[:5], empty, 0.5)[0], torch.zeros(5, 3, 2)
+    )
 
 
 def test_progressive_chain_runs_from_the_full_chain_to_the_inference_chain():
@@ -78,7 +80,9 @@ def test_learning_rate_schedules():
         lrs.append(onecycle.get_last_lr()[0])
         onecycle.optimizer.step()
         onecycle.step()
-    assert lrs[0] == pytest.approx(1e-3 / 25) and max(lrs) == pytest.approx(1e-3, rel=0.05) and lrs[-1] < lrs[0]
+    assert (
+        lrs[0] == pytest.approx(1e-3 / 25) and max(lrs) == pytest.approx(1e-3, rel=0.05) and lrs[-1] < lrs[0]
+    )
     warm = build_lr_scheduler("constant", torch.optim.AdamW(params, lr=1e-3), 10, 1e-3, warmup_steps=4)
     assert warm.get_last_lr()[0] == pytest.approx(2.5e-4)
 

@@ -54,7 +54,8 @@ class PipelineResult:
     rows: list[dict[str, Any]] = field(default_factory=list)
     outcomes: dict[str, StageOutcome] = field(default_factory=dict)
     versions: dict[str, tuple[str, str]] = field(default_factory=dict)  # label -> (registered name, version)
-    champions: dict[str, str] = field(default_factory=dict)  # registered name -> champion version or reason
+    champions: dict[str, str] = field(default_factory=dict)  # registered name -> champion description
+    champion_versions: dict[str, str] = field(default_factory=dict)  # registered name -> champion version
     grid_path: Path | None = None
     plot_paths: list[Path] = field(default_factory=list)
     report_paths: dict[str, Path] = field(default_factory=dict)
@@ -79,15 +80,16 @@ def _register(name: str, outcome: StageOutcome, tags: dict[str, Any]) -> str:
 
 
 def _promote(name: str, max_steps: int | None) -> str:
+    """Move ``champion`` by distill_common.promotion (best FID within the step gate); returns what happened."""
     from distill_common import promotion
 
+    gate = f"best FID at <= {max_steps} steps" if max_steps else "best FID at any step count"
     try:
         decision = promotion.decide(name, "fid", max_steps=max_steps)
-    except DistillError as exc:  # e.g. older versions measured under another protocol
-        return f"unchanged ({exc})"
+    except DistillError as exc:  # e.g. older versions measured under another protocol: never compared
+        return f"unchanged: {exc}"
     promotion.apply(decision)
-    champion = tracking.version_by_alias(name, tracking.CHAMPION)
-    return f"v{champion.version}" + ("" if decision.promote else f" ({decision.reason})") if champion else decision.reason
+    return f"{gate}; {decision.reason}"
 
 
 def run_pipeline(cfg: PipelineConfig, *, console: Console | None = None, progress: bool = True) -> PipelineResult:
@@ -141,8 +143,11 @@ def run_pipeline(cfg: PipelineConfig, *, console: Console | None = None, progres
                 tracking.set_version_tags(name, version, {**registry_tags(sweep.rows, label, sweep.protocol),
                                                           "eval.run_id": eval_run})
                 result.versions[label] = (name, version)
-            result.champions[cfg.registry.student_name] = _promote(cfg.registry.student_name, cfg.registry.max_steps)
-            result.champions[cfg.registry.teacher_name] = _promote(cfg.registry.teacher_name, None)
+            for name, gate in ((cfg.registry.student_name, cfg.registry.max_steps), (cfg.registry.teacher_name, None)):
+                result.champions[name] = _promote(name, gate)
+                champion = tracking.version_by_alias(name, tracking.CHAMPION)
+                if champion is not None:
+                    result.champion_versions[name] = champion.version
         result.finished = True
         result.seconds = time.perf_counter() - start
         result.ui_command = ui_hint() if cfg.track else None
@@ -163,22 +168,25 @@ def run_pipeline(cfg: PipelineConfig, *, console: Console | None = None, progres
 def print_summary(result: PipelineResult, cfg: PipelineConfig, console: Console) -> None:
     """The main job's table: model, steps, FID, ms/image, speed-up vs the teacher at its default steps."""
     teacher_steps = cfg.sampling.steps
-    table = Table(title=f"rf_cifar pipeline '{cfg.run_name}': FID ({result.protocol['reference_set']}, "
-                        f"{result.protocol['generated_n']} generated vs {result.protocol['reference_n']} reference) "
-                        f"and latency (speed-up vs teacher at {teacher_steps} Euler steps)")
-    for col, justify in (("model", "left"), ("registry", "left"), ("sampler", "left"), ("steps", "right"),
+    table = Table(title=f"rf_cifar pipeline '{cfg.run_name}': FID ({result.protocol['generated_n']} generated vs "
+                        f"{result.protocol['reference_n']} {result.protocol['reference_set']}) and latency "
+                        f"(speed-up vs teacher at {teacher_steps} Euler steps)")
+    for col, justify in (("model", "left"), ("version", "left"), ("sampler", "left"), ("steps", "right"),
                          ("NFE", "right"), ("FID", "right"), ("ms/image", "right"), ("speed-up", "right")):
         table.add_column(col, justify=justify)
+    champions = {name: v for name, v in result.champion_versions.items()}
     for r in result.rows:
         name, version = result.versions.get(r["model"], ("", ""))
-        reg = f"{name} v{version}" if name else "-"
-        best = r["model"] != "teacher" and r["steps"] is not None and r["steps"] <= cfg.registry.max_steps
-        table.add_row(r["model"], reg, r["sampler"], "-" if r["steps"] is None else str(r["steps"]), f"{r['nfe']:.0f}",
-                      f"{r['fid']:.2f}", f"{r['ms_per_image']:.2f}", f"{r['speedup_vs_teacher']:.1f}×",
-                      style="bold" if best else None)
+        mark = " ★" if name and champions.get(name) == version else ""
+        gated = r["role"] == "student" and r["steps"] is not None and r["steps"] <= cfg.registry.max_steps
+        table.add_row(r["model"], f"v{version}{mark}" if name else "-", r["sampler"],
+                      "-" if r["steps"] is None else str(r["steps"]), f"{r['nfe']:.0f}", f"{r['fid']:.1f}",
+                      f"{r['ms_per_image']:.2f}", f"{r['speedup_vs_teacher']:.1f}×", style="bold" if gated else None)
     console.print(table)
-    for name, champ in result.champions.items():
-        console.print(f"champion of [bold]{name}[/]: {champ}", highlight=False)
+    for name, reason in result.champions.items():
+        version = result.champion_versions.get(name)
+        console.print(f"champion (★) of [bold]{name}[/]: {f'v{version}' if version else 'none'} — {reason}",
+                      highlight=False)
     console.print(f"comparison grid: {result.grid_path}", highlight=False)
     for p in result.plot_paths:
         console.print(f"plot: {p}", highlight=False)

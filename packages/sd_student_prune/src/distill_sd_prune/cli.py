@@ -1,5 +1,5 @@
-"""``distill prune``: prepare pruned / narrowed student UNets, train them (recipes v1, v2.1, v2.2, v3), generate,
-evaluate against the teacher, and promote per-budget champions in the MLflow registry."""
+"""``distill prune``: prepare pruned / narrowed student UNets, train them (recipes v1, v2.1, v2.2, v3),
+generate, evaluate against the teacher, and promote per-budget champions in the MLflow registry."""
 
 from __future__ import annotations
 
@@ -18,9 +18,11 @@ from distill_sd_prune.evaluation.evaluate import EvaluateConfig
 from distill_sd_prune.sampling.pipeline import HEADLINE_GUIDANCE, HEADLINE_STEPS, SAMPLERS
 from distill_sd_prune.training.config import DEFAULT_TEACHER, TrainConfig
 
-app = typer.Typer(help="Smaller Stable Diffusion students: block pruning (sd_small, sd_tiny), channel narrowing, "
-                  "distillation recipes v1 / v2.1 / v2.2 / v3, evaluation and per-budget champions.",
-                  no_args_is_help=True)
+app = typer.Typer(
+    help="Smaller Stable Diffusion students: block pruning (sd_small, sd_tiny), channel narrowing, "
+    "distillation recipes v1 / v2.1 / v2.2 / v3, evaluation and per-budget champions.",
+    no_args_is_help=True,
+)
 console = Console()
 
 
@@ -28,13 +30,17 @@ console = Console()
 class PrepareConfig:
     """Options of ``distill prune prepare-unet``."""
 
-    teacher_model: str = option(DEFAULT_TEACHER, "Teacher: hub id, local diffusers folder or single-file checkpoint.")
+    teacher_model: str = option(
+        DEFAULT_TEACHER, "Teacher: hub id, local diffusers folder or single-file checkpoint."
+    )
     plan: str = option("sd_small", "Block pruning plan.", choices=tuple(PRUNE_PLANS))
     width: float = option(1.0, "Channel width relative to the teacher, in (0, 1].")
     init: str = option("slice", "How the student inherits the teacher's weights.", choices=INIT_METHODS)
     resolution: int = option(512, "Image resolution at which MACs are counted.")
     seed: int = option(0, "Seed of the random initialisation (init random).")
-    output_dir: Path = option(Path("runs/prune/student"), "Writes OUTPUT_DIR/unet (diffusers) and prune_map.json.")
+    output_dir: Path = option(
+        Path("runs/prune/student"), "Writes OUTPUT_DIR/unet (diffusers) and prune_map.json."
+    )
 
 
 @config_command(app, "prepare-unet", PrepareConfig)
@@ -49,14 +55,24 @@ def prepare_unet(cfg: PrepareConfig) -> None:
     components = load_sd_components(cfg.teacher_model, include=("unet", "vae"), device="cpu")
     latent = cfg.resolution // components.vae_scale_factor
     build = build_student(components.unet, cfg.plan, cfg.width, cfg.init, seed=cfg.seed)
-    rows = [complexity_row("teacher", components.unet, latent), complexity_row(f"student ({build.budget})", build.unet, latent)]
-    save_student(build, cfg.output_dir, extra={"teacher_model": cfg.teacher_model, "complexity": rows,
-                                               "resolution": cfg.resolution})
+    rows = [
+        complexity_row("teacher", components.unet, latent),
+        complexity_row(f"student ({build.budget})", build.unet, latent),
+    ]
+    save_student(
+        build,
+        cfg.output_dir,
+        extra={"teacher_model": cfg.teacher_model, "complexity": rows, "resolution": cfg.resolution},
+    )
     print_table(rows, list(rows[0]), title=f"UNet per call at {cfg.resolution}px", console=console)
-    console.print(f"kept {len(build.module_map)} layers, dropped {len(build.dropped)} teacher layers; "
-                  f"init {build.init}: {build.transfer.counts()}")
-    console.print(f"student: {Path(cfg.output_dir) / 'unet'}  name map: {Path(cfg.output_dir) / 'prune_map.json'}",
-                  highlight=False)
+    console.print(
+        f"kept {len(build.module_map)} layers, dropped {len(build.dropped)} teacher layers; "
+        f"init {build.init}: {build.transfer.counts()}"
+    )
+    console.print(
+        f"student: {Path(cfg.output_dir) / 'unet'}  name map: {Path(cfg.output_dir) / 'prune_map.json'}",
+        highlight=False,
+    )
 
 
 @config_command(app, "train", TrainConfig)
@@ -66,7 +82,7 @@ def train_cmd(cfg: TrainConfig) -> None:
     from accelerate import PartialState
 
     from distill_common import tracking
-    from distill_sd_prune.architecture.student import budget_label
+    from distill_sd_prune.architecture.student import budget_label, read_prune_map
     from distill_sd_prune.evaluation.champions import register_student
     from distill_sd_prune.training.loop import checkpoint_run_id, train
 
@@ -75,29 +91,49 @@ def train_cmd(cfg: TrainConfig) -> None:
     save_config(cfg, Path(cfg.output_dir) / "train_config.yaml")
     run_id = checkpoint_run_id(cfg.output_dir) if cfg.resume else None
     budget = budget_label(cfg.student.plan, cfg.student.width)
-    with tracking.start_run(cfg.experiment, cfg.run_name or f"{cfg.recipe}-{budget}", config=cfg,
-                            tags={"recipe": cfg.recipe, "family": "sd_student_prune", "kind": "training"},
-                            fallback_dir=cfg.output_dir, enabled=cfg.track and main, run_id=run_id) as run:
+    if cfg.student.unet is not None and (Path(cfg.student.unet) / "prune_map.json").is_file():
+        budget = read_prune_map(cfg.student.unet)["budget"]
+    with tracking.start_run(
+        cfg.experiment,
+        cfg.run_name or f"{cfg.recipe}-{budget}",
+        config=cfg,
+        tags={"recipe": cfg.recipe, "family": "sd_student_prune", "kind": "training"},
+        fallback_dir=cfg.output_dir,
+        enabled=cfg.track and main,
+        run_id=run_id,
+    ) as run:
         result = train(cfg, run if cfg.track else None, run_id=run.run_id)
         if main and result.final_dir is not None:
-            run.log_params({f"student.{k}": v for k, v in result.student_info.items()} if run_id is None else {})
-            console.print(f"student: {result.final_dir}  ({result.student_info['params']:,} parameters, "
-                          f"{result.student_info['macs'] / 1e9:.3g} GMACs per call)", highlight=False)
+            run.log_params(
+                {f"built_student.{k}": v for k, v in result.student_info.items()} if run_id is None else {}
+            )
+            console.print(
+                f"student: {result.final_dir}  ({result.student_info['params']:,} parameters, "
+                f"{result.student_info['macs'] / 1e9:.3g} GMACs per call)",
+                highlight=False,
+            )
             if cfg.register:
                 if not cfg.track:
                     raise ConfigError("--register needs MLflow tracking; drop --no-track")
-                version = register_student(run, result.final_dir, cfg.registered_name,
-                                           {**result.student_info, "recipe": cfg.recipe,
-                                            "resolution": cfg.data.resolution})
-                console.print(f"registered {cfg.registered_name} version {version} (budget "
-                              f"{result.student_info['budget']})")
+                version = register_student(
+                    run,
+                    result.final_dir,
+                    cfg.registered_name,
+                    {**result.student_info, "recipe": cfg.recipe, "resolution": cfg.data.resolution},
+                )
+                console.print(
+                    f"registered {cfg.registered_name} version {version} (budget "
+                    f"{result.student_info['budget']})"
+                )
 
 
 @dataclass
 class GenerateConfig:
     """Options of ``distill prune generate``."""
 
-    generator: str | None = option(None, "Student: generator folder, runs:/ or models:/ URI (default: the teacher).")
+    generator: str | None = option(
+        None, "Student: generator folder, runs:/ or models:/ URI (default: the teacher)."
+    )
     teacher_model: str = option(DEFAULT_TEACHER, "The teacher (used when no --generator is given).")
     prompts: list[str] = option([], "Prompts (quote each).")
     prompts_file: Path | None = option(None, "A file of prompts, one a line.")
@@ -115,7 +151,8 @@ class GenerateConfig:
 
 @config_command(app, "generate", GenerateConfig)
 def generate_cmd(cfg: GenerateConfig) -> None:
-    """Generate images with a student (or the teacher) using DDPM, PNDM or DDIM and classifier-free guidance."""
+    """Generate images with a student (or the teacher) using DDPM, PNDM or DDIM and classifier-free
+    guidance."""
     import json
 
     from torchvision.utils import save_image
@@ -129,11 +166,15 @@ def generate_cmd(cfg: GenerateConfig) -> None:
     if cfg.prompts_file:
         prompts += load_prompts_file(cfg.prompts_file)
     if cfg.coco_prompts:
-        prompts += coco_prompt_subset(resolve_data_root(cfg.data_root) / "coco2017", cfg.coco_prompts, seed=cfg.seed)
+        prompts += coco_prompt_subset(
+            resolve_data_root(cfg.data_root) / "coco2017", cfg.coco_prompts, seed=cfg.seed
+        )
     if not prompts:
         raise ConfigError("no prompts; pass --prompts 'a cat' ..., --prompts-file FILE or --coco-prompts N")
     out = Path(cfg.output_dir)
-    source = cfg.generator or str(write_teacher_folder(out / "teacher_generator", cfg.teacher_model, cfg.resolution))
+    source = cfg.generator or str(
+        write_teacher_folder(out / "teacher_generator", cfg.teacher_model, cfg.resolution)
+    )
     generator = load_generator(source, device=cfg.device, scheduler=cfg.scheduler, batch_size=cfg.batch_size)
     seeds = [cfg.seed + i for i in range(len(prompts))]
     images = generator.generate(prompts, cfg.steps, seeds, cfg.guidance)  # (N, 3, R, R) in [0, 1]
@@ -141,9 +182,19 @@ def generate_cmd(cfg: GenerateConfig) -> None:
     for i, image in enumerate(images):
         save_image(image, out / f"{i:05d}.png")
     save_image(images, out / "grid.png", nrow=min(8, len(images)))
-    (out / "prompts.json").write_text(json.dumps({"prompts": prompts, "seeds": seeds, "steps": cfg.steps,
-                                                  "guidance": cfg.guidance, "scheduler": cfg.scheduler,
-                                                  "generator": source}, indent=2))
+    (out / "prompts.json").write_text(
+        json.dumps(
+            {
+                "prompts": prompts,
+                "seeds": seeds,
+                "steps": cfg.steps,
+                "guidance": cfg.guidance,
+                "scheduler": cfg.scheduler,
+                "generator": source,
+            },
+            indent=2,
+        )
+    )
     console.print(f"{len(images)} images in {out}", highlight=False)
 
 
@@ -157,13 +208,33 @@ def evaluate_cmd(cfg: EvaluateConfig) -> None:
     from distill_sd_prune.evaluation.evaluate import evaluate
 
     save_config(cfg, Path(cfg.output_dir) / "evaluate_config.yaml")
-    with tracking.start_run(cfg.experiment, Path(cfg.output_dir).name, config=cfg, tags={"kind": "evaluation"},
-                            fallback_dir=cfg.output_dir, enabled=cfg.track) as run:
+    with tracking.start_run(
+        cfg.experiment,
+        Path(cfg.output_dir).name,
+        config=cfg,
+        tags={"kind": "evaluation"},
+        fallback_dir=cfg.output_dir,
+        enabled=cfg.track,
+    ) as run:
         result = evaluate(cfg, tracking_run=run if cfg.track else None, console=console)
-    cols = ["model", "budget", "steps", "guidance", "fid", "lpips_to_teacher", "clip_score", "ms_per_image", "params",
-            "gmacs"]
-    print_table(result["rows"], [c for c in cols if any(r.get(c) is not None for r in result["rows"])],
-                title="sd_student_prune evaluation", console=console)
+    cols = [
+        "model",
+        "budget",
+        "steps",
+        "guidance",
+        "fid",
+        "lpips_to_teacher",
+        "clip_score",
+        "ms_per_image",
+        "params",
+        "gmacs",
+    ]
+    print_table(
+        result["rows"],
+        [c for c in cols if any(r.get(c) is not None for r in result["rows"])],
+        title="sd_student_prune evaluation",
+        console=console,
+    )
     for decision in result["champions"]:
         state = "moved to" if decision.changed else "stays on"
         console.print(f"{decision.alias} {state} version {decision.version} (fid {decision.value:.4g})")
@@ -185,12 +256,20 @@ def promote_cmd(cfg: PromoteConfig) -> None:
 
     decisions = promote_per_budget(cfg.registered_name, steps=cfg.steps)
     if not decisions:
-        console.print(f"no evaluated version of {cfg.registered_name!r} carries a budget tag and eval.s{cfg.steps}.fid")
+        console.print(
+            f"no evaluated version of {cfg.registered_name!r} carries a budget tag and eval.s{cfg.steps}.fid"
+        )
     for d in decisions:
-        console.print(f"{d.alias}: version {d.version} (fid {d.value:.4g}){'' if d.changed else ' (unchanged)'}")
+        console.print(
+            f"{d.alias}: version {d.version} (fid {d.value:.4g}){'' if d.changed else ' (unchanged)'}"
+        )
 
 
 def main() -> None:
     from distill_common.cli import run_app
 
     run_app(app)
+
+
+if __name__ == "__main__":
+    main()

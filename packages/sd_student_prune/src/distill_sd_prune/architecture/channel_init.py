@@ -1,22 +1,25 @@
-"""Initialise a narrower student from the teacher's tensors: "teacher-to-student slicing" (the seed's V2.1) or an
-orthonormal channel projection (the seed's V1), both written as one operation.
+"""Initialise a narrower student from the teacher's tensors: "teacher-to-student slicing" (the seed's V2.1) or
+an orthonormal channel projection (the seed's V1), both written as one operation.
 
-Every channel axis of a student tensor gets a matrix ``P`` (student channels x teacher channels) and the student
-tensor is the teacher's with ``P`` applied along each axis: ``W_s = P_out W_t P_in^T`` for a conv or linear
-weight, ``b_s = P_out b_t`` for a bias, and the row-normalised ``P**2`` (a weighted mean) for normalisation scales and
-shifts. ``slice`` uses a selection matrix (keep the leading channels); ``project`` averages contiguous groups of
-teacher channels with orthonormal rows (entries ``1/sqrt(group size)``). Where a student axis is as wide as the
-teacher's, ``P`` is the identity, so an equal-width student reproduces the teacher exactly.
+Every channel axis of a student tensor gets a matrix ``P`` (student channels x teacher channels) and the
+student tensor is the teacher's with ``P`` applied along each axis: ``W_s = P_out W_t P_in^T`` for a conv or
+linear weight, ``b_s = P_out b_t`` for a bias, and the row-normalised ``P**2`` (a weighted mean) for
+normalisation scales and shifts. ``slice`` uses a selection matrix (keep the leading channels); ``project``
+averages contiguous groups of teacher channels with orthonormal rows (entries ``1/sqrt(group size)``). Where a
+student axis is as wide as the teacher's, ``P`` is the identity, so an equal-width student reproduces the
+teacher exactly.
 
 Axes are cut per *segment* where channels are not interchangeable:
 
-- attention ``to_q/to_k/to_v`` outputs and ``to_out`` inputs per head (the student keeps the number of heads and
-  narrows each head);
+- attention ``to_q/to_k/to_v`` outputs and ``to_out`` inputs per head (the student keeps the number of heads
+  and narrows each head);
 - the GEGLU projection's output as its two halves (value, gate);
-- the input of an up-block ResNet as ``[hidden, skip]`` (the concatenation of the up path and the skip connection);
-- the sinusoidal timestep features (``[cos | sin]`` halves): a student half of ``h_s`` frequencies takes, for each of
-  its frequencies ``f_j = 10000^(-j / (h_s - shift))``, the teacher feature with the nearest frequency, which is the
-  *same* frequency when ``h_t`` is a multiple of ``h_s`` and the shift is 0 (SD's case): slicing is then exact.
+- the input of an up-block ResNet as ``[hidden, skip]`` (the concatenation of the up path and the skip
+  connection);
+- the sinusoidal timestep features (``[cos | sin]`` halves): a student half of ``h_s`` frequencies takes, for
+  each of its frequencies ``f_j = 10000^(-j / (h_s - shift))``, the teacher feature with the nearest
+  frequency, which is the *same* frequency when ``h_t`` is a multiple of ``h_s`` and the shift is 0 (SD's
+  case): slicing is then exact.
 """
 
 from __future__ import annotations
@@ -37,17 +40,22 @@ _AFFINE = (nn.GroupNorm, nn.LayerNorm)
 
 @dataclass(frozen=True)
 class Segment:
-    """A run of ``teacher`` channels that becomes ``student`` channels; ``kind`` is 'channels' or 'sinusoid'."""
+    """A run of ``teacher`` channels that becomes ``student`` channels; ``kind`` is 'channels' or
+    'sinusoid'."""
 
     teacher: int
     student: int
     kind: str = "channels"
 
 
-def channel_matrix(teacher: int, student: int, method: str, kind: str = "channels", freq_shift: float = 0.0) -> torch.Tensor:
+def channel_matrix(
+    teacher: int, student: int, method: str, kind: str = "channels", freq_shift: float = 0.0
+) -> torch.Tensor:
     """The (student, teacher) matrix of one segment."""
     if student > teacher:
-        raise ModelLoadError(f"a student axis ({student}) is wider than the teacher's ({teacher}); widths must be <= 1")
+        raise ModelLoadError(
+            f"a student axis ({student}) is wider than the teacher's ({teacher}); widths must be <= 1"
+        )
     if student == teacher:
         return torch.eye(teacher)
     out = torch.zeros(student, teacher)
@@ -67,7 +75,9 @@ def channel_matrix(teacher: int, student: int, method: str, kind: str = "channel
 
 
 def segments_matrix(segments: list[Segment], method: str, freq_shift: float = 0.0) -> torch.Tensor:
-    return torch.block_diag(*[channel_matrix(s.teacher, s.student, method, s.kind, freq_shift) for s in segments])
+    return torch.block_diag(
+        *[channel_matrix(s.teacher, s.student, method, s.kind, freq_shift) for s in segments]
+    )
 
 
 def _single(t: int, s: int) -> list[Segment]:
@@ -108,13 +118,29 @@ def _up_resnet(name: str) -> tuple[int, int] | None:
     return None
 
 
-def axis_segments(module_name: str, axis: str, s_info: _UNetInfo, t_info: _UNetInfo, t_module_name: str,
-                  t_size: int, s_size: int) -> list[Segment]:
+def axis_segments(
+    module_name: str,
+    axis: str,
+    s_info: _UNetInfo,
+    t_info: _UNetInfo,
+    t_module_name: str,
+    t_size: int,
+    s_size: int,
+) -> list[Segment]:
     """Segments of one axis ('out', 'in' or 'channels') of a student module and its teacher counterpart."""
     leaf = module_name.rsplit(".", 1)[-1]
-    if axis == "out" and leaf in ("to_q", "to_k", "to_v") or axis == "in" and module_name.endswith("to_out.0"):
-        attn_name = _parent(module_name) if leaf in ("to_q", "to_k", "to_v") else _parent(_parent(module_name))
-        t_attn = _parent(t_module_name) if leaf in ("to_q", "to_k", "to_v") else _parent(_parent(t_module_name))
+    if (
+        axis == "out"
+        and leaf in ("to_q", "to_k", "to_v")
+        or axis == "in"
+        and module_name.endswith("to_out.0")
+    ):
+        attn_name = (
+            _parent(module_name) if leaf in ("to_q", "to_k", "to_v") else _parent(_parent(module_name))
+        )
+        t_attn = (
+            _parent(t_module_name) if leaf in ("to_q", "to_k", "to_v") else _parent(_parent(t_module_name))
+        )
         heads = getattr(s_info.modules.get(attn_name), "heads", None)
         t_heads = getattr(t_info.modules.get(t_attn), "heads", None)
         if heads and heads == t_heads and t_size % heads == 0 and s_size % heads == 0:
@@ -125,8 +151,14 @@ def axis_segments(module_name: str, axis: str, s_info: _UNetInfo, t_info: _UNetI
         return _split([t_size // 2] * 2, [s_size // 2] * 2, kind="sinusoid")
     s_res, t_res = _up_resnet(module_name), _up_resnet(t_module_name)
     leaf_in_resnet = module_name.split(".")[4] if s_res and len(module_name.split(".")) > 4 else ""
-    if s_res and t_res and ((axis == "in" and leaf_in_resnet in ("conv1", "conv_shortcut"))
-                            or (axis == "channels" and leaf_in_resnet == "norm1")):
+    if (
+        s_res
+        and t_res
+        and (
+            (axis == "in" and leaf_in_resnet in ("conv1", "conv_shortcut"))
+            or (axis == "channels" and leaf_in_resnet == "norm1")
+        )
+    ):
         s_hidden, t_hidden = s_info.up_resnet_hidden(*s_res), t_info.up_resnet_hidden(*t_res)
         if 0 < s_hidden < s_size and 0 < t_hidden < t_size:
             return _split([t_hidden, t_size - t_hidden], [s_hidden, s_size - s_hidden])
@@ -146,7 +178,8 @@ def _affine_matrix(matrix: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class TransferReport:
-    """How each student tensor was initialised: copied unchanged, narrowed from the teacher, or left random."""
+    """How each student tensor was initialised: copied unchanged, narrowed from the teacher, or left
+    random."""
 
     method: str
     copied: list[str] = field(default_factory=list)
@@ -157,8 +190,15 @@ class TransferReport:
         return {"copied": len(self.copied), "narrowed": len(self.narrowed), "random": len(self.random)}
 
 
-def narrow_tensor(teacher_tensor: torch.Tensor, student_shape: torch.Size, module: nn.Module, attr: str,
-                  segments: Mapping[str, list[Segment]], method: str, freq_shift: float) -> torch.Tensor:
+def narrow_tensor(
+    teacher_tensor: torch.Tensor,
+    student_shape: torch.Size,
+    module: nn.Module,
+    attr: str,
+    segments: Mapping[str, list[Segment]],
+    method: str,
+    freq_shift: float,
+) -> torch.Tensor:
     """The teacher tensor mapped to ``student_shape`` through the per-axis channel matrices."""
     out = teacher_tensor.detach().float()
     if isinstance(module, _AFFINE):
@@ -167,17 +207,21 @@ def narrow_tensor(teacher_tensor: torch.Tensor, student_shape: torch.Size, modul
     if attr == "weight" and out.dim() >= 2:
         out = _apply(segments_matrix(segments["in"], method, freq_shift), out, 1)
     if tuple(out.shape) != tuple(student_shape):
-        raise ModelLoadError(f"narrowing {attr} of {type(module).__name__} gave {tuple(out.shape)}, expected "
-                             f"{tuple(student_shape)}; this layer type is not supported by channel init")
+        raise ModelLoadError(
+            f"narrowing {attr} of {type(module).__name__} gave {tuple(out.shape)}, expected "
+            f"{tuple(student_shape)}; this layer type is not supported by channel init"
+        )
     return out
 
 
-def transfer_teacher_weights(student: nn.Module, teacher: nn.Module, parameter_map: Mapping[str, str],
-                             method: str = "slice") -> TransferReport:
-    """Fill ``student``'s parameters from ``teacher`` through ``parameter_map`` (student name -> teacher name).
+def transfer_teacher_weights(
+    student: nn.Module, teacher: nn.Module, parameter_map: Mapping[str, str], method: str = "slice"
+) -> TransferReport:
+    """Fill ``student``'s parameters from ``teacher`` through ``parameter_map`` (student name -> teacher
+    name).
 
-    Equal shapes are copied; narrower ones are sliced or projected (see the module docstring); ``random`` keeps the
-    student's own random initialisation everywhere.
+    Equal shapes are copied; narrower ones are sliced or projected (see the module docstring); ``random``
+    keeps the student's own random initialisation everywhere.
     """
     if method not in INIT_METHODS:
         raise unknown_choice("channel init method", method, INIT_METHODS)
@@ -193,8 +237,10 @@ def transfer_teacher_weights(student: nn.Module, teacher: nn.Module, parameter_m
     for name, s_tensor in s_state.items():
         t_name = parameter_map.get(name, name)
         if t_name not in t_state:
-            raise ModelLoadError(f"student tensor {name} maps to {t_name}, which the teacher lacks; the prune plan does "
-                                 "not fit this teacher's architecture")
+            raise ModelLoadError(
+                f"student tensor {name} maps to {t_name}, which the teacher lacks; the prune plan does "
+                "not fit this teacher's architecture"
+            )
         t_tensor = t_state[t_name]
         if t_tensor.shape == s_tensor.shape:
             new_state[name] = t_tensor.detach().clone()
@@ -204,24 +250,42 @@ def transfer_teacher_weights(student: nn.Module, teacher: nn.Module, parameter_m
         t_module_name = t_name.rsplit(".", 1)[0]
         module = s_info.modules[module_name]
         if t_tensor.dim() != s_tensor.dim():
-            raise ModelLoadError(f"{name} has {s_tensor.dim()} dims but the teacher's {t_name} has {t_tensor.dim()}")
+            raise ModelLoadError(
+                f"{name} has {s_tensor.dim()} dims but the teacher's {t_name} has {t_tensor.dim()}"
+            )
         if isinstance(module, _AFFINE):
-            segments = {"channels": axis_segments(module_name, "channels", s_info, t_info, t_module_name,
-                                                  t_tensor.shape[0], s_tensor.shape[0])}
+            segments = {
+                "channels": axis_segments(
+                    module_name,
+                    "channels",
+                    s_info,
+                    t_info,
+                    t_module_name,
+                    t_tensor.shape[0],
+                    s_tensor.shape[0],
+                )
+            }
         else:
-            segments = {"out": axis_segments(module_name, "out", s_info, t_info, t_module_name,
-                                             t_tensor.shape[0], s_tensor.shape[0])}
+            segments = {
+                "out": axis_segments(
+                    module_name, "out", s_info, t_info, t_module_name, t_tensor.shape[0], s_tensor.shape[0]
+                )
+            }
             if t_tensor.dim() >= 2:
-                segments["in"] = axis_segments(module_name, "in", s_info, t_info, t_module_name,
-                                               t_tensor.shape[1], s_tensor.shape[1])
-        new_state[name] = narrow_tensor(t_tensor, s_tensor.shape, module, attr, segments, method, freq_shift).to(s_tensor.dtype)
+                segments["in"] = axis_segments(
+                    module_name, "in", s_info, t_info, t_module_name, t_tensor.shape[1], s_tensor.shape[1]
+                )
+        new_state[name] = narrow_tensor(
+            t_tensor, s_tensor.shape, module, attr, segments, method, freq_shift
+        ).to(s_tensor.dtype)
         report.narrowed.append(name)
     student.load_state_dict(new_state)
     return report
 
 
 def channel_projection_matrix(teacher_channels: int, student_channels: int, method: str) -> torch.Tensor:
-    """The (student, teacher) matrix that maps a teacher feature map's channels to the student's (single segment)."""
+    """The (student, teacher) matrix that maps a teacher feature map's channels to the student's (single
+    segment)."""
     return channel_matrix(teacher_channels, student_channels, "slice" if method == "random" else method)
 
 

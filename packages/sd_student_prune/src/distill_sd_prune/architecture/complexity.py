@@ -1,12 +1,12 @@
 """Parameter counts and multiply-accumulates (MACs) per UNet call.
 
-MACs are counted by ``torch.utils.flop_counter.FlopCounterMode`` (FLOPs / 2) on a *meta-device* copy built from the
-UNet's config, so counting costs no memory or compute and does not depend on the device: on the meta device
-``scaled_dot_product_attention`` decomposes into batched matmuls, which the counter sees (on a real CPU the fused
-attention kernel is invisible to it). Three parts are reported: convolutions, linear layers (``mm``/``addmm``) and
-the attention matmuls (``bmm``: QK^T and AV). BK-SDM's published MACs (339G for the SD 1.4 UNet at 64x64 latents,
-224G Base, 205G Tiny) count convolutions and linear layers only; our ``conv + linear`` reproduces them (338.6G,
-223.7G, 205.0G), and ``total`` adds the attention matmuls.
+MACs are counted by ``torch.utils.flop_counter.FlopCounterMode`` (FLOPs / 2) on a *meta-device* copy built
+from the UNet's config, so counting costs no memory or compute and does not depend on the device: on the meta
+device ``scaled_dot_product_attention`` decomposes into batched matmuls, which the counter sees (on a real CPU
+the fused attention kernel is invisible to it). Three parts are reported: convolutions, linear layers
+(``mm``/``addmm``) and the attention matmuls (``bmm``: QK^T and AV). BK-SDM's published MACs (339G for the SD
+1.4 UNet at 64x64 latents, 224G Base, 205G Tiny) count convolutions and linear layers only; our ``conv +
+linear`` reproduces them (338.6G, 223.7G, 205.0G), and ``total`` adds the attention matmuls.
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
 
 
 def layer_parameters(unet: nn.Module) -> dict[str, int]:
-    """Parameters per layer-granularity module (``down_blocks.0.resnets.0`` …), see ``pruning.layer_modules``."""
+    """Parameters per layer-granularity module (``down_blocks.0.resnets.0`` …), see
+    ``pruning.layer_modules``."""
     modules = dict(unet.named_modules())
     return {name: count_parameters(modules[name]) for name in layer_modules(unet)}
 
@@ -54,10 +55,17 @@ class MacsReport:
 
 _CONV = ("convolution",)
 _LINEAR = ("mm", "addmm")
-_ATTENTION = ("bmm", "baddbmm", "_scaled_dot_product_efficient_attention", "_scaled_dot_product_flash_attention")
+_ATTENTION = (
+    "bmm",
+    "baddbmm",
+    "_scaled_dot_product_efficient_attention",
+    "_scaled_dot_product_flash_attention",
+)
 
 
-def unet_macs(config: Mapping[str, Any], latent_size: int, batch: int = 1, text_length: int = 77) -> MacsReport:
+def unet_macs(
+    config: Mapping[str, Any], latent_size: int, batch: int = 1, text_length: int = 77
+) -> MacsReport:
     """MACs of ``UNet2DConditionModel(**config)`` for one call (see the module docstring)."""
     key = json.dumps(plain_config(config), sort_keys=True, default=list)
     return _unet_macs(key, int(latent_size), int(batch), int(text_length))
@@ -82,7 +90,15 @@ def _unet_macs(config_json: str, latent_size: int, batch: int, text_length: int)
     parts = {"conv": 0, "linear": 0, "attention": 0}
     for op, flops in counter.get_flop_counts()["Global"].items():
         name = str(op).split(".")[1] if "." in str(op) else str(op)
-        part = "conv" if name in _CONV else "linear" if name in _LINEAR else "attention" if name in _ATTENTION else None
+        part = (
+            "conv"
+            if name in _CONV
+            else "linear"
+            if name in _LINEAR
+            else "attention"
+            if name in _ATTENTION
+            else None
+        )
         if part is not None:
             parts[part] += int(flops) // 2
     total = int(counter.get_total_flops()) // 2

@@ -1,9 +1,10 @@
-"""``ConvProjection``: a learned 1x1 convolution that maps a narrower student's feature map to the teacher's width
-for feature distillation (the "regressor" of FitNets, Romero et al. 2015; the seed's V1 ``ConvProjection``).
+"""``ConvProjection``: a learned 1x1 convolution that maps a narrower student's feature map to the teacher's
+width for feature distillation (the "regressor" of FitNets, Romero et al. 2015; the seed's V1
+``ConvProjection``).
 
 It is initialised with the transpose of the channel matrix the student was initialised with (``P^T``, see
-:mod:`distill_sd_prune.architecture.channel_init`), so at the start it puts every student channel back where its
-teacher channel came from; with equal widths it is the identity.
+:mod:`distill_sd_prune.architecture.channel_init`), so at the start it puts every student channel back where
+its teacher channel came from; with equal widths it is the identity.
 """
 
 from __future__ import annotations
@@ -28,5 +29,7 @@ class ConvProjection(nn.Module):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         if features.dim() != 4 or features.shape[1] != self.student_channels:
-            raise ValueError(f"ConvProjection expects (B, {self.student_channels}, H, W), got {tuple(features.shape)}")
+            raise ValueError(
+                f"ConvProjection expects (B, {self.student_channels}, H, W), got {tuple(features.shape)}"
+            )
         return self.conv(features)

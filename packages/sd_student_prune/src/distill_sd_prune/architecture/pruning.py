@@ -1,22 +1,24 @@
 """Block pruning of a Stable Diffusion UNet: BK-SDM (Kim et al. 2023, "BK-SDM: A Lightweight, Fast, and Cheap
 Version of Stable Diffusion") and Segmind's distill-sd ``sd_small`` / ``sd_tiny``.
 
-The student is a *standard* ``UNet2DConditionModel`` whose config is the teacher's config with a few fields edited
-(diffusers supports a per-down-block ``layers_per_block`` list, builds ``layers + 1`` ResNets per up block, and
-``mid_block_type=None`` removes the mid block), so ``save_pretrained`` writes a config that matches the weights and
-``from_pretrained`` / ``StableDiffusionPipeline`` load it unchanged. Its layers inherit the teacher's weights through
-an explicit module name map (student ``up_blocks.0.resnets.1`` <- teacher ``up_blocks.0.resnets.2``):
+The student is a *standard* ``UNet2DConditionModel`` whose config is the teacher's config with a few fields
+edited (diffusers supports a per-down-block ``layers_per_block`` list, builds ``layers + 1`` ResNets per up
+block, and ``mid_block_type=None`` removes the mid block), so ``save_pretrained`` writes a config that matches
+the weights and ``from_pretrained`` / ``StableDiffusionPipeline`` load it unchanged. Its layers inherit the
+teacher's weights through an explicit module name map (student ``up_blocks.0.resnets.1`` <- teacher
+``up_blocks.0.resnets.2``):
 
-- ``sd_small`` (~ BK-SDM-Base, 0.58B for SD 1.5): keep the first ResNet (and attention) of every down block, and
-  the first and last ResNet (and attention) of every up block, so each up block loses its middle layer; keep the mid
-  block. For SD 1.5 the UNet goes from 859,520,964 to 579,384,964 parameters.
+- ``sd_small`` (~ BK-SDM-Base, 0.58B for SD 1.5): keep the first ResNet (and attention) of every down block,
+  and the first and last ResNet (and attention) of every up block, so each up block loses its middle layer;
+  keep the mid block. For SD 1.5 the UNet goes from 859,520,964 to 579,384,964 parameters.
 - ``bk_small`` (BK-SDM-Small, 0.49B): ``sd_small`` without the mid block.
-- ``sd_tiny`` (~ BK-SDM-Tiny, 323,384,964 parameters): ``bk_small`` and also drop the innermost down block (SD's
-  fourth, attention-free one; the third then loses its downsampler) and the innermost up block (the first).
+- ``sd_tiny`` (~ BK-SDM-Tiny, 323,384,964 parameters): ``bk_small`` and also drop the innermost down block
+  (SD's fourth, attention-free one; the third then loses its downsampler) and the innermost up block (the
+  first).
 - ``none``: the teacher's block structure (combine with ``width < 1`` for a channel-reduced student).
 
-Keeping the *last* ResNet of an up block (not the second) matters: it is the one whose skip input comes from the
-next-outer down block, so its input width is the one the student needs.
+Keeping the *last* ResNet of an up block (not the second) matters: it is the one whose skip input comes from
+the next-outer down block, so its input width is the one the student needs.
 """
 
 from __future__ import annotations
@@ -55,12 +57,27 @@ class PrunePlan:
 
 
 PRUNE_PLANS: dict[str, PrunePlan] = {
-    "none": PrunePlan("none", "the teacher's blocks (combine with --width for a narrower student)", False, False, False),
-    "sd_small": PrunePlan("sd_small", "one layer per down block, middle layer of each up block removed, mid block kept "
-                          "(~BK-SDM-Base, 579M for SD 1.5)", True, False, False),
-    "bk_small": PrunePlan("bk_small", "sd_small without the mid block (BK-SDM-Small, 0.49B)", True, True, False),
-    "sd_tiny": PrunePlan("sd_tiny", "bk_small without the innermost down and up blocks (~BK-SDM-Tiny, 323M for "
-                         "SD 1.5)", True, True, True),
+    "none": PrunePlan(
+        "none", "the teacher's blocks (combine with --width for a narrower student)", False, False, False
+    ),
+    "sd_small": PrunePlan(
+        "sd_small",
+        "one layer per down block, middle layer of each up block removed, mid block kept "
+        "(~BK-SDM-Base, 579M for SD 1.5)",
+        True,
+        False,
+        False,
+    ),
+    "bk_small": PrunePlan(
+        "bk_small", "sd_small without the mid block (BK-SDM-Small, 0.49B)", True, True, False
+    ),
+    "sd_tiny": PrunePlan(
+        "sd_tiny",
+        "bk_small without the innermost down and up blocks (~BK-SDM-Tiny, 323M for SD 1.5)",
+        True,
+        True,
+        True,
+    ),
 }
 
 
@@ -73,7 +90,8 @@ def get_plan(name: str | PrunePlan) -> PrunePlan:
 
 
 def plain_config(config: Mapping[str, Any]) -> dict[str, Any]:
-    """A mutable copy of a diffusers config without its bookkeeping keys (``_class_name``, ``_diffusers_version``)."""
+    """A mutable copy of a diffusers config without its bookkeeping keys (``_class_name``,
+    ``_diffusers_version``)."""
     return {k: copy.deepcopy(v) for k, v in dict(config).items() if not k.startswith("_")}
 
 
@@ -94,19 +112,27 @@ def scale_channels(channels: int, width: float, norm_groups: int | None, heads: 
     return max(unit, int(round(channels * width / unit)) * unit)
 
 
-def student_unet_config(teacher_config: Mapping[str, Any], plan: str | PrunePlan, width: float = 1.0) -> dict[str, Any]:
-    """The student's UNet2DConditionModel config: the teacher's with the plan's blocks removed and widths scaled.
+def student_unet_config(
+    teacher_config: Mapping[str, Any], plan: str | PrunePlan, width: float = 1.0
+) -> dict[str, Any]:
+    """The student's UNet2DConditionModel config: the teacher's with the plan's blocks removed and widths
+    scaled.
 
-    Only standard config fields are edited (``layers_per_block`` becomes a per-down-block list, ``mid_block_type``
+    Only standard config fields are edited (``layers_per_block`` becomes a per-down-block list,
+    ``mid_block_type``
     None removes the mid block), so the saved config always matches the student's weights.
     """
     plan = get_plan(plan)
     if not 0.0 < width <= 1.0:
-        raise ConfigError(f"student width must lie in (0, 1], got {width}; use e.g. --width 0.5 for half the channels")
+        raise ConfigError(
+            f"student width must lie in (0, 1], got {width}; use e.g. --width 0.5 for half the channels"
+        )
     cfg = plain_config(teacher_config)
     if cfg.get("reverse_transformer_layers_per_block") is not None:
-        raise ConfigError("teachers with reverse_transformer_layers_per_block (asymmetric UNets) are not supported; "
-                          "use an SD 1.x/2.x UNet")
+        raise ConfigError(
+            "teachers with reverse_transformer_layers_per_block (asymmetric UNets) are not supported; "
+            "use an SD 1.x/2.x UNet"
+        )
     down = list(cfg["down_block_types"])
     up = list(cfg["up_block_types"])
     n = len(down)
@@ -122,20 +148,28 @@ def student_unet_config(teacher_config: Mapping[str, Any], plan: str | PrunePlan
         layers = [1] * n
     if plan.drop_innermost:
         if n < 3:
-            raise ConfigError(f"plan {plan.name!r} removes the innermost block but the teacher has only {n} down blocks")
+            raise ConfigError(
+                f"plan {plan.name!r} removes the innermost block but the teacher has only {n} down blocks"
+            )
         down, up, channels, layers, heads = down[:-1], up[1:], channels[:-1], layers[:-1], heads[:-1]
         per_block = {k: v[:-1] for k, v in per_block.items()}
     if plan.drop_mid_block:
         cfg["mid_block_type"] = None
     if width != 1.0:
-        channels = [scale_channels(c, width, cfg.get("norm_num_groups"), h) for c, h in zip(channels, heads, strict=True)]
+        channels = [
+            scale_channels(c, width, cfg.get("norm_num_groups"), h)
+            for c, h in zip(channels, heads, strict=True)
+        ]
     cfg.update(per_block)
     cfg.update(down_block_types=down, up_block_types=up, block_out_channels=channels, layers_per_block=layers)
     return cfg
 
 
 def teacher_layers(teacher_config: Mapping[str, Any]) -> list[int]:
-    return [int(x) for x in _per_block(teacher_config["layers_per_block"], len(teacher_config["down_block_types"]))]
+    return [
+        int(x)
+        for x in _per_block(teacher_config["layers_per_block"], len(teacher_config["down_block_types"]))
+    ]
 
 
 def teacher_module_name(student_module: str, teacher_config: Mapping[str, Any], plan: str | PrunePlan) -> str:
@@ -162,8 +196,8 @@ def teacher_module_name(student_module: str, teacher_config: Mapping[str, Any], 
 
 
 def layer_modules(unet: torch.nn.Module) -> list[str]:
-    """Layer-granularity module names: ``conv_in``, ``time_embedding``, ``down_blocks.0.resnets.0``, ``mid_block`` …
-    (only modules holding parameters)."""
+    """Layer-granularity module names: ``conv_in``, ``time_embedding``, ``down_blocks.0.resnets.0``,
+    ``mid_block`` … (only modules holding parameters)."""
     names: list[str] = []
     for child_name, child in unet.named_children():
         if child is None:
@@ -180,19 +214,22 @@ def layer_modules(unet: torch.nn.Module) -> list[str]:
     return names
 
 
-def module_name_map(student: torch.nn.Module, teacher_config: Mapping[str, Any], plan: str | PrunePlan) -> dict[str, str]:
+def module_name_map(
+    student: torch.nn.Module, teacher_config: Mapping[str, Any], plan: str | PrunePlan
+) -> dict[str, str]:
     """Student layer -> teacher layer for every parameter-holding layer of ``student``."""
     return {name: teacher_module_name(name, teacher_config, plan) for name in layer_modules(student)}
 
 
 def parameter_name_map(state_keys: list[str] | Any, module_map: Mapping[str, str]) -> dict[str, str]:
-    """Student parameter/buffer name -> teacher name, by the longest student layer prefix in ``module_map``."""
+    """Student parameter/buffer name -> teacher name, by the longest student layer prefix in
+    ``module_map``."""
     prefixes = sorted(module_map, key=len, reverse=True)
     out: dict[str, str] = {}
     for key in state_keys:
         for prefix in prefixes:
             if key == prefix or key.startswith(prefix + "."):
-                out[key] = module_map[prefix] + key[len(prefix):]
+                out[key] = module_map[prefix] + key[len(prefix) :]
                 break
         else:
             out[key] = key

@@ -1,5 +1,5 @@
-"""Build a student UNet from a loaded teacher: prune blocks, narrow channels, inherit the teacher's weights, and
-save it as a standard diffusers UNet folder beside its explicit name map."""
+"""Build a student UNet from a loaded teacher: prune blocks, narrow channels, inherit the teacher's weights,
+and save it as a standard diffusers UNet folder beside its explicit name map."""
 
 from __future__ import annotations
 
@@ -66,12 +66,18 @@ class StudentBuild:
         }
 
 
-def build_student(teacher_unet: Any, plan: str | PrunePlan = "sd_small", width: float = 1.0, init: str = "slice",
-                  seed: int = 0) -> StudentBuild:
-    """A student ``UNet2DConditionModel`` (float32, CPU) built from ``teacher_unet`` by ``plan`` and ``width``.
+def build_student(
+    teacher_unet: Any,
+    plan: str | PrunePlan = "sd_small",
+    width: float = 1.0,
+    init: str = "slice",
+    seed: int = 0,
+) -> StudentBuild:
+    """A student ``UNet2DConditionModel`` (float32, CPU) built from ``teacher_unet`` by ``plan`` and
+    ``width``.
 
-    ``init``: ``slice`` / ``project`` inherit the teacher's weights through the name map (identical copies where the
-    widths agree), ``random`` keeps diffusers' random initialisation (seeded by ``seed``).
+    ``init``: ``slice`` / ``project`` inherit the teacher's weights through the name map (identical copies
+    where the widths agree), ``random`` keeps diffusers' random initialisation (seeded by ``seed``).
     """
     from diffusers import UNet2DConditionModel
 
@@ -84,22 +90,37 @@ def build_student(teacher_unet: Any, plan: str | PrunePlan = "sd_small", width: 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         student = UNet2DConditionModel.from_config(config)
-    teacher_cpu = teacher_unet if next(teacher_unet.parameters()).device.type == "cpu" else teacher_unet.to("cpu")
+    teacher_cpu = (
+        teacher_unet if next(teacher_unet.parameters()).device.type == "cpu" else teacher_unet.to("cpu")
+    )
     module_map = module_name_map(student, teacher_unet.config, plan)
     parameter_map = parameter_name_map(list(student.state_dict()), module_map)
     report = transfer_teacher_weights(student, teacher_cpu, parameter_map, init)
     if width == 1.0 and report.narrowed:
-        raise ModelLoadError(f"an equal-width student should copy every tensor but {report.narrowed[0]} was reshaped; "
-                             "the teacher's architecture is not supported by this prune plan")
-    return StudentBuild(student, plan, float(width), init, module_map, dropped_modules(teacher_unet, module_map),
-                        report, count_parameters(teacher_unet))
+        raise ModelLoadError(
+            f"an equal-width student should copy every tensor but {report.narrowed[0]} was reshaped; "
+            "the teacher's architecture is not supported by this prune plan"
+        )
+    return StudentBuild(
+        student,
+        plan,
+        float(width),
+        init,
+        module_map,
+        dropped_modules(teacher_unet, module_map),
+        report,
+        count_parameters(teacher_unet),
+    )
 
 
-def feature_block_pairs(student_unet: Any, teacher_config: Mapping[str, Any], plan: str | PrunePlan) -> dict[str, str]:
-    """Student block -> teacher module whose outputs feature KD compares (BK-SDM: every down, mid and up block).
+def feature_block_pairs(
+    student_unet: Any, teacher_config: Mapping[str, Any], plan: str | PrunePlan
+) -> dict[str, str]:
+    """Student block -> teacher module whose outputs feature KD compares (BK-SDM: every down, mid and up
+    block).
 
-    A student down block that lost its downsampler (``sd_tiny``'s third) is paired with the teacher's last layer
-    before the downsampler, so both features have the same resolution.
+    A student down block that lost its downsampler (``sd_tiny``'s third) is paired with the teacher's last
+    layer before the downsampler, so both features have the same resolution.
     """
     plan = get_plan(plan)
     t_cfg = plain_config(teacher_config)
@@ -122,7 +143,8 @@ def feature_block_pairs(student_unet: Any, teacher_config: Mapping[str, Any], pl
 
 
 def save_student(build: StudentBuild, folder: str | Path, extra: Mapping[str, Any] | None = None) -> Path:
-    """Write ``folder/unet`` (a diffusers UNet folder, safetensors) and ``folder/prune_map.json``, atomically."""
+    """Write ``folder/unet`` (a diffusers UNet folder, safetensors) and ``folder/prune_map.json``,
+    atomically."""
     folder = Path(folder)
     with atomic_dir(folder) as tmp:
         build.unet.save_pretrained(str(tmp / UNET_SUBFOLDER), safe_serialization=True)
@@ -133,7 +155,9 @@ def save_student(build: StudentBuild, folder: str | Path, extra: Mapping[str, An
 def read_prune_map(folder: str | Path) -> dict[str, Any]:
     path = Path(folder) / PRUNE_MAP_FILE
     if not path.is_file():
-        raise ModelLoadError(f"{folder} has no {PRUNE_MAP_FILE}; pass a folder written by 'distill prune prepare-unet'")
+        raise ModelLoadError(
+            f"{folder} has no {PRUNE_MAP_FILE}; pass a folder written by 'distill prune prepare-unet'"
+        )
     return json.loads(path.read_text())
 
 
@@ -144,9 +168,13 @@ def load_student_unet(folder: str | Path, dtype: torch.dtype = torch.float32) ->
     folder = Path(folder)
     unet_dir = folder / UNET_SUBFOLDER if (folder / UNET_SUBFOLDER / "config.json").is_file() else folder
     if not (unet_dir / "config.json").is_file():
-        raise ModelLoadError(f"{folder} holds no diffusers UNet (config.json); pass a folder written by "
-                             "'distill prune prepare-unet' or a UNet saved with save_pretrained")
+        raise ModelLoadError(
+            f"{folder} holds no diffusers UNet (config.json); pass a folder written by "
+            "'distill prune prepare-unet' or a UNet saved with save_pretrained"
+        )
     try:
         return UNet2DConditionModel.from_pretrained(str(unet_dir), torch_dtype=dtype)
     except (OSError, ValueError, RuntimeError) as exc:
-        raise ModelLoadError(f"cannot load the student UNet in {unet_dir}: {str(exc).splitlines()[0][:200]}") from None
+        raise ModelLoadError(
+            f"cannot load the student UNet in {unet_dir}: {str(exc).splitlines()[0][:200]}"
+        ) from None

@@ -14,9 +14,15 @@ import torch
 
 @torch.no_grad()
 def encode_prompts(tokenizer: Any, text_encoder: Any, prompts: Sequence[str]) -> torch.Tensor:
-    """CLIP last hidden states (B, 77, D) of ``prompts`` (padded to the tokenizer's max length, as SD does)."""
-    ids = tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                    return_tensors="pt").input_ids
+    """CLIP last hidden states (B, 77, D) of ``prompts`` (padded to the tokenizer's max length, as SD
+    does)."""
+    ids = tokenizer(
+        list(prompts),
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
     device = next(text_encoder.parameters()).device
     return text_encoder(ids.to(device))[0]
 
@@ -28,8 +34,12 @@ def latent_moments(vae: Any, pixel_values: torch.Tensor) -> torch.Tensor:
     return vae.encode(pixel_values.to(param.device, param.dtype)).latent_dist.parameters
 
 
-def sample_latents(moments: torch.Tensor, scaling_factor: float, generator: torch.Generator | None = None,
-                   shift_factor: float | None = None) -> torch.Tensor:
+def sample_latents(
+    moments: torch.Tensor,
+    scaling_factor: float,
+    generator: torch.Generator | None = None,
+    shift_factor: float | None = None,
+) -> torch.Tensor:
     """Scaled latents (B, C, h, w) drawn from the VAE posterior ``moments``."""
     from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 

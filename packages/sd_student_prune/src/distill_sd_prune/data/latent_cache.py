@@ -1,10 +1,11 @@
-"""An on-disk cache of VAE latent moments (per image) and CLIP text embeddings (per caption), as safetensors shards.
+"""An on-disk cache of VAE latent moments (per image) and CLIP text embeddings (per caption), as safetensors
+shards.
 
 One cache folder per fingerprint of (teacher VAE and text encoder configs and source, data split, resolution,
-crop, dtype), so changing any of them builds a new cache instead of silently reusing a wrong one. The folder is
-built in a temporary sibling and renamed into place (a kill leaves no half cache). Sizes for SD 1.5 in fp16:
-latent moments 8x64x64 at 512 px = 64 KiB per image; a text embedding 77x768 = 116 KiB per caption (COCO train:
-~7.5 GB of latents and ~68 GB of text embeddings; the shared 80-image subset: a few MB).
+crop, dtype), so changing any of them builds a new cache instead of silently reusing a wrong one. The folder
+is built in a temporary sibling and renamed into place (a kill leaves no half cache). Sizes for SD 1.5 in
+fp16: latent moments 8x64x64 at 512 px = 64 KiB per image; a text embedding 77x768 = 116 KiB per caption (COCO
+train: ~7.5 GB of latents and ~68 GB of text embeddings; the shared 80-image subset: a few MB).
 """
 
 from __future__ import annotations
@@ -43,17 +44,26 @@ def _save_shards(tensors: dict[str, torch.Tensor], folder: Path, prefix: str) ->
     index: dict[str, int] = {}
     keys = list(tensors)
     for shard, start in enumerate(range(0, len(keys), SHARD_SIZE)):
-        chunk = {k: tensors[k].contiguous() for k in keys[start:start + SHARD_SIZE]}
+        chunk = {k: tensors[k].contiguous() for k in keys[start : start + SHARD_SIZE]}
         save_file(chunk, str(folder / f"{prefix}-{shard:05d}.safetensors"))
         index.update(dict.fromkeys(chunk, shard))
     return index
 
 
 @torch.no_grad()
-def build_latent_cache(dataset: Any, vae: Any, tokenizer: Any, text_encoder: Any, folder: Path,
-                       fingerprint_fields: Mapping[str, Any], dtype: torch.dtype = torch.float16,
-                       batch_size: int = 8, show_progress: bool = True) -> Path:
-    """Encode every image's latent moments and every caption's text embedding of a ``CaptionedImageDataset``."""
+def build_latent_cache(
+    dataset: Any,
+    vae: Any,
+    tokenizer: Any,
+    text_encoder: Any,
+    folder: Path,
+    fingerprint_fields: Mapping[str, Any],
+    dtype: torch.dtype = torch.float16,
+    batch_size: int = 8,
+    show_progress: bool = True,
+) -> Path:
+    """Encode every image's latent moments and every caption's text embedding of a
+    ``CaptionedImageDataset``."""
     folder = Path(folder)
     moments: dict[str, torch.Tensor] = {}
     unreadable: list[str] = []
@@ -61,7 +71,7 @@ def build_latent_cache(dataset: Any, vae: Any, tokenizer: Any, text_encoder: Any
     starts = range(0, len(records), batch_size)
     for start in track(starts, description="caching latents", disable=not show_progress):
         pixels, ids = [], []
-        for record in records[start:start + batch_size]:
+        for record in records[start : start + batch_size]:
             try:
                 with dataset.open_image(record) as image:
                     pixels.append(dataset.transform(image))
@@ -72,9 +82,11 @@ def build_latent_cache(dataset: Any, vae: Any, tokenizer: Any, text_encoder: Any
             out = latent_moments(vae, torch.stack(pixels)).to("cpu", dtype)
             moments.update({i: m for i, m in zip(ids, out, strict=True)})
     captions = sorted({c for r in records for c in r.captions})
-    embeds: dict[str, torch.Tensor] = {EMPTY_KEY: encode_prompts(tokenizer, text_encoder, [""])[0].to("cpu", dtype)}
+    embeds: dict[str, torch.Tensor] = {
+        EMPTY_KEY: encode_prompts(tokenizer, text_encoder, [""])[0].to("cpu", dtype)
+    }
     for start in track(range(0, len(captions), 32), description="caching text", disable=not show_progress):
-        chunk = captions[start:start + 32]
+        chunk = captions[start : start + 32]
         out = encode_prompts(tokenizer, text_encoder, chunk).to("cpu", dtype)
         embeds.update({caption_key(c): e for c, e in zip(chunk, out, strict=True)})
     if not moments:
@@ -118,7 +130,9 @@ class LatentCache:
     def _get(self, prefix: str, index_key: str, key: str) -> torch.Tensor:
         shard = self.manifest[index_key].get(key)
         if shard is None:
-            raise DataError(f"{key!r} is not in the latent cache {self.folder}; delete the folder so it is rebuilt")
+            raise DataError(
+                f"{key!r} is not in the latent cache {self.folder}; delete the folder so it is rebuilt"
+            )
         name = f"{prefix}-{shard:05d}.safetensors"
         if name not in self._handles:
             self._handles[name] = safe_open(str(self.folder / name), framework="pt")
@@ -153,5 +167,8 @@ class CachedLatentDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         image_id, caption = self.dataset.caption_at(self.indices[index])
-        return {"moments": self.cache.moments(image_id), "text_embeds": self.cache.text_embeds(caption),
-                "caption": caption}
+        return {
+            "moments": self.cache.moments(image_id),
+            "text_embeds": self.cache.text_embeds(caption),
+            "caption": caption,
+        }

@@ -1,5 +1,6 @@
-"""The training stream: micro-batches of VAE latents and CLIP text embeddings of COCO captions, from the images
-(encoded by the teacher's VAE and text encoder on the fly) or from a :class:`LatentCache` built once."""
+"""The training stream: micro-batches of VAE latents and CLIP text embeddings of COCO captions, from the
+images (encoded by the teacher's VAE and text encoder on the fly) or from a :class:`LatentCache` built once.
+"""
 
 from __future__ import annotations
 
@@ -31,42 +32,94 @@ class MicroBatch:
     captions: list[str]
 
 
-def load_coco_captions(data_root: str | Path | None, split: str, resolution: int, *, limit: int | None = None,
-                       center_crop: bool = True, random_flip: bool = False, seed: int = 0, show_progress: bool = True):
+def load_coco_captions(
+    data_root: str | Path | None,
+    split: str,
+    resolution: int,
+    *,
+    limit: int | None = None,
+    center_crop: bool = True,
+    random_flip: bool = False,
+    seed: int = 0,
+    show_progress: bool = True,
+):
     """COCO 2017 captions (pycocotools) as one sample per (image, caption) pair, images in [-1, 1]."""
     from distill_common.data import load_captioned
 
-    return load_captioned("coco", data_root, split=split, resolution=resolution, center_crop=center_crop,
-                          random_flip=random_flip, caption_mode="all", seed=seed, limit=limit,
-                          show_progress=show_progress)
+    return load_captioned(
+        "coco",
+        data_root,
+        split=split,
+        resolution=resolution,
+        center_crop=center_crop,
+        random_flip=random_flip,
+        caption_mode="all",
+        seed=seed,
+        limit=limit,
+        show_progress=show_progress,
+    )
 
 
-def open_or_build_cache(dataset: Any, components: Any, cache_root: str | Path, teacher_ref: str, split: str,
-                        resolution: int, center_crop: bool, random_flip: bool, dtype: torch.dtype,
-                        show_progress: bool = True) -> LatentCache:
+def open_or_build_cache(
+    dataset: Any,
+    components: Any,
+    cache_root: str | Path,
+    teacher_ref: str,
+    split: str,
+    resolution: int,
+    center_crop: bool,
+    random_flip: bool,
+    dtype: torch.dtype,
+    show_progress: bool = True,
+) -> LatentCache:
     """The cache folder for this fingerprint under ``cache_root``, built on first use."""
     if random_flip:
-        raise ConfigError("caching latents would freeze the random flips; pass --no-data-random-flip or --no-data-cache")
+        raise ConfigError(
+            "caching latents would freeze the random flips; pass --no-data-random-flip or --no-data-cache"
+        )
     fields = {
         "teacher": teacher_ref,
         "vae": {k: v for k, v in dict(components.vae.config).items() if not k.startswith("_")},
         "text_encoder": components.text_encoder.config.to_dict().get("hidden_size"),
         "text_layers": components.text_encoder.config.to_dict().get("num_hidden_layers"),
-        "split": split, "resolution": resolution, "center_crop": center_crop,
-        "images": [r.image_id for r in dataset.records], "dtype": str(dtype),
+        "split": split,
+        "resolution": resolution,
+        "center_crop": center_crop,
+        "images": [r.image_id for r in dataset.records],
+        "dtype": str(dtype),
     }
     folder = Path(cache_root) / f"latents-{cache_fingerprint(fields)}"
     if not (folder / "manifest.json").is_file():
-        build_latent_cache(dataset, components.vae, components.tokenizer, components.text_encoder, folder,
-                           {k: v for k, v in fields.items() if k != "images"}, dtype=dtype, show_progress=show_progress)
+        build_latent_cache(
+            dataset,
+            components.vae,
+            components.tokenizer,
+            components.text_encoder,
+            folder,
+            {k: v for k, v in fields.items() if k != "images"},
+            dtype=dtype,
+            show_progress=show_progress,
+        )
     return LatentCache.open(folder)
 
 
 class TrainingStream:
-    """Yields :class:`MicroBatch` es on ``device`` starting at micro-batch ``start`` (see ``ResumableBatchSampler``)."""
+    """Yields :class:`MicroBatch` es on ``device`` starting at micro-batch ``start`` (see
+    ``ResumableBatchSampler``)."""
 
-    def __init__(self, dataset: Any, components: Any, *, batch_size: int, seed: int, device: torch.device,
-                 cache: LatentCache | None = None, num_workers: int = 0, num_replicas: int = 1, rank: int = 0) -> None:
+    def __init__(
+        self,
+        dataset: Any,
+        components: Any,
+        *,
+        batch_size: int,
+        seed: int,
+        device: torch.device,
+        cache: LatentCache | None = None,
+        num_workers: int = 0,
+        num_replicas: int = 1,
+        rank: int = 0,
+    ) -> None:
         self.dataset = dataset
         self.components = components
         self.cache = cache
@@ -89,9 +142,16 @@ class TrainingStream:
         return len(self.source)
 
     def iterate(self, start: int = 0) -> Iterator[MicroBatch]:
-        sampler = ResumableBatchSampler(len(self.source), self.batch_size, self.seed, start, self.num_replicas, self.rank)
-        loader = DataLoader(self.source, batch_sampler=sampler, num_workers=self.num_workers,
-                            persistent_workers=self.num_workers > 0, pin_memory=self.device.type == "cuda")
+        sampler = ResumableBatchSampler(
+            len(self.source), self.batch_size, self.seed, start, self.num_replicas, self.rank
+        )
+        loader = DataLoader(
+            self.source,
+            batch_sampler=sampler,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=self.device.type == "cuda",
+        )
         text_dtype = next(self.components.text_encoder.parameters()).dtype
         for m, batch in enumerate(loader, start=start):
             if self.cache is not None:
@@ -99,7 +159,9 @@ class TrainingStream:
                 text = batch["text_embeds"].to(self.device, text_dtype, non_blocking=True)
             else:
                 moments = latent_moments(self.components.vae, batch["pixel_values"].to(self.device))
-                text = encode_prompts(self.components.tokenizer, self.components.text_encoder, batch["caption"])
+                text = encode_prompts(
+                    self.components.tokenizer, self.components.text_encoder, batch["caption"]
+                )
             generator = step_generator(self.seed, "latents", m, self.rank, moments.device)
             latents = sample_latents(moments, self.scaling_factor, generator, self.shift_factor)
             yield MicroBatch(m, latents, text, list(batch["caption"]))

@@ -1,8 +1,8 @@
 """``distill prune evaluate``: students against their teacher at equal seeds through the shared benchmark
-(``distill_eval.benchmark``: FID on COCO val, LPIPS to the teacher's image at the same seed, time per image), plus
-the UNet's parameters and MACs per call and CLIPScore when a CLIP model is given, at the headline setting (the
-first of ``--steps`` and ``--guidance``: 25 DDPM steps, CFG 5) and at the others. Registered students get their
-headline numbers stamped (``eval.s{steps}.*``) and the per-budget champion aliases move."""
+(``distill_eval.benchmark``: FID on COCO val, LPIPS to the teacher's image at the same seed, time per image),
+plus the UNet's parameters and MACs per call and CLIPScore when a CLIP model is given, at the headline setting
+(the first of ``--steps`` and ``--guidance``: 25 DDPM steps, CFG 5) and at the others. Registered students get
+their headline numbers stamped (``eval.s{steps}.*``) and the per-budget champion aliases move."""
 
 from __future__ import annotations
 
@@ -21,8 +21,9 @@ from distill_sd_prune.training.config import DEFAULT_TEACHER
 class EvaluateConfig:
     """Options of ``distill prune evaluate``."""
 
-    generators: list[str] = option([], "Students: generator folders, runs:/ID/PATH or models:/NAME@ALIAS (LABEL=URI "
-                                   "names one).")
+    generators: list[str] = option(
+        [], "Students: generator folders, runs:/ID/PATH or models:/NAME@ALIAS (LABEL=URI names one)."
+    )
     teacher_model: str = option(DEFAULT_TEACHER, "The teacher: hub id or local diffusers folder.")
     resolution: int | None = option(None, "Image resolution (default: the first student's).")
     steps: list[int] = option([25], "Sampler step counts; the first is the headline.")
@@ -32,7 +33,9 @@ class EvaluateConfig:
     seed: int = option(0, "First seed (and prompt-subset seed).")
     reference: str = option("coco-val2017", "FID reference set.")
     reference_n: int | None = option(None, "Reference images used (default: all of the set).")
-    clip_model: str | None = option(None, "CLIP model for CLIPScore: a hub id in the cache or a local folder.")
+    clip_model: str | None = option(
+        None, "CLIP model for CLIPScore: a hub id in the cache or a local folder."
+    )
     lpips_net: str = option("alex", "LPIPS backbone.", choices=("alex", "vgg"))
     batch_size: int = option(8, "Generation and timing batch size.")
     timing_repeats: int = option(3, "Timed batches per configuration.")
@@ -75,7 +78,9 @@ def evaluate(cfg: EvaluateConfig, tracking_run: Any = None, console: Any = None)
 
     def loader(uri: str) -> Any:
         if uri not in loaded:
-            loaded[uri] = load_generator(uri, device=cfg.device, scheduler=cfg.scheduler, batch_size=cfg.batch_size)
+            loaded[uri] = load_generator(
+                uri, device=cfg.device, scheduler=cfg.scheduler, batch_size=cfg.batch_size
+            )
         return loaded[uri]
 
     students = [_label(spec) for spec in cfg.generators]
@@ -83,44 +88,85 @@ def evaluate(cfg: EvaluateConfig, tracking_run: Any = None, console: Any = None)
     teacher_dir = write_teacher_folder(out / "teacher_generator", cfg.teacher_model, resolution)
     for label, uri in students:
         if int(loader(uri).resolution) != resolution:
-            raise ConfigError(f"{label} generates {loader(uri).resolution}px images but the evaluation runs at "
-                              f"{resolution}px; evaluate models of one resolution together")
+            raise ConfigError(
+                f"{label} generates {loader(uri).resolution}px images but the evaluation runs at "
+                f"{resolution}px; evaluate models of one resolution together"
+            )
     complexity: dict[str, dict[str, Any]] = {}
     for label, uri in [("teacher", str(teacher_dir)), *students]:
         gen = loader(uri)
         latent = resolution // (2 ** (len(gen.pipe.vae.config.block_out_channels) - 1))
         macs = unet_macs(gen.unet.config, latent)
-        complexity[label] = {"params": count_parameters(gen.unet), "gmacs": macs.total / 1e9,
-                             "gmacs_conv_linear": macs.conv_linear / 1e9, "budget": gen.info.get("budget", "")}
+        complexity[label] = {
+            "params": count_parameters(gen.unet),
+            "gmacs": macs.total / 1e9,
+            "gmacs_conv_linear": macs.conv_linear / 1e9,
+            "budget": gen.info.get("budget", ""),
+        }
 
     fid_scorer = _FidScorer(cfg, resolution) if cfg.reference != "none" else None
     rows: list[dict[str, Any]] = []
     for g_index, guidance in enumerate(cfg.guidance):
         bcfg = BenchmarkConfig(
-            generators=[f"{label}={uri}" for label, uri in students], teacher=f"teacher={teacher_dir}",
-            teacher_steps=cfg.steps[0], steps=list(cfg.steps), num_images=cfg.num_images, seed=cfg.seed,
-            guidance=guidance, reference="none", coco_prompts=cfg.num_images, clip_model=None,
-            lpips_net=cfg.lpips_net, batch_size=cfg.batch_size, timing_repeats=cfg.timing_repeats,
-            output_dir=out / f"cfg{guidance:g}", data_root=cfg.data_root, track=tracking_run is not None,
+            generators=[f"{label}={uri}" for label, uri in students],
+            teacher=f"teacher={teacher_dir}",
+            teacher_steps=cfg.steps[0],
+            steps=list(cfg.steps),
+            num_images=cfg.num_images,
+            seed=cfg.seed,
+            guidance=guidance,
+            reference="none",
+            coco_prompts=cfg.num_images,
+            clip_model=None,
+            lpips_net=cfg.lpips_net,
+            batch_size=cfg.batch_size,
+            timing_repeats=cfg.timing_repeats,
+            output_dir=out / f"cfg{guidance:g}",
+            data_root=cfg.data_root,
+            track=tracking_run is not None,
             device=cfg.device,
         )
         headline = g_index == 0
-        result = run_benchmark(bcfg, loader=loader, tracking_run=tracking_run if headline else None, console=console)
+        result = run_benchmark(
+            bcfg, loader=loader, tracking_run=tracking_run if headline else None, console=console
+        )
         clip = _clip_scores(cfg, result, console) if cfg.clip_model else {}
         for row in result.rows:
             key = f"{row['model']}_s{row['steps']}"
             if fid_scorer is not None:
                 row.update(fid_scorer(load_png_folder(Path(result.images[key]), cfg.num_images)))
-            row.update(guidance=guidance, scheduler=cfg.scheduler, headline=headline and row["steps"] == cfg.steps[0],
-                       **complexity.get(row["model"], {}))
+            row.update(
+                guidance=guidance,
+                scheduler=cfg.scheduler,
+                headline=headline and row["steps"] == cfg.steps[0],
+                **complexity.get(row["model"], {}),
+            )
             if row["model"] in clip.get(row["steps"], {}):
                 row["clip_score"] = clip[row["steps"]][row["model"]]
             rows.append(row)
     protocol = fid_scorer.protocol(cfg.num_images) if fid_scorer is not None else None
-    columns = ["model", "budget", "steps", "guidance", "fid", "kid", "lpips_to_teacher", "clip_score", "ms_per_image",
-               "speedup_vs_teacher", "params", "gmacs", "gmacs_conv_linear", "headline"]
-    meta = {"protocol": protocol, "scheduler": cfg.scheduler, "seeds": f"{cfg.seed}..{cfg.seed + cfg.num_images - 1}",
-            "headline": f"{cfg.steps[0]} steps, CFG {cfg.guidance[0]:g}"}
+    columns = [
+        "model",
+        "budget",
+        "steps",
+        "guidance",
+        "fid",
+        "kid",
+        "lpips_to_teacher",
+        "clip_score",
+        "ms_per_image",
+        "speedup_vs_teacher",
+        "params",
+        "gmacs",
+        "gmacs_conv_linear",
+        "headline",
+    ]
+    meta = {
+        "protocol": protocol,
+        "scheduler": cfg.scheduler,
+        "seeds": f"{cfg.seed}..{cfg.seed + cfg.num_images - 1}",
+        "headline": f"{cfg.steps[0]} steps, CFG {cfg.guidance[0]:g}",
+    }
     report = write_report(rows, out, "evaluation", columns=columns, meta=meta)
     champions = []
     if tracking_run is not None:
@@ -135,7 +181,8 @@ def evaluate(cfg: EvaluateConfig, tracking_run: Any = None, console: Any = None)
 
 class _FidScorer:
     """FID/KID of generated images against the reference set, both brought to 299 px by an antialiased bicubic
-    resize (COCO images are not square, so the reference needs a resize; the benchmark's default extractor has none)."""
+    resize (COCO images are not square, so the reference needs a resize; the benchmark's default extractor has
+    none)."""
 
     def __init__(self, cfg: EvaluateConfig, resolution: int) -> None:
         from distill_eval.inception import InceptionFeatureExtractor
@@ -143,8 +190,15 @@ class _FidScorer:
         from distill_sd_prune.evaluation.periodic import FID_RESIZE
 
         self.extractor = InceptionFeatureExtractor(resize=FID_RESIZE)
-        self.reference = reference_stats(cfg.reference, self.extractor, n=cfg.reference_n, resolution=resolution,
-                                         data_root=cfg.data_root, batch_size=cfg.batch_size, progress=False)
+        self.reference = reference_stats(
+            cfg.reference,
+            self.extractor,
+            n=cfg.reference_n,
+            resolution=resolution,
+            data_root=cfg.data_root,
+            batch_size=cfg.batch_size,
+            progress=False,
+        )
         self.batch_size = cfg.batch_size
 
     def __call__(self, images: Any) -> dict[str, float]:
@@ -180,23 +234,38 @@ def _clip_scores(cfg: EvaluateConfig, result: Any, console: Any) -> dict[int, di
     return scores
 
 
-def _log(run: Any, cfg: EvaluateConfig, rows: list[dict[str, Any]], students: list[tuple[str, str]],
-         report: dict[str, Path], protocol: dict[str, Any] | None) -> None:
+def _log(
+    run: Any,
+    cfg: EvaluateConfig,
+    rows: list[dict[str, Any]],
+    students: list[tuple[str, str]],
+    report: dict[str, Path],
+    protocol: dict[str, Any] | None,
+) -> None:
     import json
 
     from distill_common import tracking
 
     for row in rows:
         prefix = f"{row['model']}.s{row['steps']}.cfg{row['guidance']:g}"
-        run.log_metrics({f"{prefix}.{k}": float(v) for k, v in row.items()
-                         if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("steps", "guidance")})
+        run.log_metrics(
+            {
+                f"{prefix}.{k}": float(v)
+                for k, v in row.items()
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("steps", "guidance")
+            }
+        )
     run.log_artifact(report["md"], "report")
     run.log_artifact(report["json"], "report")
     for label, uri in students:  # the benchmark stamped eval.s*.*; add the sampling setting and CLIPScore
         name, version = registry_version(uri)
         if name is None:
             continue
-        stamp: dict[str, Any] = {"eval.guidance": cfg.guidance[0], "eval.sampler": cfg.scheduler, "eval.run_id": run.run_id}
+        stamp: dict[str, Any] = {
+            "eval.guidance": cfg.guidance[0],
+            "eval.sampler": cfg.scheduler,
+            "eval.run_id": run.run_id,
+        }
         if protocol is not None:
             stamp["eval.protocol"] = json.dumps(protocol, sort_keys=True)
         for row in rows:
@@ -213,7 +282,7 @@ def registry_version(uri: str) -> tuple[str | None, str | None]:
 
     if not uri.startswith("models:/"):
         return None, None
-    body = uri[len("models:/"):]
+    body = uri[len("models:/") :]
     if "@" in body:
         name, alias = body.split("@", 1)
         info = tracking.version_by_alias(name, alias)

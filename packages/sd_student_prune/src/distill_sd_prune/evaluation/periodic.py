@@ -1,10 +1,11 @@
 """Periodic evaluation during training (the seed's V2.x): FID against a fixed COCO val subset and LPIPS to the
 teacher's image at the same seed, every N steps.
 
-The subset is the first ``num_images`` locally present COCO 2017 val images (sorted by id): their first captions are
-the prompts and the images themselves the FID reference (``coco-val2017`` limited to n, at the training
-resolution). Seeds are ``seed .. seed + n - 1``; the teacher's images are generated once. With a few images FID is
-strongly biased upward: compare it across steps of one run (same protocol), not with published numbers.
+The subset is the first ``num_images`` locally present COCO 2017 val images (sorted by id): their first
+captions are the prompts and the images themselves the FID reference (``coco-val2017`` limited to n, at the
+training resolution). Seeds are ``seed .. seed + n - 1``; the teacher's images are generated once. With a few
+images FID is strongly biased upward: compare it across steps of one run (same protocol), not with published
+numbers.
 """
 
 from __future__ import annotations
@@ -27,17 +28,33 @@ def coco_val_subset(data_root: str | Path | None, num_images: int) -> list[str]:
     if len(dataset.records) < num_images:
         from distill_common.errors import DataError
 
-        raise DataError(f"asked for {num_images} COCO val images but {len(dataset.records)} are present; "
-                        "pass a smaller --eval-num-images")
+        raise DataError(
+            f"asked for {num_images} COCO val images but {len(dataset.records)} are present; "
+            "pass a smaller --eval-num-images"
+        )
     return [r.captions[0] for r in dataset.records[:num_images]]
 
 
 class PeriodicEvaluator:
-    """``evaluator(unet) -> (metrics, images)`` with the teacher's VAE / text encoder and a fixed prompt set."""
+    """``evaluator(unet) -> (metrics, images)`` with the teacher's VAE / text encoder and a fixed prompt
+    set."""
 
-    def __init__(self, components: Any, *, data_root: str | Path | None, resolution: int, num_images: int,
-                 steps: int, guidance: float, scheduler: str, lpips_net: str = "alex", batch_size: int = 8,
-                 seed: int = 0, device: torch.device | str = "cpu", autocast_dtype: torch.dtype | None = None) -> None:
+    def __init__(
+        self,
+        components: Any,
+        *,
+        data_root: str | Path | None,
+        resolution: int,
+        num_images: int,
+        steps: int,
+        guidance: float,
+        scheduler: str,
+        lpips_net: str = "alex",
+        batch_size: int = 8,
+        seed: int = 0,
+        device: torch.device | str = "cpu",
+        autocast_dtype: torch.dtype | None = None,
+    ) -> None:
         from distill_eval.inception import InceptionFeatureExtractor
         from distill_eval.lpips_metric import LPIPSMetric
         from distill_eval.reference_stats import reference_stats
@@ -53,19 +70,36 @@ class PeriodicEvaluator:
         self.prompts = coco_val_subset(data_root, num_images)
         self.seeds = [seed + i for i in range(num_images)]
         self.extractor = InceptionFeatureExtractor(resize=FID_RESIZE).to(self.device)
-        self.reference = reference_stats("coco-val2017", self.extractor, n=num_images, resolution=resolution,
-                                         data_root=data_root, batch_size=batch_size, progress=False)
+        self.reference = reference_stats(
+            "coco-val2017",
+            self.extractor,
+            n=num_images,
+            resolution=resolution,
+            data_root=data_root,
+            batch_size=batch_size,
+            progress=False,
+        )
         self.lpips = LPIPSMetric(lpips_net, value_range=(0.0, 1.0)).to(self.device)
         self.teacher_images = self.generate(components.unet)
 
     def generate(self, unet: Any) -> torch.Tensor:
         c = self.components
-        pipe = build_pipeline(unet, c.vae, c.text_encoder, c.tokenizer, make_scheduler(self.scheduler, c.scheduler.config))
+        pipe = build_pipeline(
+            unet, c.vae, c.text_encoder, c.tokenizer, make_scheduler(self.scheduler, c.scheduler.config)
+        )
         was_training = unet.training
         unet.eval()
         try:
-            return generate_images(pipe, self.prompts, self.seeds, self.steps, self.guidance, self.resolution,
-                                   self.batch_size, self.autocast_dtype)
+            return generate_images(
+                pipe,
+                self.prompts,
+                self.seeds,
+                self.steps,
+                self.guidance,
+                self.resolution,
+                self.batch_size,
+                self.autocast_dtype,
+            )
         finally:
             unet.train(was_training)
 
@@ -81,5 +115,9 @@ class PeriodicEvaluator:
 
     @property
     def protocol(self) -> dict[str, Any]:
-        return {**self.reference.protocol(len(self.seeds)).as_dict(), "steps": self.steps, "guidance": self.guidance,
-                "scheduler": self.scheduler}
+        return {
+            **self.reference.protocol(len(self.seeds)).as_dict(),
+            "steps": self.steps,
+            "guidance": self.guidance,
+            "scheduler": self.scheduler,
+        }

@@ -1,9 +1,10 @@
 """An optional magnitude balancer for the distillation terms.
 
-Users of BK-SDM report the feature term dominating the others. The balancer keeps an exponential moving average
-``m_i`` (decay ``beta``, bias-corrected as in Adam) of each term's detached value and multiplies the weight of every
-term except the reference (``task``) by ``m_ref / m_i``, so each weighted term contributes on the scale of the task
-loss; the configured weights then set *relative* importance. The factors are reported with the other weights.
+Users of BK-SDM report the feature term dominating the others. The balancer keeps an exponential moving
+average ``m_i`` (decay ``beta``, bias-corrected as in Adam) of each term's detached value and multiplies the
+weight of every term except the reference (``task``) by ``m_ref / m_i``, so each weighted term contributes on
+the scale of the task loss; the configured weights then set *relative* importance. The factors are reported
+with the other weights.
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ class MagnitudeBalancer:
     def update(self, values: Mapping[str, float]) -> None:
         self.updates += 1
         for name, value in values.items():
-            self.averages[name] = self.beta * self.averages.get(name, 0.0) + (1 - self.beta) * abs(float(value))
+            self.averages[name] = self.beta * self.averages.get(name, 0.0) + (1 - self.beta) * abs(
+                float(value)
+            )
 
     def _corrected(self, name: str) -> float:
         return self.averages[name] / (1 - self.beta**self.updates)
@@ -35,11 +38,20 @@ class MagnitudeBalancer:
         if not self.updates or self.reference not in self.averages:
             return dict.fromkeys(names, 1.0)
         ref = self._corrected(self.reference)
-        return {n: 1.0 if n == self.reference or n not in self.averages else ref / max(self._corrected(n), self.eps)
-                for n in names}
+        return {
+            n: 1.0
+            if n == self.reference or n not in self.averages
+            else ref / max(self._corrected(n), self.eps)
+            for n in names
+        }
 
     def state_dict(self) -> dict[str, Any]:
-        return {"beta": self.beta, "reference": self.reference, "averages": dict(self.averages), "updates": self.updates}
+        return {
+            "beta": self.beta,
+            "reference": self.reference,
+            "averages": dict(self.averages),
+            "updates": self.updates,
+        }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.beta = float(state["beta"])

@@ -2,8 +2,8 @@
 
 Names are resolved on the *unwrapped* model: DDP / DataParallel / Accelerate keep the real network under
 ``.module`` and ``torch.compile`` under ``._orig_mod``, so ``down_blocks.0``, ``module.down_blocks.0`` and
-``module._orig_mod.down_blocks.0`` all name the same block, whichever of the wrapped or bare model is passed. Hooks
-live on the block objects themselves, so calling the wrapper's forward records them as well.
+``module._orig_mod.down_blocks.0`` all name the same block, whichever of the wrapped or bare model is passed.
+Hooks live on the block objects themselves, so calling the wrapper's forward records them as well.
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     """Strip DDP / DataParallel / Accelerate (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers."""
     while True:
         if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)) or (
-            type(model).__name__ in ("DistributedDataParallel", "FullyShardedDataParallel") and hasattr(model, "module")
+            type(model).__name__ in ("DistributedDataParallel", "FullyShardedDataParallel")
+            and hasattr(model, "module")
         ):
             model = model.module
         elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
@@ -39,7 +40,7 @@ def strip_wrapper_prefixes(name: str) -> str:
         changed = False
         for prefix in WRAPPER_PREFIXES:
             if name.startswith(prefix):
-                name, changed = name[len(prefix):], True
+                name, changed = name[len(prefix) :], True
     return name
 
 
@@ -50,8 +51,11 @@ def resolve_module(model: nn.Module, name: str) -> nn.Module:
     if clean in modules:
         return modules[clean]
     close = [n for n in modules if n and (n.endswith(clean) or clean.endswith(n))][:5]
-    raise ConfigError(f"no module named {name!r} in {type(unwrap_model(model)).__name__}; "
-                      f"pass block names like 'down_blocks.0' or 'up_blocks.1'{' (close: ' + ', '.join(close) + ')' if close else ''}")
+    hint = f" (close: {', '.join(close)})" if close else ""
+    raise ConfigError(
+        f"no module named {name!r} in {type(unwrap_model(model)).__name__}; "
+        f"pass block names like 'down_blocks.0' or 'up_blocks.1'{hint}"
+    )
 
 
 def output_tensor(output: Any) -> torch.Tensor:
@@ -70,8 +74,8 @@ def output_tensor(output: Any) -> torch.Tensor:
 class FeatureRecorder:
     """Records ``{name: output tensor}`` of the named blocks on every forward of ``model``.
 
-    ``detach=True`` for a frozen teacher. ``clear()`` before a forward, read ``features`` after, ``remove()`` (or use
-    it as a context manager) to take the hooks off.
+    ``detach=True`` for a frozen teacher. ``clear()`` before a forward, read ``features`` after, ``remove()``
+    (or use it as a context manager) to take the hooks off.
     """
 
     def __init__(self, model: nn.Module, names: Iterable[str], *, detach: bool = False) -> None:

@@ -1,5 +1,6 @@
-"""The distillation objective: a weighted sum of the loss terms whose weights may follow the KD weight schedule
-alpha(t) and the magnitude balancer. Every term, its effective weight and alpha are reported separately.
+"""The distillation objective: a weighted sum of the loss terms whose weights may follow the KD weight
+schedule alpha(t) and the magnitude balancer. Every term, its effective weight and alpha are reported
+separately.
 
 With the alpha schedule on, the task term is weighted ``task_weight * (1 - alpha)`` and each KD term
 ``kd_weight * alpha`` (Hinton et al. 2015's convex mix), so alpha = 1 is pure distillation.
@@ -34,8 +35,12 @@ class LossWeights:
 class DistillObjective:
     """``objective(terms, progress) -> (total, report)``; ``active_terms`` says which terms to compute."""
 
-    def __init__(self, weights: LossWeights, alpha: KDAlphaSchedule | None = None,
-                 balancer: MagnitudeBalancer | None = None) -> None:
+    def __init__(
+        self,
+        weights: LossWeights,
+        alpha: KDAlphaSchedule | None = None,
+        balancer: MagnitudeBalancer | None = None,
+    ) -> None:
         self.weights = weights
         self.alpha = alpha
         self.balancer = balancer
@@ -58,7 +63,9 @@ class DistillObjective:
             weights = {t: w * factors[t] for t, w in weights.items()}
         return weights, alpha
 
-    def __call__(self, terms: Mapping[str, torch.Tensor], progress: float) -> tuple[torch.Tensor, dict[str, float]]:
+    def __call__(
+        self, terms: Mapping[str, torch.Tensor], progress: float
+    ) -> tuple[torch.Tensor, dict[str, float]]:
         missing = [t for t in self.active_terms if t not in terms]
         if missing:
             raise RuntimeError(f"loss terms {missing} have a positive weight but were not computed")

@@ -17,6 +17,17 @@ from distill_sd_prune.sampling.pipeline import (
     make_scheduler,
 )
 
-__all__ = ["FAMILY", "HEADLINE_GUIDANCE", "HEADLINE_STEPS", "SAMPLERS", "SDStudentGenerator", "build_pipeline",
-           "check_resolution", "generate_images", "load_generator", "make_scheduler", "write_generator_folder",
-           "write_teacher_folder"]
+__all__ = [
+    "FAMILY",
+    "HEADLINE_GUIDANCE",
+    "HEADLINE_STEPS",
+    "SAMPLERS",
+    "SDStudentGenerator",
+    "build_pipeline",
+    "check_resolution",
+    "generate_images",
+    "load_generator",
+    "make_scheduler",
+    "write_generator_folder",
+    "write_teacher_folder",
+]

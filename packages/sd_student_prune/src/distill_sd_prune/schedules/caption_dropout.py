@@ -1,6 +1,6 @@
-"""Caption dropout whose rate grows over training (the seed's V2.2): the probability of replacing a caption by the
-empty prompt is linear in training progress from ``start`` to ``end``. It teaches the student the unconditional
-prediction that classifier-free guidance (Ho & Salimans 2022) needs."""
+"""Caption dropout whose rate grows over training (the seed's V2.2): the probability of replacing a caption by
+the empty prompt is linear in training progress from ``start`` to ``end``. It teaches the student the
+unconditional prediction that classifier-free guidance (Ho & Salimans 2022) needs."""
 
 from __future__ import annotations
 
@@ -29,13 +29,21 @@ class CaptionDropoutSchedule:
     def rate(self, progress: float) -> float:
         return linear(self.start, self.end, progress)
 
-    def apply(self, text_embeds: torch.Tensor, empty_embed: torch.Tensor, progress: float,
-              generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Replace each sample's embedding (B, L, D) by ``empty_embed`` (L, D) with probability ``rate(progress)``;
+    def apply(
+        self,
+        text_embeds: torch.Tensor,
+        empty_embed: torch.Tensor,
+        progress: float,
+        generator: torch.Generator | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Replace each sample's embedding (B, L, D) by ``empty_embed`` (L, D) with probability
+        ``rate(progress)``;
         returns the embeddings and the boolean drop mask (B,)."""
         rate = self.rate(progress)
         batch = text_embeds.shape[0]
-        draws = torch.rand(batch, generator=generator, device=generator.device if generator is not None else "cpu")
+        draws = torch.rand(
+            batch, generator=generator, device=generator.device if generator is not None else "cpu"
+        )
         mask = (draws < rate).to(text_embeds.device)
         if not bool(mask.any()):
             return text_embeds, mask

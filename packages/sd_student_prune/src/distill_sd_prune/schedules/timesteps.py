@@ -1,11 +1,11 @@
 """Training timestep samplers: uniform over the full chain, or the progressive DDPM chain of the seed's V1.
 
 **Progressive chain.** Training is split into ``stages`` equal parts; in stage k (k = 0 … S-1) the chain has
-``N_k = round(N_start * (N_end / N_start) ** (k / (S - 1)))`` steps (geometric from ``N_start`` to ``N_end``), and t
-is drawn uniformly from that chain's timesteps. A chain of N < T steps is exactly the grid that
-``DDPMScheduler.set_timesteps(N)`` produces from the teacher's scheduler config (so the last stage trains on the
-very timesteps that N_end-step DDPM sampling visits); N >= T is the full range 0 … T-1. Training progress p in
-[0, 1] is in stage ``min(S - 1, floor(p * S))``: the first step uses N_start, the last step N_end.
+``N_k = round(N_start * (N_end / N_start) ** (k / (S - 1)))`` steps (geometric from ``N_start`` to ``N_end``),
+and t is drawn uniformly from that chain's timesteps. A chain of N < T steps is exactly the grid that
+``DDPMScheduler.set_timesteps(N)`` produces from the teacher's scheduler config (so the last stage trains on
+the very timesteps that N_end-step DDPM sampling visits); N >= T is the full range 0 … T-1. Training progress
+p in [0, 1] is in stage ``min(S - 1, floor(p * S))``: the first step uses N_start, the last step N_end.
 """
 
 from __future__ import annotations
@@ -45,7 +45,8 @@ class ProgressiveChain:
         if self.stages < 1 or self.end_steps < 1 or self.start_steps < self.end_steps:
             raise ConfigError(
                 f"progressive chain needs stages >= 1 and start >= end >= 1 (got {self.stages} stages, "
-                f"{self.start_steps} -> {self.end_steps} steps); pass e.g. --schedule-chain-start 1000 --schedule-chain-end 25"
+                f"{self.start_steps} -> {self.end_steps} steps); "
+                "pass e.g. --schedule-chain-start 1000 --schedule-chain-end 25"
             )
 
     @property

@@ -1,6 +1,6 @@
-"""Options of ``distill prune train``. Fields whose default is None take the recipe's value (see ``recipes.py``);
-any of them can be set from the command line, a ``--config`` file, or Python, and the fully resolved config (no
-None left) is what MLflow records."""
+"""Options of ``distill prune train``. Fields whose default is None take the recipe's value (see
+``recipes.py``); any of them can be set from the command line, a ``--config`` file, or Python, and the fully
+resolved config (no None left) is what MLflow records."""
 
 from __future__ import annotations
 
@@ -25,10 +25,15 @@ DEFAULT_TEACHER = "runwayml/stable-diffusion-v1-5"
 @dataclass
 class StudentOptions:
     plan: str | None = option(None, "Block pruning plan (default: the recipe's).", choices=tuple(PRUNE_PLANS))
-    width: float | None = option(None, "Channel width relative to the teacher, in (0, 1] (default: the recipe's).")
-    init: str | None = option(None, "How the student inherits the teacher's weights (default: the recipe's).",
-                              choices=INIT_METHODS)
-    unet: Path | None = option(None, "A student folder from 'distill prune prepare-unet' (replaces plan/width/init).")
+    width: float | None = option(
+        None, "Channel width relative to the teacher, in (0, 1] (default: the recipe's)."
+    )
+    init: str | None = option(
+        None, "How the student inherits the teacher's weights (default: the recipe's).", choices=INIT_METHODS
+    )
+    unet: Path | None = option(
+        None, "A student folder from 'distill prune prepare-unet' (replaces plan/width/init)."
+    )
 
 
 @dataclass
@@ -36,9 +41,14 @@ class LossOptions:
     task_weight: float | None = option(None, "Weight of the task noise MSE (default: the recipe's).")
     output_kd_weight: float | None = option(None, "Weight of output KD, MSE to the teacher's prediction.")
     feature_kd_weight: float | None = option(None, "Weight of feature KD, summed MSE over hooked blocks.")
-    feature_blocks: list[str] = option([], "Student blocks for feature KD (empty: every down, mid and up block).")
-    kd_alpha: str | None = option(None, "KD weight schedule: constant weights, or linear alpha(t): task x (1-alpha), "
-                                  "KD x alpha.", choices=KD_ALPHA_SCHEDULES)
+    feature_blocks: list[str] = option(
+        [], "Student blocks for feature KD (empty: every down, mid and up block)."
+    )
+    kd_alpha: str | None = option(
+        None,
+        "KD weight schedule: constant weights, or linear alpha(t): task x (1-alpha), KD x alpha.",
+        choices=KD_ALPHA_SCHEDULES,
+    )
     kd_alpha_start: float = option(1.0, "alpha at the first step (linear schedule).")
     kd_alpha_end: float = option(0.5, "alpha at the last step (linear schedule).")
     balance: bool | None = option(None, "Rescale KD terms to the task loss's running magnitude.")
@@ -47,8 +57,11 @@ class LossOptions:
 
 @dataclass
 class ScheduleOptions:
-    timesteps: str | None = option(None, "Training timesteps: uniform over 0..T-1, or the progressive DDPM chain.",
-                                   choices=TIMESTEP_SAMPLERS)
+    timesteps: str | None = option(
+        None,
+        "Training timesteps: uniform over 0..T-1, or the progressive DDPM chain.",
+        choices=TIMESTEP_SAMPLERS,
+    )
     chain_start: int = option(1000, "Progressive chain: steps in the first stage.")
     chain_end: int = option(25, "Progressive chain: steps in the last stage (the inference chain).")
     chain_stages: int = option(4, "Progressive chain: number of equal-length stages.")
@@ -57,7 +70,9 @@ class ScheduleOptions:
     lr: str | None = option(None, "Learning-rate schedule.", choices=LR_SCHEDULES)
     warmup_steps: int = option(0, "Linear warm-up steps of the constant schedule.")
     onecycle_pct_start: float = option(0.3, "Fraction of the run OneCycleLR spends rising.")
-    ema: bool | None = option(None, "Keep an EMA of the student's weights (exported instead of the live ones).")
+    ema: bool | None = option(
+        None, "Keep an EMA of the student's weights (exported instead of the live ones)."
+    )
     ema_decay: float = option(0.9999, "EMA decay (with warm-up: min(decay, 1 - (1 + step)^(-2/3))).")
 
 
@@ -77,7 +92,9 @@ class DataOptions:
 
 @dataclass
 class EvalOptions:
-    every: int | None = option(None, "Periodic FID + LPIPS every N steps on a fixed COCO val subset (0: off).")
+    every: int | None = option(
+        None, "Periodic FID + LPIPS every N steps on a fixed COCO val subset (0: off)."
+    )
     num_images: int = option(16, "Images of the fixed COCO val subset (prompts + FID reference).")
     steps: int = option(25, "Sampler steps for periodic evaluation.")
     guidance: float = option(5.0, "CFG scale for periodic evaluation.")
@@ -91,7 +108,9 @@ class TrainConfig:
     """``distill prune train``: distil a pruned / narrowed Stable Diffusion student on COCO captions."""
 
     recipe: str = option("v2.2", "Named composition of components: v1, v2.1, v2.2 or v3.", choices=RECIPES)
-    teacher_model: str = option(DEFAULT_TEACHER, "Teacher: hub id, local diffusers folder or single-file checkpoint.")
+    teacher_model: str = option(
+        DEFAULT_TEACHER, "Teacher: hub id, local diffusers folder or single-file checkpoint."
+    )
     output_dir: Path = option(Path("runs/prune/train"), "Checkpoints, the final student and logs go here.")
     student: StudentOptions = nested(StudentOptions)
     loss: LossOptions = nested(LossOptions)
@@ -100,12 +119,15 @@ class TrainConfig:
     eval: EvalOptions = nested(EvalOptions)
     max_steps: int = option(1000, "Optimiser steps.")
     batch_size: int = option(8, "Micro-batch size per process.")
-    gradient_accumulation: int | None = option(None, "Micro-batches per optimiser step (default: the recipe's).")
+    gradient_accumulation: int | None = option(
+        None, "Micro-batches per optimiser step (default: the recipe's)."
+    )
     learning_rate: float | None = option(None, "Peak learning rate of AdamW (default: the recipe's).")
     weight_decay: float = option(0.01, "AdamW weight decay.")
     max_grad_norm: float = option(1.0, "Gradient clipping norm (0: off).")
-    precision: str | None = option(None, "fp32, or fp16/bf16 mixed precision via Accelerate (default: recipe's).",
-                                   choices=PRECISIONS)
+    precision: str | None = option(
+        None, "fp32, or fp16/bf16 mixed precision via Accelerate (default: recipe's).", choices=PRECISIONS
+    )
     device: str = option("auto", "Device.", choices=DEVICES)
     seed: int = option(0, "Seed of the data order, noise, timesteps and caption dropout.")
     checkpoint_every: int = option(500, "Atomic checkpoint every N steps (and at the end).")
@@ -117,7 +139,9 @@ class TrainConfig:
     track: bool = option(True, "Log to MLflow.")
     register: bool = option(False, "Register the final student in the MLflow model registry.")
     registered_name: str = option("sd_student_prune", "Registered model name.")
-    bundle_base: bool = option(False, "Copy the teacher's VAE/text encoder/tokenizer into the exported student.")
+    bundle_base: bool = option(
+        False, "Copy the teacher's VAE/text encoder/tokenizer into the exported student."
+    )
 
     def validate(self) -> None:
         """Fill the recipe's values into unset fields, then check ranges (resolve_config calls this)."""
@@ -127,16 +151,25 @@ class TrainConfig:
         if self.max_steps < 1 or self.batch_size < 1 or self.gradient_accumulation < 1:
             raise ConfigError("--max-steps, --batch-size and --gradient-accumulation must be at least 1")
         if not 64 <= self.data.resolution <= 512:
-            raise ConfigError(f"student resolution {self.data.resolution} is outside 64..512; pass --data-resolution 64")
+            raise ConfigError(
+                f"student resolution {self.data.resolution} is outside 64..512; pass --data-resolution 64"
+            )
         if self.eval.every and self.eval.num_images < 2:
-            raise ConfigError("periodic FID needs at least 2 images; pass --eval-num-images 2 or more, or --eval-every 0")
+            raise ConfigError(
+                "periodic FID needs at least 2 images; pass --eval-num-images 2 or more, or --eval-every 0"
+            )
         if self.checkpoint_every < 1 or self.log_every < 1:
             raise ConfigError("--checkpoint-every and --log-every must be at least 1")
 
     def resolved(self) -> TrainConfig:
         """A copy with every recipe field filled in and validated."""
-        cfg = dataclasses.replace(self, student=dataclasses.replace(self.student), loss=dataclasses.replace(self.loss),
-                                  schedule=dataclasses.replace(self.schedule), data=dataclasses.replace(self.data),
-                                  eval=dataclasses.replace(self.eval))
+        cfg = dataclasses.replace(
+            self,
+            student=dataclasses.replace(self.student),
+            loss=dataclasses.replace(self.loss),
+            schedule=dataclasses.replace(self.schedule),
+            data=dataclasses.replace(self.data),
+            eval=dataclasses.replace(self.eval),
+        )
         cfg.validate()
         return cfg

@@ -1,7 +1,7 @@
-"""The one training loop of ``distill prune train``: every recipe is a configuration of the components it composes
-(student construction, timestep sampler, caption dropout, loss terms and their weights, LR schedule, EMA, periodic
-evaluation). It never logs by itself: numbers go to a ``reporter`` (``log_metrics(metrics, step)`` /
-``log_image(image, artifact_file)``, e.g. a ``distill_common.tracking.TrackingRun``)."""
+"""The one training loop of ``distill prune train``: every recipe is a configuration of the components it
+composes (student construction, timestep sampler, caption dropout, loss terms and their weights, LR schedule,
+EMA, periodic evaluation). It never logs by itself: numbers go to a ``reporter`` (``log_metrics(metrics,
+step)`` / ``log_image(image, artifact_file)``, e.g. a ``distill_common.tracking.TrackingRun``)."""
 
 from __future__ import annotations
 
@@ -92,15 +92,23 @@ def _make_student(cfg: TrainConfig, teacher: Any) -> _Student:
         from distill_sd_prune.architecture.student import read_prune_map
 
         unet = load_student_unet(cfg.student.unet)
-        prepared = read_prune_map(cfg.student.unet) if (Path(cfg.student.unet) / "prune_map.json").is_file() else {}
+        prepared = (
+            read_prune_map(cfg.student.unet) if (Path(cfg.student.unet) / "prune_map.json").is_file() else {}
+        )
         plan = prepared.get("plan", cfg.student.plan)
         width = float(prepared.get("width", cfg.student.width))
         init = prepared.get("init", "prepared")
     else:
         build = build_student(teacher, cfg.student.plan, cfg.student.width, cfg.student.init, seed=cfg.seed)
         unet, plan, width, init = build.unet, cfg.student.plan, cfg.student.width, cfg.student.init
-    info = {"plan": plan, "width": width, "init": init, "budget": budget_label(plan, width),
-            "params": count_parameters(unet), "teacher_params": count_parameters(teacher)}
+    info = {
+        "plan": plan,
+        "width": width,
+        "init": init,
+        "budget": budget_label(plan, width),
+        "params": count_parameters(unet),
+        "teacher_params": count_parameters(teacher),
+    }
     return _Student(unet, info)
 
 
@@ -118,10 +126,16 @@ def _select_pairs(cfg: TrainConfig, student: Any, teacher_config: Any, plan: str
     return pairs
 
 
-def train(cfg: TrainConfig, reporter: Reporter | None = None, *,
-          on_step: Callable[[int, dict[str, float]], None] | None = None, run_id: str | None = None,
-          show_progress: bool = True) -> TrainResult:
-    """Train a student by ``cfg`` (recipe fields resolved here); resumes from the latest checkpoint when asked.
+def train(
+    cfg: TrainConfig,
+    reporter: Reporter | None = None,
+    *,
+    on_step: Callable[[int, dict[str, float]], None] | None = None,
+    run_id: str | None = None,
+    show_progress: bool = True,
+) -> TrainResult:
+    """Train a student by ``cfg`` (recipe fields resolved here); resumes from the latest checkpoint when
+    asked.
 
     ``on_step(step, metrics)`` is called after every optimiser step (after its checkpoint, if any).
     """
@@ -150,7 +164,7 @@ def train(cfg: TrainConfig, reporter: Reporter | None = None, *,
     seed_everything(cfg.seed)
     main = accelerator.is_main_process
 
-    # -- models --------------------------------------------------------------------------------------------------
+    # -- models ----------------------------------------------------------------------------------------------
     components = load_sd_components(cfg.teacher_model, dtype=torch.float32, device="cpu")
     teacher = components.unet.eval().requires_grad_(False)
     student = _make_student(cfg, teacher)
@@ -158,8 +172,14 @@ def train(cfg: TrainConfig, reporter: Reporter | None = None, *,
     check_resolution(cfg.data.resolution, components.vae_scale_factor, teacher.config)
     latent_size = cfg.data.resolution // components.vae_scale_factor
     macs = unet_macs(student.unet.config, latent_size)
-    student.info.update({"macs": macs.total, "macs_conv_linear": macs.conv_linear,
-                         "teacher_macs": unet_macs(teacher.config, latent_size).total, "latent_size": latent_size})
+    student.info.update(
+        {
+            "macs": macs.total,
+            "macs_conv_linear": macs.conv_linear,
+            "teacher_macs": unet_macs(teacher.config, latent_size).total,
+            "latent_size": latent_size,
+        }
+    )
     pairs = _select_pairs(cfg, student.unet, teacher.config, student.info["plan"])
     init = student.info["init"] if student.info["init"] in ("slice", "project") else "slice"
     model = DistillStudent(student.unet.train(), pairs, teacher, init)
@@ -169,50 +189,94 @@ def train(cfg: TrainConfig, reporter: Reporter | None = None, *,
             frozen.to(dtype=weight_dtype)
     teacher_recorder = FeatureRecorder(teacher, list(pairs.values()), detach=True) if pairs else None
 
-    # -- data ----------------------------------------------------------------------------------------------------
-    dataset = load_coco_captions(cfg.data.root, cfg.data.split, cfg.data.resolution, limit=cfg.data.limit,
-                                 center_crop=cfg.data.center_crop, random_flip=cfg.data.random_flip, seed=cfg.seed,
-                                 show_progress=show_progress and main)
+    # -- data ------------------------------------------------------------------------------------------------
+    dataset = load_coco_captions(
+        cfg.data.root,
+        cfg.data.split,
+        cfg.data.resolution,
+        limit=cfg.data.limit,
+        center_crop=cfg.data.center_crop,
+        random_flip=cfg.data.random_flip,
+        seed=cfg.seed,
+        show_progress=show_progress and main,
+    )
     cache = None
     if cfg.data.cache:
         cache_root = Path(cfg.data.cache_dir) if cfg.data.cache_dir else out.parent / "latent_cache"
         with accelerator.main_process_first():
-            cache = open_or_build_cache(dataset, components, cache_root, str(cfg.teacher_model), cfg.data.split,
-                                        cfg.data.resolution, cfg.data.center_crop, cfg.data.random_flip,
-                                        torch_dtype(cfg.data.cache_dtype), show_progress=show_progress and main)
-    stream = TrainingStream(dataset, components, batch_size=cfg.batch_size, seed=cfg.seed, device=device, cache=cache,
-                            num_workers=cfg.data.num_workers, num_replicas=accelerator.num_processes,
-                            rank=accelerator.process_index)
+            cache = open_or_build_cache(
+                dataset,
+                components,
+                cache_root,
+                str(cfg.teacher_model),
+                cfg.data.split,
+                cfg.data.resolution,
+                cfg.data.center_crop,
+                cfg.data.random_flip,
+                torch_dtype(cfg.data.cache_dtype),
+                show_progress=show_progress and main,
+            )
+    stream = TrainingStream(
+        dataset,
+        components,
+        batch_size=cfg.batch_size,
+        seed=cfg.seed,
+        device=device,
+        cache=cache,
+        num_workers=cfg.data.num_workers,
+        num_replicas=accelerator.num_processes,
+        rank=accelerator.process_index,
+    )
 
-    # -- optimisation --------------------------------------------------------------------------------------------
+    # -- optimisation
+    # --------------------------------------------------------------------------------------------
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    lr_scheduler = build_lr_scheduler(cfg.schedule.lr, optimizer, cfg.max_steps, cfg.learning_rate,
-                                      cfg.schedule.warmup_steps, cfg.schedule.onecycle_pct_start)
+    lr_scheduler = build_lr_scheduler(
+        cfg.schedule.lr,
+        optimizer,
+        cfg.max_steps,
+        cfg.learning_rate,
+        cfg.schedule.warmup_steps,
+        cfg.schedule.onecycle_pct_start,
+    )
     model, optimizer = accelerator.prepare(model, optimizer)
     bare = unwrap_model(accelerator.unwrap_model(model))
     ema = EMA(bare.unet, cfg.schedule.ema_decay, use_ema_warmup=True).to(device) if cfg.schedule.ema else None
     weights = LossWeights(cfg.loss.task_weight, cfg.loss.output_kd_weight, cfg.loss.feature_kd_weight)
-    alpha = KDAlphaSchedule(cfg.loss.kd_alpha_start, cfg.loss.kd_alpha_end) if cfg.loss.kd_alpha == "linear" else None
+    alpha = (
+        KDAlphaSchedule(cfg.loss.kd_alpha_start, cfg.loss.kd_alpha_end)
+        if cfg.loss.kd_alpha == "linear"
+        else None
+    )
     balancer = MagnitudeBalancer(cfg.loss.balance_beta) if cfg.loss.balance else None
     objective = DistillObjective(weights, alpha, balancer)
     noise_scheduler = make_scheduler("ddpm", components.scheduler.config)
     num_train_timesteps = int(noise_scheduler.config.num_train_timesteps)
-    sampler = (ProgressiveChain(noise_scheduler.config, cfg.schedule.chain_start, cfg.schedule.chain_end,
-                                cfg.schedule.chain_stages)
-               if cfg.schedule.timesteps == "progressive" else UniformTimesteps(num_train_timesteps))
+    sampler = (
+        ProgressiveChain(
+            noise_scheduler.config,
+            cfg.schedule.chain_start,
+            cfg.schedule.chain_end,
+            cfg.schedule.chain_stages,
+        )
+        if cfg.schedule.timesteps == "progressive"
+        else UniformTimesteps(num_train_timesteps)
+    )
     dropout = CaptionDropoutSchedule(cfg.schedule.caption_dropout_start, cfg.schedule.caption_dropout_end)
     prediction_type = noise_scheduler.config.prediction_type
     alphas_cumprod = noise_scheduler.alphas_cumprod.to(device)
 
-    # -- resume --------------------------------------------------------------------------------------------------
+    # -- resume ----------------------------------------------------------------------------------------------
     step = micro = 0
     resumed_from = None
     latest = latest_checkpoint(ckpt_root) if cfg.resume else None
     if latest is not None:
         saved_config = json.loads((latest / "student_config.json").read_text())
         if saved_config != json.loads(json.dumps(plain_config(bare.unet.config), default=list)):
-            raise ModelLoadError(f"checkpoint {latest} was written for another student architecture; use its config "
-                                 "or a new --output-dir")
+            raise ModelLoadError(
+                f"checkpoint {latest} was written for another student architecture; use its config "
+                "or a new --output-dir"
+            )
         state = load_training_state(latest)
         bare.load_state_dict(load_weights(latest / "student.safetensors", device=str(device)))
         optimizer.load_state_dict(state["optimizer"])
@@ -229,31 +293,55 @@ def train(cfg: TrainConfig, reporter: Reporter | None = None, *,
     if cfg.eval.every and main:
         from distill_sd_prune.evaluation.periodic import PeriodicEvaluator
 
-        evaluator = PeriodicEvaluator(components, data_root=cfg.data.root, resolution=cfg.data.resolution,
-                                      num_images=cfg.eval.num_images, steps=cfg.eval.steps, guidance=cfg.eval.guidance,
-                                      scheduler=cfg.eval.scheduler, lpips_net=cfg.eval.lpips_net,
-                                      batch_size=cfg.eval.batch_size, seed=cfg.seed, device=device,
-                                      autocast_dtype=None if weight_dtype == torch.float32 else weight_dtype)
+        evaluator = PeriodicEvaluator(
+            components,
+            data_root=cfg.data.root,
+            resolution=cfg.data.resolution,
+            num_images=cfg.eval.num_images,
+            steps=cfg.eval.steps,
+            guidance=cfg.eval.guidance,
+            scheduler=cfg.eval.scheduler,
+            lpips_net=cfg.eval.lpips_net,
+            batch_size=cfg.eval.batch_size,
+            seed=cfg.seed,
+            device=device,
+            autocast_dtype=None if weight_dtype == torch.float32 else weight_dtype,
+        )
 
     def report(metrics: dict[str, float], at: int) -> None:
         if reporter is not None and main:
             reporter.log_metrics(metrics, step=at)
 
     if main and reporter is not None and resumed_from is None:
-        report({"student/params": student.info["params"], "student/gmacs": macs.total / 1e9,
-                "teacher/params": student.info["teacher_params"], "teacher/gmacs": student.info["teacher_macs"] / 1e9,
-                "data/num_samples": len(stream)}, 0)
+        report(
+            {
+                "student/params": student.info["params"],
+                "student/gmacs": macs.total / 1e9,
+                "teacher/params": student.info["teacher_params"],
+                "teacher/gmacs": student.info["teacher_macs"] / 1e9,
+                "data/num_samples": len(stream),
+            },
+            0,
+        )
 
     def micro_step(batch: Any, progress: float) -> tuple[torch.Tensor, dict[str, float]]:
         m, rank = batch.index, accelerator.process_index
         latents = batch.latents.to(device)  # (B, 4, h, w)
         bsz = latents.shape[0]
-        noise = torch.randn(latents.shape, generator=step_generator(cfg.seed, "noise", m, rank, device), device=device)
+        noise = torch.randn(
+            latents.shape, generator=step_generator(cfg.seed, "noise", m, rank, device), device=device
+        )
         timesteps = sampler.sample(bsz, progress, step_generator(cfg.seed, "timesteps", m, rank)).to(device)
-        text, dropped = dropout.apply(batch.text_embeds, stream.empty_embed, progress,
-                                      step_generator(cfg.seed, "caption_dropout", m, rank))
+        text, dropped = dropout.apply(
+            batch.text_embeds,
+            stream.empty_embed,
+            progress,
+            step_generator(cfg.seed, "caption_dropout", m, rank),
+        )
         noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-        target = noise if prediction_type == "epsilon" else noise_scheduler.get_velocity(latents, noise, timesteps)
+        target = (
+            noise if prediction_type == "epsilon" else noise_scheduler.get_velocity(latents, noise, timesteps)
+        )
         teacher_pred = None
         if weights.needs_teacher:
             with torch.no_grad():
@@ -270,13 +358,17 @@ def train(cfg: TrainConfig, reporter: Reporter | None = None, *,
             extra.update({f"loss/feature_kd/{k}": float(v.detach()) for k, v in per_block.items()})
         total, values = objective(terms, progress)
         if not math.isfinite(values["loss/total"]):
+            terms_text = ", ".join(f"{k}={v:.4g}" for k, v in values.items())
             raise TrainingDivergedError(
-                f"the loss became {values['loss/total']} at step {step} ({', '.join(f'{k}={v:.4g}' for k, v in values.items())}); "
-                "lower --learning-rate, keep --max-grad-norm on, or train in --precision fp32")
+                f"the loss became {values['loss/total']} at step {step} ({terms_text}); "
+                "lower --learning-rate, keep --max-grad-norm on, or train in --precision fp32"
+            )
         values.update(extra)
         values["caption_dropout/fraction"] = float(dropped.float().mean())
         values["timestep/mean"] = float(timesteps.float().mean())
-        values["timestep/snr_mean"] = float((alphas_cumprod[timesteps] / (1 - alphas_cumprod[timesteps])).mean())
+        values["timestep/snr_mean"] = float(
+            (alphas_cumprod[timesteps] / (1 - alphas_cumprod[timesteps])).mean()
+        )
         return total, values
 
     def save_checkpoint() -> None:
@@ -287,14 +379,31 @@ def train(cfg: TrainConfig, reporter: Reporter | None = None, *,
             save_weights(bare.state_dict(), tmp / "student.safetensors")
             if ema is not None:
                 ema.save(tmp / "ema.safetensors")
-            save_training_state(tmp, {
-                "step": step, "micro_batch": micro, "run_id": run_id,
-                "optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
-                "balancer": balancer.state_dict() if balancer is not None else {},
-            })
-            write_json(tmp / "student_config.json", json.loads(json.dumps(plain_config(bare.unet.config), default=list)))
-            write_json(tmp / CHECKPOINT_INFO, {"step": step, "micro_batch": micro, "run_id": run_id,
-                                               "recipe": cfg.recipe, "config": to_dict(cfg)})
+            save_training_state(
+                tmp,
+                {
+                    "step": step,
+                    "micro_batch": micro,
+                    "run_id": run_id,
+                    "optimizer": optimizer.state_dict(),
+                    "lr_scheduler": lr_scheduler.state_dict(),
+                    "balancer": balancer.state_dict() if balancer is not None else {},
+                },
+            )
+            write_json(
+                tmp / "student_config.json",
+                json.loads(json.dumps(plain_config(bare.unet.config), default=list)),
+            )
+            write_json(
+                tmp / CHECKPOINT_INFO,
+                {
+                    "step": step,
+                    "micro_batch": micro,
+                    "run_id": run_id,
+                    "recipe": cfg.recipe,
+                    "config": to_dict(cfg),
+                },
+            )
         prune_checkpoints(ckpt_root, cfg.keep_checkpoints)
 
     def evaluate_now() -> None:
@@ -312,15 +421,20 @@ def train(cfg: TrainConfig, reporter: Reporter | None = None, *,
 
             reporter.log_image(make_grid(images, nrow=min(8, len(images))), f"samples/step_{step:07d}.png")
 
-    # -- loop ----------------------------------------------------------------------------------------------------
+    # -- loop ------------------------------------------------------------------------------------------------
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     history: list[dict[str, float]] = []
     batches = stream.iterate(start=micro)
     last: dict[str, float] = {}
     model.train()
-    columns = (TextColumn("train {task.fields[recipe]}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-               TextColumn("loss {task.fields[loss]}"))
+    columns = (
+        TextColumn("train {task.fields[recipe]}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        TextColumn("loss {task.fields[loss]}"),
+    )
     with Progress(*columns, disable=not (show_progress and main), transient=False) as bar:
         task = bar.add_task("train", total=cfg.max_steps, completed=step, recipe=cfg.recipe, loss="-")
         while step < cfg.max_steps:
@@ -332,7 +446,9 @@ def train(cfg: TrainConfig, reporter: Reporter | None = None, *,
                     loss, values = micro_step(batch, progress)
                     accelerator.backward(loss)
                     if accelerator.sync_gradients and cfg.max_grad_norm > 0:
-                        values["grad_norm"] = float(accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm))
+                        values["grad_norm"] = float(
+                            accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                        )
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                 micro += 1
@@ -342,10 +458,18 @@ def train(cfg: TrainConfig, reporter: Reporter | None = None, *,
             if ema is not None:
                 values_ema = ema.update(bare.unet)
             step += 1
-            last = {k: sum(r[k] for r in reports if k in r) / sum(1 for r in reports if k in r)
-                    for k in {k for r in reports for k in r}}
-            last.update({"lr": lr, "caption_dropout/rate": dropout.rate(progress),
-                         "timestep/chain_length": float(sampler.chain_length(progress)), "progress": progress})
+            last = {
+                k: sum(r[k] for r in reports if k in r) / sum(1 for r in reports if k in r)
+                for k in {k for r in reports for k in r}
+            }
+            last.update(
+                {
+                    "lr": lr,
+                    "caption_dropout/rate": dropout.rate(progress),
+                    "timestep/chain_length": float(sampler.chain_length(progress)),
+                    "progress": progress,
+                }
+            )
             if ema is not None:
                 last["ema/decay"] = values_ema
             if step % cfg.log_every == 0 or step == cfg.max_steps or step == 1:
@@ -361,19 +485,29 @@ def train(cfg: TrainConfig, reporter: Reporter | None = None, *,
     final_dir = None
     accelerator.wait_for_everyone()
     if main:
-        final_dir = export_student(cfg, bare.unet, ema, student.info, components.vae_scale_factor, out / FINAL)
+        final_dir = export_student(
+            cfg, bare.unet, ema, student.info, components.vae_scale_factor, out / FINAL
+        )
     if teacher_recorder is not None:
         teacher_recorder.remove()
     return TrainResult(out, final_dir, step, last, resumed_from, student.info, history)
 
 
-def export_student(cfg: TrainConfig, unet: Any, ema: Any, info: dict[str, Any], vae_scale_factor: int,
-                   folder: Path) -> Path:
+def export_student(
+    cfg: TrainConfig, unet: Any, ema: Any, info: dict[str, Any], vae_scale_factor: int, folder: Path
+) -> Path:
     """Write the final generator folder (EMA weights when an EMA was kept)."""
     from distill_sd_prune.sampling.generator import write_generator_folder
 
-    fields = dict(recipe=cfg.recipe, resolution=cfg.data.resolution, scheduler="ddpm", train_steps=cfg.max_steps,
-                  bundle_base=cfg.bundle_base, weights="ema" if ema is not None else "live", **info)
+    fields = dict(
+        recipe=cfg.recipe,
+        resolution=cfg.data.resolution,
+        scheduler="ddpm",
+        train_steps=cfg.max_steps,
+        bundle_base=cfg.bundle_base,
+        weights="ema" if ema is not None else "live",
+        **info,
+    )
     if ema is not None:
         with ema.swapped_in(unet):
             return write_generator_folder(folder, str(cfg.teacher_model), unet=unet, **fields)

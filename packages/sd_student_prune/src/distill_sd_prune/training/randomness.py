@@ -1,5 +1,6 @@
-"""Per-step random generators derived from (seed, purpose, step, process): a resumed run draws exactly the noise,
-timesteps, caption drops and latents an uninterrupted run would have drawn, without replaying any RNG stream."""
+"""Per-step random generators derived from (seed, purpose, step, process): a resumed run draws exactly the
+noise, timesteps, caption drops and latents an uninterrupted run would have drawn, without replaying any RNG
+stream."""
 
 from __future__ import annotations
 
@@ -13,5 +14,7 @@ def derived_seed(seed: int, purpose: str, index: int, rank: int = 0) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-def step_generator(seed: int, purpose: str, index: int, rank: int = 0, device: torch.device | str = "cpu") -> torch.Generator:
+def step_generator(
+    seed: int, purpose: str, index: int, rank: int = 0, device: torch.device | str = "cpu"
+) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(derived_seed(seed, purpose, index, rank))

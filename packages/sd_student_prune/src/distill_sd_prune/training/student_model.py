@@ -1,5 +1,6 @@
-"""The trainable module: the student UNet plus the ConvProjection adapters of feature KD, in one ``nn.Module`` so
-that DDP / Accelerate wrap (and synchronise gradients of) both, and the projections run inside ``forward``."""
+"""The trainable module: the student UNet plus the ConvProjection adapters of feature KD, in one ``nn.Module``
+so that DDP / Accelerate wrap (and synchronise gradients of) both, and the projections run inside ``forward``.
+"""
 
 from __future__ import annotations
 
@@ -28,10 +29,16 @@ def projection_key(block: str) -> str:
 
 
 class DistillStudent(nn.Module):
-    """``forward(sample, timestep, encoder_hidden_states) -> (prediction, {student block: projected feature})``."""
+    """``forward(sample, timestep, encoder_hidden_states) -> (prediction, {student block: projected
+    feature})``."""
 
-    def __init__(self, unet: nn.Module, feature_pairs: Mapping[str, str] | None = None,
-                 teacher: nn.Module | None = None, init: str = "slice") -> None:
+    def __init__(
+        self,
+        unet: nn.Module,
+        feature_pairs: Mapping[str, str] | None = None,
+        teacher: nn.Module | None = None,
+        init: str = "slice",
+    ) -> None:
         super().__init__()
         self.unet = unet
         self.feature_pairs = dict(feature_pairs or {})
@@ -45,8 +52,9 @@ class DistillStudent(nn.Module):
                 self.projections[projection_key(s_name)] = ConvProjection(c_s, c_t, init)
         self.recorder = FeatureRecorder(unet, list(self.feature_pairs)) if self.feature_pairs else None
 
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor,
-                encoder_hidden_states: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def forward(
+        self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if self.recorder is not None:
             self.recorder.clear()
         prediction = self.unet(sample, timestep, encoder_hidden_states).sample  # (B, 4, h, w)
