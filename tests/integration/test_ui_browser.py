@@ -19,6 +19,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from rf_fixtures import tiny_rf_generator
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
@@ -43,20 +44,6 @@ def stop_process_group(proc: subprocess.Popen) -> None:
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=5)
-
-
-def tiny_rf_generator(folder: Path, role: str, default_steps: int, seed: int) -> Path:
-    """An rf_cifar generator folder: the package's UNet at a tiny width (random weights), saved by rf_cifar."""
-    import torch
-
-    from distill_rf_cifar.config import UNetConfig
-    from distill_rf_cifar.generator import save_generator
-    from distill_rf_cifar.models.unet import build_unet
-
-    torch.manual_seed(seed)
-    unet = build_unet(UNetConfig(base_channels=8, channel_mults=[1, 2], res_blocks=1, attention_resolutions=[],
-                                 mid_attention=False, dropout=0.0, norm_groups=8))
-    return save_generator(folder, unet, role=role, default_steps=default_steps)
 
 
 def log_plots(run, folder: Path) -> None:

@@ -117,7 +117,7 @@ def test_generate_command_writes_images(teacher_unet, tiny_sd_path, tmp_path):
 
 @pytest.mark.slow
 def test_evaluate_stamps_versions_and_crowns_the_best_per_budget(
-    teacher_unet, tiny_sd_path, data_root, tmp_path, mlflow_uri
+    teacher_unet, tiny_sd_path, tiny_clip_path, data_root, tmp_path, mlflow_uri
 ):
     from distill_common import tracking
 
@@ -157,6 +157,8 @@ def test_evaluate_stamps_versions_and_crowns_the_best_per_budget(
         str(tmp_path / "eval"),
         "--device",
         "cpu",
+        "--clip-model",
+        str(tiny_clip_path),
     ]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output + repr(result.exception)
@@ -170,8 +172,13 @@ def test_evaluate_stamps_versions_and_crowns_the_best_per_budget(
         > rows[("tiny_slice", 5.0)]["params"]
     )
     assert all(r["fid"] > 0 and r["ms_per_image"] > 0 and r["gmacs"] > 0 for r in report["rows"])
+    assert all(r["clip_score"] >= 0 for r in report["rows"])
     info = {v.version: v for v in tracking.list_versions("sd_student_prune")}
     fids = {label: info[v].metrics["s2.fid"] for label, v in versions.items()}
+    assert all(
+        "s2.clip_score" in info[v].metrics and "s2.lpips_to_teacher" in info[v].metrics
+        for v in versions.values()
+    )
     assert fids["small"] == pytest.approx(rows[("small", 5.0)]["fid"])
     best_tiny = min(("tiny_slice", "tiny_random"), key=fids.get)
     assert tracking.version_by_alias("sd_student_prune", "champion-sd_tiny").version == versions[best_tiny]

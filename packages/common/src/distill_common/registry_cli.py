@@ -121,7 +121,9 @@ def serve_cmd(
     """Serve a registered generator with MLflow's model server; POST /invocations returns base64 PNGs."""
     uri = model if model.startswith("models:/") else f"models:/{model}"
     tracking.configure()
-    env = dict(os.environ, MLFLOW_TRACKING_URI=tracking.tracking_uri())
+    # mlflow starts uvicorn by name: the environment's own bin folder must come first on PATH
+    env = dict(os.environ, MLFLOW_TRACKING_URI=tracking.tracking_uri(),
+               PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
     cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", uri, "--env-manager", "local",
            "--host", host, "--port", str(port), "--workers", "1"]
     _console().print(f"serving {uri} on http://{host}:{port}/invocations", highlight=False)

@@ -117,7 +117,7 @@ def evaluate(cfg: EvaluateConfig, tracking_run: Any = None, console: Any = None)
             guidance=guidance,
             reference="none",
             coco_prompts=cfg.num_images,
-            clip_model=None,
+            clip_model=cfg.clip_model,
             lpips_net=cfg.lpips_net,
             batch_size=cfg.batch_size,
             timing_repeats=cfg.timing_repeats,
@@ -130,7 +130,6 @@ def evaluate(cfg: EvaluateConfig, tracking_run: Any = None, console: Any = None)
         result = run_benchmark(
             bcfg, loader=loader, tracking_run=tracking_run if headline else None, console=console
         )
-        clip = _clip_scores(cfg, result, console) if cfg.clip_model else {}
         for row in result.rows:
             key = f"{row['model']}_s{row['steps']}"
             if fid_scorer is not None:
@@ -141,8 +140,6 @@ def evaluate(cfg: EvaluateConfig, tracking_run: Any = None, console: Any = None)
                 headline=headline and row["steps"] == cfg.steps[0],
                 **complexity.get(row["model"], {}),
             )
-            if row["model"] in clip.get(row["steps"], {}):
-                row["clip_score"] = clip[row["steps"]][row["model"]]
             rows.append(row)
     protocol = fid_scorer.protocol(cfg.num_images) if fid_scorer is not None else None
     columns = [
@@ -209,29 +206,6 @@ class _FidScorer:
 
     def protocol(self, generated_n: int) -> dict[str, Any]:
         return self.reference.protocol(generated_n).as_dict()
-
-
-def _clip_scores(cfg: EvaluateConfig, result: Any, console: Any) -> dict[int, dict[str, float]]:
-    """Mean CLIPScore per (steps, model) from the benchmark's saved images; {} when CLIP cannot be loaded."""
-    from distill_common.data.prompts import coco_prompt_subset
-    from distill_common.data.root import resolve_data_root
-    from distill_common.errors import DistillError
-    from distill_eval.benchmark import load_png_folder
-    from distill_eval.clip_score import CLIPScorer
-
-    try:
-        scorer = CLIPScorer.from_pretrained(cfg.clip_model, batch_size=cfg.batch_size)
-    except DistillError as exc:
-        console.print(f"[yellow]CLIPScore unavailable:[/] {exc}")
-        return {}
-    prompts = coco_prompt_subset(resolve_data_root(cfg.data_root) / "coco2017", cfg.num_images, seed=cfg.seed)
-    captions = [prompts[i % len(prompts)] for i in range(cfg.num_images)]
-    scores: dict[int, dict[str, float]] = {}
-    for key, folder in result.images.items():
-        model, steps = key.rsplit("_s", 1)
-        images = load_png_folder(Path(folder), cfg.num_images)
-        scores.setdefault(int(steps), {})[model] = float(scorer(images, captions).mean())
-    return scores
 
 
 def _log(

@@ -1,0 +1,67 @@
+"""``distill rf`` commands: presets and errors, a tracked teacher run, kill-and-resume through the CLI, sampling."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from distill_common.errors import ConfigError
+from distill_rf_cifar.cli import app
+
+runner = CliRunner()
+TINY = ["--model-base-channels", "8", "--model-channel-mults", "1", "2", "--model-norm-groups", "4",
+        "--model-attention-resolutions", "", "--no-model-mid-attention", "--model-dropout", "0",
+        "--data-limit", "64", "--train-batch-size", "8", "--train-checkpoint-every", "2", "--train-log-every", "1",
+        "--train-device", "cpu", "--sampling-steps", "2"]
+
+
+def test_presets_dry_run_and_unknown_recipe():
+    result = runner.invoke(app, ["pipeline", "--preset", "paper", "--dry-run"])
+    assert result.exit_code == 0 and "base_channels: 128" in result.output and "steps: 800000" in result.output
+    result = runner.invoke(app, ["distill", "--recipe", "lcm", "--dry-run"])
+    assert isinstance(result.exception, ConfigError)
+    assert "valid choices: 'four_step', 'one_step', 'progressive', 'reflow'" in str(result.exception)
+    result = runner.invoke(app, ["train-teacher", "--preset", "huge", "--dry-run"])
+    assert isinstance(result.exception, ConfigError) and "'cpu', 'paper', 'smoke'" in str(result.exception)
+
+
+@pytest.mark.slow
+def test_train_teacher_logs_to_mlflow_resumes_and_samples(tmp_path, mlflow_uri, data_root):
+    from mlflow import MlflowClient
+
+    out = tmp_path / "teacher"
+    args = ["train-teacher", *TINY, "--output-dir", str(out), "--data-data-root", str(data_root), "--train-steps", "4",
+            "--train-sample-every", "2", "--train-log-checkpoints"]
+    killed = runner.invoke(app, [*args, "--train-stop-at-step", "3"])
+    assert killed.exit_code == 0, killed.output
+    assert not (out / "generator").exists() and json.loads((out / "stage.json").read_text())["finished"] is False
+    done = runner.invoke(app, args)
+    assert done.exit_code == 0, done.output
+    stage = json.loads((out / "stage.json").read_text())
+    assert stage["finished"] and stage["model_uri"].startswith("models:/")
+    assert (out / "generator" / "generator.json").is_file()
+    assert sorted(p.name for p in (out / "samples").iterdir()) == ["step_0000002.png", "step_0000004.png"]
+
+    client = MlflowClient()
+    run = client.get_run(stage["run_id"])
+    assert run.data.tags["resumes_run"]  # the second invocation knows it continued the first
+    history = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
+    assert history == [4]  # steps 1-3 were logged by the killed run
+    first = client.get_run(run.data.tags["resumes_run"])
+    assert [m.step for m in client.get_metric_history(first.info.run_id, "train/loss")] == [1, 2, 3]
+    assert any(k.startswith("train/loss_t") for k in run.data.metrics)
+    assert run.data.params["model.parameters"]
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"samples", "checkpoints", "config.yaml"} <= artifacts
+
+    again = runner.invoke(app, args)  # finished: nothing to do
+    assert again.exit_code == 0 and "already trained" in again.output
+
+    grid_dir = tmp_path / "samples"
+    result = runner.invoke(app, ["sample", "--generator", str(out / "generator"), "--classes", "3", "5",
+                                 "--per-class", "2", "--output-dir", str(grid_dir), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in grid_dir.iterdir()) == ["class3_seed0.png", "class3_seed1.png", "class5_seed0.png",
+                                                          "class5_seed1.png", "grid.png"]
