@@ -1,0 +1,1 @@
+"""Training: the config and recipes, the DistillStudent module, per-step seeding, and the one training loop."""
