@@ -163,3 +163,14 @@ def test_extract_features_refuses_empty_input_and_bad_batch_size() -> None:
         extract_features(iter([]), CountingExtractor(), progress=False)
     with pytest.raises(ConfigError, match="batch size"):
         extract_features(torch.zeros(2, 3, 8, 8), CountingExtractor(), batch_size=0, progress=False)
+
+
+def test_low_rank_fid_equals_the_full_computation():
+    """The nuclear-norm FID used for small sets agrees with the eigendecomposition route."""
+    from distill_eval.fid import fid_from_features, fid_low_rank
+
+    gen = torch.Generator().manual_seed(3)
+    a = torch.randn(40, 64, generator=gen, dtype=torch.float64)
+    b = 0.7 * torch.randn(90, 64, generator=gen, dtype=torch.float64) + 0.2
+    assert fid_low_rank(a, b) == pytest.approx(fid_from_features(a, b), rel=1e-6, abs=1e-6)
+    assert fid_low_rank(a, a) == pytest.approx(0.0, abs=1e-8)

@@ -40,6 +40,9 @@ class BenchmarkConfig:
     reference: str = option("cifar10-test", "FID reference set: cifar10-train, cifar10-test, coco-val2017, an "
                             "image folder, or none.")
     reference_n: int | None = option(None, "Reference images used (default: all of the set).")
+    resize: str = option("none", "How images reach the Inception input: none (torch-fidelity's own resize; square "
+                         "sets only) or an antialiased bilinear/bicubic resize (needed for COCO photos).",
+                         choices=("none", "bilinear", "bicubic"))
     prompts_file: Path | None = option(None, "Prompts for prompt generators (one a line).")
     coco_prompts: int = option(0, "Use N seeded COCO val captions as prompts instead of a file (0 = off).")
     clip_model: str | None = option(None, "CLIP model for CLIPScore: a hub id or a local folder.")
@@ -331,7 +334,7 @@ class _FidEvaluator:
         from distill_eval.inception import InceptionFeatureExtractor
         from distill_eval.reference_stats import reference_stats
 
-        self.extractor = InceptionFeatureExtractor()
+        self.extractor = InceptionFeatureExtractor(resize=cfg.resize)
         self.ref = reference_stats(cfg.reference, self.extractor, n=cfg.reference_n, resolution=resolution,
                                    data_root=cfg.data_root)
         self.batch_size = cfg.batch_size

@@ -137,6 +137,32 @@ def extract_features(
     return torch.cat(chunks)
 
 
+def fid_low_rank(features_a: torch.Tensor | np.ndarray, features_b: torch.Tensor | np.ndarray) -> float:
+    """Exact FID through the nuclear-norm identity, for sets smaller than the feature size.
+
+    With ``Sigma_i = A_i A_i^T`` (``A_i``: centred features as columns over ``sqrt(n_i - 1)``), the nonzero
+    eigenvalues of ``Sigma_1 Sigma_2`` are the squared singular values of ``A_1^T A_2`` (n_1 x n_2), so
+    ``tr sqrt(Sigma_1 Sigma_2) = ||A_1^T A_2||_*``. That costs O(D n_1 n_2) instead of the O(D^3)
+    eigendecomposition of a 2048 x 2048 matrix (about 20 s on one CPU core) and agrees with it to
+    floating-point precision.
+    """
+    a = _as_features(features_a, "features_a").to(torch.float64)
+    b = _as_features(features_b, "features_b").to(torch.float64)
+    if a.shape[0] < 2 or b.shape[0] < 2:
+        raise ConfigError("FID needs at least 2 images per set")
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    ca = (a - mu_a).T / (a.shape[0] - 1) ** 0.5  # (D, n_a)
+    cb = (b - mu_b).T / (b.shape[0] - 1) ** 0.5  # (D, n_b)
+    nuclear = torch.linalg.svdvals(ca.T @ cb).sum()
+    return float((mu_a - mu_b).square().sum() + ca.square().sum() + cb.square().sum() - 2 * nuclear)
+
+
+def low_rank_applies(generated_n: int, reference: ReferenceStats) -> bool:
+    """The low-rank FID is used when the reference kept all its features and one set is smaller than D."""
+    dims = reference.features.shape[1]
+    return reference.features.shape[0] == reference.reference_n and min(generated_n, reference.reference_n) < dims
+
+
 def fid_kid_result(
     generated_features: torch.Tensor,
     reference: ReferenceStats,
@@ -160,8 +186,11 @@ def fid_kid_result(
             f"generated images are {generated_resolution}px but the reference statistics were taken at "
             f"{reference.resolution}px; pass --resolution {generated_resolution} for the reference set"
         )
-    mu, sigma = feature_statistics(generated_features)
-    fid = fid_from_stats(mu, sigma, reference.mu, reference.sigma)
+    if low_rank_applies(generated_features.shape[0], reference):
+        fid = fid_low_rank(generated_features, reference.features)
+    else:
+        mu, sigma = feature_statistics(generated_features)
+        fid = fid_from_stats(mu, sigma, reference.mu, reference.sigma)
     size = min(kid_subset_size, generated_features.shape[0], reference.features.shape[0])
     kid_mean, kid_std = kid_from_features(generated_features, reference.features, kid_subsets, size, seed=seed)
     return FIDResult(fid=fid, kid_mean=kid_mean, kid_std=kid_std, protocol=reference.protocol(generated_features.shape[0]))

@@ -89,3 +89,7 @@ def main() -> None:
     from distill_common.cli import run_app
 
     run_app(app)
+
+
+if __name__ == "__main__":
+    main()

@@ -199,9 +199,9 @@ class _FidScorer:
         self.batch_size = cfg.batch_size
 
     def __call__(self, images: Any) -> dict[str, float]:
-        from distill_sd_prune.evaluation.small_sample_fid import score_small_set
+        from distill_eval.fid import score_images
 
-        result = score_small_set(images, self.extractor, self.reference, batch_size=self.batch_size)
+        result = score_images(images, self.extractor, self.reference, batch_size=self.batch_size, progress=False)
         return {"fid": result.fid, "kid": result.kid_mean, "kid_std": result.kid_std}
 
     def protocol(self, generated_n: int) -> dict[str, Any]:

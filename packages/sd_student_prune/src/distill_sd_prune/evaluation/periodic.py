@@ -105,10 +105,10 @@ class PeriodicEvaluator:
 
     @torch.no_grad()
     def __call__(self, unet: Any) -> tuple[dict[str, float], torch.Tensor]:
-        from distill_sd_prune.evaluation.small_sample_fid import score_small_set
+        from distill_eval.fid import score_images
 
         images = self.generate(unet)  # (N, 3, R, R) in [0, 1]
-        fid = score_small_set(images, self.extractor, self.reference, batch_size=self.batch_size)
+        fid = score_images(images, self.extractor, self.reference, batch_size=self.batch_size, progress=False)
         lpips = self.lpips(images.to(self.device), self.teacher_images.to(self.device)).mean()
         metrics = {"eval/fid": fid.fid, "eval/kid": fid.kid_mean, "eval/lpips_to_teacher": float(lpips)}
         return metrics, images
