@@ -49,7 +49,6 @@ RESIZE_DESCRIPTIONS = {
     "(clean-fid style)",
 }
 WEIGHTS_ENV = "DISTILL_INCEPTION_WEIGHTS"
-CACHE_ENV = "DISTILL_CACHE"
 TORCH_FIDELITY_URL = (
     "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
 )
@@ -58,10 +57,9 @@ FID_HELPER_FILE = "default_1.pt"
 
 
 def default_cache_dir() -> Path:
-    """Where converted weights and reference statistics live: ``$DISTILL_CACHE``, else the project's cache root
+    """Where converted weights and reference statistics live: the project's one cache root
     (``$DISTILL_CACHE_DIR``, ``$XDG_CACHE_HOME/distill`` or ``~/.cache/distill``)."""
-    env = os.environ.get(CACHE_ENV)
-    return Path(env).expanduser() if env else distill_cache_dir()
+    return distill_cache_dir()
 
 
 def is_offline() -> bool:
