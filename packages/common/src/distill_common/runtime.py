@@ -96,6 +96,11 @@ def make_accelerator(precision: str = "fp32", gradient_accumulation_steps: int =
     )
 
 
+def is_main_process() -> bool:
+    """True outside distributed launches and on global rank 0 of ``accelerate launch`` / ``torchrun``."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def synchronize(device: torch.device | str | None = None) -> None:
     """Wait for queued GPU work so that a wall-clock reading covers it."""
     dev = torch.device(device) if device is not None else None

@@ -31,7 +31,7 @@ def train_teacher_cmd(cfg: TeacherConfig) -> None:
     from distill_rf_cifar.stages import train_teacher
 
     outcome = train_teacher(cfg, console=console)
-    if outcome.finished:
+    if outcome.finished and outcome.generator_dir is not None:
         console.print(f"teacher generator: {outcome.generator_dir}" + (f"  (MLflow model {outcome.model_uri})"
                                                                        if outcome.model_uri else ""))
 

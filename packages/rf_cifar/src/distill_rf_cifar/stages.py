@@ -22,7 +22,7 @@ from distill_common import checkpoint as ckpt
 from distill_common import tracking
 from distill_common.config import to_dict
 from distill_common.errors import ConfigError
-from distill_common.runtime import environment_info
+from distill_common.runtime import environment_info, is_main_process
 from distill_rf_cifar.config import (
     DistillConfig,
     EvaluateConfig,
@@ -137,7 +137,9 @@ def _train_recipe(name: str, phases: list[Phase], model: torch.nn.Module, loop: 
         tags["resumes_run"] = stage["run_id"]  # an earlier, unfinished run of this folder
     with tracking.start_run(cfg.experiment, run_name, config=cfg, tags=tags, fallback_dir=folder,
                             enabled=cfg.track, nested=nested) as run:
-        ckpt.write_json(folder / STAGE_FILE, {"config_hash": digest, "run_id": run.run_id, "finished": False})
+        main = is_main_process()  # under `accelerate launch`, only rank 0 writes files and logs
+        if main:
+            ckpt.write_json(folder / STAGE_FILE, {"config_hash": digest, "run_id": run.run_id, "finished": False})
         params = count_parameters(model)
         run.log_params({"model.parameters": params, "model.megabytes_fp32": round(params * 4 / 1e6, 2),
                         "phases": ",".join(f"{p.name}:{p.steps}" for p in phases)})
@@ -146,6 +148,8 @@ def _train_recipe(name: str, phases: list[Phase], model: torch.nn.Module, loop: 
                             sample_fn=_samples_fn(model.num_classes), progress=progress)
         info = {"parameters": params, "steps": sum(p.steps for p in phases),
                 "steps_per_second": [round(r.steps_per_second, 3) for r in result.results]}
+        if not main:
+            return StageOutcome(name, folder, result.finished, info=info)
         if not result.finished:
             console.print(f"[yellow]{name}: stopped at --stop-at-step {loop.stop_at_step}; rerun to resume[/]")
             return StageOutcome(name, folder, False, run_id=run.run_id, seconds=time.perf_counter() - start, info=info)

@@ -171,6 +171,8 @@ class TrackingRun:
 
     # -- logging ----------------------------------------------------------------------------
     def log_params(self, params: Mapping[str, Any]) -> None:
+        if not self.enabled:
+            return
         from mlflow.entities import Param
 
         items = [Param(str(k), str(v)[:MAX_PARAM_LENGTH]) for k, v in params.items()]
@@ -180,6 +182,8 @@ class TrackingRun:
                         self.client.log_batch, self.run_id, params=chunk)
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        if not self.enabled:
+            return
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
@@ -189,6 +193,8 @@ class TrackingRun:
                         self.client.log_batch, self.run_id, metrics=items)
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
+        if not self.enabled:
+            return
         from mlflow.entities import RunTag
 
         items = [RunTag(str(k), str(v)) for k, v in tags.items()]
@@ -196,15 +202,21 @@ class TrackingRun:
             self._guard("tags", {"tags": {t.key: t.value for t in items}}, self.client.log_batch, self.run_id, tags=items)
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        if not self.enabled:
+            return
         p = Path(path)
         fn = self.client.log_artifacts if p.is_dir() else self.client.log_artifact
         self._guard("artifact", {"path": str(p.resolve()), "artifact_path": artifact_path},
                     fn, self.run_id, str(p), artifact_path)
 
     def log_dict(self, data: Mapping[str, Any], artifact_file: str) -> None:
+        if not self.enabled:
+            return
         self._guard("dict", {"artifact_file": artifact_file}, self.client.log_dict, self.run_id, dict(data), artifact_file)
 
     def log_text(self, text: str, artifact_file: str) -> None:
+        if not self.enabled:
+            return
         self._guard("text", {"artifact_file": artifact_file}, self.client.log_text, self.run_id, text, artifact_file)
 
     def log_image(self, image: Any, artifact_file: str) -> None:
@@ -248,9 +260,12 @@ def start_run(
 ) -> Iterator[TrackingRun]:
     """Open (or resume, with ``run_id``) an MLflow run that logs the config, versions and environment.
 
-    With ``enabled=False`` no store is touched and every logging call is a no-op.
+    With ``enabled=False``, and on every process but the main one of a distributed launch, no store is
+    touched and every logging call is a no-op.
     """
-    if not enabled:
+    from distill_common.runtime import is_main_process
+
+    if not enabled or not is_main_process():
         yield TrackingRun(None, fallback_dir, enabled=False)
         return
     import mlflow

@@ -128,6 +128,10 @@ def train(
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
     accelerator = _accelerator(precision, cfg.device if cfg.device != "auto" else device.type)
+    world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
+    if cfg.batch_size % world:
+        raise ConfigError(f"--batch-size {cfg.batch_size} is the global batch and must divide evenly over {world} "
+                          f"processes; use a multiple of {world}")
 
     torch.manual_seed(cfg.seed)  # reproducible weights-independent randomness; replaced by the RNG on resume
     order = EpochOrder(len(data), cfg.batch_size, cfg.seed)
@@ -164,13 +168,17 @@ def train(
     columns = (TextColumn(f"[bold]{description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
                TimeElapsedColumn(), TimeRemainingColumn())
     model.train()
-    with Progress(*columns, disable=not progress, transient=False) as bar:
+    with Progress(*columns, disable=not (progress and main), transient=False) as bar:
         task = bar.add_task(description, total=cfg.steps, completed=step, info="")
         while step < stop:
-            batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in data.batch(order.next_indices()).items()}
+            if world > 1:  # each rank draws its own noise and times, reproducibly from (seed, step, rank)
+                torch.manual_seed(cfg.seed * 1_000_003 + step * 7919 + rank)
+            # data sharded by rank: every rank takes its slice of the same global batch
+            indices = order.next_indices()[rank::world]
+            batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in data.batch(indices).items()}
             with accelerator.autocast():
                 output = loss_fn(model, batch)
-            loss_value = float(output.loss.detach())
+            loss_value = float(accelerator.reduce(output.loss.detach(), "mean") if world > 1 else output.loss.detach())
             if not math.isfinite(loss_value):
                 raise TrainingDivergedError(
                     f"{description}: the loss became {loss_value} at step {step + 1} (learning rate "
@@ -192,7 +200,7 @@ def train(
             ts.append(output.t)
             bar.update(task, completed=step, info=f"loss {loss_value:.4f}")
 
-            if step % cfg.log_every == 0 or step == stop:
+            if main and (step % cfg.log_every == 0 or step == stop):
                 elapsed = time.perf_counter() - window_start
                 metrics = {"loss": window_loss / window_n, "lr": scheduler.get_last_lr()[0],
                            "steps_per_second": window_n / max(elapsed, 1e-9), "epoch": order.epoch}
@@ -202,16 +210,19 @@ def train(
                 callback.on_metrics(step, metrics)
                 result.last_metrics = metrics
                 per_sample, ts, window_loss, window_n, window_start = [], [], 0.0, 0, time.perf_counter()
-            if sample_fn is not None and ((cfg.sample_every and step % cfg.sample_every == 0) or step == cfg.steps):
+            if main and sample_fn is not None and ((cfg.sample_every and step % cfg.sample_every == 0)
+                                                   or step == cfg.steps):
                 unwrapped = _unwrap(accelerator, model)
                 unwrapped.eval()
                 with ema.swapped_in(unwrapped), torch.no_grad():
                     callback.on_samples(step, sample_fn(unwrapped).cpu())
                 unwrapped.train()
             if step % cfg.checkpoint_every == 0 or step == stop:
-                result.checkpoint = save_checkpoint(root, step, _unwrap(accelerator, model), ema, optimizer, scheduler,
-                                                    order, cfg.keep_checkpoints)
-                callback.on_checkpoint(step, result.checkpoint)
+                if main:  # only the main process writes checkpoints; the others wait for it
+                    result.checkpoint = save_checkpoint(root, step, _unwrap(accelerator, model), ema, optimizer,
+                                                        scheduler, order, cfg.keep_checkpoints)
+                    callback.on_checkpoint(step, result.checkpoint)
+                accelerator.wait_for_everyone()
     result.step = step
     result.finished = step >= cfg.steps
     result.steps_per_second = run_steps / max(time.perf_counter() - run_start, 1e-9)
