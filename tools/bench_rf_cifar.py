@@ -114,7 +114,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="Alternating train()/bare rounds; the best is kept.")
     args = parser.parse_args()
 
-    console = Console()
+    console = Console(width=max(120, Console().width))
     device = resolve_device(args.device)
     torch.manual_seed(0)
     model = build_unet(SCALES[args.preset]().model)

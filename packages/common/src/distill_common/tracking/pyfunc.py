@@ -57,8 +57,12 @@ def decode_image(b64: str):
     return Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB")
 
 
-def log_generator_model(run: TrackingRun, generator_dir: str | Path, name: str = "generator") -> str:
-    """Log a generator folder as a pyfunc model in ``run``; returns its model URI."""
+def log_generator_model(run: TrackingRun, generator_dir: str | Path, name: str = "generator") -> str | None:
+    """Log a generator folder as a pyfunc model in ``run``; returns its model URI.
+
+    When the tracking store fails (a server that died mid-run), the folder stays on disk, the failure is
+    recorded in the run's fallback file, and None is returned instead of losing the trained model.
+    """
     from distill_common.cli import package_versions
 
     if not run.enabled:
@@ -67,12 +71,20 @@ def log_generator_model(run: TrackingRun, generator_dir: str | Path, name: str =
     # Logged as a model from code (this package's pyfunc_entry.py), so loading it unpickles nothing.
     kwargs = dict(name=name, python_model=str(Path(__file__).with_name("pyfunc_entry.py")), artifacts={ARTIFACT_KEY: str(generator_dir)},
                   pip_requirements=reqs)
-    active = mlflow.active_run()
-    if active is not None and active.info.run_id == run.run_id:
-        info = mlflow.pyfunc.log_model(**kwargs)
-    else:
-        with mlflow.start_run(run_id=run.run_id, nested=active is not None):
+    if run.degraded:
+        run.record_failure("model", {"generator_dir": str(Path(generator_dir).resolve())},
+                           ConnectionError("tracking store unavailable"))
+        return None
+    try:
+        active = mlflow.active_run()
+        if active is not None and active.info.run_id == run.run_id:
             info = mlflow.pyfunc.log_model(**kwargs)
+        else:
+            with mlflow.start_run(run_id=run.run_id, nested=active is not None):
+                info = mlflow.pyfunc.log_model(**kwargs)
+    except Exception as exc:
+        run.record_failure("model", {"generator_dir": str(Path(generator_dir).resolve())}, exc)
+        return None
     return info.model_uri
 
 

@@ -69,6 +69,10 @@ def configure(uri: str | None = None) -> str:
 
     uri = uri or tracking_uri()
     check_reachable(uri)
+    if is_remote(uri):  # a server that dies mid-run must cost seconds, not minutes of retries
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
     mlflow.set_tracking_uri(uri)
     if not is_remote(uri):
         mlflow.set_registry_uri(uri)
@@ -140,6 +144,7 @@ class TrackingRun:
         self.enabled = enabled and run_id is not None
         self.fallback_dir = Path(fallback_dir) if fallback_dir else None
         self.failed_calls = 0
+        self.degraded = False  # after a failure, values go straight to the fallback file
         self._client = None
 
     # -- internals --------------------------------------------------------------------------
@@ -159,9 +164,12 @@ class TrackingRun:
         if not self.enabled:
             return
         try:
+            if self.degraded:
+                raise ConnectionError("the tracking store failed earlier in this run")
             fn(*args, **kwargs)
         except Exception as exc:  # server down, disk full, ...: keep training, keep the numbers
             self.failed_calls += 1
+            self.degraded = True
             if self.failed_calls == 1:
                 warnings.warn(f"MLflow logging failed ({type(exc).__name__}: {exc}); keeping values on disk", stacklevel=3)
             if self.unlogged_path is not None:
@@ -170,6 +178,10 @@ class TrackingRun:
                     f.write(json.dumps({"run_id": self.run_id, "kind": kind, "time": time.time(), **payload}) + "\n")
 
     # -- logging ----------------------------------------------------------------------------
+    def record_failure(self, kind: str, payload: Mapping[str, Any], exc: Exception) -> None:
+        """Note a failed call made outside :meth:`_guard` (e.g. model logging) in the fallback file."""
+        self._guard(kind, payload, lambda: (_ for _ in ()).throw(exc))
+
     def log_params(self, params: Mapping[str, Any]) -> None:
         if not self.enabled:
             return
@@ -297,7 +309,7 @@ def start_run(
         if msg:
             from rich.console import Console
 
-            Console(stderr=True).print(f"[yellow]warning:[/] {msg}", highlight=False)
+            Console(stderr=True).print(f"[yellow]warning:[/] {msg}", highlight=False, soft_wrap=True)
 
 
 def relog(path: str | Path) -> int:
@@ -317,6 +329,11 @@ def relog(path: str | Path) -> int:
             client.log_batch(rec["run_id"], params=[Param(k, v) for k, v in rec["params"].items()])
         elif rec["kind"] == "tags":
             client.log_batch(rec["run_id"], tags=[RunTag(k, v) for k, v in rec["tags"].items()])
+        elif rec["kind"] == "model" and Path(rec["generator_dir"]).is_dir():
+            from distill_common.tracking.pyfunc import log_generator_model
+
+            if log_generator_model(TrackingRun(rec["run_id"], None), rec["generator_dir"]) is None:
+                continue
         elif rec["kind"] == "artifact" and Path(rec["path"]).exists():
             p = Path(rec["path"])
             (client.log_artifacts if p.is_dir() else client.log_artifact)(rec["run_id"], str(p), rec["artifact_path"])
