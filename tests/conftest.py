@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-import torch
+from stand_in_generators import NoiseGenerator
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -64,27 +63,6 @@ def tiny_sd_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from distill_common.models.tiny_sd import tiny_sd_folder
 
     return tiny_sd_folder(tmp_path_factory.mktemp("tiny_sd"))
-
-
-class NoiseGenerator:
-    """A deterministic stand-in generator: image = sigmoid of seeded noise, shifted by the class."""
-
-    family = "test_noise"
-    condition_kind = "class"
-    resolution = 32
-    default_steps = 2
-    images_generated = 0  # across instances: lets resume tests count regenerated images
-
-    def __init__(self, folder: Path, device: str = "auto"):
-        self.scale = json.loads((folder / "generator.json").read_text())["scale"]
-
-    def generate(self, conditions, num_steps, seeds, guidance=None):
-        out = []
-        NoiseGenerator.images_generated += len(conditions)
-        for c, s in zip(conditions, seeds):
-            g = torch.Generator().manual_seed(int(s))
-            out.append(torch.sigmoid(self.scale * torch.randn(3, 32, 32, generator=g) + int(c) / 10))
-        return torch.stack(out)
 
 
 @pytest.fixture

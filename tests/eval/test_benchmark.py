@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from stand_in_generators import NoiseGenerator
 from typer.testing import CliRunner
 
 from distill_common import promotion, tracking
@@ -13,7 +14,6 @@ from distill_eval.cli import app
 
 @pytest.mark.slow
 def test_benchmark_end_to_end_and_resume(mlflow_uri, logged_generator, data_root, tmp_path):
-    from conftest import NoiseGenerator  # the stand-in family registered by the fixture
 
     teacher = tracking.register_model(logged_generator(1.0), "noise", tags={"role": "teacher"})
     student = tracking.register_model(logged_generator(1.5), "noise", tags={"role": "student"})

@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-
-from conftest import REPO, free_port
+from server_fixtures import REPO, free_port
 
 pytestmark = pytest.mark.slow
 

@@ -14,8 +14,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 from rf_fixtures import tiny_rf_generator
-
-from conftest import free_port, stop_pid
+from server_fixtures import free_port, stop_pid
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]

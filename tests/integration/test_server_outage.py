@@ -6,11 +6,9 @@ from __future__ import annotations
 import os
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
-
-from conftest import REPO, free_port, start_server, stop_pid
+from server_fixtures import REPO, free_port, start_server, stop_pid
 
 pytestmark = pytest.mark.slow
 

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from rf_helpers import pairs_config, tiny_loop, tiny_unet_config
 
 

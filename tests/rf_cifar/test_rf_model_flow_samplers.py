@@ -13,7 +13,14 @@ from distill_rf_cifar.config import UNetConfig, paper_pipeline, smoke_pipeline
 from distill_rf_cifar.flow import guided_velocity, interpolate, model_fn, noise_for_seeds, time_sampler
 from distill_rf_cifar.generator import RFGenerator, load_model, save_generator
 from distill_rf_cifar.models import build_unet, count_parameters
-from distill_rf_cifar.samplers import CountingModelFn, get_sampler, sample_euler, sample_heun, sample_rk45, time_grid
+from distill_rf_cifar.samplers import (
+    CountingModelFn,
+    get_sampler,
+    sample_euler,
+    sample_heun,
+    sample_rk45,
+    time_grid,
+)
 
 
 def test_unet_sizes_match_the_stated_counts():

@@ -12,7 +12,12 @@ from distill_common.checkpoint import list_checkpoints
 from distill_common.errors import ConfigError, TrainingDivergedError
 from distill_rf_cifar.config import FlowConfig, RecipeConfig
 from distill_rf_cifar.generator import load_model
-from distill_rf_cifar.losses import KStepDistillationLoss, LossOutput, ProgressiveDistillationLoss, RectifiedFlowLoss
+from distill_rf_cifar.losses import (
+    KStepDistillationLoss,
+    LossOutput,
+    ProgressiveDistillationLoss,
+    RectifiedFlowLoss,
+)
 from distill_rf_cifar.models import build_unet
 from distill_rf_cifar.pairs import load_pairs
 from distill_rf_cifar.recipes import RECIPES, build_recipe, run_recipe
@@ -187,3 +192,15 @@ def test_progressive_target_is_the_teachers_two_euler_steps():
     assert set(out.t.tolist()) <= {0.0, 0.5}
     with pytest.raises(ConfigError, match="halves an even step count"):
         ProgressiveDistillationLoss(Linear(), teacher_steps=3)
+
+
+def test_unconditional_teacher_trains_and_samples(tmp_path, cifar_images):
+    from distill_rf_cifar.generator import RFGenerator
+
+    torch.manual_seed(0)
+    model = build_unet(tiny_unet_config(num_classes=0))
+    result, model, _ = train(tiny_loop(steps=2), model, RectifiedFlowLoss(), cifar_images, tmp_path, progress=False)
+    assert result.finished
+    gen = RFGenerator(model, default_steps=2, default_guidance=3.0)  # guidance is moot without classes
+    images = gen.generate([0, 7], seeds=[1, 1])
+    assert torch.equal(images[0], images[1]) and gen.last_nfe == 2

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from prune_helpers import run_unet  # noqa: F401  (re-exported for older imports)
 
 
 @pytest.fixture(autouse=True, scope="package")
@@ -29,11 +30,6 @@ def unet_inputs():
     sample = torch.randn(2, 4, 16, 16, generator=g)  # (B, 4, h, w)
     text = torch.randn(2, 77, 32, generator=g)  # (B, 77, D)
     return sample, torch.tensor([10, 700]), text
-
-
-def run_unet(unet, inputs):
-    with torch.no_grad():
-        return unet(*inputs).sample
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import run_unet
+from prune_helpers import run_unet
 
 from distill_sd_prune.architecture import ConvProjection, build_student
 

@@ -7,8 +7,8 @@ import json
 
 import pytest
 import torch
-from conftest import run_unet
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from prune_helpers import run_unet
 
 from distill_common.errors import ConfigError
 from distill_sd_prune.architecture import build_student, count_parameters, save_student, student_unet_config

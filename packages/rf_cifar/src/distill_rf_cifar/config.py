@@ -67,7 +67,7 @@ class DataConfig:
     """Where CIFAR-10 comes from."""
 
     data_root: Path | None = option(None, "Data root holding cifar10/ (default: $DISTILL_DATA_ROOT, then "
-                                    "../shared/data next to the repository).")
+                                    "../shared/data next to the repository).", aliases=("--data-root",))
     source: str = option("shards", "CIFAR-10 source: WebDataset shards, an image folder, or the Hub.",
                          choices=DATA_SOURCES)
     limit: int | None = option(None, "Use only the first N training images (default: all 50,000).")
@@ -309,13 +309,13 @@ def smoke_pipeline() -> PipelineConfig:
     cfg.flow = FlowConfig(time_sampler="logit_normal", label_dropout=0.1)
     cfg.data = DataConfig(limit=None)
     cfg.teacher = _loop(steps=600, batch_size=64, learning_rate=2e-3, warmup_steps=50, ema_decay=0.999,
-                        checkpoint_every=200, log_every=50, sample_every=200, log_checkpoints=False)
+                        checkpoint_every=200, log_every=50, sample_every=200)
     cfg.sampling = SamplingConfig(sampler="euler", steps=16, guidance=1.0)
-    cfg.pairs = PairsConfig(num_pairs=2048, shard_size=512, steps=16, guidance=1.0, batch_size=256)
+    cfg.pairs = PairsConfig(num_pairs=2048, shard_size=512, steps=16, guidance=1.0, batch_size=128)
     cfg.four_step = _loop(steps=200, batch_size=64, learning_rate=1e-3, warmup_steps=20, ema_decay=0.99,
-                          checkpoint_every=200, log_every=50, log_checkpoints=False)
+                          checkpoint_every=200, log_every=50)
     cfg.one_step = _loop(steps=200, batch_size=64, learning_rate=1e-3, warmup_steps=20, ema_decay=0.99,
-                         checkpoint_every=200, log_every=50, seed=1, log_checkpoints=False)
+                         checkpoint_every=200, log_every=50, seed=1)
     cfg.options = RecipeConfig(k=4, distance="l2")
     cfg.eval = EvalConfig(teacher_steps=[1, 2, 4, 8, 16], teacher_rk45=True, student_steps=[1, 2, 4],
                           num_images=80, reference="cifar10-train", reference_n=400, batch_size=80,

@@ -57,6 +57,8 @@ class ClassConditionalUNet(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         assert x.dim() == 4 and x.shape[1] == 3, f"expected (B, 3, H, W) images, got {tuple(x.shape)}"
         t = t.expand(x.shape[0]) if t.dim() == 0 else t
+        if self.num_classes == 0:  # unconditional: every label is the null class
+            y = torch.zeros_like(y)
         return self.net(x, t.to(x.dtype) * TIME_SCALE, class_labels=y).sample  # (B, 3, H, W)
 
 
