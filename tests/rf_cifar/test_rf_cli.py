@@ -65,3 +65,16 @@ def test_train_teacher_logs_to_mlflow_resumes_and_samples(tmp_path, mlflow_uri, 
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in grid_dir.iterdir()) == ["class3_seed0.png", "class3_seed1.png", "class5_seed0.png",
                                                           "class5_seed1.png", "grid.png"]
+
+
+@pytest.mark.parametrize("recipe", ["progressive", "reflow"])
+def test_distill_command_exports_a_student_generator(recipe, tmp_path, teacher_dir, pairs_dir, data_root):
+    out = tmp_path / recipe
+    result = runner.invoke(app, ["distill", "--recipe", recipe, "--teacher", str(teacher_dir), "--pairs", str(pairs_dir),
+                                 "--output-dir", str(out), "--no-track", "--train-steps", "3", "--train-batch-size", "8",
+                                 "--train-device", "cpu", "--options-progressive-start", "4",
+                                 "--options-progressive-end", "2", "--data-root", str(data_root), "--data-limit", "32"])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "generator" / "generator.json").read_text())
+    assert manifest["role"] == recipe and manifest["default_steps"] == {"progressive": 2, "reflow": 1}[recipe]
+    assert manifest["default_guidance"] == 1.0 and len(manifest["teacher_sha256"]) == 64

@@ -63,12 +63,13 @@ def test_student_features_pair_with_the_teachers_at_equal_shapes(teacher_unet, u
 
 
 def test_hooks_under_accelerate_prepare(teacher_unet, unet_inputs):
-    from accelerate import Accelerator
     from accelerate.state import AcceleratorState
+
+    from distill_common.runtime import make_accelerator
 
     build = build_student(teacher_unet, "sd_small")
     pairs = feature_block_pairs(build.unet, teacher_unet.config, "sd_small")
-    accelerator = Accelerator(cpu=True, mixed_precision="bf16")
+    accelerator = make_accelerator("bf16", device="cpu")  # resets a state left by earlier tests
     model = accelerator.prepare(DistillStudent(build.unet, pairs, teacher_unet))
     names = ["unet.down_blocks.0", "module.unet.up_blocks.3", "unet.mid_block"]
     try:

@@ -74,8 +74,7 @@ def configure(uri: str | None = None) -> str:
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
     mlflow.set_tracking_uri(uri)
-    if not is_remote(uri):
-        mlflow.set_registry_uri(uri)
+    mlflow.set_registry_uri(uri)  # always: a registry URI left by an earlier store must not linger
     return uri
 
 
