@@ -371,7 +371,7 @@ def _log(run: Any, result: BenchmarkResult, configs: Sequence[_Config]) -> None:
     for c, row in zip(configs, result.rows):
         if not c.uri.startswith("models:/"):
             continue
-        name, version = _resolve_version(c.uri)
+        name, version = tracking.resolve_model_version(c.uri)
         if name is None:
             continue
         stamp = {f"eval.s{c.steps}.{k}": row[k] for k in ("fid", "kid", "lpips_to_teacher", "clip_score", "ms_per_image")
@@ -380,17 +380,3 @@ def _log(run: Any, result: BenchmarkResult, configs: Sequence[_Config]) -> None:
         if result.protocol:
             stamp["eval.protocol"] = json.dumps(result.protocol, sort_keys=True)
         tracking.set_version_tags(name, version, stamp)
-
-
-def _resolve_version(uri: str) -> tuple[str | None, str | None]:
-    from distill_common import tracking
-
-    body = uri[len("models:/"):]
-    if "@" in body:
-        name, alias = body.split("@", 1)
-        info = tracking.version_by_alias(name, alias)
-        return (name, info.version) if info else (None, None)
-    if "/" in body:
-        name, version = body.split("/", 1)
-        return name, version
-    return None, None

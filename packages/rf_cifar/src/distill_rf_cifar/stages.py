@@ -290,24 +290,11 @@ def evaluate(cfg: EvaluateConfig, *, console: Console | None = None, progress: b
             run.log_artifact(p, "eval")
         for label, src in [("teacher", cfg.teacher), *[s.split("=", 1) for s in cfg.students]]:
             if src.startswith("models:/"):
-                name, version = registry_version(src)
+                name, version = tracking.resolve_model_version(src)
                 if name:
                     tracking.set_version_tags(name, version, {**registry_tags(result.rows, label, result.protocol),
                                                               "eval.run_id": run.run_id})
     return result, run.run_id
-
-
-def registry_version(uri: str) -> tuple[str | None, str | None]:
-    """``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` -> (name, version); (None, None) when unresolvable."""
-    body = uri.removeprefix("models:/")
-    if "@" in body:
-        name, alias = body.split("@", 1)
-        info = tracking.version_by_alias(name, alias)
-        return (name, info.version) if info else (None, None)
-    if "/" in body:
-        name, version = body.split("/", 1)
-        return name, version
-    return None, None
 
 
 def stage_summary(outcome: StageOutcome) -> dict[str, Any]:

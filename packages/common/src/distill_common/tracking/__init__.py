@@ -10,6 +10,7 @@ from distill_common.tracking.registry import (
     list_models,
     list_versions,
     register_model,
+    resolve_model_version,
     set_alias,
     set_version_tags,
     version_by_alias,
@@ -48,6 +49,6 @@ __all__ = [
     "CHALLENGER", "CHAMPION", "ModelVersionInfo", "TrackingRun", "artifact_root", "best_version",
     "check_reachable", "configure", "decode_image", "is_remote", "delete_alias", "download_generator",
     "download_run_artifacts", "list_models", "list_run_artifacts",
-    "list_versions", "log_generator_model", "register_model", "relog", "set_alias", "set_version_tags",
+    "list_versions", "log_generator_model", "register_model", "relog", "resolve_model_version", "set_alias", "set_version_tags",
     "run_start_time", "start_run", "tracking_uri", "version_by_alias",
 ]

@@ -87,6 +87,21 @@ def _info(client, mv) -> ModelVersionInfo:
                             tags, mv.description or "", metrics)
 
 
+def resolve_model_version(uri: str) -> tuple[str | None, str | None]:
+    """``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` -> (name, version); (None, None) when unresolvable."""
+    if not uri.startswith("models:/"):
+        return None, None
+    body = uri.removeprefix("models:/")
+    if "@" in body:
+        name, alias = body.split("@", 1)
+        info = version_by_alias(name, alias)
+        return (name, info.version) if info else (None, None)
+    if "/" in body:
+        name, version = body.split("/", 1)
+        return name, version
+    return None, None
+
+
 def list_versions(name: str) -> list[ModelVersionInfo]:
     client = _client()
     try:

@@ -232,7 +232,7 @@ def _log(
     run.log_artifact(report["md"], "report")
     run.log_artifact(report["json"], "report")
     for label, uri in students:  # the benchmark stamped eval.s*.*; add the sampling setting and CLIPScore
-        name, version = registry_version(uri)
+        name, version = tracking.resolve_model_version(uri)
         if name is None:
             continue
         stamp: dict[str, Any] = {
@@ -248,20 +248,3 @@ def _log(
                     if row.get(metric) is not None:
                         stamp[f"eval.s{row['steps']}.{metric}"] = row[metric]
         tracking.set_version_tags(name, version, {k: v for k, v in stamp.items() if v is not None})
-
-
-def registry_version(uri: str) -> tuple[str | None, str | None]:
-    """(name, version) of ``models:/NAME/VERSION`` or ``models:/NAME@ALIAS``; (None, None) otherwise."""
-    from distill_common import tracking
-
-    if not uri.startswith("models:/"):
-        return None, None
-    body = uri[len("models:/") :]
-    if "@" in body:
-        name, alias = body.split("@", 1)
-        info = tracking.version_by_alias(name, alias)
-        return (name, info.version) if info else (None, None)
-    if "/" in body:
-        name, version = body.split("/", 1)
-        return name, version
-    return None, None
