@@ -204,3 +204,16 @@ def test_unconditional_teacher_trains_and_samples(tmp_path, cifar_images):
     gen = RFGenerator(model, default_steps=2, default_guidance=3.0)  # guidance is moot without classes
     images = gen.generate([0, 7], seeds=[1, 1])
     assert torch.equal(images[0], images[1]) and gen.last_nfe == 2
+
+
+def test_one_step_lpips_distance_trains_the_student(pairs_dir, teacher_dir):
+    from distill_rf_cifar.losses import PairDistillationLoss
+
+    student = load_model(teacher_dir).train()
+    loss = PairDistillationLoss(distance="lpips", lpips_resize=64)
+    batch = load_pairs(pairs_dir).batch(torch.arange(4))
+    out = loss(student, batch)
+    assert out.loss.isfinite() and out.loss > 0 and out.t.eq(0).all() and out.per_sample.shape == (4,)
+    out.loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())
+    assert not any(p.requires_grad for p in loss.endpoint.lpips.parameters())  # the metric itself stays frozen
