@@ -25,20 +25,11 @@ from pathlib import Path
 
 import torch
 
+from distill_common.models import SD15_UNET_CONFIG
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-SD15_UNET = dict(
-    sample_size=64,
-    in_channels=4,
-    out_channels=4,
-    block_out_channels=[320, 640, 1280, 1280],
-    down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
-    layers_per_block=2,
-    up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
-    cross_attention_dim=768,
-    attention_head_dim=8,
-    mid_block_type="UNetMidBlock2DCrossAttn",
-)
+SD15_UNET = SD15_UNET_CONFIG
 # SD 1.5's block structure at 0.3 of its width, 32x32 latents: big enough that convolutions dominate on a CPU.
 CPU_UNET = {
     **SD15_UNET,

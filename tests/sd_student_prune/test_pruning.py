@@ -114,20 +114,10 @@ def test_saved_student_is_a_standard_unet_folder_that_loads_in_a_pipeline(
 def test_sd15_sized_plans_reproduce_the_published_parameter_and_mac_counts():
     """distill-sd: 859,520,964 -> 579,384,964 (sd_small) -> 323,384,964 (sd_tiny) UNet parameters; BK-SDM's
     conv + linear MACs at 64x64 latents: 339G (SD 1.4), 224G (Base), 205G (Tiny). Built on the meta device."""
+    from distill_common.models import SD15_UNET_CONFIG
     from distill_sd_prune.architecture import unet_macs
 
-    sd15 = dict(
-        sample_size=64,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=[320, 640, 1280, 1280],
-        down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
-        layers_per_block=2,
-        up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
-        cross_attention_dim=768,
-        attention_head_dim=8,
-        mid_block_type="UNetMidBlock2DCrossAttn",
-    )
+    sd15 = dict(SD15_UNET_CONFIG)
     expected = {
         "none": (859_520_964, 339e9),
         "sd_small": (579_384_964, 224e9),

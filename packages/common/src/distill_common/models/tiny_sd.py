@@ -35,6 +35,19 @@ from distill_common.models.tokenizer import (
 SD15_DOWN_BLOCKS = ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")
 SD15_UP_BLOCKS = ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")
 SD15_MID_BLOCK = "UNetMidBlock2DCrossAttn"
+# SD 1.5's unet/config.json (the fields that set its size): for parameter, MAC and timing checks without weights.
+SD15_UNET_CONFIG: dict[str, Any] = {
+    "sample_size": 64,
+    "in_channels": 4,
+    "out_channels": 4,
+    "block_out_channels": [320, 640, 1280, 1280],
+    "down_block_types": list(SD15_DOWN_BLOCKS),
+    "layers_per_block": 2,
+    "up_block_types": list(SD15_UP_BLOCKS),
+    "cross_attention_dim": 768,
+    "attention_head_dim": 8,
+    "mid_block_type": SD15_MID_BLOCK,
+}
 SD_VAE_SCALING_FACTOR = 0.18215
 # SD 1.5's scheduler/scheduler_config.json (PNDM with PLMS steps only).
 SD15_SCHEDULER_CONFIG: dict[str, Any] = {
