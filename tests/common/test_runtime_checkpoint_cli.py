@@ -18,13 +18,33 @@ from distill_common.runtime import Timer, resolve_device, resolve_precision, see
 REPO = Path(__file__).resolve().parents[2]
 
 
+def test_auto_precision_picks_bf16_only_on_cpus_with_native_bf16(tmp_path, monkeypatch, capsys):
+    from distill_common import runtime
+
+    with_bf16, without = tmp_path / "amx", tmp_path / "old"
+    with_bf16.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16 amx_tile amx_bf16\n")
+    without.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512bw\n")
+    monkeypatch.delenv("DISTILL_CPU_BF16", raising=False)
+    assert runtime.cpu_has_fast_bf16(str(with_bf16)) and not runtime.cpu_has_fast_bf16(str(without))
+    assert not runtime.cpu_has_fast_bf16(str(tmp_path / "missing"))  # no /proc: no detection, fp32
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(runtime, "_ANNOUNCED", set())
+    monkeypatch.setattr(runtime, "cpu_has_fast_bf16", lambda: True)
+    assert runtime.resolve_precision("auto", cpu) == "bf16"
+    assert "bf16" in capsys.readouterr().err  # one line says so
+    assert runtime.resolve_precision("auto", cpu, mixed=False) == "fp32"
+    assert runtime.resolve_precision("auto", torch.device("cuda")) == "fp16"
+    monkeypatch.setattr(runtime, "cpu_has_fast_bf16", lambda: False)
+    assert runtime.resolve_precision("auto", cpu) == "fp32"
+
+
 def test_device_and_precision_choice():
     assert resolve_device("cpu").type == "cpu"
     assert resolve_device("auto").type in ("cpu", "cuda", "mps")
     with pytest.raises(ConfigError, match="valid choices"):
         resolve_device("tpu")
     cpu = torch.device("cpu")
-    assert resolve_precision("auto", cpu) == "fp32"
+    assert resolve_precision("auto", cpu, mixed=False) == "fp32"  # a weights dtype stays fp32 on the CPU
     assert resolve_precision("bf16", cpu) == "bf16"
     with pytest.raises(ConfigError, match="fp16 is not supported on the CPU"):
         resolve_precision("fp16", cpu)

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from distill_common import tracking
 from distill_rf_cifar.cli import app
 
-TINY = ["--model-base-channels", "8", "--model-channel-mults", "1", "2", "--model-norm-groups", "4",
+TINY = ["--teacher", "scratch", "--model-base-channels", "8", "--model-channel-mults", "1", "2", "--model-norm-groups", "4",
         "--model-attention-resolutions", "", "--no-model-mid-attention", "--model-dropout", "0",
         "--data-limit", "128", "--device", "cpu", "--sampling-steps", "2",
         "--teacher-steps", "4", "--teacher-batch-size", "16", "--teacher-sample-every", "0",
@@ -76,3 +76,25 @@ def test_pipeline_end_to_end_and_rerun(tmp_path, mlflow_uri, data_root):
     assert again.output.count("already trained") == 3 and "nothing to do" in again.output
     assert len(tracking.list_versions("rf_cifar-student")) == 2
     assert (out / "eval/images/teacher_s1/00000.png").stat().st_mtime_ns == mtime
+
+
+@pytest.mark.slow
+def test_pipeline_distils_a_given_teacher_without_training_one(tmp_path, mlflow_uri, data_root):
+    """--teacher FOLDER (as --teacher reference): no teacher training; the given generator is logged, registered and
+    distilled, and its weights are the ones the pairs and students name."""
+    from rf_fixtures import tiny_rf_generator
+
+    from distill_rf_cifar.generator import weights_sha256
+
+    given = tiny_rf_generator(tmp_path / "given", "teacher", default_steps=2, seed=3)
+    out = tmp_path / "run"
+    args = ["pipeline", "--preset", "smoke", *TINY[2:], "--teacher", str(given), "--output-dir", str(out),
+            "--data-data-root", str(data_root)]
+    result = CliRunner().invoke(app, args, env={"COLUMNS": "160"})
+    assert result.exit_code == 0, result.output
+    assert not (out / "teacher/checkpoints").exists()  # nothing trained
+    sha = weights_sha256(given)
+    assert json.loads((out / "pairs/manifest.json").read_text())["teacher_sha256"] == sha
+    assert json.loads((out / "students/four_step/generator/generator.json").read_text())["teacher_sha256"] == sha
+    (teacher,) = tracking.list_versions("rf_cifar-teacher")
+    assert teacher.tags["generator.sha256"] == sha and "eval.s1.fid" in teacher.tags

@@ -63,17 +63,46 @@ def generator_loaders() -> dict[str, Callable[..., Generator]]:
     return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}  # type: ignore[misc]
 
 
-def load_generator(source: str | Path, device: str = "auto", **kwargs: Any) -> Generator:
-    """Resolve a local folder, ``runs:/…`` or ``models:/…`` URI to a ready :class:`Generator`."""
+def named_generators() -> dict[str, Path]:
+    """Generators shipped inside installed families (e.g. ``reference``: rf_cifar's reference teacher).
+
+    A family module exposes ``named_generators() -> {name: folder}`` beside its loader; each name is also
+    reachable as ``FAMILY:NAME``.
+    """
+    import importlib
+
+    names: dict[str, Path] = {}
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        module = importlib.import_module(ep.value.split(":", 1)[0])
+        for name, folder in getattr(module, "named_generators", dict)().items():
+            names.setdefault(name, Path(folder))
+            names[f"{ep.name}:{name}"] = Path(folder)
+    return names
+
+
+def resolve_generator_folder(source: str | Path) -> Path:
+    """A generator folder from a local folder, a shipped name (``reference``), ``runs:/…`` or ``models:/…``."""
     src = str(source)
     if src.startswith(("models:/", "runs:/", "mlflow-artifacts:/")):
         from distill_common.tracking import download_generator
 
-        folder = download_generator(src)
-    else:
-        folder = Path(src)
-        if not folder.exists():
-            raise ModelLoadError(f"generator path {src!r} does not exist; pass a checkpoint folder or a models:/ URI")
+        return Path(download_generator(src))
+    folder = Path(src)
+    if folder.exists():
+        return folder
+    if "/" not in src and "\\" not in src:
+        named = named_generators()
+        if src in named:
+            return named[src]
+        hint = f"a shipped name ({', '.join(sorted(named))}), " if named else ""
+        raise ModelLoadError(f"generator {src!r} is neither a folder nor a shipped generator; pass {hint}"
+                             "a generator folder, a runs:/ID/PATH or a models:/NAME@ALIAS URI")
+    raise ModelLoadError(f"generator path {src!r} does not exist; pass a checkpoint folder or a models:/ URI")
+
+
+def load_generator(source: str | Path, device: str = "auto", **kwargs: Any) -> Generator:
+    """Resolve a local folder, a shipped name, ``runs:/…`` or ``models:/…`` URI to a ready :class:`Generator`."""
+    folder = resolve_generator_folder(source)
     manifest = read_generator_manifest(folder)
     loaders = generator_loaders()
     family = manifest.get("family")

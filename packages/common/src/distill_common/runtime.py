@@ -36,12 +36,42 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def resolve_precision(name: str, device: torch.device) -> str:
-    """'auto' is fp16 on CUDA and fp32 elsewhere; fp16 on the CPU is refused (use bf16 or fp32)."""
+def cpu_has_fast_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """True when this CPU runs bf16 matmuls natively (AVX512-BF16 or AMX-BF16), where bf16 autocast roughly
+    doubles throughput (measured here: 0.27 vs 0.55 s per step of the ``cpu``-preset rf UNet). ``DISTILL_CPU_BF16``
+    = 0/1 overrides the detection."""
+    forced = os.environ.get("DISTILL_CPU_BF16")
+    if forced in ("0", "1"):
+        return forced == "1"
+    try:
+        with open(cpuinfo) as fh:
+            flags = next((line.split(":", 1)[1].split() for line in fh if line.startswith("flags")), [])
+    except OSError:  # not Linux: no detection, stay on fp32
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+_ANNOUNCED: set[str] = set()
+
+
+def resolve_precision(name: str, device: torch.device, *, mixed: bool = True) -> str:
+    """'auto' is fp16 on CUDA; on the CPU it is bf16 for mixed precision (autocast) where the CPU has fast bf16
+    units, else fp32 (one line on stderr says which). ``mixed=False`` asks for a *weights* dtype: fp32 on the CPU.
+    fp16 on the CPU is refused (use bf16 or fp32)."""
     if name not in PRECISIONS:
         raise unknown_choice("precision", name, PRECISIONS)
     if name == "auto":
-        return "fp16" if device.type == "cuda" else "fp32"
+        if device.type == "cuda":
+            return "fp16"
+        if device.type == "cpu" and mixed and cpu_has_fast_bf16():
+            if "bf16" not in _ANNOUNCED:
+                _ANNOUNCED.add("bf16")
+                import sys
+
+                print("precision auto -> bf16 autocast: this CPU has native bf16 units (AVX512-BF16/AMX); "
+                      "pass --precision fp32 (or DISTILL_CPU_BF16=0) for fp32", file=sys.stderr)
+            return "bf16"
+        return "fp32"
     if name == "fp16" and device.type == "cpu":
         raise ConfigError("precision fp16 is not supported on the CPU; use --precision bf16 or fp32")
     return name

@@ -61,7 +61,7 @@ def build_eval_generators(cfg: EvalConfig) -> tuple[Any, Any, Any]:
 
     lora = resolve_lora_source(cfg.lora_path, cfg.lora_id)
     device = resolve_device(cfg.device)
-    base = load_base_pipeline(cfg.base_model, device, torch_dtype(resolve_precision(cfg.precision, device)))
+    base = load_base_pipeline(cfg.base_model, device, torch_dtype(resolve_precision(cfg.precision, device, mixed=False)))
     student_pipe = StableDiffusionPipeline(**{**base.components, "unet": copy.deepcopy(base.unet),
                                               "text_encoder": copy.deepcopy(base.text_encoder)},
                                            requires_safety_checker=False)

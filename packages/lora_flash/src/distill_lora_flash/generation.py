@@ -135,7 +135,7 @@ def run_generate(cfg: GenerateConfig, console: Any = None) -> GenerateResult:
     prompts = prompt_list(cfg)
     lora = resolve_lora_source(cfg.lora_path, cfg.lora_id)  # before the (large) base model: fail fast
     device = resolve_device(cfg.device)
-    precision = resolve_precision(cfg.precision, device)
+    precision = resolve_precision(cfg.precision, device, mixed=False)
     pipe = load_base_pipeline(cfg.base_model, device, torch_dtype(precision))
 
     per_prompt = cfg.num_images

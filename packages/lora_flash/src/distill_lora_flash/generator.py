@@ -110,7 +110,7 @@ def load_generator(folder: str | Path, device: str = "auto", precision: str = "a
     if manifest.get("family") != FAMILY:
         raise ModelLoadError(f"{folder} holds a {manifest.get('family')!r} generator, not {FAMILY!r}")
     dev = resolve_device(device)
-    dtype = torch_dtype(resolve_precision(precision, dev))
+    dtype = torch_dtype(resolve_precision(precision, dev, mixed=False))
     pipe = load_base_pipeline(manifest["base_model"], dev, dtype)
     if manifest.get("lora"):
         apply_lora(pipe, LoraSource(folder / manifest["lora"], str(folder / manifest["lora"])))

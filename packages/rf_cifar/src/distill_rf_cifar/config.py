@@ -267,6 +267,10 @@ class PipelineConfig:
 
     run_name: str = option("smoke", "Name of this pipeline run (default folder runs/rf_cifar/<run-name>).")
     output_dir: Path | None = option(None, "Output folder (default: runs/rf_cifar/<run-name>).")
+    teacher_source: str = option("reference", "Teacher to distil: 'reference' (the CIFAR-10 teacher shipped with this "
+                                 "package, see its MODEL_CARD.md), 'scratch' (train one with the --teacher-* options "
+                                 "and --model-*), or a generator folder / runs:/ / models:/ URI.",
+                                 aliases=("--teacher",))
     data: DataConfig = nested(DataConfig, "CIFAR-10.")
     model: UNetConfig = nested(UNetConfig, "The UNet (students share it).")
     flow: FlowConfig = nested(FlowConfig, "Rectified flow.")

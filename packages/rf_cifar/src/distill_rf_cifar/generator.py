@@ -20,7 +20,11 @@ from distill_common import checkpoint as ckpt
 from distill_common.config import from_dict, to_dict
 from distill_common.data.transforms import to_unit_range
 from distill_common.errors import ConfigError, ModelLoadError
-from distill_common.generator import read_generator_manifest, write_generator_manifest
+from distill_common.generator import (
+    read_generator_manifest,
+    resolve_generator_folder,
+    write_generator_manifest,
+)
 from distill_common.runtime import resolve_device
 from distill_rf_cifar.config import UNetConfig
 from distill_rf_cifar.flow import model_fn, noise_for_seeds
@@ -30,6 +34,12 @@ from distill_rf_cifar.samplers import CountingModelFn, get_sampler, time_grid
 FAMILY = "rf_cifar"
 MODEL_FILE = "model.safetensors"
 MODEL_CONFIG_FILE = "model_config.json"
+REFERENCE_TEACHER = Path(__file__).parent / "reference_teacher"  # shipped package data (see its MODEL_CARD.md)
+
+
+def named_generators() -> dict[str, Path]:
+    """Generators shipped with this package: ``reference``, the CIFAR-10 teacher this project trained."""
+    return {"reference": REFERENCE_TEACHER} if (REFERENCE_TEACHER / MODEL_FILE).is_file() else {}
 
 
 class RFGenerator:
@@ -122,7 +132,7 @@ def save_generator(folder: str | Path, model: ClassConditionalUNet, *, role: str
 
 def weights_sha256(folder: str | Path) -> str:
     """sha256 of a generator's (or checkpoint's) ``model.safetensors``: the identity pairs and students refer to."""
-    path = Path(folder) / MODEL_FILE
+    path = resolve_generator_folder(folder) / MODEL_FILE
     if not path.is_file():
         raise ModelLoadError(f"{folder} holds no {MODEL_FILE}; pass a generator folder written by 'distill rf'")
     digest = hashlib.sha256()
@@ -134,7 +144,7 @@ def weights_sha256(folder: str | Path) -> str:
 
 def load_model(folder: str | Path, device: str | torch.device = "cpu") -> ClassConditionalUNet:
     """The UNet of a generator folder (config from model_config.json, weights checked against it)."""
-    folder = Path(folder)
+    folder = resolve_generator_folder(folder)
     cfg_path = folder / MODEL_CONFIG_FILE
     if not cfg_path.is_file():
         raise ModelLoadError(f"{folder} holds no {MODEL_CONFIG_FILE}; pass a generator folder written by 'distill rf'")
@@ -144,7 +154,8 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu") -> ClassC
 
 
 def load_generator(folder: str | Path, device: str = "auto", **overrides: Any) -> RFGenerator:
-    """Entry point ``distill.generators:rf_cifar``: a generator folder -> ready :class:`RFGenerator`."""
+    """Entry point ``distill.generators:rf_cifar``: a generator folder (or shipped name) -> ready :class:`RFGenerator`."""
+    folder = resolve_generator_folder(folder)
     manifest = read_generator_manifest(folder)
     if manifest.get("family") != FAMILY:
         raise ModelLoadError(f"{folder} holds a {manifest.get('family')!r} generator, not {FAMILY!r}; "

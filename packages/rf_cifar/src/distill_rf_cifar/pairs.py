@@ -10,6 +10,7 @@ weights differ from the manifest's is refused.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,7 @@ from safetensors.torch import load_file
 
 from distill_common import checkpoint as ckpt
 from distill_common.errors import ConfigError, DataError
+from distill_common.generator import resolve_generator_folder
 from distill_rf_cifar.config import PairsConfig
 from distill_rf_cifar.flow import noise_for_seeds
 from distill_rf_cifar.generator import load_generator, weights_sha256
@@ -59,6 +61,7 @@ class PairsResult:
 def make_pairs(cfg: PairsConfig, progress: bool = True) -> PairsResult:
     """Generate the missing shards of ``cfg.output_dir`` (see module doc)."""
     out = Path(cfg.output_dir)
+    cfg = dataclasses.replace(cfg, teacher=resolve_generator_folder(cfg.teacher))  # a name such as 'reference'
     teacher_sha = weights_sha256(cfg.teacher)
     settings = {"teacher_sha256": teacher_sha, "sampler": cfg.sampler, "steps": cfg.steps, "guidance": cfg.guidance,
                 "rtol": cfg.rtol, "atol": cfg.atol, "seed_start": cfg.seed_start, "shard_size": cfg.shard_size,

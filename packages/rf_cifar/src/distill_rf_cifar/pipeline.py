@@ -41,9 +41,11 @@ from distill_rf_cifar.stages import (
     make_pairs,
     stage_summary,
     train_teacher,
+    use_teacher,
 )
 
 STUDENTS = ("four_step", "one_step")
+SCRATCH = "scratch"  # --teacher scratch: train the teacher in this run
 
 
 @dataclass
@@ -105,8 +107,13 @@ def run_pipeline(cfg: PipelineConfig, *, console: Console | None = None, progres
     result = PipelineResult(out, False, 0.0)
     with tracking.start_run(cfg.experiment, f"pipeline-{cfg.run_name}", config=cfg, tags={"stage": "pipeline"},
                             fallback_dir=out, enabled=cfg.track) as parent:
-        console.rule(f"[bold]1/5 teacher[/] → {out / 'teacher'}")
-        teacher = train_teacher(teacher_config(cfg, out / "teacher"), console=console, progress=progress, nested=True)
+        console.rule(f"[bold]1/5 teacher[/] ({cfg.teacher_source}) → {out / 'teacher'}")
+        if cfg.teacher_source == SCRATCH:
+            teacher = train_teacher(teacher_config(cfg, out / "teacher"), console=console, progress=progress,
+                                    nested=True)
+        else:
+            teacher = use_teacher(cfg.teacher_source, out / "teacher", experiment=cfg.experiment, track=cfg.track,
+                                  console=console, nested=True)
         result.outcomes["teacher"] = teacher
         if not teacher.finished:
             result.seconds = time.perf_counter() - start

@@ -22,6 +22,7 @@ from distill_common import checkpoint as ckpt
 from distill_common import tracking
 from distill_common.config import to_dict
 from distill_common.errors import ConfigError
+from distill_common.generator import resolve_generator_folder
 from distill_common.runtime import environment_info, is_main_process
 from distill_rf_cifar.config import (
     DistillConfig,
@@ -185,6 +186,39 @@ def train_teacher(cfg: TeacherConfig, *, console: Console | None = None, progres
                          {"stage": "train-teacher", "recipe": "teacher"}, export, progress, console, nested)
 
 
+def use_teacher(source: str | Path, folder: Path, *, experiment: str = "rf_cifar", track: bool = True,
+                console: Console | None = None, nested: bool = False) -> StageOutcome:
+    """An existing teacher (the shipped ``reference``, a generator folder or a URI) as a pipeline's teacher stage.
+
+    Nothing is trained: the generator is logged as a pyfunc model under an MLflow run, so it is registered and
+    served like a trained one; a rerun with the same weights reuses that run.
+    """
+    from distill_common.generator import read_generator_manifest
+
+    console = console or Console()
+    gen_dir = resolve_generator_folder(source)
+    sha = weights_sha256(gen_dir)
+    manifest = read_generator_manifest(gen_dir)
+    info = {"parameters": manifest.get("parameters"), "source": str(source), "steps": manifest.get("train_steps")}
+    stage = _read_stage(folder)
+    if stage.get("finished") and stage.get("teacher_sha256") == sha:
+        console.print(f"[green]✓[/] teacher: {source} ({gen_dir}) already logged; reusing")
+        return StageOutcome("teacher", folder, True, gen_dir, stage.get("model_uri"), stage.get("run_id"),
+                            skipped=True, info=info)
+    start = time.perf_counter()
+    folder.mkdir(parents=True, exist_ok=True)
+    with tracking.start_run(experiment, f"teacher-{Path(str(source)).name}", tags={"stage": "use-teacher",
+                            "teacher.source": str(source), "generator.sha256": sha}, fallback_dir=folder,
+                            enabled=track, nested=nested) as run:
+        model_uri = tracking.log_generator_model(run, gen_dir) if run.enabled else None
+        if is_main_process():
+            ckpt.write_json(folder / STAGE_FILE, {"run_id": run.run_id, "finished": True, "model_uri": model_uri,
+                                                  "generator": str(gen_dir), "teacher_sha256": sha, "info": info})
+    console.print(f"teacher: {source} → {gen_dir} (sha256 {sha[:12]}…)", highlight=False)
+    return StageOutcome("teacher", folder, True, gen_dir, model_uri, run.run_id, seconds=time.perf_counter() - start,
+                        info=info)
+
+
 def make_pairs(cfg: PairsConfig, *, console: Console | None = None, progress: bool = True,
                run_name: str = "make-pairs", nested: bool = False) -> StageOutcome:
     """Teacher ODE pairs into resumable shards (see pairs.py)."""
@@ -217,6 +251,7 @@ def distill_student(cfg: DistillConfig, *, console: Console | None = None, progr
     from distill_rf_cifar.training.data import load_cifar_training_data
 
     console = console or Console()
+    cfg = dataclasses.replace(cfg, teacher=resolve_generator_folder(cfg.teacher))  # a name such as 'reference'
     folder = cfg.folder
     teacher = load_generator(cfg.teacher, device="cpu")
     phases = build_recipe(cfg.recipe, cfg.options, FlowConfig(), cfg.train.steps,
