@@ -77,7 +77,7 @@ def test_timer_sections_accumulate():
 
 
 def test_atomic_dir_keeps_old_checkpoint_on_failure(tmp_path):
-    target = tmp_path / "checkpoint-0000010"
+    target = tmp_path / "checkpoint-10"
     with ckpt.atomic_dir(target) as d:
         (d / "a.txt").write_text("old")
     with pytest.raises(RuntimeError):
@@ -85,7 +85,7 @@ def test_atomic_dir_keeps_old_checkpoint_on_failure(tmp_path):
             (d / "a.txt").write_text("new")
             raise RuntimeError("killed mid-write")
     assert (target / "a.txt").read_text() == "old"
-    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint-0000010"]  # no temporary left behind
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint-10"]  # no temporary left behind
     with ckpt.atomic_dir(target) as d:
         (d / "a.txt").write_text("new")
     assert (target / "a.txt").read_text() == "new"
@@ -111,7 +111,7 @@ def test_training_state_and_checkpoint_listing(tmp_path):
     for step in (5, 20, 10):
         with ckpt.atomic_dir(ckpt.checkpoint_dir(tmp_path, step)) as d:
             ckpt.save_training_state(d, {"step": step, "rng": ckpt.rng_state()})
-    assert ckpt.latest_checkpoint(tmp_path).name == "checkpoint-0000020"
+    assert ckpt.latest_checkpoint(tmp_path).name == "checkpoint-20"  # diffusers' / Accelerate's name, no padding
     state = ckpt.load_training_state(ckpt.latest_checkpoint(tmp_path))
     assert state["step"] == 20
     # restoring the RNG state replays the same draws in every generator
@@ -121,6 +121,19 @@ def test_training_state_and_checkpoint_listing(tmp_path):
     assert (random.random(), float(np.random.rand()), torch.rand(1).item()) == a
     ckpt.prune_checkpoints(tmp_path, keep=1)
     assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [20]
+
+
+def test_old_zero_padded_checkpoints_are_still_found_and_pruned(tmp_path):
+    """Folders written before the rename (checkpoint-0000500) still count, by their step, next to new ones."""
+    for name in ("checkpoint-0000500", "checkpoint-0001000", "checkpoint-900"):
+        (tmp_path / name).mkdir()
+    assert [(s, p.name) for s, p in ckpt.list_checkpoints(tmp_path)] == [
+        (500, "checkpoint-0000500"), (900, "checkpoint-900"), (1000, "checkpoint-0001000")]
+    assert ckpt.latest_checkpoint(tmp_path).name == "checkpoint-0001000"  # by step, not by name
+    (tmp_path / "checkpoint-1000").mkdir()  # both spellings of one step: the new name wins
+    assert ckpt.latest_checkpoint(tmp_path).name == "checkpoint-1000"
+    ckpt.prune_checkpoints(tmp_path, keep=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-0001000", "checkpoint-1000"]
 
 
 def test_distill_version_and_help():

@@ -30,7 +30,7 @@ def test_training_survives_a_dead_server_and_relogs(tmp_path, data_root):
                             cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.time() + 300
-        while not list(out.rglob("checkpoint-0000010")):  # training is under way and has logged metrics
+        while not list(out.rglob("checkpoint-10")):  # training is under way and has logged metrics
             assert proc.poll() is None, proc.stdout.read()[-3000:]
             assert time.time() < deadline
             time.sleep(0.5)
@@ -39,7 +39,7 @@ def test_training_survives_a_dead_server_and_relogs(tmp_path, data_root):
     output, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, output[-3000:]
     assert (out / "generator" / "model.safetensors").is_file()
-    assert sorted(p.name for p in out.rglob("checkpoint-*"))[-1] == "checkpoint-0000040"
+    assert max(int(p.name.split("-")[1]) for p in out.rglob("checkpoint-*")) == 40
     unlogged = out / "unlogged_metrics.jsonl"
     assert unlogged.is_file()
     flat = " ".join(output.split())

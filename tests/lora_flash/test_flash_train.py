@@ -59,7 +59,7 @@ def test_discrete_min_snr_training_writes_the_layout_and_resumes_exactly(tiny_sd
     assert [step for step, _ in list_checkpoints(run / "lora")] == [2, 4]
     for folder in [p for _, p in list_checkpoints(run / "lora")] + [run / "lora" / "final"]:
         assert (folder / "pytorch_lora_weights.safetensors").is_file()
-    assert sorted(p.name for p in (run / "lora" / "checkpoint-0000002").iterdir()) == [
+    assert sorted(p.name for p in (run / "lora" / "checkpoint-2").iterdir()) == [
         "pytorch_lora_weights.safetensors", "training_state.pt"]
     assert not [p for p in (run / "lora").iterdir() if p.name.startswith(".")]  # no temporary leftovers
     manifest = json.loads((run / "generator" / "generator.json").read_text())
@@ -74,13 +74,16 @@ def test_discrete_min_snr_training_writes_the_layout_and_resumes_exactly(tiny_sd
     for ts, weight in recorded_losses:
         assert weight == pytest.approx(0.930, abs=0.01) if ts == [139] else weight == pytest.approx(1.0)
 
-    # a kill after checkpoint 2: the rerun resumes there and ends on exactly the same LoRA
+    # a kill after checkpoint 2: the rerun resumes there and ends on exactly the same LoRA; the checkpoint
+    # is renamed to the zero-padded name older versions wrote (checkpoint-0000002), which must still resume
     uninterrupted = lora_file(run / "lora" / "final")
-    shutil.rmtree(run / "lora" / "checkpoint-0000004")
+    shutil.rmtree(run / "lora" / "checkpoint-4")
     shutil.rmtree(run / "lora" / "final")
+    (run / "lora" / "checkpoint-2").rename(run / "lora" / "checkpoint-0000002")
     recorded_losses.clear()
     resumed = train(cfg)
     assert resumed.resumed_from == run / "lora" / "checkpoint-0000002" and resumed.global_step == 4
+    assert (run / "lora" / "checkpoint-4").is_dir()
     assert len(recorded_losses) == 4  # only the last 2 optimiser steps ran again
     again = lora_file(run / "lora" / "final")
     assert again.keys() == uninterrupted.keys()

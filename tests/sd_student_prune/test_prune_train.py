@@ -124,7 +124,7 @@ def check_recipe_run(recipe, client, run, out):
         assert history(client, run.info.run_id, "kd_alpha") == [1.0, 0.5]
         assert history(client, run.info.run_id, "caption_dropout/rate") == pytest.approx([0.0, 0.1])
     if recipe == "v3":
-        checkpoint = json.loads((out / "checkpoints" / "checkpoint-0000002" / "checkpoint.json").read_text())
+        checkpoint = json.loads((out / "checkpoints" / "checkpoint-2" / "checkpoint.json").read_text())
         assert checkpoint["micro_batch"] == 4  # 2 steps x 2 accumulated micro-batches
         (version,) = client.search_model_versions("name='sd_student_prune'")
         assert version.tags["budget"] == "sd_tiny" and int(version.tags["params"]) == manifest["params"]
@@ -164,7 +164,7 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(tiny_sd_path, data_roo
             on_step=kill_at_two,
             show_progress=False,
         )
-    (tmp_path / "killed" / "checkpoints" / ".checkpoint-0000003.tmp-x").mkdir()  # debris of a kill mid-save
+    (tmp_path / "killed" / "checkpoints" / ".checkpoint-3.tmp-x").mkdir()  # debris of a kill mid-save
     resumed = train(small_config(tiny_sd_path, data_root, tmp_path / "killed"), show_progress=False)
     assert resumed.resumed_from == 2 and resumed.steps == straight.steps == 3
     a = load_file(str(straight.final_dir / "unet" / "diffusion_pytorch_model.safetensors"))

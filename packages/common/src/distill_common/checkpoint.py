@@ -1,6 +1,7 @@
 """Atomic checkpoints and exact resume.
 
-A checkpoint is a folder ``checkpoint-{step:07d}`` holding safetensors weights and a
+A checkpoint is a folder ``checkpoint-{step}`` (no zero padding, as diffusers' training scripts and Accelerate
+name them; the older ``checkpoint-0000500`` spelling is still found and resumed) holding safetensors weights and a
 ``training_state.pt`` (optimizer, scheduler, RNG states, data position), written to a temporary
 sibling and renamed into place, so a kill leaves either the previous or the new checkpoint, never
 half of one. ``training_state.pt`` is read back with ``torch.load(weights_only=True)``.
@@ -135,16 +136,20 @@ def load_training_state(folder: str | Path) -> dict[str, Any]:
         raise ModelLoadError(f"{path} is corrupt or was not written by distill ({exc}); delete that checkpoint") from None
 
 
-def list_checkpoints(root: str | Path) -> list[tuple[int, Path]]:
-    root = Path(root)
+def _checkpoint_folders(root: Path) -> list[tuple[int, Path]]:
     if not root.is_dir():
         return []
-    out = []
-    for p in root.iterdir():
-        m = CHECKPOINT_RE.match(p.name)
-        if m and p.is_dir():
-            out.append((int(m.group(1)), p))
-    return sorted(out)
+    return [(int(m.group(1)), p) for p in root.iterdir() if (m := CHECKPOINT_RE.match(p.name)) and p.is_dir()]
+
+
+def list_checkpoints(root: str | Path) -> list[tuple[int, Path]]:
+    """(step, folder) of every ``checkpoint-N`` under ``root``, by step; padded names (``checkpoint-0000500``) count."""
+    by_step: dict[int, Path] = {}
+    for step, p in _checkpoint_folders(Path(root)):
+        # both spellings of one step (an old padded folder next to a new one): the canonical name wins
+        if step not in by_step or p.name == f"checkpoint-{step}":
+            by_step[step] = p
+    return sorted(by_step.items())
 
 
 def latest_checkpoint(root: str | Path) -> Path | None:
@@ -153,15 +158,18 @@ def latest_checkpoint(root: str | Path) -> Path | None:
 
 
 def checkpoint_dir(root: str | Path, step: int) -> Path:
-    return Path(root) / f"checkpoint-{step:07d}"
+    """``root/checkpoint-{step}``, e.g. ``checkpoint-500`` (diffusers' and Accelerate's name)."""
+    return Path(root) / f"checkpoint-{step}"
 
 
 def prune_checkpoints(root: str | Path, keep: int) -> None:
     """Keep the newest ``keep`` checkpoints (``keep <= 0`` keeps all)."""
     if keep <= 0:
         return
-    for _, p in list_checkpoints(root)[:-keep]:
-        shutil.rmtree(p, ignore_errors=True)
+    kept = {step for step, _ in list_checkpoints(root)[-keep:]}
+    for step, p in _checkpoint_folders(Path(root)):
+        if step not in kept:
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def write_json(path: str | Path, data: Mapping[str, Any]) -> None:

@@ -3,7 +3,7 @@ LCM timesteps), with atomic checkpoints, exact resume and validation images.
 
 Layout of a run: ``{output_dir}/{run_name}/``
     ``train_config.yaml``                        the resolved options
-    ``lora/checkpoint-{N:07d}/``                 ``pytorch_lora_weights.safetensors`` + ``training_state.pt``
+    ``lora/checkpoint-{N}/``                      ``pytorch_lora_weights.safetensors`` + ``training_state.pt``
     ``lora/final/pytorch_lora_weights.safetensors``
     ``generator/``                               ``generator.json`` + the final LoRA (the registered model)
 
