@@ -96,7 +96,7 @@ def test_weights_round_trip_and_architecture_mismatch(tmp_path):
     ckpt.save_weights(net.state_dict(), tmp_path / "m.safetensors")
     other = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2))
     ckpt.load_into(other, tmp_path / "m.safetensors")
-    assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), other.state_dict().values()))
+    assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), other.state_dict().values(), strict=True))
     wider = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Linear(16, 2))
     with pytest.raises(ModelLoadError, match="another architecture"):
         ckpt.load_into(wider, tmp_path / "m.safetensors")

@@ -10,10 +10,11 @@ import typer
 from rich.console import Console
 
 from distill_common.config import config_command
-from distill_lora_flash.config import EvalConfig, GenerateConfig, TrainConfig
+from distill_lora_flash.config import EVAL_PRESETS, EvalConfig, GenerateConfig, TrainConfig, TurboConfig
 
-app = typer.Typer(help="Flash LoRA: 2/4/8-step SD 1.5 generation, LoRA student distillation from a CFG teacher, "
-                  "and baseline-vs-student evaluation.", no_args_is_help=True)
+app = typer.Typer(help="Flash LoRA: 2/4/8-step SD 1.5 generation, SD-Turbo / SDXL-Turbo few-step generation "
+                  "(text and image to image), LoRA student distillation from a CFG teacher, and baseline-vs-student "
+                  "evaluation.", no_args_is_help=True)
 RUN_ID_FILE = "mlflow_run_id"
 
 
@@ -28,6 +29,20 @@ def generate(cfg: GenerateConfig) -> None:
 
     console = Console()
     result = run_generate(cfg, console)
+    console.print(f"{len(result.files)} files in {cfg.outdir}; summary: {result.report_paths['csv']}", highlight=False)
+
+
+@config_command(app, "turbo", TurboConfig)
+def turbo(cfg: TurboConfig) -> None:
+    """SD-Turbo / SDXL-Turbo style models at 1-4 steps, guidance 0, with the model's own scheduler (diffusers'
+    AutoPipelineForText2Image); --init-image and --strength for image-to-image (AutoPipelineForImage2Image).
+
+    Writes the same files and summary table (time/image, speed-up vs --compare-baseline, CLIPScore) as generate.
+    """
+    from distill_lora_flash.turbo import run_turbo
+
+    console = Console()
+    result = run_turbo(cfg, console)
     console.print(f"{len(result.files)} files in {cfg.outdir}; summary: {result.report_paths['csv']}", highlight=False)
 
 
@@ -92,9 +107,11 @@ def _log_validation(run: Any, folder: Path, step: int, images: dict[str, Any]) -
     run.log_artifact(target, "validation")
 
 
-@config_command(app, "eval", EvalConfig)
+@config_command(app, "eval", EvalConfig, presets=EVAL_PRESETS)
 def evaluate(cfg: EvalConfig) -> None:
     """Baseline (30 steps, CFG 7.5) vs the LoRA student at 2/4/8 steps on a prompt list at fixed seeds.
+
+    --preset demo is the seed project's protocol: the 20 packaged demo_prompts.txt prompts x 10 images.
 
     Reports time/image, speed-up, CLIPScore and its retention, LPIPS to the baseline image of the same seed and
     optional FID against COCO val2017, with comparison grids, all logged to MLflow.

@@ -1,8 +1,9 @@
-"""Options of ``distill flash generate | train | eval``: the single source of the CLI (underscore spellings
+"""Options of ``distill flash generate | turbo | train | eval``: the single source of the CLI (underscore spellings
 such as ``--num_images`` and ``--compare_baseline`` are accepted as aliases automatically)."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from distill_common.errors import ConfigError
 from distill_common.models.lora import DEFAULT_TARGET_MODULES
 from distill_common.runtime import DEVICES, PRECISIONS
 from distill_lora_flash.loading import DEFAULT_BASE_MODEL, DEFAULT_LORA_ID
+from distill_lora_flash.prompts import DEMO_PROMPTS_NAME, resolve_prompts_file
 from distill_lora_flash.schedule import DEFAULT_ORIGINAL_STEPS
 
 DEFAULT_PROMPT = "A raccoon reading a book in a lush forest."
@@ -22,6 +24,10 @@ DEFAULT_VALIDATION_PROMPTS = [
     "a bowl of fruit on a wooden table, studio lighting",
 ]
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
+PROMPTS_FILE_HELP = (f"Text file with one prompt per line; '{DEMO_PROMPTS_NAME}' is the packaged list of 20 varied "
+                     "prompts unless such a file exists here.")
+SEED_HELP = ("Base seed: image k of each prompt uses seed + k. Default: none, i.e. a random seed is drawn and printed "
+             "(and recorded in summary.json), and file names carry no _seed suffix.")
 
 
 def _positive(name: str, value: int | float) -> None:
@@ -46,13 +52,13 @@ class GenerateConfig:
     lora_path: Path | None = option(None, "Local LoRA .safetensors file or its folder; takes precedence over --lora-id.")
     lora_scale: float = option(1.0, "Scale of the LoRA when it is fused into the UNet.")
     prompt: str = option(DEFAULT_PROMPT, "The prompt (ignored when --prompts-file is given).")
-    prompts_file: Path | None = option(None, "Text file with one prompt per line.")
+    prompts_file: Path | None = option(None, PROMPTS_FILE_HELP)
     steps: list[int] = option([2, 4, 8], "LCM step counts to generate with, e.g. --steps 2 4 8.")
     guidance_scale: float = option(0.0, "Guidance scale of the Flash sampler (the LoRA is trained for 0).")
-    seed: int = option(0, "Base seed: image i of each prompt uses seed + i.")
-    num_images: int = option(4, "Images per prompt.")
+    seed: int | None = option(None, SEED_HELP)
+    num_images: int = option(1, "Images per prompt.")
     batch_size: int = option(4, "Images per pipeline call.")
-    outdir: Path = option(Path("outputs/flash"), "Output folder.")
+    outdir: Path = option(Path("outputs"), "Output folder.")
     compare_baseline: bool = option(False, "Also generate with the base model (no LoRA) and write comparisons.")
     baseline_steps: int = option(30, "Steps of the baseline sampler (the base model's own scheduler).")
     baseline_guidance: float = option(7.5, "Classifier-free guidance of the baseline.")
@@ -66,6 +72,78 @@ class GenerateConfig:
         _steps("steps", self.steps)
         for name in ("num_images", "batch_size", "baseline_steps", "lcm_original_steps"):
             _positive(name.replace("_", "-"), getattr(self, name))
+        self.prompts_file = resolve_prompts_file(self.prompts_file)
+
+
+DEFAULT_TURBO_MODEL = "stabilityai/sd-turbo"
+TURBO_MODELS = ("stabilityai/sd-turbo", "stabilityai/sdxl-turbo")
+
+
+def img2img_denoising_steps(steps: int, strength: float) -> int:
+    """UNet steps diffusers' image-to-image pipelines run: ``min(int(steps * strength), steps)``."""
+    return min(int(steps * strength), steps)
+
+
+@dataclass
+class TurboConfig:
+    """``distill flash turbo``: SD-Turbo / SDXL-Turbo style few-step models (1-4 steps, guidance 0, the model's own
+    scheduler), text-to-image or image-to-image, with the same timing table and CLIPScore columns as ``generate``."""
+
+    model: str = option(DEFAULT_TURBO_MODEL, "Few-step model: hub id (stabilityai/sd-turbo, stabilityai/sdxl-turbo) or "
+                        "local diffusers folder; loaded with diffusers' AutoPipelineForText2Image and sampled with its "
+                        "own scheduler.")
+    prompt: str = option(DEFAULT_PROMPT, "The prompt (ignored when --prompts-file is given).")
+    prompts_file: Path | None = option(None, PROMPTS_FILE_HELP)
+    steps: list[int] | None = option(None, "Step counts, e.g. --steps 1 2 4. Default: 1 (text-to-image) or 2 "
+                                     "(image-to-image, at --strength 0.5).")
+    guidance_scale: float = option(0.0, "Guidance scale (Turbo models are trained for 0; > 1 turns on CFG).")
+    init_image: Path | None = option(None, "Image-to-image: the start image (center-cropped to a square and resized to "
+                                     "the model's resolution); through AutoPipelineForImage2Image.")
+    strength: float = option(0.5, "Image-to-image: how far the start image is noised (0-1]; diffusers runs "
+                             "int(steps x strength) steps, which must be at least 1.")
+    seed: int | None = option(None, SEED_HELP)
+    num_images: int = option(1, "Images per prompt.")
+    batch_size: int = option(4, "Images per pipeline call.")
+    outdir: Path = option(Path("outputs"), "Output folder.")
+    compare_baseline: bool = option(False, "Also generate with a many-step CFG baseline and write comparisons.")
+    baseline_model: str | None = option(None, "Baseline model (e.g. the teacher, stabilityai/stable-diffusion-2-1-base); "
+                                        "default: --model itself with its own scheduler.")
+    baseline_steps: int = option(30, "Steps of the baseline.")
+    baseline_guidance: float = option(7.5, "Classifier-free guidance of the baseline.")
+    baseline_outdir: Path | None = option(None, "Baseline folder (default: OUTDIR/baseline).")
+    clip_model: str = option(DEFAULT_CLIP_MODEL, "CLIP model for CLIPScore (hub id or local folder); 'none' skips it.")
+    device: str = option("auto", "Device.", choices=DEVICES)
+    precision: str = option("auto", "Weights precision: auto = fp16 on CUDA, fp32 elsewhere.", choices=PRECISIONS)
+
+    @property
+    def step_counts(self) -> list[int]:
+        """``--steps``, or the tutorial's default: 1 step text-to-image, 2 steps image-to-image."""
+        if self.steps:
+            return list(self.steps)
+        return [2] if self.init_image is not None else [1]
+
+    def validate(self) -> None:
+        if self.steps is not None:
+            _steps("steps", self.steps)
+        for name in ("num_images", "batch_size", "baseline_steps"):
+            _positive(name.replace("_", "-"), getattr(self, name))
+        self.prompts_file = resolve_prompts_file(self.prompts_file)
+        if self.init_image is None:
+            return
+        if not 0.0 < self.strength <= 1.0:
+            raise ConfigError(f"--strength must be in (0, 1], got {self.strength}")
+        if not Path(self.init_image).expanduser().is_file():
+            raise ConfigError(f"--init-image {self.init_image} does not exist; pass a local PNG or JPEG file")
+        counts = self.step_counts + ([self.baseline_steps] if self.compare_baseline else [])
+        for steps in counts:
+            if img2img_denoising_steps(steps, self.strength) < 1:
+                need = math.ceil(1 / self.strength)
+                while img2img_denoising_steps(need, self.strength) < 1:  # float rounding, e.g. 3 x 0.3333...
+                    need += 1
+                raise ConfigError(
+                    f"{steps} steps at --strength {self.strength:g} leave int({steps} x {self.strength:g}) = 0 denoising "
+                    f"steps; diffusers needs steps x strength >= 1: pass --steps {need} or more, or --strength "
+                    f"{math.ceil(1000 / steps) / 1000:g} or more")
 
 
 @dataclass
@@ -73,7 +151,7 @@ class TrainConfig:
     """``distill flash train``: distil the CFG teacher (base UNet) into a LoRA student for few-step sampling."""
 
     base_model: str = option(DEFAULT_BASE_MODEL, "Teacher SD 1.5 model: hub id or local diffusers folder.")
-    output_dir: Path = option(Path("runs/lora_flash"), "Root of the training outputs.")
+    output_dir: Path = option(Path("checkpoints"), "Root of the training outputs (RUN_NAME/lora/checkpoint-N inside).")
     run_name: str = option("flash-lora", "Run folder under --output-dir; rerunning it resumes from its last checkpoint.")
     resume: str = option("latest", "'latest' resumes from the newest checkpoint if any, 'never' refuses to reuse a "
                          "run folder that has checkpoints, or a checkpoint folder path.")
@@ -109,7 +187,8 @@ class TrainConfig:
     adam_weight_decay: float = option(1e-2, "AdamW weight decay.")
     max_grad_norm: float = option(1.0, "Gradient clipping norm.")
     batch_size: int = option(1, "Images per micro-batch per device.", aliases=("--train-batch-size", "--train_batch_size"))
-    gradient_accumulation_steps: int = option(4, "Micro-batches per optimiser step.")
+    gradient_accumulation_steps: int = option(4, "Micro-batches per optimiser step.",
+                                              aliases=("--grad-accum", "--grad_accum"))
     max_steps: int = option(2000, "Optimiser steps.", aliases=("--max-train-steps", "--max_train_steps"))
     precision: str = option("auto", "Mixed precision: auto = fp16 on CUDA, fp32 on the CPU (bf16 allowed there).",
                             choices=PRECISIONS)
@@ -154,7 +233,9 @@ class EvalConfig:
     lora_id: str = option(DEFAULT_LORA_ID, "Hub id of the LoRA (used when --lora-path is not given).")
     lora_path: Path | None = option(None, "Local LoRA file/folder, e.g. RUN/lora/final; takes precedence.")
     lora_scale: float = option(1.0, "Scale of the fused LoRA.")
-    prompts_file: Path | None = option(None, "Prompts, one a line (default: --coco-prompts seeded COCO val captions).")
+    prompt: str | None = option(None, "One prompt for every image (instead of --prompts-file / --coco-prompts).")
+    prompts_file: Path | None = option(None, "Prompts, one a line (default: --coco-prompts seeded COCO val captions); "
+                                       f"'{DEMO_PROMPTS_NAME}' is the packaged list of 20 unless such a file exists here.")
     coco_prompts: int = option(16, "Number of seeded COCO val2017 captions used as prompts without --prompts-file.")
     num_images: int = option(1, "Images per prompt (seeds seed..seed+N-1 over all images).")
     steps: list[int] = option([2, 4, 8], "Student LCM step counts.")
@@ -182,5 +263,20 @@ class EvalConfig:
         _steps("steps", self.steps)
         for name in ("num_images", "batch_size", "baseline_steps", "timing_repeats", "grid_rows"):
             _positive(name.replace("_", "-"), getattr(self, name))
-        if self.prompts_file is None and self.coco_prompts < 1:
-            raise ConfigError("no prompts; pass --prompts-file FILE or --coco-prompts N (N >= 1)")
+        if self.prompt is not None and self.prompts_file is not None:
+            raise ConfigError("pass either --prompt or --prompts-file, not both")
+        if self.prompt is not None and not self.prompt.strip():
+            raise ConfigError("--prompt is empty; pass the prompt text, e.g. --prompt \"a cat\"")
+        self.prompts_file = resolve_prompts_file(self.prompts_file)
+        if self.prompt is None and self.prompts_file is None and self.coco_prompts < 1:
+            raise ConfigError("no prompts; pass --prompt TEXT, --prompts-file FILE or --coco-prompts N (N >= 1)")
+
+
+def demo_eval_preset() -> EvalConfig:
+    """The seed project's evaluation protocol: the 20 packaged demo prompts x 10 images (seeds 0..199), the LoRA at
+    2/4/8 LCM steps against the base model at 30 steps with CFG 7.5."""
+    return EvalConfig(prompts_file=Path(DEMO_PROMPTS_NAME), num_images=10, steps=[2, 4, 8], baseline_steps=30,
+                      baseline_guidance=7.5)
+
+
+EVAL_PRESETS = {"demo": demo_eval_preset}

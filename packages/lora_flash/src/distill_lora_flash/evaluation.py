@@ -10,6 +10,7 @@ written with the rest as ``flash_eval.{csv,json,md}``.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import shutil
@@ -37,7 +38,7 @@ def _fingerprint(cfg: EvalConfig, lora_file: Path) -> dict[str, Any]:
     stat = lora_file.stat()
     digest = hashlib.sha256(f"{lora_file.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
     return {"base_model": cfg.base_model, "lora": digest, "lora_scale": cfg.lora_scale, "seed": cfg.seed,
-            "prompts_file": str(cfg.prompts_file), "coco_prompts": cfg.coco_prompts, "num_images": cfg.num_images,
+            "prompt": cfg.prompt, "prompts_file": str(cfg.prompts_file), "coco_prompts": cfg.coco_prompts, "num_images": cfg.num_images,
             "guidance_scale": cfg.guidance_scale, "baseline_steps": cfg.baseline_steps,
             "baseline_guidance": cfg.baseline_guidance, "precision": cfg.precision, "device": cfg.device}
 
@@ -86,6 +87,9 @@ def run_eval(cfg: EvalConfig, tracking_run: Any = None, console: Any = None) -> 
     baseline, student, lora = build_eval_generators(cfg)
     out = Path(cfg.output_dir)
     _reset_stale_images(out, _fingerprint(cfg, lora.file))
+    if cfg.prompt is not None:  # the benchmark reads prompts from a file: write the one prompt next to the report
+        (out / "prompt.txt").write_text(cfg.prompt.strip() + "\n", encoding="utf-8")
+        cfg = dataclasses.replace(cfg, prompts_file=out / "prompt.txt")
     n = cfg.num_images * _num_prompts(cfg)
     bench_cfg = BenchmarkConfig(
         generators=[f"{STUDENT_LABEL}=student"], teacher=f"{BASELINE_LABEL}=baseline",
@@ -114,7 +118,8 @@ def run_eval(cfg: EvalConfig, tracking_run: Any = None, console: Any = None) -> 
                 base_clip = row["clip_score"]
     for row in rows:
         row["quality_retention"] = row["clip_score"] / base_clip if row["clip_score"] is not None and base_clip else None
-    meta = {"base_model": cfg.base_model, "lora": lora.label, "images": n, "seeds": f"{cfg.seed}..{cfg.seed + n - 1}",
+    meta = {"base_model": cfg.base_model, "lora": lora.label, "images": n, "prompts": str(cfg.prompts_file or
+            f"{cfg.coco_prompts} COCO val2017 captions"), "seeds": f"{cfg.seed}..{cfg.seed + n - 1}",
             "clip_model": cfg.clip_model if scorer is not None else "n/a", "protocol": result.protocol,
             "timing": f"batch {cfg.batch_size}, 1 warm-up + {cfg.timing_repeats} timed batches, device-synchronised"}
     report = write_report(rows, out, "flash_eval", columns=REPORT_COLUMNS, meta=meta)

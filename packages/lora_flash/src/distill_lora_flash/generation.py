@@ -5,7 +5,8 @@ File names are the seed demo's, exactly:
 ``image_s{steps}_i{idx}_seed{seed}.png``, ``grid_s{steps}_seed{seed}.png``,
 ``baseline/baseline_s{steps}_i{idx}_seed{seed}.png``, ``baseline/grid_baseline_s{steps}_seed{seed}.png`` and
 ``compare_baseline{B}_flash{F}_seed{seed}.png`` (baseline top row, Flash bottom row). Image ``idx`` runs over
-all images (prompt-major); the k-th image of every prompt uses seed ``seed + k``.
+all images (prompt-major); the k-th image of every prompt uses seed ``seed + k``. Without ``--seed`` (the seed
+demo's default) a seed is drawn, printed and recorded in the summary, and the names carry no ``_seed{seed}``.
 """
 
 from __future__ import annotations
@@ -27,24 +28,44 @@ SUMMARY_COLUMNS = ("configuration", "steps", "guidance", "unet_calls", "unet_row
                    "clip_score", "quality_retention")
 
 
-def image_name(steps: int, idx: int, seed: int) -> str:
-    return f"image_s{steps}_i{idx}_seed{seed}.png"
+def _seed_suffix(seed: int | None) -> str:
+    return f"_seed{seed}" if seed is not None else ""
 
 
-def grid_name(steps: int, seed: int) -> str:
-    return f"grid_s{steps}_seed{seed}.png"
+def image_name(steps: int, idx: int, seed: int | None) -> str:
+    return f"image_s{steps}_i{idx}{_seed_suffix(seed)}.png"
 
 
-def baseline_image_name(steps: int, idx: int, seed: int) -> str:
-    return f"baseline_s{steps}_i{idx}_seed{seed}.png"
+def grid_name(steps: int, seed: int | None) -> str:
+    return f"grid_s{steps}{_seed_suffix(seed)}.png"
 
 
-def baseline_grid_name(steps: int, seed: int) -> str:
-    return f"grid_baseline_s{steps}_seed{seed}.png"
+def baseline_image_name(steps: int, idx: int, seed: int | None) -> str:
+    return f"baseline_s{steps}_i{idx}{_seed_suffix(seed)}.png"
 
 
-def compare_name(baseline_steps: int, flash_steps: int, seed: int) -> str:
-    return f"compare_baseline{baseline_steps}_flash{flash_steps}_seed{seed}.png"
+def baseline_grid_name(steps: int, seed: int | None) -> str:
+    return f"grid_baseline_s{steps}{_seed_suffix(seed)}.png"
+
+
+def compare_name(baseline_steps: int, flash_steps: int, seed: int | None, student: str = "flash") -> str:
+    return f"compare_baseline{baseline_steps}_{student}{flash_steps}{_seed_suffix(seed)}.png"
+
+
+def draw_seed() -> int:
+    """A fresh seed for runs without ``--seed`` (from the OS entropy pool, so it never repeats the last run's)."""
+    import secrets
+
+    return secrets.randbelow(2**31)
+
+
+def resolve_seed(seed: int | None, console: Any) -> int:
+    """``seed``, or a drawn one that is printed so the run can be repeated with ``--seed``."""
+    if seed is not None:
+        return int(seed)
+    drawn = draw_seed()
+    console.print(f"seed {drawn} (drawn: no --seed given; pass --seed {drawn} to repeat this run)", highlight=False)
+    return drawn
 
 
 def save_png(image: torch.Tensor, path: Path) -> Path:
@@ -70,12 +91,13 @@ class TimedImages:
 
 
 def generate_timed(generator: Any, prompts: Sequence[str], seeds: Sequence[int], steps: int, guidance: float | None,
-                   batch_size: int, progress: Any = None, label: str = "") -> TimedImages:
-    """One untimed warm-up batch (same batch shape, at most 2 steps), then every batch timed with device sync."""
+                   batch_size: int, progress: Any = None, label: str = "", warmup_steps: int | None = None) -> TimedImages:
+    """One untimed warm-up batch (same batch shape, ``warmup_steps``, default at most 2 steps), then every batch
+    timed with device sync."""
     device = generator.device
     first = slice(0, min(batch_size, len(prompts)))
     with timed(device) as warm:
-        generator.generate(list(prompts[first]), min(steps, 2), list(seeds[first]), guidance)
+        generator.generate(list(prompts[first]), warmup_steps or min(steps, 2), list(seeds[first]), guidance)
     task = progress.add_task(label, total=len(prompts)) if progress is not None else None
     images, seconds, sizes = [], [], []
     for start in range(0, len(prompts), batch_size):
@@ -139,8 +161,9 @@ def run_generate(cfg: GenerateConfig, console: Any = None) -> GenerateResult:
     pipe = load_base_pipeline(cfg.base_model, device, torch_dtype(precision))
 
     per_prompt = cfg.num_images
+    seed = resolve_seed(cfg.seed, console)
     conditions = [p for p in prompts for _ in range(per_prompt)]
-    seeds = [cfg.seed + k for _ in prompts for k in range(per_prompt)]
+    seeds = [seed + k for _ in prompts for k in range(per_prompt)]
     outdir = Path(cfg.outdir)
     baseline_dir = Path(cfg.baseline_outdir) if cfg.baseline_outdir is not None else outdir / "baseline"
     files: list[Path] = []
@@ -176,7 +199,8 @@ def run_generate(cfg: GenerateConfig, console: Any = None) -> GenerateResult:
     scorer = clip_scorer(cfg.clip_model, device, console)
     rows = summary_rows(results, conditions, scorer)
     meta = {"base_model": cfg.base_model, "lora": lora.label, "prompts": len(prompts), "images_per_prompt": per_prompt,
-            "seeds": f"{cfg.seed}..{cfg.seed + per_prompt - 1} per prompt", "precision": precision,
+            "seed": seed, "seed_drawn": cfg.seed is None,
+            "seeds": f"{seed}..{seed + per_prompt - 1} per prompt", "precision": precision,
             "clip_model": cfg.clip_model if scorer is not None else "n/a",
             "timing": f"batch {cfg.batch_size}; 1 untimed warm-up batch, then every batch timed with device sync",
             **environment_info(device)}

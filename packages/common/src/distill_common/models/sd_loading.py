@@ -374,7 +374,7 @@ def load_sd_pipeline(
     label = os.fspath(model)
     kwargs: dict[str, Any] = {"dtype": torch_dtype, "local_files_only": source.local_files_only or hub_offline(),
                               **pipeline_kwargs}
-    if "safety_checker" not in kwargs and "safety_checker" in _init_parameters(cls):
+    if "safety_checker" not in kwargs and _has_safety_checker(cls, source, revision, cache_dir):
         kwargs.update(safety_checker=None, requires_safety_checker=False)
     if revision is not None:
         kwargs["revision"] = revision
@@ -399,9 +399,31 @@ def load_sd_pipeline(
         pipe = _wrap_errors(label, "pipeline", lambda: cls.from_pretrained(source.location, **kwargs),
                             source.kind == "hub")
     check_tokenizer(getattr(pipe, "tokenizer", None), getattr(pipe, "text_encoder", None), model=label)
+    check_tokenizer(getattr(pipe, "tokenizer_2", None), getattr(pipe, "text_encoder_2", None), model=label)  # SDXL
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def _has_safety_checker(cls: type, source: ModelSource, revision: str | None,
+                        cache_dir: str | os.PathLike | None) -> bool:
+    """Whether the pipeline takes a safety checker (to turn it off): by its class, or for diffusers' AutoPipeline
+    classes (which take ``**kwargs``) by the model's ``model_index.json``, so SDXL is not handed an unknown part."""
+    if "safety_checker" in _init_parameters(cls):
+        return True
+    if not cls.__name__.startswith("AutoPipeline") or source.kind == "file":
+        return False
+    if source.kind == "folder":
+        index_file = Path(source.location) / "model_index.json"
+        return index_file.is_file() and "safety_checker" in json.loads(index_file.read_text())
+    from diffusers import DiffusionPipeline
+
+    try:
+        index = DiffusionPipeline.load_config(source.location, revision=revision, cache_dir=cache_dir,
+                                              local_files_only=source.local_files_only or hub_offline())
+    except Exception:  # noqa: BLE001 - from_pretrained reports an unreadable model with its own message
+        return False
+    return "safety_checker" in index
 
 
 def _init_parameters(cls: type) -> set[str]:
