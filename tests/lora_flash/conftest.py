@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -68,4 +70,39 @@ def tiny_clip_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def prompts_file(tmp_path: Path) -> Path:
     path = tmp_path / "prompts.txt"
     path.write_text("a red cube on a table\n# a comment line\n\na dog riding a bicycle\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_turbo_path(tiny_sd_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny SD pipeline with SD-Turbo's scheduler (Euler, trailing spacing), as a diffusers folder."""
+    from distill_common.models.tiny_sdxl import turbo_scheduler
+
+    folder = tmp_path_factory.mktemp("tiny_sd_turbo") / "model"
+    shutil.copytree(tiny_sd_path, folder)
+    scheduler = turbo_scheduler("sd")
+    shutil.rmtree(folder / "scheduler")
+    scheduler.save_pretrained(folder / "scheduler")
+    index = json.loads((folder / "model_index.json").read_text())
+    index["scheduler"] = ["diffusers", type(scheduler).__name__]
+    (folder / "model_index.json").write_text(json.dumps(index))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_turbo_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random SDXL-architecture pipeline with SDXL-Turbo's scheduler (Euler ancestral, trailing)."""
+    from distill_common.models.tiny_sdxl import save_tiny_sdxl
+
+    return save_tiny_sdxl(tmp_path_factory.mktemp("tiny_sdxl_turbo") / "model")
+
+
+@pytest.fixture
+def init_image(tmp_path: Path) -> Path:
+    """A 100x80 noise image (not square, not the model's size: it is center-cropped and resized)."""
+    import numpy as np
+    from PIL import Image
+
+    path = tmp_path / "init.png"
+    Image.fromarray((np.random.RandomState(0).rand(80, 100, 3) * 255).astype("uint8")).save(path)
     return path

@@ -12,23 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from distill_common.cli import run_app
-from distill_lora_flash.cli import app
-
-
-def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
-    """Run ``distill flash ARGS`` in-process as the console script would; returns (exit code, stdout, stderr)."""
-    code = 0
-    try:
-        run_app(app, args)
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def files_under(folder: Path) -> set[str]:
-    return {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
+from flash_helpers import files_under, run_cli
 
 
 def png(path: Path) -> np.ndarray:
@@ -161,3 +145,49 @@ def test_dry_run_shows_seed_options(capsys):
                             "--dry-run"], capsys)
     assert code == 0
     assert "num_images: 3" in out and "compare_baseline: true" in out and "baseline_outdir: b" in out
+
+
+def test_without_seed_a_seed_is_drawn_logged_and_left_out_of_the_file_names(tiny_sd_path, tiny_lora, tmp_path,
+                                                                            capsys):
+    """Seed 001's default: no --seed. The drawn seed is printed and recorded, and repeating it gives the same image."""
+    out = tmp_path / "drawn"
+    code, stdout, err = run_cli(["generate", "--base-model", str(tiny_sd_path), "--lora-path", str(tiny_lora),
+                                 "--steps", "2", "--outdir", str(out), "--clip-model", "none"], capsys)
+    assert code == 0, err
+    assert files_under(out) == {"image_s2_i0.png", "grid_s2.png", "summary.csv", "summary.json", "summary.md"}
+    meta = json.loads((out / "summary.json").read_text())["meta"]
+    seed = meta["seed"]
+    assert meta["seed_drawn"] is True and f"seed {seed} (drawn" in " ".join(stdout.split())
+    code, _, err = run_cli(["generate", "--base-model", str(tiny_sd_path), "--lora-path", str(tiny_lora),
+                            "--steps", "2", "--seed", str(seed), "--outdir", str(tmp_path / "again"),
+                            "--clip-model", "none"], capsys)
+    assert code == 0, err
+    np.testing.assert_array_equal(png(out / "image_s2_i0.png"), png(tmp_path / "again" / f"image_s2_i0_seed{seed}.png"))
+
+
+def test_seed_001_defaults(capsys):
+    code, out, _ = run_cli(["generate", "--dry-run"], capsys)
+    assert code == 0 and "outdir: outputs\n" in out and "num_images: 1\n" in out and "seed: null" in out
+    code, out, _ = run_cli(["train", "--grad_accum", "3", "--dry-run"], capsys)
+    assert code == 0 and "output_dir: checkpoints\n" in out and "gradient_accumulation_steps: 3" in out
+
+
+def test_demo_prompts_and_the_seed_000_preset(tmp_path, capsys, monkeypatch):
+    import yaml
+
+    from distill_common.data.prompts import load_prompts_file
+    from distill_lora_flash.prompts import demo_prompts_file
+
+    prompts = load_prompts_file(demo_prompts_file())
+    assert len(prompts) == 20 and len(set(prompts)) == 20
+    monkeypatch.chdir(tmp_path)  # no demo_prompts.txt here: the packaged one is used
+    code, out, err = run_cli(["eval", "--preset", "demo", "--dry-run"], capsys)
+    assert code == 0, err
+    cfg = yaml.safe_load(out)
+    assert Path(cfg["prompts_file"]) == demo_prompts_file()
+    assert (cfg["num_images"], cfg["steps"], cfg["baseline_steps"], cfg["baseline_guidance"]) == (10, [2, 4, 8], 30, 7.5)
+    (tmp_path / "demo_prompts.txt").write_text("my own prompt\n")  # a local file of that name wins
+    code, out, _ = run_cli(["generate", "--prompts_file", "demo_prompts.txt", "--dry-run"], capsys)
+    assert code == 0 and "prompts_file: demo_prompts.txt" in out
+    code, _, err = run_cli(["eval", "--preset", "demo", "--prompt", "a cat"], capsys)
+    assert code == 2 and "either --prompt or --prompts-file" in err

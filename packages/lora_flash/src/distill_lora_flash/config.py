@@ -142,8 +142,8 @@ class TurboConfig:
                     need += 1
                 raise ConfigError(
                     f"{steps} steps at --strength {self.strength:g} leave int({steps} x {self.strength:g}) = 0 denoising "
-                    f"steps; diffusers needs steps x strength >= 1: pass --steps {need} or more, or --strength "
-                    f"{math.ceil(1000 / steps) / 1000:g} or more")
+                    f"steps; diffusers needs steps x strength >= 1: raise --steps to {need} or --strength to "
+                    f"{math.ceil(1000 / steps) / 1000:g}")
 
 
 @dataclass
