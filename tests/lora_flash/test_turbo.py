@@ -122,3 +122,21 @@ def test_offline_hub_id_fails_fast_with_the_local_folder_hint(hub_id, tmp_path, 
     assert code == 2 and time.perf_counter() - start < 10 and err.count("error:") == 1
     assert hub_id in line and "offline" in line and f"hf download {hub_id}" in line and "local" in line
     assert not (tmp_path / "out").exists()
+
+
+def test_the_tiny_sdxl_has_sdxl_structure(tiny_sdxl_turbo_path):
+    """Two text encoders (the second with a projection) feeding a text_time-conditioned UNet, CLIP's vocabulary."""
+    def config(sub: str) -> dict:
+        return json.loads((tiny_sdxl_turbo_path / sub / "config.json").read_text())
+
+    index = json.loads((tiny_sdxl_turbo_path / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionXLPipeline" and "safety_checker" not in index
+    assert index["scheduler"] == ["diffusers", "EulerAncestralDiscreteScheduler"]
+    unet, te1, te2 = config("unet"), config("text_encoder"), config("text_encoder_2")
+    assert te2["architectures"] == ["CLIPTextModelWithProjection"] and te1["architectures"] == ["CLIPTextModel"]
+    assert unet["addition_embed_type"] == "text_time"
+    assert unet["cross_attention_dim"] == te1["hidden_size"] + te2["hidden_size"]
+    assert unet["projection_class_embeddings_input_dim"] == te2["projection_dim"] + 6 * unet["addition_time_embed_dim"]
+    assert te1["vocab_size"] == te2["vocab_size"] == 49408
+    scheduler = json.loads((tiny_sdxl_turbo_path / "scheduler" / "scheduler_config.json").read_text())
+    assert scheduler["timestep_spacing"] == "trailing"
