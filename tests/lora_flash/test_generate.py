@@ -10,9 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
 from flash_helpers import files_under, run_cli
+from PIL import Image
 
 
 def png(path: Path) -> np.ndarray:

@@ -9,9 +9,8 @@ import time
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
 from flash_helpers import files_under, run_cli
+from PIL import Image
 
 ARCH = {"sd": ("tiny_sd_turbo_path", "StableDiffusionPipeline", "EulerDiscrete"),
         "sdxl": ("tiny_sdxl_turbo_path", "StableDiffusionXLPipeline", "EulerAncestralDiscrete")}

@@ -160,7 +160,7 @@ def run_turbo(cfg: TurboConfig, console: Any = None) -> GenerateResult:
     console = console or Console()
     prompts = prompt_list(cfg)
     device = resolve_device(cfg.device)
-    precision = resolve_precision(cfg.precision, device)
+    precision = resolve_precision(cfg.precision, device, mixed=False)
     dtype = torch_dtype(precision)
     pipe = load_turbo_pipeline(cfg.model, device, dtype)
     init = load_init_image(cfg.init_image, native_resolution(pipe)) if cfg.init_image is not None else None
