@@ -40,7 +40,7 @@ def test_generate_with_baseline_writes_comparisons_and_the_summary(tiny_sd_path,
     out = tmp_path / "out"
     code, stdout, err = run_cli(["generate", "--base-model", str(tiny_sd_path), "--lora-path", str(tiny_lora),
                                  "--prompts_file", str(prompts_file), "--steps", "2,4", "--num-images", "1",
-                                 "--batch_size", "2", "--compare_baseline", "--baseline_steps", "3",
+                                 "--batch_size", "2", "--compare_baseline", "--baseline_steps", "3", "--seed", "0",
                                  "--outdir", str(out), "--clip_model", str(tiny_clip_path)], capsys)
     assert code == 0, err
     assert files_under(out) == {
