@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import numbers
 import warnings
@@ -31,6 +32,9 @@ def _client():
     from mlflow import MlflowClient
 
     configure()
+    # A failing sqlite store logs a full SQLAlchemy traceback before raising; the raised error is reported as
+    # one line (_read_error), so the log's duplicate is silenced.
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
     return MlflowClient()
 
 

@@ -170,7 +170,9 @@ class TrackingRun:
             return path
         kept = self.fallback_dir / KEPT_DIR
         kept.mkdir(parents=True, exist_ok=True)
-        dst = kept / f"{sum(1 for _ in kept.iterdir()):05d}-{src.name}"
+        slot = kept / f"{max((int(p.name) for p in kept.iterdir() if p.name.isdigit()), default=-1) + 1:05d}"
+        dst = slot / src.name  # same name: it is uploaded under the name it would have had
+        slot.mkdir()
         if src.is_dir():
             shutil.copytree(src, dst, copy_function=_link_or_copy)
         else:
@@ -444,11 +446,9 @@ def relog(path: str | Path) -> RelogReport:
         for key in ("path", "generator_dir"):
             if key in rec and Path(rec[key]).resolve().is_relative_to(kept_root):
                 sent_kept.append(Path(rec[key]))
-    for p in sent_kept:  # sent: the kept copies are no longer needed
-        if p.is_dir():
-            shutil.rmtree(p, ignore_errors=True)
-        else:
-            p.unlink(missing_ok=True)
+    for p in sent_kept:  # sent: the kept copies (one numbered slot each) are no longer needed
+        slot = p.resolve().parent
+        shutil.rmtree(slot if slot.parent == kept_root else p, ignore_errors=True)
     if remaining:
         tmp = path.with_suffix(".jsonl.tmp")
         tmp.write_text("\n".join(remaining) + "\n")
