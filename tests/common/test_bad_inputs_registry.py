@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hostile_models import register_pickled_pyfunc
 
 from distill_common import generator as generator_mod
 from distill_common import promotion, tracking
@@ -61,36 +62,16 @@ def stamp(version: str, fid: float, protocol: dict | str = PROTO, steps: int = 4
 
 @pytest.fixture
 def versions(mlflow_uri, logged_generator):
-    """Four registered versions of 'rf', not yet evaluated."""
-    return [tracking.register_model(logged_generator(float(i)), "rf") for i in (1, 2, 3, 4)]
+    """Four registered versions of 'rf' (one logged model, registered four times), not yet evaluated."""
+    uri = logged_generator(1.0)
+    return [tracking.register_model(uri, "rf") for _ in range(4)]
 
 
 # -- row 1: only generators this project logged from code are loaded or served --------------------------------
 
-def _evil_model(tmp_path: Path, marker: Path) -> str:
-    """A pyfunc whose cloudpickled python_model runs code when unpickled, shipped with a valid generator.json."""
-    import mlflow
-    import mlflow.pyfunc
-
-    class Evil(mlflow.pyfunc.PythonModel):
-        def __reduce__(self):
-            return (exec, (f"open({str(marker)!r}, 'w').write('ran')",))
-
-        def predict(self, context, model_input):
-            return model_input
-
-    folder = tmp_path / "evil-gen"
-    generator_mod.write_generator_manifest(folder, "test_noise", scale=1.0)
-    tracking.configure()
-    with tracking.start_run("unit", "evil") as run, mlflow.start_run(run_id=run.run_id, nested=True):
-        uri = mlflow.pyfunc.log_model(name="generator", python_model=Evil(), artifacts={"generator": str(folder)}).model_uri
-    return tracking.register_model(uri, "evil")
-
-
 def test_pickled_pyfunc_is_refused_before_it_loads(mlflow_uri, tmp_path, noise_family):
     marker = tmp_path / "marker"
-    version = _evil_model(tmp_path, marker)
-    marker.unlink(missing_ok=True)
+    version = register_pickled_pyfunc(tmp_path, marker)
     for load in (lambda: generator_mod.load_generator(f"models:/evil/{version}"),
                  lambda: tracking.fetch_servable_model(f"models:/evil/{version}", tmp_path / "serve")):
         with pytest.raises(ModelLoadError, match="refusing models:/evil/1: its pyfunc is loaded by 'mlflow.pyfunc.model'"):
@@ -188,16 +169,16 @@ def test_protocol_key_order_does_not_matter_and_refusals_name_fields(versions):
     assert "generated_n" not in msg and "reference_set" not in msg
 
 
-@pytest.mark.parametrize("bad", ["{not json", "[1, 2]", "", "null"])
-def test_malformed_protocol_tag_is_one_line(versions, bad, capsys, monkeypatch):
+def test_malformed_protocol_tag_is_one_line(versions, capsys, monkeypatch):
     stamp(versions[0], 30.0)
-    stamp(versions[1], 20.0, protocol=bad)
-    code, out, err = run_registry(["compare", "rf"], capsys, monkeypatch)
-    assert code == 0 and "Traceback" not in out + err, err
-    assert f"rf v{versions[1]}: protocol unreadable" in out and "cifar10-test" in out
-    code, out, err = run_registry(["promote", "rf", "--dry-run"], capsys, monkeypatch)
-    assert code == 2
-    assert_one_line_error(err, f"rf v{versions[1]} has an unreadable eval.protocol tag", "re-evaluate")
+    for bad in ("{not json", "[1, 2]", "", "null"):
+        stamp(versions[1], 20.0, protocol=bad)
+        code, out, err = run_registry(["compare", "rf"], capsys, monkeypatch)
+        assert code == 0 and "Traceback" not in out + err, err
+        assert f"rf v{versions[1]}: protocol unreadable" in out and "cifar10-test" in out
+        code, out, err = run_registry(["promote", "rf", "--dry-run"], capsys, monkeypatch)
+        assert code == 2
+        assert_one_line_error(err, f"rf v{versions[1]} has an unreadable eval.protocol tag", "re-evaluate")
 
 
 # -- row 17: registry read errors are raised, never read as "no champion" ---------------------------------------

@@ -65,12 +65,15 @@ def stop_group(pgid: int, grace_s: float = GRACE_S) -> None:
 
 def run_foreground(cmd: Sequence[str], env: Mapping[str, str] | None = None, grace_s: float = GRACE_S) -> int:
     """Run ``cmd`` until it exits or this process is told to stop; returns its exit code (0 when stopped by a
-    forwarded signal). On return no process of its group is left."""
+    forwarded signal). A child still running ``grace_s`` after the signal is killed. On return no process of
+    its group is left."""
     received: list[int] = []
+    first_at: list[float] = []
     proc: subprocess.Popen | None = None
 
     def forward(signum, _frame) -> None:
         received.append(signum)
+        first_at.append(time.monotonic())
         if proc is not None:
             try:
                 os.killpg(proc.pid, signum)
@@ -83,7 +86,16 @@ def run_foreground(cmd: Sequence[str], env: Mapping[str, str] | None = None, gra
                                 preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
         if received:  # a signal arrived while the child was starting
             os.killpg(proc.pid, received[0])
-        rc = proc.wait()
+        rc = None
+        while rc is None:
+            try:
+                rc = proc.wait(timeout=0.5)
+            except subprocess.TimeoutExpired:  # told to stop but still running after the grace period: kill
+                if first_at and time.monotonic() - first_at[0] > grace_s:
+                    try:
+                        os.killpg(proc.pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
     finally:
         if proc is not None:
             if proc.poll() is None:

@@ -88,17 +88,21 @@ def promote_cmd(
     max_steps: int = typer.Option(4, "--max-steps", help="Only step counts up to this pass the gate."),
     max_latency_ms: float = typer.Option(None, "--max-latency-ms", help="Only configurations at most this slow pass."),
     min_improvement: float = typer.Option(0.0, "--min-improvement",
-                                          help="Required gain over the current champion, in metric units."),
+                                          help="Required gain over the current champion, in metric units (the "
+                                               "rule when either lacks a 95% interval; with intervals, they must "
+                                               "not overlap as well)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Show the decision only."),
 ) -> None:
-    """Move the champion alias to the best gated version when it beats the current champion."""
+    """Move the champion alias to the best gated version when it beats the current champion (non-overlapping
+    95% intervals when both carry them, else --min-improvement)."""
     decision = promotion.decide(name, metric, max_steps=max_steps, max_latency_ms=max_latency_ms,
                                 min_improvement=min_improvement)
     table = Table(title=f"{name}: candidates ({metric}, steps <= {max_steps})")
-    for col in ("version", "steps", metric, "ms/image"):
+    for col in ("version", "steps", metric, "95% interval", "ms/image"):
         table.add_column(col, justify="right")
     for c in decision.considered:
-        table.add_row(c.version, str(c.steps), _fmt(c.value), _fmt(c.ms_per_image))
+        ci = f"[{c.ci95[0]:.4g}, {c.ci95[1]:.4g}]" if c.ci95 else "n/a"
+        table.add_row(c.version, str(c.steps), _fmt(c.value), ci, _fmt(c.ms_per_image))
     _console().print(table)
     verb = "would promote" if dry_run else "promoted"
     if decision.promote:
