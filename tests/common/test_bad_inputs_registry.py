@@ -318,3 +318,42 @@ def test_bad_requests_get_a_one_line_reason(mlflow_uri, logged_generator):
         assert needle in payload["message"], (needle, payload)
         assert set(payload) == {"error_code", "message"} and "\n" not in payload["message"]
         assert "Traceback" not in body and 'File "' not in body and ".py" not in body
+
+
+# -- row 4 (fast form; tests/integration/test_bad_inputs_serve.py runs the real serve and ui) -----------------------
+
+@pytest.mark.parametrize("ignores_term", [False, True], ids=["server-stops", "server-ignores-SIGTERM"])
+def test_a_signal_to_the_parent_stops_the_whole_server_group(tmp_path, ignores_term):
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = f"{sys.executable} -m http.server {port} --bind 127.0.0.1"
+    # the server is a grandchild (bash starts it in the background), as uvicorn is under `mlflow models serve`
+    trap = "trap '' TERM; " if ignores_term else ""  # an ignored signal stays ignored in the server
+    script = f"{trap}{server} & wait"
+    parent = subprocess.Popen([sys.executable, "-c", "import sys; from distill_common.foreground import run_foreground; "
+                               f"sys.exit(run_foreground(['bash', '-c', {script!r}], grace_s=2.0))"],
+                              start_new_session=True)
+
+    def listening() -> bool:
+        with socket.socket() as s:
+            return s.connect_ex(("127.0.0.1", port)) == 0
+
+    try:
+        deadline = time.time() + 60
+        while not listening():
+            assert parent.poll() is None and time.time() < deadline
+            time.sleep(0.2)
+        os.kill(parent.pid, signal.SIGTERM)  # the parent only, as `kill PID` does
+        assert parent.wait(timeout=30) == 0
+        assert not listening()
+    finally:
+        if parent.poll() is None:
+            os.killpg(parent.pid, signal.SIGKILL)
