@@ -19,8 +19,6 @@ from hostile_models import register_pickled_pyfunc
 from rf_fixtures import tiny_rf_generator
 from server_fixtures import free_port, stop_pid
 
-from distill_common.foreground import group_alive
-
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
 DISTILL = str(REPO / ".venv" / "bin" / "distill")
@@ -55,6 +53,8 @@ def wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float) -> No
 
 def stop_and_check(proc: subprocess.Popen, sig: int, port: int) -> None:
     """Send ``sig`` to the distill process only (as `kill PID` does); afterwards nothing may listen on the port."""
+    from distill_common.foreground import group_alive
+
     os.kill(proc.pid, sig)
     try:
         proc.wait(timeout=60)  # the server gets 10 s to stop, then is killed
