@@ -164,7 +164,8 @@ class TrackingRun:
         return self.fallback_dir / UNLOGGED_FILE if self.fallback_dir else None
 
     def _keep(self, path: str) -> str:
-        """Copy a file or folder into the output dir's kept-artifacts folder (it may be pruned or be a temp file)."""
+        """Copy a file or folder into the output dir's kept-artifacts folder (it may be pruned or be a temp file);
+        files are hard-linked where the file system allows (checkpoints are written by rename, never in place)."""
         src = Path(path)
         if self.fallback_dir is None or not src.exists():
             return path
@@ -194,7 +195,10 @@ class TrackingRun:
             if self.unlogged_path is not None:
                 record = {"run_id": self.run_id, "kind": kind, "time": time.time(), **payload}
                 if keep is not None:
-                    record[keep] = self._keep(record[keep])
+                    try:
+                        record[keep] = self._keep(record[keep])
+                    except OSError as keep_exc:  # no space to keep a copy: say so in the record, keep training
+                        record["keep_error"] = f"{type(keep_exc).__name__}: {keep_exc}"
                 self.unlogged_path.parent.mkdir(parents=True, exist_ok=True)
                 with self.unlogged_path.open("a") as f:
                     f.write(json.dumps(record, default=str) + "\n")
