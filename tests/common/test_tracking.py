@@ -83,7 +83,9 @@ def test_logging_failure_keeps_values_on_disk_and_relogs(mlflow_uri, tmp_path, m
     assert "distill registry relog" in run.report_failures()
     lines = run.unlogged_path.read_text().splitlines()
     assert json.loads(lines[0])["metrics"] == {"loss": 1.5}
-    assert tracking.relog(run.unlogged_path) == 1
+    report = tracking.relog(run.unlogged_path)
+    assert (report.sent, report.dropped) == (1, [])
+    assert not run.unlogged_path.exists()  # everything sent: nothing left to relog
     hist = _mlflow_client().get_metric_history(run.run_id, "loss")
     assert [(m.step, m.value) for m in hist] == [(7, 1.5)]
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import typer
@@ -54,19 +55,22 @@ def compare_cmd(
     table = Table(title=f"{name}: evaluated versions")
     for col in ("version", "aliases", "steps", "FID", "KID", "CLIPScore", "LPIPS to teacher", "ms/image", "params"):
         table.add_column(col, justify="right")
-    protocols = set()
     for v in infos:
-        protocols.add(v.tags.get("eval.protocol"))
         for steps, m in sorted(promotion.step_metrics(v).items()) or [(None, {})]:
             table.add_row(v.version, ", ".join(v.aliases), _fmt(steps), _fmt(m.get("fid")), _fmt(m.get("kid")),
                           _fmt(m.get("clip_score")), _fmt(m.get("lpips_to_teacher")), _fmt(m.get("ms_per_image")),
                           v.tags.get("params", "n/a"))
     _console().print(table)
-    for p in sorted(protocols - {None}):
-        _console().print(f"protocol: {json.dumps(json.loads(p))}", highlight=False)
-    if len(protocols - {None}) > 1:
-        _console().print("[yellow]warning:[/] these versions were evaluated under different protocols: "
-                      "their FIDs are not comparable")
+    groups, unreadable = promotion.protocol_groups(infos)
+    for p, members in groups.items():
+        _console().print(f"protocol ({', '.join(members)}): {p}", highlight=False, soft_wrap=True)
+    for member in unreadable:
+        _console().print(f"{member}: protocol unreadable (malformed eval.protocol tag; re-evaluate it)", highlight=False)
+    if len(groups) > 1:
+        parsed = [json.loads(p) for p in groups]
+        _console().print("[yellow]warning:[/] these versions were evaluated under different protocols "
+                         f"(differing fields: {promotion.protocol_difference(parsed[0], parsed[1])}): "
+                         "their FIDs are not comparable", soft_wrap=True)
     _console().print(f"MLflow UI: {ui_hint()}", highlight=False)
 
 
@@ -84,17 +88,21 @@ def promote_cmd(
     max_steps: int = typer.Option(4, "--max-steps", help="Only step counts up to this pass the gate."),
     max_latency_ms: float = typer.Option(None, "--max-latency-ms", help="Only configurations at most this slow pass."),
     min_improvement: float = typer.Option(0.0, "--min-improvement",
-                                          help="Required gain over the current champion, in metric units."),
+                                          help="Required gain over the current champion, in metric units (the "
+                                               "rule when either lacks a 95% interval; with intervals, they must "
+                                               "not overlap as well)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Show the decision only."),
 ) -> None:
-    """Move the champion alias to the best gated version when it beats the current champion."""
+    """Move the champion alias to the best gated version when it beats the current champion (non-overlapping
+    95% intervals when both carry them, else --min-improvement)."""
     decision = promotion.decide(name, metric, max_steps=max_steps, max_latency_ms=max_latency_ms,
                                 min_improvement=min_improvement)
     table = Table(title=f"{name}: candidates ({metric}, steps <= {max_steps})")
-    for col in ("version", "steps", metric, "ms/image"):
+    for col in ("version", "steps", metric, "95% interval", "ms/image"):
         table.add_column(col, justify="right")
     for c in decision.considered:
-        table.add_row(c.version, str(c.steps), _fmt(c.value), _fmt(c.ms_per_image))
+        ci = f"[{c.ci95[0]:.4g}, {c.ci95[1]:.4g}]" if c.ci95 else "n/a"
+        table.add_row(c.version, str(c.steps), _fmt(c.value), ci, _fmt(c.ms_per_image))
     _console().print(table)
     verb = "would promote" if dry_run else "promoted"
     if decision.promote:
@@ -107,9 +115,24 @@ def promote_cmd(
 
 @app.command("relog")
 def relog_cmd(path: Path = typer.Argument(..., help="An unlogged_metrics.jsonl file written during an outage.")) -> None:
-    """Re-send metrics, params and artifacts that could not be logged while the tracking server was down."""
-    n = tracking.relog(path)
-    _console().print(f"re-logged {n} record(s) from {path} to {tracking.tracking_uri()}")
+    """Re-send metrics, params and artifacts that could not be logged while the tracking server was down.
+
+    Lists every record it could not send, with the reason, and exits 1 when any was dropped; those records
+    stay in the file for another try, the sent ones (and their kept artifact copies) are removed."""
+    report = tracking.relog(path)
+    console = _console()
+    console.print(f"re-logged {report.sent} record(s) from {path} to {tracking.tracking_uri()}", highlight=False,
+                  soft_wrap=True)
+    if not report.dropped:
+        console.print(f"all sent; removed {path} and the artifact copies kept for it", highlight=False, soft_wrap=True)
+        return
+    table = Table(title=f"{len(report.dropped)} record(s) NOT sent (kept in {path} for another relog)")
+    for col in ("line", "what", "why"):
+        table.add_column(col)
+    for lineno, what, why in report.dropped:
+        table.add_row(str(lineno), what, why)
+    console.print(table)
+    raise typer.Exit(1)
 
 
 @app.command("serve")
@@ -118,13 +141,28 @@ def serve_cmd(
     host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind (loopback by default)."),
     port: int = typer.Option(5001, "--port", help="Port of the REST endpoint."),
 ) -> None:
-    """Serve a registered generator with MLflow's model server; POST /invocations returns base64 PNGs."""
+    """Serve a registered generator with MLflow's model server; POST /invocations returns base64 PNGs.
+
+    Only generators logged by a distill command are served: the model is downloaded and its files checked
+    before the server starts (a foreign pyfunc, e.g. a pickled one, is refused unloaded). SIGTERM/SIGINT stop
+    the server and everything it started."""
+    from distill_common.errors import ConfigError
+    from distill_common.foreground import run_foreground
+
+    if not 0 < port < 65536:
+        raise ConfigError(f"--port {port} is not a TCP port; pass a number from 1 to 65535 (default 5001)")
     uri = model if model.startswith("models:/") else f"models:/{model}"
     tracking.configure()
-    # mlflow starts uvicorn by name: the environment's own bin folder must come first on PATH
-    env = dict(os.environ, MLFLOW_TRACKING_URI=tracking.tracking_uri(),
-               PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
-    cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", uri, "--env-manager", "local",
-           "--host", host, "--port", str(port), "--workers", "1"]
-    _console().print(f"serving {uri} on http://{host}:{port}/invocations", highlight=False)
-    raise typer.Exit(subprocess.call(cmd, env=env))
+    staging = Path(tempfile.mkdtemp(prefix="distill-serve-"))
+    try:
+        local = tracking.fetch_servable_model(uri, staging / "model")
+        # mlflow starts uvicorn by name: the environment's own bin folder must come first on PATH
+        env = dict(os.environ, MLFLOW_TRACKING_URI=tracking.tracking_uri(), MLFLOW_ALLOW_PICKLE_DESERIALIZATION="false",
+                   PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
+        cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", str(local), "--env-manager", "local",
+               "--host", host, "--port", str(port), "--workers", "1"]
+        _console().print(f"serving {uri} on http://{host}:{port}/invocations", highlight=False)
+        rc = run_foreground(cmd, env)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    raise typer.Exit(rc)

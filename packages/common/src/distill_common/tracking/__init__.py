@@ -16,6 +16,7 @@ from distill_common.tracking.registry import (
     version_by_alias,
 )
 from distill_common.tracking.run import (
+    RelogReport,
     TrackingRun,
     artifact_root,
     check_reachable,
@@ -39,6 +40,18 @@ def download_generator(uri, dst=None):
     return _dl(uri, dst)
 
 
+def verify_logged_generator(model_dir, source=None):
+    from distill_common.tracking.pyfunc import verify_logged_generator as _verify
+
+    return _verify(model_dir, source)
+
+
+def fetch_servable_model(uri, dst):
+    from distill_common.tracking.pyfunc import fetch_servable_model as _fetch
+
+    return _fetch(uri, dst)
+
+
 def decode_image(b64: str):
     from distill_common.tracking.pyfunc import decode_image as _decode
 
@@ -46,9 +59,9 @@ def decode_image(b64: str):
 
 
 __all__ = [
-    "CHALLENGER", "CHAMPION", "ModelVersionInfo", "TrackingRun", "artifact_root", "best_version",
+    "CHALLENGER", "CHAMPION", "ModelVersionInfo", "RelogReport", "TrackingRun", "artifact_root", "best_version",
     "check_reachable", "configure", "decode_image", "is_remote", "delete_alias", "download_generator",
-    "download_run_artifacts", "list_models", "list_run_artifacts",
+    "download_run_artifacts", "fetch_servable_model", "list_models", "list_run_artifacts",
     "list_versions", "log_generator_model", "register_model", "relog", "resolve_model_version", "set_alias", "set_version_tags",
-    "run_start_time", "start_run", "tracking_uri", "version_by_alias",
+    "run_start_time", "start_run", "tracking_uri", "verify_logged_generator", "version_by_alias",
 ]

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import logging
+import math
+import numbers
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from distill_common.errors import TrackingError
-from distill_common.tracking.run import configure
+from distill_common.tracking.run import configure, tracking_uri
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
@@ -28,7 +32,39 @@ def _client():
     from mlflow import MlflowClient
 
     configure()
+    # A failing sqlite store logs a full SQLAlchemy traceback before raising; the raised error is reported as
+    # one line (_read_error), so the log's duplicate is silenced.
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
     return MlflowClient()
+
+
+def _error_code(exc: Exception) -> str | None:
+    return getattr(exc, "error_code", None)
+
+
+def _read_error(what: str, exc: Exception) -> TrackingError:
+    """A registry read that failed for another reason than "not there": one line, never "no champion"."""
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return TrackingError(f"cannot read {what} from the registry at {tracking_uri()} ({type(exc).__name__}: {first}); "
+                         "check that the tracking store is reachable (MLFLOW_TRACKING_URI) and retry")
+
+
+def _is_missing(exc: Exception) -> bool:
+    return _error_code(exc) == "RESOURCE_DOES_NOT_EXIST"
+
+
+def non_finite(value: Any) -> bool:
+    """True for NaN/inf numbers and for strings that parse as them ("nan", "inf", "-Infinity")."""
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, numbers.Real):
+        return not math.isfinite(float(value))
+    if isinstance(value, str):
+        try:
+            return not math.isfinite(float(value))
+        except ValueError:
+            return False
+    return False
 
 
 def register_model(model_uri: str, name: str, *, tags: Mapping[str, Any] | None = None,
@@ -57,20 +93,39 @@ def delete_alias(name: str, alias: str) -> None:
     _client().delete_registered_model_alias(name, alias)
 
 
-def set_version_tags(name: str, version: str | int, tags: Mapping[str, Any], description: str | None = None) -> None:
+def set_version_tags(name: str, version: str | int, tags: Mapping[str, Any], description: str | None = None) -> list[str]:
+    """Set tags on a version; non-finite numbers (NaN, inf) are never written. Returns the keys left out."""
     client = _client()
+    dropped = sorted(k for k, v in tags.items() if non_finite(v))
+    if dropped:
+        warnings.warn(f"not stamping {name} v{version} with non-finite values: {', '.join(dropped)}", stacklevel=2)
     for k, v in tags.items():
-        client.set_model_version_tag(name, str(version), k, str(v))
+        if k not in dropped:
+            client.set_model_version_tag(name, str(version), k, str(v))
     if description is not None:
         client.update_model_version(name, str(version), description=description)
+    return dropped
 
 
 def version_by_alias(name: str, alias: str) -> ModelVersionInfo | None:
+    """The version holding ``alias``; None only when the model or the alias does not exist.
+
+    Any other failure (server down, broken store) raises a one-line TrackingError: an outage must
+    never read as "no champion yet".
+    """
     client = _client()
     try:
-        mv = client.get_model_version_by_alias(name, alias)
-    except Exception:
+        aliases = client.get_registered_model(name).aliases or {}
+    except Exception as exc:
+        if _is_missing(exc):
+            return None
+        raise _read_error(f"the aliases of {name!r}", exc) from None
+    if alias not in aliases:
         return None
+    try:
+        mv = client.get_model_version_by_alias(name, alias)
+    except Exception as exc:
+        raise _read_error(f"{name}@{alias}", exc) from None
     return _info(client, mv)
 
 
@@ -80,9 +135,11 @@ def _info(client, mv) -> ModelVersionInfo:
     for k, v in tags.items():  # evaluation results are stamped on versions as eval.<metric> tags
         if k.startswith("eval."):
             try:
-                metrics[k[5:]] = float(v)
+                value = float(v)
             except ValueError:
-                pass
+                continue
+            if math.isfinite(value):  # a NaN or inf result is never a score
+                metrics[k[5:]] = value
     return ModelVersionInfo(mv.name, str(mv.version), mv.run_id, list(getattr(mv, "aliases", []) or []),
                             tags, mv.description or "", metrics)
 
@@ -107,12 +164,14 @@ def list_versions(name: str) -> list[ModelVersionInfo]:
     try:
         versions = client.search_model_versions(f"name='{name}'")
     except Exception as exc:
-        raise TrackingError(f"cannot read registered model {name!r}: {exc}") from None
+        raise _read_error(f"the versions of {name!r}", exc) from None
     infos = sorted((_info(client, mv) for mv in versions), key=lambda v: int(v.version))
     # search results do not carry aliases on every store: read them from the registered model
     try:
         aliases = client.get_registered_model(name).aliases or {}
-    except Exception:
+    except Exception as exc:
+        if not (_is_missing(exc) and not infos):
+            raise _read_error(f"the aliases of {name!r}", exc) from None
         aliases = {}
     for info in infos:
         info.aliases = sorted(a for a, v in aliases.items() if str(v) == info.version)
@@ -120,7 +179,11 @@ def list_versions(name: str) -> list[ModelVersionInfo]:
 
 
 def list_models() -> list[str]:
-    return sorted(rm.name for rm in _client().search_registered_models())
+    client = _client()
+    try:
+        return sorted(rm.name for rm in client.search_registered_models())
+    except Exception as exc:
+        raise _read_error("the registered models", exc) from None
 
 
 def best_version(name: str, metric: str, *, lower_is_better: bool = True,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import subprocess
 import tempfile
 import time
@@ -17,6 +18,7 @@ import urllib.request
 import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +27,8 @@ import numpy as np
 from distill_common.errors import TrackingError
 
 DEFAULT_DB_NAME = "mlflow.db"
+UNLOGGED_FILE = "unlogged_metrics.jsonl"
+KEPT_DIR = "unlogged_artifacts"  # copies (hard links where possible) of artifacts waiting for relog
 DEFAULT_ARTIFACT_DIR = "mlartifacts"
 MAX_PARAM_LENGTH = 6000
 
@@ -157,9 +161,26 @@ class TrackingRun:
 
     @property
     def unlogged_path(self) -> Path | None:
-        return self.fallback_dir / "unlogged_metrics.jsonl" if self.fallback_dir else None
+        return self.fallback_dir / UNLOGGED_FILE if self.fallback_dir else None
 
-    def _guard(self, kind: str, payload: Mapping[str, Any], fn, *args, **kwargs) -> None:
+    def _keep(self, path: str) -> str:
+        """Copy a file or folder into the output dir's kept-artifacts folder (it may be pruned or be a temp file);
+        files are hard-linked where the file system allows (checkpoints are written by rename, never in place)."""
+        src = Path(path)
+        if self.fallback_dir is None or not src.exists():
+            return path
+        kept = self.fallback_dir / KEPT_DIR
+        kept.mkdir(parents=True, exist_ok=True)
+        slot = kept / f"{max((int(p.name) for p in kept.iterdir() if p.name.isdigit()), default=-1) + 1:05d}"
+        dst = slot / src.name  # same name: it is uploaded under the name it would have had
+        slot.mkdir()
+        if src.is_dir():
+            shutil.copytree(src, dst, copy_function=_link_or_copy)
+        else:
+            _link_or_copy(str(src), str(dst))
+        return str(dst.resolve())
+
+    def _guard(self, kind: str, payload: Mapping[str, Any], fn, *args, keep: str | None = None, **kwargs) -> None:
         if not self.enabled:
             return
         try:
@@ -172,14 +193,21 @@ class TrackingRun:
             if self.failed_calls == 1:
                 warnings.warn(f"MLflow logging failed ({type(exc).__name__}: {exc}); keeping values on disk", stacklevel=3)
             if self.unlogged_path is not None:
+                record = {"run_id": self.run_id, "kind": kind, "time": time.time(), **payload}
+                if keep is not None:
+                    try:
+                        record[keep] = self._keep(record[keep])
+                    except OSError as keep_exc:  # no space to keep a copy: say so in the record, keep training
+                        record["keep_error"] = f"{type(keep_exc).__name__}: {keep_exc}"
                 self.unlogged_path.parent.mkdir(parents=True, exist_ok=True)
                 with self.unlogged_path.open("a") as f:
-                    f.write(json.dumps({"run_id": self.run_id, "kind": kind, "time": time.time(), **payload}) + "\n")
+                    f.write(json.dumps(record, default=str) + "\n")
 
     # -- logging ----------------------------------------------------------------------------
-    def record_failure(self, kind: str, payload: Mapping[str, Any], exc: Exception) -> None:
-        """Note a failed call made outside :meth:`_guard` (e.g. model logging) in the fallback file."""
-        self._guard(kind, payload, lambda: (_ for _ in ()).throw(exc))
+    def record_failure(self, kind: str, payload: Mapping[str, Any], exc: Exception, keep: str | None = None) -> None:
+        """Note a failed call made outside :meth:`_guard` (e.g. model logging) in the fallback file; ``keep``
+        names the payload key of a path to keep a copy of until it is relogged."""
+        self._guard(kind, payload, lambda: (_ for _ in ()).throw(exc), keep=keep)
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         if not self.enabled:
@@ -218,17 +246,19 @@ class TrackingRun:
         p = Path(path)
         fn = self.client.log_artifacts if p.is_dir() else self.client.log_artifact
         self._guard("artifact", {"path": str(p.resolve()), "artifact_path": artifact_path},
-                    fn, self.run_id, str(p), artifact_path)
+                    fn, self.run_id, str(p), artifact_path, keep="path")
 
     def log_dict(self, data: Mapping[str, Any], artifact_file: str) -> None:
         if not self.enabled:
             return
-        self._guard("dict", {"artifact_file": artifact_file}, self.client.log_dict, self.run_id, dict(data), artifact_file)
+        self._guard("dict", {"artifact_file": artifact_file, "data": dict(data)},
+                    self.client.log_dict, self.run_id, dict(data), artifact_file)
 
     def log_text(self, text: str, artifact_file: str) -> None:
         if not self.enabled:
             return
-        self._guard("text", {"artifact_file": artifact_file}, self.client.log_text, self.run_id, text, artifact_file)
+        self._guard("text", {"artifact_file": artifact_file, "text": text}, self.client.log_text, self.run_id, text,
+                    artifact_file)
 
     def log_image(self, image: Any, artifact_file: str) -> None:
         """Log a PIL image, array or (3,H,W) tensor in [0,1] as a PNG artifact."""
@@ -311,32 +341,125 @@ def start_run(
             Console(stderr=True).print(f"[yellow]warning:[/] {msg}", highlight=False, soft_wrap=True)
 
 
-def relog(path: str | Path) -> int:
-    """Replay an ``unlogged_metrics.jsonl`` file into the store; returns the number of records sent."""
-    from mlflow import MlflowClient
+def _link_or_copy(src: str, dst: str) -> str:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+    return dst
+
+
+@dataclass
+class RelogReport:
+    """What ``relog`` sent, and each record it could not send with the reason (line number, what, why)."""
+
+    sent: int = 0
+    dropped: list[tuple[int, str, str]] = field(default_factory=list)
+    remaining_file: Path | None = None  # the fallback file, rewritten to hold only what was not sent
+
+
+def _describe(rec: Mapping[str, Any]) -> str:
+    kind = rec.get("kind", "?")
+    if kind == "metrics":
+        return f"metrics {', '.join(rec.get('metrics', {}))} at step {rec.get('step')}"
+    if kind in ("params", "tags"):
+        return f"{kind} {', '.join(rec.get(kind, {}))}"
+    if kind == "artifact":
+        return f"artifact {rec.get('path')}"
+    if kind == "model":
+        return f"model {rec.get('generator_dir')}"
+    if kind in ("dict", "text"):
+        return f"{kind} artifact {rec.get('artifact_file')}"
+    return f"record of kind {kind!r}"
+
+
+def _send(client, rec: Mapping[str, Any]) -> str | None:
+    """Send one record; returns None when sent, else why it cannot be sent (tracking-store errors raise)."""
     from mlflow.entities import Metric, Param, RunTag
 
+    kind, run_id = rec["kind"], rec["run_id"]
+    ts = int(rec["time"] * 1000)
+    if kind == "metrics":
+        client.log_batch(run_id, metrics=[Metric(k, v, ts, rec["step"]) for k, v in rec["metrics"].items()])
+    elif kind == "params":
+        client.log_batch(run_id, params=[Param(k, v) for k, v in rec["params"].items()])
+    elif kind == "tags":
+        client.log_batch(run_id, tags=[RunTag(k, v) for k, v in rec["tags"].items()])
+    elif kind == "model":
+        if not Path(rec["generator_dir"]).is_dir():
+            return f"the generator folder {rec['generator_dir']} is gone"
+        from distill_common.tracking.pyfunc import log_model_now
+
+        log_model_now(run_id, rec["generator_dir"], rec.get("name", "generator"))
+    elif kind == "artifact":
+        p = Path(rec["path"])
+        if not p.exists():
+            return f"the file {p} is gone"
+        (client.log_artifacts if p.is_dir() else client.log_artifact)(run_id, str(p), rec["artifact_path"])
+    elif kind == "dict" and "data" in rec:
+        client.log_dict(run_id, rec["data"], rec["artifact_file"])
+    elif kind == "text" and "text" in rec:
+        client.log_text(run_id, rec["text"], rec["artifact_file"])
+    elif kind in ("dict", "text"):
+        return "the record holds no content (written by an older version)"
+    else:
+        return f"unknown record kind {kind!r}"
+    return None
+
+
+def relog(path: str | Path) -> RelogReport:
+    """Replay an ``unlogged_metrics.jsonl`` file into the store.
+
+    Every record that cannot be sent is reported with its reason and stays in the file (rewritten to hold
+    only those), so a later relog retries just them; kept artifact copies are removed once sent. When all
+    was sent, the file is removed.
+    """
+    from mlflow import MlflowClient
+
+    from distill_common.errors import DataError
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path} does not exist; pass the unlogged_metrics.jsonl a run printed (in its output dir)")
     configure()
     client = MlflowClient()
-    sent = 0
-    for line in Path(path).read_text().splitlines():
-        rec = json.loads(line)
-        ts = int(rec["time"] * 1000)
-        if rec["kind"] == "metrics":
-            client.log_batch(rec["run_id"], metrics=[Metric(k, v, ts, rec["step"]) for k, v in rec["metrics"].items()])
-        elif rec["kind"] == "params":
-            client.log_batch(rec["run_id"], params=[Param(k, v) for k, v in rec["params"].items()])
-        elif rec["kind"] == "tags":
-            client.log_batch(rec["run_id"], tags=[RunTag(k, v) for k, v in rec["tags"].items()])
-        elif rec["kind"] == "model" and Path(rec["generator_dir"]).is_dir():
-            from distill_common.tracking.pyfunc import log_generator_model
-
-            if log_generator_model(TrackingRun(rec["run_id"], None), rec["generator_dir"]) is None:
-                continue
-        elif rec["kind"] == "artifact" and Path(rec["path"]).exists():
-            p = Path(rec["path"])
-            (client.log_artifacts if p.is_dir() else client.log_artifact)(rec["run_id"], str(p), rec["artifact_path"])
-        else:
+    report = RelogReport()
+    remaining: list[str] = []
+    sent_kept: list[Path] = []
+    kept_root = (path.parent / KEPT_DIR).resolve()
+    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
             continue
-        sent += 1
-    return sent
+        try:
+            rec = json.loads(line)
+            if not isinstance(rec, dict) or not {"kind", "run_id", "time"} <= set(rec):
+                raise ValueError("missing kind/run_id/time")
+        except ValueError as exc:
+            report.dropped.append((lineno, "unreadable line", f"not a relog record ({exc})"))
+            remaining.append(line)
+            continue
+        try:
+            why = _send(client, rec)
+        except Exception as exc:  # the store refused it (deleted run, server error): report, keep for a retry
+            why = f"the tracking store refused it ({type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]})"
+        if why is not None:
+            report.dropped.append((lineno, _describe(rec), why))
+            remaining.append(line)
+            continue
+        report.sent += 1
+        for key in ("path", "generator_dir"):
+            if key in rec and Path(rec[key]).resolve().is_relative_to(kept_root):
+                sent_kept.append(Path(rec[key]))
+    for p in sent_kept:  # sent: the kept copies (one numbered slot each) are no longer needed
+        slot = p.resolve().parent
+        shutil.rmtree(slot if slot.parent == kept_root else p, ignore_errors=True)
+    if remaining:
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text("\n".join(remaining) + "\n")
+        tmp.replace(path)
+        report.remaining_file = path
+    else:
+        path.unlink()
+        if kept_root.is_dir() and not any(kept_root.iterdir()):
+            kept_root.rmdir()
+    return report

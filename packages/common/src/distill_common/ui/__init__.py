@@ -7,7 +7,6 @@ with the tracking URI passed through the environment, so the page reads the same
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -28,7 +27,8 @@ def page_environment() -> dict[str, str]:
 
 
 def serve(host: str = "127.0.0.1", port: int = 8501) -> int:
-    """Run the page in the foreground until interrupted; returns streamlit's exit code."""
+    """Run the page until streamlit exits or SIGTERM/SIGINT arrives (forwarded to streamlit's process group,
+    so nothing keeps listening); returns streamlit's exit code, 0 when stopped by a signal."""
     import importlib.util
 
     from distill_common import tracking
@@ -41,7 +41,6 @@ def serve(host: str = "127.0.0.1", port: int = 8501) -> int:
     env = page_environment()
     tracking.check_reachable(env["MLFLOW_TRACKING_URI"])
     print(f"distill ui: http://{host}:{port}  (registry {env['MLFLOW_TRACKING_URI']}; Ctrl-C stops it)", flush=True)
-    try:
-        return subprocess.call(streamlit_command(host, port), env=env)
-    except KeyboardInterrupt:
-        return 0
+    from distill_common.foreground import run_foreground
+
+    return run_foreground(streamlit_command(host, port), env)

@@ -8,7 +8,6 @@ prefix (``rf_cifar-student`` -> ``rf_cifar``); its role is its ``role`` tag, els
 from __future__ import annotations
 
 import fnmatch
-import json
 import re
 import tempfile
 from collections.abc import Iterable, Sequence
@@ -123,8 +122,11 @@ def compare_rows(infos: Sequence[tracking.ModelVersionInfo]) -> list[dict[str, o
 
 
 def protocols(infos: Sequence[tracking.ModelVersionInfo]) -> list[str]:
-    """Distinct metric protocols (compact JSON) the versions were evaluated under."""
-    return sorted({json.dumps(json.loads(p), sort_keys=True) for i in infos if (p := i.tags.get("eval.protocol"))})
+    """Distinct metric protocols (compact JSON, key order ignored) the versions were evaluated under."""
+    return sorted(protocol_groups(infos)[0])
+
+
+protocol_groups = promotion.protocol_groups
 
 
 def latest_eval_run(infos: Sequence[tracking.ModelVersionInfo]) -> str | None:

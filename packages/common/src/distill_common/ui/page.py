@@ -30,7 +30,7 @@ from distill_common.ui.catalog import (
     compare_rows,
     eval_plots,
     latest_eval_run,
-    protocols,
+    protocol_groups,
 )
 from distill_common.ui.sampling import Sample, generate_sample, warm_up
 
@@ -194,9 +194,11 @@ def metrics_tab(family: str, catalog: Catalog) -> None:
     rows = [{k: _fmt(v) for k, v in r.items()} for r in compare_rows(infos)]
     st.subheader(f"Evaluated versions ({family})")
     st.table(pd.DataFrame(rows).set_index("model"))
-    protos = protocols(infos)
-    for p in protos:
-        st.caption(f"protocol: {p}")
+    protos, unreadable = protocol_groups(infos)
+    for p, members in protos.items():
+        st.caption(f"protocol ({', '.join(members)}): {p}")
+    for member in unreadable:
+        st.caption(f"{member}: protocol unreadable (malformed eval.protocol tag; re-evaluate it)")
     if len(protos) > 1:
         st.warning("These versions were evaluated under different protocols: their FIDs are not comparable.")
     run_id = latest_eval_run(infos)
