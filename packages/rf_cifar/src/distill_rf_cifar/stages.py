@@ -290,13 +290,14 @@ def sample(cfg: SampleConfig, *, console: Console | None = None) -> Path:
     conditions = [c for c in cfg.classes for _ in range(cfg.per_class)]
     seeds = [cfg.seed + j for _ in cfg.classes for j in range(cfg.per_class)]
     kwargs = {"sampler": cfg.sampler} if cfg.sampler else {}
-    images = gen.generate(conditions, cfg.steps or gen.default_steps, seeds, cfg.guidance, **kwargs)  # (N, 3, 32, 32)
+    steps = cfg.steps if cfg.steps is not None else gen.default_steps  # steps >= 1 is checked by the config
+    images = gen.generate(conditions, steps, seeds, cfg.guidance, **kwargs)  # (N, 3, 32, 32)
     for img, c, s in zip(images, conditions, seeds, strict=True):
         arr = (img.permute(1, 2, 0).numpy() * 255).round().astype("uint8")
         Image.fromarray(arr).save(out / f"class{c}_seed{s}.png")
     image_grid(images, ncols=cfg.per_class).save(out / "grid.png")
     console.print(f"wrote {len(conditions)} images and {out / 'grid.png'} "
-                  f"({cfg.steps or gen.default_steps} steps, NFE {getattr(gen, 'last_nfe', '?')})")
+                  f"({steps} steps, NFE {getattr(gen, 'last_nfe', '?')})")
     return out / "grid.png"
 
 
