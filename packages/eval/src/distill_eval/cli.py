@@ -12,6 +12,7 @@ from rich.console import Console
 
 from distill_common.config import config_command, save_config
 from distill_common.errors import DataError
+from distill_common.output_dir import claims_output_dir
 from distill_eval.benchmark import BenchmarkConfig, run_benchmark
 from distill_eval.reports import print_table
 
@@ -21,6 +22,7 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
 @config_command(app, "benchmark", BenchmarkConfig)
+@claims_output_dir(lambda cfg: cfg.output_dir)
 def benchmark(cfg: BenchmarkConfig) -> None:
     """Evaluate generators at several step counts against a reference set and the teacher, at fixed seeds.
 

@@ -10,6 +10,7 @@ import typer
 from rich.console import Console
 
 from distill_common.config import config_command
+from distill_common.output_dir import claims_output_dir
 from distill_lora_flash.config import EvalConfig, GenerateConfig, TrainConfig
 
 app = typer.Typer(help="Flash LoRA: 2/4/8-step SD 1.5 generation, LoRA student distillation from a CFG teacher, "
@@ -18,6 +19,7 @@ RUN_ID_FILE = "mlflow_run_id"
 
 
 @config_command(app, "generate", GenerateConfig)
+@claims_output_dir(lambda cfg: cfg.outdir, flag="--outdir")
 def generate(cfg: GenerateConfig) -> None:
     """Generate with the Flash LoRA at each --steps (LCM, guidance 0), optionally next to the 30-step CFG baseline.
 
@@ -29,6 +31,12 @@ def generate(cfg: GenerateConfig) -> None:
     console = Console()
     result = run_generate(cfg, console)
     console.print(f"{len(result.files)} files in {cfg.outdir}; summary: {result.report_paths['csv']}", highlight=False)
+
+
+def _run_dir(cfg: TrainConfig) -> Path:
+    from distill_lora_flash.training import run_dir
+
+    return run_dir(cfg)
 
 
 @contextlib.contextmanager
@@ -56,6 +64,7 @@ def _tracking_run(cfg: TrainConfig, folder: Path):
 
 
 @config_command(app, "train", TrainConfig)
+@claims_output_dir(lambda cfg: _run_dir(cfg), flag="--run-name")
 def train(cfg: TrainConfig) -> None:
     """Distil the base model's CFG predictions into a LoRA (noise matching, Min-SNR, optional discrete LCM timesteps).
 
@@ -93,6 +102,7 @@ def _log_validation(run: Any, folder: Path, step: int, images: dict[str, Any]) -
 
 
 @config_command(app, "eval", EvalConfig)
+@claims_output_dir(lambda cfg: cfg.output_dir)
 def evaluate(cfg: EvalConfig) -> None:
     """Baseline (30 steps, CFG 7.5) vs the LoRA student at 2/4/8 steps on a prompt list at fixed seeds.
 

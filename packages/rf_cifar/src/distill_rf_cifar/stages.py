@@ -23,6 +23,7 @@ from distill_common import tracking
 from distill_common.config import to_dict
 from distill_common.errors import ConfigError
 from distill_common.generator import resolve_generator_folder
+from distill_common.output_dir import claims_output_dir
 from distill_common.runtime import environment_info, is_main_process
 from distill_rf_cifar.config import (
     DistillConfig,
@@ -163,6 +164,7 @@ def _train_recipe(name: str, phases: list[Phase], model: torch.nn.Module, loop: 
                         info=info)
 
 
+@claims_output_dir(lambda cfg: cfg.output_dir)
 def train_teacher(cfg: TeacherConfig, *, console: Console | None = None, progress: bool = True,
                   nested: bool = False) -> StageOutcome:
     """Rectified-flow teacher on CIFAR-10 from random weights (recipe ``teacher``)."""
@@ -219,6 +221,7 @@ def use_teacher(source: str | Path, folder: Path, *, experiment: str = "rf_cifar
                         info=info)
 
 
+@claims_output_dir(lambda cfg: cfg.output_dir)
 def make_pairs(cfg: PairsConfig, *, console: Console | None = None, progress: bool = True,
                run_name: str = "make-pairs", nested: bool = False) -> StageOutcome:
     """Teacher ODE pairs into resumable shards (see pairs.py)."""
@@ -243,6 +246,7 @@ def make_pairs(cfg: PairsConfig, *, console: Console | None = None, progress: bo
                                                "shards_generated": result.generated_shards})
 
 
+@claims_output_dir(lambda cfg: cfg.folder)
 def distill_student(cfg: DistillConfig, *, console: Console | None = None, progress: bool = True,
                     nested: bool = False) -> StageOutcome:
     """A student from the teacher's weights by recipe ``cfg.recipe`` (see recipes.py)."""
@@ -276,6 +280,7 @@ def distill_student(cfg: DistillConfig, *, console: Console | None = None, progr
                          tags, export, progress, console, nested)
 
 
+@claims_output_dir(lambda cfg: cfg.output_dir)
 def sample(cfg: SampleConfig, *, console: Console | None = None) -> Path:
     """PNG per image (``class{c}_seed{s}.png``) and ``grid.png`` (rows = classes, columns = seeds)."""
     from PIL import Image
@@ -301,6 +306,7 @@ def sample(cfg: SampleConfig, *, console: Console | None = None) -> Path:
     return out / "grid.png"
 
 
+@claims_output_dir(lambda cfg: cfg.output_dir)
 def evaluate(cfg: EvaluateConfig, *, console: Console | None = None, progress: bool = True,
              run_name: str = "evaluate", nested: bool = False) -> tuple[Any, str | None]:
     """FID-vs-NFE sweep of a teacher and students; logs an MLflow run and stamps evaluated registry versions."""

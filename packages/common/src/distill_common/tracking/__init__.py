@@ -19,6 +19,7 @@ from distill_common.tracking.run import (
     TrackingRun,
     artifact_root,
     check_reachable,
+    check_store_writable,
     configure,
     is_remote,
     relog,
@@ -47,7 +48,7 @@ def decode_image(b64: str):
 
 __all__ = [
     "CHALLENGER", "CHAMPION", "ModelVersionInfo", "TrackingRun", "artifact_root", "best_version",
-    "check_reachable", "configure", "decode_image", "is_remote", "delete_alias", "download_generator",
+    "check_reachable", "check_store_writable", "configure", "decode_image", "is_remote", "delete_alias", "download_generator",
     "download_run_artifacts", "list_models", "list_run_artifacts",
     "list_versions", "log_generator_model", "register_model", "relog", "resolve_model_version", "set_alias", "set_version_tags",
     "run_start_time", "start_run", "tracking_uri", "version_by_alias",
