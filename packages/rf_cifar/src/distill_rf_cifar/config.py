@@ -75,6 +75,7 @@ class DataConfig:
                          choices=DATA_SOURCES)
     limit: int | None = option(None, "Use only the first N training images (default: all 50,000).", ge=1)
     random_flip: bool = option(True, "Random horizontal flips (Ho et al. 2020, App. B).")
+    strict: bool = option(False, "Refuse unreadable images of a folder source (default: skip and count them).")
 
     def resolved_root(self) -> Path | None:
         if self.data_root is not None:

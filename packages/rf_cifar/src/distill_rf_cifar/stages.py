@@ -180,7 +180,8 @@ def train_teacher(cfg: TeacherConfig, *, console: Console | None = None, progres
     data = {}
     if not stage.get("finished"):
         data["images"] = load_cifar_training_data(cfg.data.resolved_root(), cfg.data.source, cfg.data.limit,
-                                                  cfg.data.random_flip, show_progress=progress)
+                                                  cfg.data.random_flip, show_progress=progress,
+                                                      strict=cfg.data.strict)
     export = dict(role="teacher", default_steps=cfg.sampling.steps, default_guidance=cfg.sampling.guidance,
                   sampler=cfg.sampling.sampler, rtol=cfg.sampling.rtol, atol=cfg.sampling.atol, recipe="teacher",
                   time_sampler=cfg.flow.time_sampler, label_dropout=cfg.flow.label_dropout, train_steps=cfg.train.steps)
@@ -269,7 +270,8 @@ def distill_student(cfg: DistillConfig, *, console: Console | None = None, progr
             data["pairs"] = load_pairs(cfg.pairs)
         if "images" in kinds:
             data["images"] = load_cifar_training_data(cfg.data.resolved_root(), cfg.data.source, cfg.data.limit,
-                                                      cfg.data.random_flip, show_progress=progress)
+                                                      cfg.data.random_flip, show_progress=progress,
+                                                      strict=cfg.data.strict)
     model = load_model(cfg.teacher)  # every student starts from the teacher's weights
     export = dict(role=cfg.recipe, default_steps=phases[-1].sample_steps, default_guidance=1.0, sampler="euler",
                   recipe=cfg.recipe, teacher_sha256=weights_sha256(cfg.teacher), teacher=str(Path(cfg.teacher).resolve()),
