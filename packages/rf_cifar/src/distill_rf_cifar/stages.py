@@ -267,7 +267,7 @@ def distill_student(cfg: DistillConfig, *, console: Console | None = None, progr
     data: dict[str, Any] = {}
     if not stage.get("finished"):
         if "pairs" in kinds:
-            data["pairs"] = load_pairs(cfg.pairs)
+            data["pairs"] = load_pairs(cfg.pairs, cfg.teacher)  # each shard's teacher hash checked too
         if "images" in kinds:
             data["images"] = load_cifar_training_data(cfg.data.resolved_root(), cfg.data.source, cfg.data.limit,
                                                       cfg.data.random_flip, show_progress=progress,

@@ -11,6 +11,7 @@ numpy arrays and lists), so a tampered file cannot run code.
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import os
 import pickle
@@ -57,6 +58,7 @@ _ALLOWED = {
     ("numpy._core.multiarray", "_reconstruct"): _numpy_reconstruct,
     ("numpy", "ndarray"): lambda: np.ndarray,
     ("numpy", "dtype"): lambda: np.dtype,
+    ("_codecs", "encode"): lambda: codecs.encode,  # how protocol 2 writes bytes from Python 3
 }
 
 
