@@ -146,8 +146,9 @@ def test_truncated_shard_is_refused_against_the_manifest(tmp_path, monkeypatch, 
 
 
 def test_other_teachers_manifest_over_pair_shards_is_refused(tmp_path, pairs_dir, teacher_dir, other_teacher_dir):
-    from distill_rf_cifar.pairs import MANIFEST, check_teacher, load_pairs, make_pairs
     from rf_helpers import pairs_config
+
+    from distill_rf_cifar.pairs import MANIFEST, check_teacher, load_pairs, make_pairs
 
     other = tmp_path / "pairs-b"
     make_pairs(pairs_config(other_teacher_dir, other, num_pairs=8), progress=False)

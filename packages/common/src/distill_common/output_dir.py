@@ -17,9 +17,9 @@ import os
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
-from typing import Any
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from distill_common.errors import OutputDirError, os_error_text
 
