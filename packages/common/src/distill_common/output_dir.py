@@ -128,6 +128,8 @@ def claim_output_dir(folder: str | Path, *, track: bool = False, flag: str = "--
     """Check ``folder`` (and the MLflow store when ``track``) writable, then hold its lock: enter before any work."""
     from distill_common.runtime import is_main_process
 
+    folder = Path(folder)
+    created = [p for p in (folder, *folder.parents) if not p.exists()]  # removed again if the run fails at once
     if is_main_process():
         check_writable(folder, flag)
         if track:
@@ -143,8 +145,24 @@ def claim_output_dir(folder: str | Path, *, track: bool = False, flag: str = "--
         else:
             print(f"note: {msg}", file=sys.stderr)
 
-    with output_dir_lock(folder, flag, notice) as held:
-        yield held
+    try:
+        with output_dir_lock(folder, flag, notice) as held:
+            yield held
+    except BaseException:
+        _remove_if_untouched(folder, created)
+        raise
+
+
+def _remove_if_untouched(folder: Path, created: list[Path]) -> None:
+    """A run that failed before writing anything leaves no folder behind (only folders it created, if empty)."""
+    if not created or not folder.is_dir() or {p.name for p in folder.iterdir()} - {LOCK_FILE}:
+        return
+    try:
+        (folder / LOCK_FILE).unlink(missing_ok=True)
+        for path in created:  # deepest first
+            path.rmdir()
+    except OSError:
+        pass
 
 
 def claims_output_dir(folder_of: Callable[[Any], str | Path], flag: str = "--output-dir") -> Callable:
