@@ -51,7 +51,7 @@ def _holder(folder: Path) -> subprocess.Popen:
 
 def _rf(args: list[str], cwd: Path | None = None, **kw) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "distill_rf_cifar.cli", *args], env=_env(), capture_output=True,
-                          text=True, timeout=120, cwd=cwd, **kw)
+                          text=True, timeout=600, cwd=cwd, **kw)
 
 
 def _one_error_line(stderr: str) -> str:
@@ -74,7 +74,12 @@ def test_second_run_on_a_held_folder_exits_2_naming_folder_and_pid(tmp_path):
         line = _one_error_line(result.stderr)
         assert str(out) in line and f"PID {holder.pid}" in line and "--output-dir" in line
         assert not (out / "stage.json").exists()  # nothing of the refused run was written
-        assert time.perf_counter() - started < 60  # at once: no training, no data loading (CLI start-up only)
+        assert time.perf_counter() - started < 300  # CLI start-up only (slow on a loaded machine), no training
+        started = time.perf_counter()
+        with pytest.raises(OutputDirError, match=f"PID {holder.pid}"):
+            with output_dir_lock(out):
+                pass
+        assert time.perf_counter() - started < 0.5  # the refusal itself is immediate
     finally:
         holder.kill()
         holder.wait()
@@ -95,6 +100,7 @@ def test_stale_lock_of_a_killed_process_is_taken_over(tmp_path, capsys):
         with pytest.raises(OutputDirError, match=f"PID {os.getpid()}"):
             _check_held_from_another_process(out)
     assert notes and f"PID {dead}" in notes[0] and "no longer running" in notes[0]
+    assert not (out / LOCK_FILE).exists()  # a run that ends removes its lock file
     with output_dir_lock(out, notice=notes.append):  # released cleanly: no stale notice the second time
         pass
     assert len(notes) == 1
@@ -195,7 +201,7 @@ def test_read_only_folders_fail_before_any_work(what, tmp_path, data_root):
     try:
         result = subprocess.run([*prefix, sys.executable, "-m", "distill_rf_cifar.cli", "train-teacher", *args,
                                  "--output-dir", str(out), "--data-root", str(data_root)], env=env,
-                                capture_output=True, text=True, timeout=120)
+                                capture_output=True, text=True, timeout=600)
     finally:
         ro.chmod(0o755)
     seconds = time.perf_counter() - started
@@ -207,7 +213,7 @@ def test_read_only_folders_fail_before_any_work(what, tmp_path, data_root):
     else:
         assert f"MLflow store {ro / 'mlflow.db'}" in line and "--no-track" in line
         assert not (writable / "teacher" / "stage.json").exists()
-    assert seconds < 60, seconds  # CLI start-up only (was 110 s of retries for the store)
+    assert seconds < 300, seconds  # CLI start-up only on a loaded machine; the check itself is timed below
 
 
 def test_unwritable_store_and_folder_are_checked_in_under_a_second_before_data(tmp_path, monkeypatch):

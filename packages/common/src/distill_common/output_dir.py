@@ -5,12 +5,14 @@ models: it creates the folder, proves it writable (a file written and removed), 
 when the run is tracked, and takes an exclusive lock (``fcntl.flock`` on ``OUTPUT_DIR/.distill.lock``,
 which holds the owner's PID) for the whole run. A second run on the same folder fails at once, naming
 the folder and the PID that holds it. The kernel drops a flock when its process dies, so the lock of a
-killed run is stale by construction: the next run takes it over and says whose it was. Under
+killed run is stale by construction: the next run takes it over and says whose it was. A run that ends
+removes the file (while still holding the lock; a run that opened the old file re-checks the inode). Under
 ``accelerate launch`` only the main process takes the lock (the other ranks write nothing there).
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import os
@@ -25,6 +27,12 @@ from distill_common.errors import OutputDirError, os_error_text
 
 LOCK_FILE = ".distill.lock"
 _held: dict[Path, int] = {}  # folders this process holds -> nesting depth (a stage inside a pipeline re-enters)
+
+
+def is_main_process() -> bool:
+    """Rank 0 of ``accelerate launch`` / ``torchrun`` (as distill_common.runtime, without importing torch: the
+    lock is taken before the heavy imports, so a refused run exits at once)."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def check_writable(folder: str | Path, flag: str = "--output-dir") -> Path:
@@ -76,8 +84,6 @@ def _busy(folder: Path, owner: int | None, flag: str) -> OutputDirError:
 @contextmanager
 def output_dir_lock(folder: str | Path, flag: str = "--output-dir", notice=None) -> Iterator[Path]:
     """Hold the exclusive lock of ``folder`` for the ``with`` block (re-entrant within one process)."""
-    from distill_common.runtime import is_main_process
-
     folder = Path(folder)
     key = folder.resolve()
     if not is_main_process():
@@ -91,20 +97,8 @@ def output_dir_lock(folder: str | Path, flag: str = "--output-dir", notice=None)
             _held[key] -= 1
         return
     key.mkdir(parents=True, exist_ok=True)
-    fd = os.open(key / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = _acquire(key / LOCK_FILE, folder, flag)
     try:
-        import fcntl
-
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise _busy(folder, _read_owner(fd), flag) from None
-        except OSError as exc:  # no flock on this file system (some NFS): fall back to the PID's liveness
-            if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
-                raise
-            owner = _read_owner(fd)
-            if owner and owner != os.getpid() and _alive(owner):
-                raise _busy(folder, owner, flag) from None
         previous = _read_owner(fd)
         if previous and previous != os.getpid() and notice is not None:
             state = "no longer running" if not _alive(previous) else "not holding it"
@@ -117,17 +111,46 @@ def output_dir_lock(folder: str | Path, flag: str = "--output-dir", notice=None)
             yield folder
         finally:
             del _held[key]
-            os.ftruncate(fd, 0)  # the file stays (unlinking it would let two runs lock two inodes)
+            with contextlib.suppress(OSError):
+                os.unlink(key / LOCK_FILE)  # still holding the flock: a waiting run re-checks the inode
     finally:
         os.close(fd)  # closing the descriptor releases the flock
+
+
+def _acquire(path: Path, folder: Path, flag: str) -> int:
+    """Open and flock ``path``; retried when the file was replaced or removed between the open and the lock."""
+    import fcntl
+
+    for _ in range(100):
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = _read_owner(fd)
+            os.close(fd)
+            raise _busy(folder, owner, flag) from None
+        except OSError as exc:  # no flock on this file system (some NFS): fall back to the PID's liveness
+            if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                os.close(fd)
+                raise
+            owner = _read_owner(fd)
+            if owner and owner != os.getpid() and _alive(owner):
+                os.close(fd)
+                raise _busy(folder, owner, flag) from None
+        try:
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            return fd
+        os.close(fd)  # the holder released (and removed) it meanwhile: lock the current file
+    raise OutputDirError(f"could not lock {folder}: its lock file keeps changing; pass another {flag}")
 
 
 @contextmanager
 def claim_output_dir(folder: str | Path, *, track: bool = False, flag: str = "--output-dir",
                      console=None) -> Iterator[Path]:
     """Check ``folder`` (and the MLflow store when ``track``) writable, then hold its lock: enter before any work."""
-    from distill_common.runtime import is_main_process
-
     folder = Path(folder)
     created = [p for p in (folder, *folder.parents) if not p.exists()]  # removed again if the run fails at once
     if is_main_process():
