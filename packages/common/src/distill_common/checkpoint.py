@@ -54,11 +54,17 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        if exc.filename is None:  # name the file being written, for the one-line error
+            raise OSError(exc.errno, exc.strerror, str(path)) from None
+        raise
 
 
 def save_weights(state_dict: Mapping[str, torch.Tensor], path: str | Path, metadata: Mapping[str, str] | None = None) -> None:
@@ -67,8 +73,15 @@ def save_weights(state_dict: Mapping[str, torch.Tensor], path: str | Path, metad
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     os.close(fd)
-    save_file(tensors, tmp, metadata=dict(metadata or {}))
-    os.replace(tmp, path)
+    try:
+        save_file(tensors, tmp, metadata=dict(metadata or {}))
+        os.replace(tmp, path)
+    except Exception as exc:
+        Path(tmp).unlink(missing_ok=True)
+        code = re.search(r"code: (\d+)", str(exc)) if not isinstance(exc, OSError) else None
+        if code:  # safetensors wraps the OS error (disk full, ...) in its own type: give the OSError back
+            raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from None
+        raise
 
 
 def load_weights(path: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:

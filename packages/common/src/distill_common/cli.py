@@ -13,7 +13,7 @@ from importlib.metadata import PackageNotFoundError, entry_points, version
 import typer
 from rich.console import Console
 
-from distill_common.errors import DistillError
+from distill_common.errors import DistillError, os_error_message
 
 DISTRIBUTIONS = ("distill-common", "distill-eval", "distill-lora-flash", "distill-rf-cifar", "distill-sd-prune")
 
@@ -79,12 +79,16 @@ def _register_subcommands() -> None:
 
 
 def run_app(typer_app: typer.Typer, argv: list[str] | None = None) -> None:
-    """Run a Typer app, turning DistillError into one red line and exit code 2."""
+    """Run a Typer app, turning DistillError and OSError (disk full, read-only, a file for a folder) into one
+    red line and exit code 2."""
     try:
         typer_app(args=argv, standalone_mode=True)
     except DistillError as exc:
         err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         sys.exit(exc.exit_code)
+    except OSError as exc:
+        err_console.print(f"[bold red]error:[/] {os_error_message(exc)}", highlight=False, soft_wrap=True)
+        sys.exit(2)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -45,9 +45,18 @@ def option(
     choices: Sequence[Any] | None = None,
     aliases: Sequence[str] = (),
     cli: bool = True,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    lt: float | None = None,
 ) -> Any:
-    """Declare a config field with its help text, optional valid choices and extra CLI spellings."""
-    metadata = {"help": help, "choices": tuple(choices) if choices else None, "aliases": tuple(aliases), "cli": cli}
+    """Declare a config field with its help text, optional valid choices, its valid range and extra CLI spellings.
+
+    ``ge`` / ``gt`` / ``le`` / ``lt`` bound a number (every item of a list); None values are not checked.
+    """
+    bounds = {k: v for k, v in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt)) if v is not None}
+    metadata = {"help": help, "choices": tuple(choices) if choices else None, "aliases": tuple(aliases), "cli": cli,
+                "range": bounds or None}
     if isinstance(default, (list, dict, set)):
         return dataclasses.field(default_factory=lambda d=default: type(d)(d), metadata=metadata)
     if dataclasses.is_dataclass(default) and not isinstance(default, type):
@@ -119,19 +128,82 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
     return value
 
 
-def _check_choices(cfg: Any, prefix: str = "") -> None:
+def cli_flag(path: Sequence[str]) -> str:
+    """The command-line spelling of the config field at ``path`` (e.g. ``("train", "steps")`` -> ``--train-steps``).
+
+    The one field -> flag rule: the generated options and every error hint use it.
+    """
+    return "--" + "-".join(path).replace("_", "-")
+
+
+class FlagNamer:
+    """Names the options of one config section as the command spells them: ``flag("steps")`` -> ``--train-steps``.
+
+    ``validate(self, flag)`` methods receive one, so their hints name the option of the command being run.
+    """
+
+    def __init__(self, prefix: Sequence[str] = ()) -> None:
+        self.prefix = tuple(prefix)
+
+    def __call__(self, name: str) -> str:
+        return cli_flag((*self.prefix, name))
+
+    def sub(self, name: str) -> FlagNamer:
+        return FlagNamer((*self.prefix, name))
+
+
+_RANGE_TEXT = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
+_RANGE_OK = {"ge": lambda v, b: v >= b, "gt": lambda v, b: v > b, "le": lambda v, b: v <= b, "lt": lambda v, b: v < b}
+
+
+def _range_text(bounds: Mapping[str, float]) -> str:
+    lo = next(((k, bounds[k]) for k in ("ge", "gt") if k in bounds), None)
+    hi = next(((k, bounds[k]) for k in ("le", "lt") if k in bounds), None)
+    if lo and hi:
+        return f"in {'[' if lo[0] == 'ge' else '('}{lo[1]:g}, {hi[1]:g}{']' if hi[0] == 'le' else ')'}"
+    k, b = lo or hi  # type: ignore[misc]
+    return f"{_RANGE_TEXT[k]} {b:g}"
+
+
+def _walk_checks(cfg: Any, prefix: tuple[str, ...] = ()) -> None:
+    """Choices and ranges of every field, with the option named as the command spells it."""
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
+        path = (*prefix, f.name)
         if f.metadata.get("nested") or dataclasses.is_dataclass(value):
-            _check_choices(value, f"{prefix}{f.name}.")
+            _walk_checks(value, path)
             continue
-        choices = f.metadata.get("choices")
-        if not choices or value is None:
+        if value is None:
             continue
         values = value if isinstance(value, list) else [value]
-        for v in values:
-            if v not in choices:
-                raise unknown_choice(f"value for '{prefix}{f.name}'", v, choices)
+        choices = f.metadata.get("choices")
+        if choices:
+            for v in values:
+                if v not in choices:
+                    raise unknown_choice(f"value for {cli_flag(path)}", v, choices)
+        bounds = f.metadata.get("range")
+        if bounds:
+            for v in values:
+                if isinstance(v, (int, float)) and not all(_RANGE_OK[k](v, b) for k, b in bounds.items()):
+                    raise ConfigError(f"{cli_flag(path)} must be {_range_text(bounds)}, got {v}; "
+                                      f"pass {cli_flag(path)} with a value {_range_text(bounds)}")
+                if isinstance(v, float) and v != v:
+                    raise ConfigError(f"{cli_flag(path)} is NaN; pass a number {_range_text(bounds)}")
+
+
+def _validate_tree(cfg: Any, prefix: tuple[str, ...] = (), root: bool = True) -> None:
+    """Call ``validate(flag)`` on every section (sections first), or a no-argument ``validate()`` on the root."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            _validate_tree(value, (*prefix, f.name), root=False)
+    validate = getattr(cfg, "validate", None)
+    if not callable(validate):
+        return
+    if inspect.signature(validate).parameters:
+        validate(FlagNamer(prefix))
+    elif root:
+        validate()
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -242,7 +314,7 @@ def _cli_fields(cls: type, instance: Any = None, prefix: tuple[str, ...] = ()) -
             continue
         path = prefix + (f.name,)
         base, _ = _unwrap_optional(hints[f.name])
-        dash = "--" + "-".join(path).replace("_", "-")
+        dash = cli_flag(path)
         flags = [dash]
         under = "--" + "_".join(path)
         if under != dash:
@@ -427,8 +499,6 @@ def resolve_config(
             d = d.setdefault(part, {})
         d[path[-1]] = value
         cfg = from_dict(config_cls, nested_update, cfg)
-    _check_choices(cfg)
-    validate = getattr(cfg, "validate", None)
-    if callable(validate):
-        validate()
+    _walk_checks(cfg)
+    _validate_tree(cfg)
     return cfg

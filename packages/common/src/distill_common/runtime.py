@@ -73,7 +73,7 @@ def resolve_precision(name: str, device: torch.device, *, mixed: bool = True) ->
             return "bf16"
         return "fp32"
     if name == "fp16" and device.type == "cpu":
-        raise ConfigError("precision fp16 is not supported on the CPU; use --precision bf16 or fp32")
+        raise ConfigError("precision fp16 is not supported on the CPU; set the command's precision option to bf16 or fp32")
     return name
 
 
@@ -113,7 +113,7 @@ def make_accelerator(precision: str = "fp32", gradient_accumulation_steps: int =
 
     cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
     if cpu and precision == "fp16":
-        raise ConfigError("precision fp16 is not supported on the CPU; use --precision bf16 or fp32")
+        raise ConfigError("precision fp16 is not supported on the CPU; set the command's precision option to bf16 or fp32")
     # Accelerate keeps process-wide state; a second training in one process (tests, pipelines) may use
     # another precision, so start from a clean state unless a distributed launch already set one up.
     if AcceleratorState._shared_state and AcceleratorState().num_processes == 1:

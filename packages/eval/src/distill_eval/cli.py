@@ -7,11 +7,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import typer
-from PIL import Image
 from rich.console import Console
 
 from distill_common.config import config_command, save_config
 from distill_common.errors import DataError
+from distill_common.output_dir import claims_output_dir
 from distill_eval.benchmark import BenchmarkConfig, run_benchmark
 from distill_eval.reports import print_table
 
@@ -21,6 +21,7 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
 @config_command(app, "benchmark", BenchmarkConfig)
+@claims_output_dir(lambda cfg: cfg.output_dir)
 def benchmark(cfg: BenchmarkConfig) -> None:
     """Evaluate generators at several step counts against a reference set and the teacher, at fixed seeds.
 
@@ -44,14 +45,39 @@ def benchmark(cfg: BenchmarkConfig) -> None:
         console.print(f"plot: {p}", highlight=False)
 
 
-def _folder_images(folder: Path, limit: int | None = None) -> torch.Tensor:
-    """(N, 3, H, W) uint8 from a folder of equally sized images, sorted by name."""
+def _folder_images(folder: Path, limit: int | None = None, strict: bool = True,
+                   strict_flag: str | None = None) -> torch.Tensor:
+    """(N, 3, H, W) uint8 from a folder of equally sized images, sorted by name.
+
+    Unreadable files are refused naming the file (``strict``; paired metrics always are, as skipping one would
+    shift the pairs), or skipped with one printed line that counts them.
+    """
+    from distill_common.data.images import (
+        IMAGE_ERRORS,
+        check_images,
+        decode_rgb,
+        skipped_note,
+        unreadable_image,
+    )
+
     if not folder.is_dir():
         raise DataError(f"image folder {folder} does not exist; pass a folder of PNG/JPEG images")
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)[:limit]
     if not files:
         raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {folder}")
-    arrs = [np.array(Image.open(p).convert("RGB")) for p in files]
+    files, bad = check_images(files, strict, strict_flag)
+    arrs = []
+    for path in files:
+        try:
+            arrs.append(np.array(decode_rgb(path)))
+        except IMAGE_ERRORS as err:  # passed the header check, fails at full decode (truncated)
+            if strict:
+                raise unreadable_image(path, err, strict_flag) from None
+            bad.append(f"{path}: {type(err).__name__}: {err}")
+    if bad:
+        Console(stderr=True).print(f"[yellow]warning:[/] {skipped_note(bad, folder)}", highlight=False, soft_wrap=True)
+    if not arrs:
+        raise DataError(f"none of the {len(bad)} images in {folder} is readable (first: {bad[0]}); check the files")
     shapes = {a.shape for a in arrs}
     if len(shapes) > 1:
         raise DataError(f"images in {folder} have different sizes {sorted(shapes)[:3]}; resize them to one size first")
@@ -62,15 +88,17 @@ def _folder_images(folder: Path, limit: int | None = None) -> torch.Tensor:
 def fid_cmd(
     dir_a: Path = typer.Argument(..., help="Folder of generated images."),
     dir_b: Path = typer.Argument(..., help="Folder of reference images (or another generated set)."),
-    batch_size: int = typer.Option(64, "--batch-size", help="Feature-extraction batch size."),
+    batch_size: int = typer.Option(64, "--batch-size", help="Feature-extraction batch size.", min=1),
+    strict: bool = typer.Option(False, "--strict", help="Refuse unreadable images (default: skip and count them)."),
 ) -> None:
     """FID and KID between two folders of images (Inception-v3 pool features)."""
     from distill_eval.fid import extract_features, fid_from_features, kid_from_features
     from distill_eval.inception import InceptionFeatureExtractor
 
+    images_a, images_b = (_folder_images(d, strict=strict, strict_flag="--strict") for d in (dir_a, dir_b))
     extractor = InceptionFeatureExtractor()
-    fa = extract_features(_folder_images(dir_a), extractor, batch_size)
-    fb = extract_features(_folder_images(dir_b), extractor, batch_size)
+    fa = extract_features(images_a, extractor, batch_size)
+    fb = extract_features(images_b, extractor, batch_size)
     size = min(1000, fa.shape[0], fb.shape[0])
     kid_mean, kid_std = kid_from_features(fa, fb, 10, size)
     row = {"fid": fid_from_features(fa, fb), "kid": kid_mean, "kid_std": kid_std, "n_a": fa.shape[0],

@@ -30,7 +30,8 @@ import torch.nn.functional as F
 from torchvision.io import ImageReadMode, decode_image
 
 from distill_common.checkpoint import load_weights, save_weights
-from distill_common.data.cifar10 import Cifar10Shards
+from distill_common.data.cifar10 import open_cifar10
+from distill_common.data.cifar10_download import SPLIT_FILES, download_cifar10, find_batches
 from distill_common.data.root import resolve_data_root
 from distill_common.errors import ConfigError, DataError, unknown_choice
 from distill_eval.fid import extract_features, feature_statistics
@@ -96,14 +97,24 @@ def _resolve_source(spec: str | Path, data_root: str | Path | None) -> _Source:
         return _Source(f"folder:{folder.name}-{tag}", "folder", files)
     if text not in REFERENCE_SETS:
         raise unknown_choice("reference set", text, (*REFERENCE_SETS, "folder:PATH"))
-    root = resolve_data_root(data_root)
     if text.startswith("cifar10-"):
         split = text.removeprefix("cifar10-")
-        shard_dir = root / "cifar10" if (root / "cifar10").is_dir() else root
-        shards = tuple(sorted(shard_dir.glob(f"{split}-*.tar")))
+        try:
+            root = resolve_data_root(data_root)
+        except DataError:
+            if data_root:
+                raise
+            root = None  # no data root at all: the python batches in the cache (downloaded when missing)
+        shard_dir = (root / "cifar10" if (root / "cifar10").is_dir() else root) if root else None
+        shards = tuple(sorted(shard_dir.glob(f"{split}-*.tar"))) if shard_dir else ()
         if not shards:
-            raise DataError(f"no CIFAR-10 {split} shards in {shard_dir}; pass --data-root with the folder holding cifar10/")
+            batches = find_batches(root) or (download_cifar10() if root is None else None)
+            if batches is None:
+                raise DataError(f"no CIFAR-10 {split} shards in {shard_dir}; pass --data-root with the folder holding "
+                                "cifar10/")
+            shards = tuple(batches / name for name in SPLIT_FILES[split])
         return _Source(text, "cifar", shards, split=split, shard_dir=root)
+    root = resolve_data_root(data_root)
     split = text.removeprefix("coco-")
     folder = root / "coco2017" / split
     files = _image_files(folder) if folder.is_dir() else ()
@@ -153,7 +164,7 @@ def _folder_batches(files: tuple[Path, ...], resolution: int, resize: str, batch
 
 def _cifar_batches(source: _Source, n: int | None, resolution: int, resize: str, batch_size: int,
                    progress: bool) -> tuple[int, Iterator[torch.Tensor]]:
-    images = Cifar10Shards(source.shard_dir, source.split, limit=n, show_progress=progress).uint8_images()
+    images = open_cifar10(source.shard_dir, source.split, limit=n, show_progress=progress).uint8_images()
     if resolution != CIFAR_RESOLUTION and resize == "none":
         raise ConfigError(
             f"CIFAR-10 images are 32x32 but resolution {resolution} was asked with resize 'none'; "

@@ -10,6 +10,7 @@ import typer
 from rich.console import Console
 
 from distill_common.config import config_command
+from distill_common.output_dir import claims_output_dir
 from distill_lora_flash.config import EVAL_PRESETS, EvalConfig, GenerateConfig, TrainConfig, TurboConfig
 
 app = typer.Typer(help="Flash LoRA: 2/4/8-step SD 1.5 generation, SD-Turbo / SDXL-Turbo few-step generation "
@@ -19,6 +20,7 @@ RUN_ID_FILE = "mlflow_run_id"
 
 
 @config_command(app, "generate", GenerateConfig)
+@claims_output_dir(lambda cfg: cfg.outdir, flag="--outdir")
 def generate(cfg: GenerateConfig) -> None:
     """Generate with the Flash LoRA at each --steps (LCM, guidance 0), optionally next to the 30-step CFG baseline.
 
@@ -33,6 +35,7 @@ def generate(cfg: GenerateConfig) -> None:
 
 
 @config_command(app, "turbo", TurboConfig)
+@claims_output_dir(lambda cfg: cfg.outdir, flag="--outdir")
 def turbo(cfg: TurboConfig) -> None:
     """SD-Turbo / SDXL-Turbo style models at 1-4 steps, guidance 0, with the model's own scheduler (diffusers'
     AutoPipelineForText2Image); --init-image and --strength for image-to-image (AutoPipelineForImage2Image).
@@ -44,6 +47,12 @@ def turbo(cfg: TurboConfig) -> None:
     console = Console()
     result = run_turbo(cfg, console)
     console.print(f"{len(result.files)} files in {cfg.outdir}; summary: {result.report_paths['csv']}", highlight=False)
+
+
+def _run_dir(cfg: TrainConfig) -> Path:
+    from distill_lora_flash.training import run_dir
+
+    return run_dir(cfg)
 
 
 @contextlib.contextmanager
@@ -71,6 +80,7 @@ def _tracking_run(cfg: TrainConfig, folder: Path):
 
 
 @config_command(app, "train", TrainConfig)
+@claims_output_dir(lambda cfg: _run_dir(cfg), flag="--run-name")
 def train(cfg: TrainConfig) -> None:
     """Distil the base model's CFG predictions into a LoRA (noise matching, Min-SNR, optional discrete LCM timesteps).
 
@@ -108,6 +118,7 @@ def _log_validation(run: Any, folder: Path, step: int, images: dict[str, Any]) -
 
 
 @config_command(app, "eval", EvalConfig, presets=EVAL_PRESETS)
+@claims_output_dir(lambda cfg: cfg.output_dir)
 def evaluate(cfg: EvalConfig) -> None:
     """Baseline (30 steps, CFG 7.5) vs the LoRA student at 2/4/8 steps on a prompt list at fixed seeds.
 

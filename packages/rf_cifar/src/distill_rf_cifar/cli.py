@@ -6,6 +6,7 @@ import typer
 from rich.console import Console
 
 from distill_common.config import config_command
+from distill_common.output_dir import claims_output_dir
 from distill_rf_cifar.config import (
     DISTILL_PRESETS,
     EVALUATE_PRESETS,
@@ -26,6 +27,7 @@ console = Console()
 
 
 @config_command(app, "train-teacher", TeacherConfig, presets=TEACHER_PRESETS, default_preset="smoke")
+@claims_output_dir(lambda cfg: cfg.output_dir)  # before torch is imported: a refused run exits at once
 def train_teacher_cmd(cfg: TeacherConfig) -> None:
     """Train the rectified-flow teacher on CIFAR-10 (resumes from the latest checkpoint in --output-dir)."""
     from distill_rf_cifar.stages import train_teacher
@@ -37,6 +39,7 @@ def train_teacher_cmd(cfg: TeacherConfig) -> None:
 
 
 @config_command(app, "make-pairs", PairsConfig, presets=PAIRS_PRESETS, default_preset="smoke")
+@claims_output_dir(lambda cfg: cfg.output_dir)  # before torch is imported: a refused run exits at once
 def make_pairs_cmd(cfg: PairsConfig) -> None:
     """Generate (noise, image, label, seed) pairs from the teacher's ODE into resumable shards + manifest.json."""
     from distill_rf_cifar.stages import make_pairs
@@ -46,6 +49,7 @@ def make_pairs_cmd(cfg: PairsConfig) -> None:
 
 
 @config_command(app, "distill", DistillConfig, presets=DISTILL_PRESETS, default_preset="smoke")
+@claims_output_dir(lambda cfg: cfg.folder)  # before torch is imported: a refused run exits at once
 def distill_cmd(cfg: DistillConfig) -> None:
     """Train a student from the teacher's weights with --recipe one_step | four_step | reflow | progressive."""
     from distill_rf_cifar.stages import distill_student
@@ -56,6 +60,7 @@ def distill_cmd(cfg: DistillConfig) -> None:
 
 
 @config_command(app, "sample", SampleConfig)
+@claims_output_dir(lambda cfg: cfg.output_dir)  # before torch is imported: a refused run exits at once
 def sample_cmd(cfg: SampleConfig) -> None:
     """Write PNGs and a grid (rows = classes, columns = seeds) from a generator folder or models:/ URI."""
     from distill_rf_cifar.stages import sample
@@ -64,6 +69,7 @@ def sample_cmd(cfg: SampleConfig) -> None:
 
 
 @config_command(app, "evaluate", EvaluateConfig, presets=EVALUATE_PRESETS, default_preset="smoke")
+@claims_output_dir(lambda cfg: cfg.output_dir)  # before torch is imported: a refused run exits at once
 def evaluate_cmd(cfg: EvaluateConfig) -> None:
     """FID-vs-NFE sweep (teacher: Euler steps + RK45; students: 1, 2, 4 steps) with latency, grid and plots."""
     from distill_eval.reports import print_table
@@ -77,6 +83,7 @@ def evaluate_cmd(cfg: EvaluateConfig) -> None:
 
 
 @config_command(app, "pipeline", PipelineConfig, presets=PIPELINE_PRESETS, default_preset="smoke")
+@claims_output_dir(lambda cfg: cfg.folder)  # before torch is imported: a refused run exits at once
 def pipeline_cmd(cfg: PipelineConfig) -> None:
     """THE MAIN JOB: teacher → pairs → four-step and one-step students → FID and ms/image vs the teacher →
     MLflow registry and champion → table. Rerunning resumes and skips finished stages."""

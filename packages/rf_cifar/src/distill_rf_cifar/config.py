@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from distill_common.config import nested, option
+from distill_common.config import FlagNamer, nested, option
 from distill_common.errors import ConfigError
 
 DEVICES = ("auto", "cuda", "mps", "cpu")
@@ -29,28 +29,30 @@ LR_SCHEDULES = ("constant_with_warmup", "linear", "cosine")
 class UNetConfig:
     """The denoiser: diffusers' ``UNet2DModel`` (Ho et al. 2020 layout) with a class embedding."""
 
-    base_channels: int = option(64, "Channels of the first level; level i has base_channels * channel_mults[i].")
-    channel_mults: list[int] = option([1, 1, 2], "Channel multiplier per resolution level (32, 16, 8, ...).")
-    res_blocks: int = option(1, "Residual blocks per level (the up path has one more, as in DDPM).")
+    base_channels: int = option(64, "Channels of the first level; level i has base_channels * channel_mults[i].", ge=1)
+    channel_mults: list[int] = option([1, 1, 2], "Channel multiplier per resolution level (32, 16, 8, ...).", ge=1)
+    res_blocks: int = option(1, "Residual blocks per level (the up path has one more, as in DDPM).", ge=1)
     attention_resolutions: list[int] = option([16], "Resolutions whose blocks get self-attention (empty: none).")
     mid_attention: bool = option(True, "Self-attention in the middle block (lowest resolution).")
-    dropout: float = option(0.1, "Dropout in the residual blocks (DDPM's CIFAR-10 value).")
-    norm_groups: int = option(32, "GroupNorm groups; must divide every level's channel count.")
-    num_classes: int = option(10, "Class labels (0 = unconditional); one extra 'null' class serves CFG.")
+    dropout: float = option(0.1, "Dropout in the residual blocks (DDPM's CIFAR-10 value).", ge=0, lt=1)
+    norm_groups: int = option(32, "GroupNorm groups; must divide every level's channel count.", ge=1)
+    num_classes: int = option(10, "Class labels (0 = unconditional); one extra 'null' class serves CFG.", ge=0)
 
-    def validate(self) -> None:
+    def validate(self, flag: FlagNamer = FlagNamer(("model",))) -> None:
         if self.base_channels < 1 or not self.channel_mults or self.res_blocks < 1:
-            raise ConfigError("the UNet needs base_channels >= 1, res_blocks >= 1 and at least one channel multiplier")
+            raise ConfigError(f"the UNet needs {flag('base_channels')} >= 1, {flag('res_blocks')} >= 1 and at least "
+                              f"one {flag('channel_mults')} value")
         for m in self.channel_mults:
             if (self.base_channels * m) % self.norm_groups:
                 raise ConfigError(
                     f"GroupNorm groups {self.norm_groups} do not divide {self.base_channels * m} channels; "
-                    "pass --model-norm-groups with a divisor of every level's width (e.g. 8)"
+                    f"pass {flag('norm_groups')} with a divisor of every level's width (e.g. 8)"
                 )
         levels = [32 // 2**i for i in range(len(self.channel_mults))]
         bad = [r for r in self.attention_resolutions if r not in levels]
         if bad:
-            raise ConfigError(f"attention resolutions {bad} are not levels of this UNet ({levels}); pick from those")
+            raise ConfigError(f"{flag('attention_resolutions')} {bad} are not levels of this UNet ({levels}); "
+                              "pick from those")
 
 
 @dataclass
@@ -59,7 +61,8 @@ class FlowConfig:
 
     time_sampler: str = option("logit_normal", "How training draws t: uniform, or logit-normal (SD3, minRF).",
                                choices=TIME_SAMPLER_NAMES)
-    label_dropout: float = option(0.1, "Probability of replacing the label by the null class (CFG training).")
+    label_dropout: float = option(0.1, "Probability of replacing the label by the null class (CFG training).",
+                                  ge=0, le=1)
 
 
 @dataclass
@@ -70,8 +73,9 @@ class DataConfig:
                                     "../shared/data next to the repository).", aliases=("--data-root",))
     source: str = option("shards", "CIFAR-10 source: WebDataset shards, an image folder, or the Hub.",
                          choices=DATA_SOURCES)
-    limit: int | None = option(None, "Use only the first N training images (default: all 50,000).")
+    limit: int | None = option(None, "Use only the first N training images (default: all 50,000).", ge=1)
     random_flip: bool = option(True, "Random horizontal flips (Ho et al. 2020, App. B).")
+    strict: bool = option(False, "Refuse unreadable images of a folder source (default: skip and count them).")
 
     def resolved_root(self) -> Path | None:
         if self.data_root is not None:
@@ -84,33 +88,32 @@ class DataConfig:
 class LoopConfig:
     """The one training loop (``training.loop.train``): optimiser, schedule, EMA, checkpoints, logging."""
 
-    steps: int = option(1000, "Optimiser steps of this run.")
-    batch_size: int = option(64, "Images per optimiser step.")
-    learning_rate: float = option(2e-4, "Peak learning rate of AdamW (DDPM: 2e-4).")
-    weight_decay: float = option(0.0, "AdamW weight decay.")
-    warmup_steps: int = option(100, "Linear learning-rate warm-up steps.")
+    steps: int = option(1000, "Optimiser steps of this run.", ge=1)
+    batch_size: int = option(64, "Images per optimiser step.", ge=1)
+    learning_rate: float = option(2e-4, "Peak learning rate of AdamW (DDPM: 2e-4).", gt=0)
+    weight_decay: float = option(0.0, "AdamW weight decay.", ge=0)
+    warmup_steps: int = option(100, "Linear learning-rate warm-up steps.", ge=0)
     lr_schedule: str = option("constant_with_warmup", "Learning-rate schedule after warm-up (diffusers names).",
                               choices=LR_SCHEDULES)
-    grad_clip: float = option(1.0, "Clip the gradient norm to this value (0 = off).")
-    ema_decay: float = option(0.9999, "EMA decay cap; the decay warms up as (1+n)/(10+n), so short runs still average.")
+    grad_clip: float = option(1.0, "Clip the gradient norm to this value (0 = off).", ge=0)
+    ema_decay: float = option(0.9999, "EMA decay cap; the decay warms up as (1+n)/(10+n), so short runs still average.",
+                              ge=0, lt=1)
     precision: str = option("auto", "Mixed precision through Accelerate (auto: fp16 on CUDA, fp32 elsewhere).",
                             choices=PRECISIONS)
     device: str = option("auto", "Device.", choices=DEVICES)
     seed: int = option(0, "Seed of weights-independent randomness: data order, t, noise, dropout.")
-    checkpoint_every: int = option(500, "Write a resumable checkpoint every N steps (and at the end).")
-    keep_checkpoints: int = option(2, "Checkpoints kept on disk (0 = all).")
-    log_every: int = option(25, "Report loss (overall and per t-bin) every N steps.")
-    sample_every: int = option(0, "Log a sample grid every N steps (0 = only at the end).")
-    time_bins: int = option(4, "Bins of t for the per-t-bin loss.")
+    checkpoint_every: int = option(500, "Write a resumable checkpoint every N steps (and at the end).", ge=1)
+    keep_checkpoints: int = option(2, "Checkpoints kept on disk (0 = all).", ge=0)
+    log_every: int = option(25, "Report loss (overall and per t-bin) every N steps.", ge=1)
+    sample_every: int = option(0, "Log a sample grid every N steps (0 = only at the end).", ge=0)
+    time_bins: int = option(4, "Bins of t for the per-t-bin loss.", ge=1)
     stop_at_step: int | None = option(None, "Stop (with a checkpoint) at this step without finishing, as a kill would; "
-                                      "a later run resumes.")
+                                      "a later run resumes.", ge=1)
     log_checkpoints: bool = option(True, "Log each checkpoint's weights to MLflow as artifacts.")
 
-    def validate(self) -> None:
-        if self.steps < 1 or self.batch_size < 1:
-            raise ConfigError("training needs --steps >= 1 and --batch-size >= 1")
-        if self.checkpoint_every < 1 or self.log_every < 1 or self.time_bins < 1:
-            raise ConfigError("--checkpoint-every, --log-every and --time-bins must be at least 1")
+    def validate(self, flag: FlagNamer = FlagNamer(("train",))) -> None:
+        if self.precision == "fp16" and self.device == "cpu":
+            raise ConfigError(f"precision fp16 is not supported on the CPU; pass {flag('precision')} bf16 or fp32")
 
 
 @dataclass
@@ -118,10 +121,10 @@ class SamplingConfig:
     """How a generator samples by default."""
 
     sampler: str = option("euler", "ODE solver.", choices=SAMPLER_NAMES)
-    steps: int = option(32, "Default number of steps (ignored by rk45).")
-    guidance: float = option(1.0, "Classifier-free guidance scale w: v = v_u + w (v_c - v_u); 1 = conditional only.")
-    rtol: float = option(1e-3, "RK45 relative tolerance (Liu et al. use 1e-3 for CIFAR-10).")
-    atol: float = option(1e-3, "RK45 absolute tolerance.")
+    steps: int = option(32, "Default number of steps (ignored by rk45).", ge=1)
+    guidance: float = option(1.0, "Classifier-free guidance scale w: v = v_u + w (v_c - v_u); 1 = conditional only.", ge=0)
+    rtol: float = option(1e-3, "RK45 relative tolerance (Liu et al. use 1e-3 for CIFAR-10).", gt=0)
+    atol: float = option(1e-3, "RK45 absolute tolerance.", gt=0)
 
 
 @dataclass
@@ -138,9 +141,6 @@ class TeacherConfig:
     run_name: str = option("teacher", "MLflow run name.")
     track: bool = option(True, "Log to MLflow.")
 
-    def validate(self) -> None:
-        self.model.validate()
-        self.train.validate()
 
 
 @dataclass
@@ -149,36 +149,34 @@ class PairsConfig:
 
     teacher: Path = option(Path("runs/rf_cifar/teacher/generator"), "Teacher generator folder.")
     output_dir: Path = option(Path("runs/rf_cifar/pairs"), "Folder of pair shards and manifest.json.")
-    num_pairs: int = option(1024, "Pairs in total; seeds seed_start .. seed_start + num_pairs - 1.")
-    shard_size: int = option(512, "Pairs per safetensors shard (the unit of resume).")
-    seed_start: int = option(1_000_000, "First seed (kept apart from evaluation seeds 0..N).")
+    num_pairs: int = option(1024, "Pairs in total; seeds seed_start .. seed_start + num_pairs - 1.", ge=1)
+    shard_size: int = option(512, "Pairs per safetensors shard (the unit of resume).", ge=1)
+    seed_start: int = option(1_000_000, "First seed (kept apart from evaluation seeds 0..N).", ge=0)
     sampler: str = option("euler", "Teacher ODE solver.", choices=SAMPLER_NAMES)
-    steps: int = option(16, "Teacher steps (euler/heun).")
-    guidance: float = option(1.0, "Teacher CFG scale baked into the pairs.")
-    rtol: float = option(1e-3, "RK45 relative tolerance.")
-    atol: float = option(1e-3, "RK45 absolute tolerance.")
-    batch_size: int = option(256, "Pairs generated per batch.")
+    steps: int = option(16, "Teacher steps (euler/heun).", ge=1)
+    guidance: float = option(1.0, "Teacher CFG scale baked into the pairs.", ge=0)
+    rtol: float = option(1e-3, "RK45 relative tolerance.", gt=0)
+    atol: float = option(1e-3, "RK45 absolute tolerance.", gt=0)
+    batch_size: int = option(256, "Pairs generated per batch.", ge=1)
     storage_dtype: str = option("float32", "dtype of stored noise and images.", choices=("float32", "float16"))
     device: str = option("auto", "Device.", choices=DEVICES)
     experiment: str = option("rf_cifar", "MLflow experiment.")
     track: bool = option(True, "Log to MLflow.")
 
-    def validate(self) -> None:
-        if self.num_pairs < 1 or self.shard_size < 1 or self.batch_size < 1:
-            raise ConfigError("make-pairs needs --num-pairs, --shard-size and --batch-size >= 1")
 
 
 @dataclass
 class RecipeConfig:
     """Options of the student recipes (which ones a recipe reads is listed in recipes.py)."""
 
-    k: int = option(4, "Steps of the k-step student (four_step).")
+    k: int = option(4, "Steps of the k-step student (four_step).", ge=1)
     distance: str = option("l2", "One-step loss: L2 on the velocity, or LPIPS on the predicted image "
                            "(Liu et al. use LPIPS for the one-step student).", choices=DISTANCES)
-    lpips_resize: int = option(224, "Upsample to this size before LPIPS (as Liu et al.; 0 = native 32 px).")
-    reflow_fraction: float = option(0.5, "reflow recipe: share of the steps spent on 2-RF before the one-step distill.")
-    progressive_start: int = option(32, "progressive: the teacher's Euler steps in the first round.")
-    progressive_end: int = option(4, "progressive: the student's steps after the last round (halving each round).")
+    lpips_resize: int = option(224, "Upsample to this size before LPIPS (as Liu et al.; 0 = native 32 px).", ge=0)
+    reflow_fraction: float = option(0.5, "reflow recipe: share of the steps spent on 2-RF before the one-step distill.",
+                                    ge=0, le=1)
+    progressive_start: int = option(32, "progressive: the teacher's Euler steps in the first round.", ge=1)
+    progressive_end: int = option(4, "progressive: the student's steps after the last round (halving each round).", ge=1)
     time_sampler: str = option("uniform", "reflow recipe: how t is drawn.", choices=TIME_SAMPLER_NAMES)
 
 
@@ -198,9 +196,6 @@ class DistillConfig:
     run_name: str | None = option(None, "MLflow run name (default: distill-<recipe>).")
     track: bool = option(True, "Log to MLflow.")
 
-    def validate(self) -> None:
-        self.train.validate()
-
     @property
     def folder(self) -> Path:
         return self.output_dir or Path("runs/rf_cifar/students") / self.recipe
@@ -211,11 +206,11 @@ class SampleConfig:
     """``distill rf sample``: PNGs and a grid from a generator."""
 
     generator: str = option("runs/rf_cifar/teacher/generator", "Generator folder, runs:/ID/PATH or models:/NAME@ALIAS.")
-    classes: list[int] = option(list(range(10)), "Class labels to draw.")
-    per_class: int = option(8, "Images per class (seeds seed, seed+1, ...).")
-    steps: int | None = option(None, "Steps (default: the generator's own).")
+    classes: list[int] = option(list(range(10)), "Class labels to draw.", ge=0)
+    per_class: int = option(8, "Images per class (seeds seed, seed+1, ...).", ge=1)
+    steps: int | None = option(None, "Steps (default: the generator's own).", ge=1)
     sampler: str | None = option(None, "ODE solver (default: the generator's own).", choices=SAMPLER_NAMES)
-    guidance: float | None = option(None, "CFG scale (default: the generator's own).")
+    guidance: float | None = option(None, "CFG scale (default: the generator's own).", ge=0)
     seed: int = option(0, "First seed.")
     output_dir: Path = option(Path("runs/rf_cifar/samples"), "Where the PNGs and grid.png go.")
     device: str = option("auto", "Device.", choices=DEVICES)
@@ -225,16 +220,16 @@ class SampleConfig:
 class EvalConfig:
     """The FID-vs-NFE sweep."""
 
-    teacher_steps: list[int] = option([1, 2, 4, 8, 16, 32, 100], "Teacher Euler step counts.")
+    teacher_steps: list[int] = option([1, 2, 4, 8, 16, 32, 100], "Teacher Euler step counts.", ge=1)
     teacher_rk45: bool = option(True, "Also evaluate the teacher with the adaptive RK45 solve.")
-    student_steps: list[int] = option([1, 2, 4], "Student step counts.")
-    num_images: int = option(1000, "Generated images per configuration (seeds 0..N-1, classes cycling 0..9).")
+    student_steps: list[int] = option([1, 2, 4], "Student step counts.", ge=1)
+    num_images: int = option(1000, "Generated images per configuration (seeds 0..N-1, classes cycling 0..9).", ge=2)
     reference: str = option("cifar10-train", "FID reference set (distill_eval.reference_stats).")
-    reference_n: int | None = option(10_000, "Reference images (default: all of the set).")
-    batch_size: int = option(250, "Generation batch size.")
-    timing_batch: int = option(64, "Batch of the latency measurement.")
-    timing_repeats: int = option(3, "Timed batches per configuration, after one warm-up batch.")
-    grid_classes: int = option(10, "Rows (classes) of the comparison grid.")
+    reference_n: int | None = option(10_000, "Reference images (default: all of the set).", ge=2)
+    batch_size: int = option(250, "Generation batch size.", ge=1)
+    timing_batch: int = option(64, "Batch of the latency measurement.", ge=1)
+    timing_repeats: int = option(3, "Timed batches per configuration, after one warm-up batch.", ge=1)
+    grid_classes: int = option(10, "Rows (classes) of the comparison grid.", ge=1)
 
 
 @dataclass
@@ -257,7 +252,7 @@ class RegistryConfig:
 
     teacher_name: str = option("rf_cifar-teacher", "Registered model of teachers (champion: best FID at any steps).")
     student_name: str = option("rf_cifar-student", "Registered model of students (champion: best FID at <= max_steps).")
-    max_steps: int = option(4, "Champion gate: only step counts up to this compete.")
+    max_steps: int = option(4, "Champion gate: only step counts up to this compete.", ge=1)
     register: bool = option(True, "Register and promote (needs tracking).")
 
 
@@ -285,11 +280,6 @@ class PipelineConfig:
     device: str = option("auto", "Device of every stage.", choices=DEVICES)
     experiment: str = option("rf_cifar", "MLflow experiment.")
     track: bool = option(True, "Log to MLflow (and register; --no-track skips the registry).")
-
-    def validate(self) -> None:
-        self.model.validate()
-        for loop in (self.teacher, self.four_step, self.one_step):
-            loop.validate()
 
     @property
     def folder(self) -> Path:

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from distill_common import checkpoint as ckpt
@@ -145,12 +146,27 @@ def check_teacher(pairs_dir: str | Path, teacher: str | Path) -> dict[str, Any]:
 def load_pairs(pairs_dir: str | Path, teacher: str | Path | None = None) -> PairData:
     """All finished shards as one :class:`PairData` (checked against ``teacher`` when given)."""
     manifest = check_teacher(pairs_dir, teacher) if teacher is not None else read_manifest(pairs_dir)
+    want = manifest.get("teacher_sha256")
     noise, images, labels = [], [], []
     for shard in manifest["shards"]:
         path = Path(pairs_dir) / shard["file"]
         if not path.is_file():
             raise DataError(f"pair shard {path} is missing; rerun 'distill rf make-pairs' to regenerate it")
+        try:
+            with safe_open(str(path), framework="pt") as handle:  # the shard's own record of its teacher
+                made_by = (handle.metadata() or {}).get("teacher_sha256")
+        except Exception as exc:
+            raise DataError(f"pair shard {path} is unreadable ({exc}); delete it and rerun 'distill rf make-pairs'") from None
+        if made_by != want:
+            raise DataError(
+                f"pair shard {path} was made by teacher {str(made_by)[:12]} but {Path(pairs_dir) / MANIFEST} "
+                f"{'and the teacher in use name' if teacher is not None else 'names'} {str(want)[:12]}; the shards "
+                "and the manifest come from different teachers: make the pairs again with 'distill rf make-pairs'"
+            )
         tensors = load_file(str(path))
+        if tensors["noise"].shape[0] != shard.get("count", tensors["noise"].shape[0]):
+            raise DataError(f"pair shard {path} holds {tensors['noise'].shape[0]} pairs, its manifest says "
+                            f"{shard['count']}; delete it and rerun 'distill rf make-pairs'")
         noise.append(tensors["noise"])
         images.append(tensors["image"])
         labels.append(tensors["label"])

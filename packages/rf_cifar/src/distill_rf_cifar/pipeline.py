@@ -26,6 +26,7 @@ from distill_common import checkpoint as ckpt
 from distill_common import tracking
 from distill_common.config import save_config
 from distill_common.errors import DistillError
+from distill_common.output_dir import claims_output_dir
 from distill_rf_cifar.config import (
     PipelineConfig,
     distill_config,
@@ -94,6 +95,7 @@ def _promote(name: str, max_steps: int | None) -> str:
     return f"{gate}; {decision.reason}"
 
 
+@claims_output_dir(lambda cfg: cfg.folder)
 def run_pipeline(cfg: PipelineConfig, *, console: Console | None = None, progress: bool = True) -> PipelineResult:
     """Run (or resume) every stage; see the module docstring."""
     from distill_common.registry_cli import ui_hint

@@ -23,6 +23,7 @@ from distill_common import tracking
 from distill_common.config import to_dict
 from distill_common.errors import ConfigError
 from distill_common.generator import resolve_generator_folder
+from distill_common.output_dir import claims_output_dir
 from distill_common.runtime import environment_info, is_main_process
 from distill_rf_cifar.config import (
     DistillConfig,
@@ -163,6 +164,7 @@ def _train_recipe(name: str, phases: list[Phase], model: torch.nn.Module, loop: 
                         info=info)
 
 
+@claims_output_dir(lambda cfg: cfg.output_dir)
 def train_teacher(cfg: TeacherConfig, *, console: Console | None = None, progress: bool = True,
                   nested: bool = False) -> StageOutcome:
     """Rectified-flow teacher on CIFAR-10 from random weights (recipe ``teacher``)."""
@@ -178,7 +180,8 @@ def train_teacher(cfg: TeacherConfig, *, console: Console | None = None, progres
     data = {}
     if not stage.get("finished"):
         data["images"] = load_cifar_training_data(cfg.data.resolved_root(), cfg.data.source, cfg.data.limit,
-                                                  cfg.data.random_flip, show_progress=progress)
+                                                  cfg.data.random_flip, show_progress=progress,
+                                                      strict=cfg.data.strict)
     export = dict(role="teacher", default_steps=cfg.sampling.steps, default_guidance=cfg.sampling.guidance,
                   sampler=cfg.sampling.sampler, rtol=cfg.sampling.rtol, atol=cfg.sampling.atol, recipe="teacher",
                   time_sampler=cfg.flow.time_sampler, label_dropout=cfg.flow.label_dropout, train_steps=cfg.train.steps)
@@ -219,6 +222,7 @@ def use_teacher(source: str | Path, folder: Path, *, experiment: str = "rf_cifar
                         info=info)
 
 
+@claims_output_dir(lambda cfg: cfg.output_dir)
 def make_pairs(cfg: PairsConfig, *, console: Console | None = None, progress: bool = True,
                run_name: str = "make-pairs", nested: bool = False) -> StageOutcome:
     """Teacher ODE pairs into resumable shards (see pairs.py)."""
@@ -243,6 +247,7 @@ def make_pairs(cfg: PairsConfig, *, console: Console | None = None, progress: bo
                                                "shards_generated": result.generated_shards})
 
 
+@claims_output_dir(lambda cfg: cfg.folder)
 def distill_student(cfg: DistillConfig, *, console: Console | None = None, progress: bool = True,
                     nested: bool = False) -> StageOutcome:
     """A student from the teacher's weights by recipe ``cfg.recipe`` (see recipes.py)."""
@@ -262,10 +267,11 @@ def distill_student(cfg: DistillConfig, *, console: Console | None = None, progr
     data: dict[str, Any] = {}
     if not stage.get("finished"):
         if "pairs" in kinds:
-            data["pairs"] = load_pairs(cfg.pairs)
+            data["pairs"] = load_pairs(cfg.pairs, cfg.teacher)  # each shard's teacher hash checked too
         if "images" in kinds:
             data["images"] = load_cifar_training_data(cfg.data.resolved_root(), cfg.data.source, cfg.data.limit,
-                                                      cfg.data.random_flip, show_progress=progress)
+                                                      cfg.data.random_flip, show_progress=progress,
+                                                      strict=cfg.data.strict)
     model = load_model(cfg.teacher)  # every student starts from the teacher's weights
     export = dict(role=cfg.recipe, default_steps=phases[-1].sample_steps, default_guidance=1.0, sampler="euler",
                   recipe=cfg.recipe, teacher_sha256=weights_sha256(cfg.teacher), teacher=str(Path(cfg.teacher).resolve()),
@@ -276,6 +282,7 @@ def distill_student(cfg: DistillConfig, *, console: Console | None = None, progr
                          tags, export, progress, console, nested)
 
 
+@claims_output_dir(lambda cfg: cfg.output_dir)
 def sample(cfg: SampleConfig, *, console: Console | None = None) -> Path:
     """PNG per image (``class{c}_seed{s}.png``) and ``grid.png`` (rows = classes, columns = seeds)."""
     from PIL import Image
@@ -290,16 +297,18 @@ def sample(cfg: SampleConfig, *, console: Console | None = None) -> Path:
     conditions = [c for c in cfg.classes for _ in range(cfg.per_class)]
     seeds = [cfg.seed + j for _ in cfg.classes for j in range(cfg.per_class)]
     kwargs = {"sampler": cfg.sampler} if cfg.sampler else {}
-    images = gen.generate(conditions, cfg.steps or gen.default_steps, seeds, cfg.guidance, **kwargs)  # (N, 3, 32, 32)
+    steps = cfg.steps if cfg.steps is not None else gen.default_steps  # steps >= 1 is checked by the config
+    images = gen.generate(conditions, steps, seeds, cfg.guidance, **kwargs)  # (N, 3, 32, 32)
     for img, c, s in zip(images, conditions, seeds, strict=True):
         arr = (img.permute(1, 2, 0).numpy() * 255).round().astype("uint8")
         Image.fromarray(arr).save(out / f"class{c}_seed{s}.png")
     image_grid(images, ncols=cfg.per_class).save(out / "grid.png")
     console.print(f"wrote {len(conditions)} images and {out / 'grid.png'} "
-                  f"({cfg.steps or gen.default_steps} steps, NFE {getattr(gen, 'last_nfe', '?')})")
+                  f"({steps} steps, NFE {getattr(gen, 'last_nfe', '?')})")
     return out / "grid.png"
 
 
+@claims_output_dir(lambda cfg: cfg.output_dir)
 def evaluate(cfg: EvaluateConfig, *, console: Console | None = None, progress: bool = True,
              run_name: str = "evaluate", nested: bool = False) -> tuple[Any, str | None]:
     """FID-vs-NFE sweep of a teacher and students; logs an MLflow run and stamps evaluated registry versions."""

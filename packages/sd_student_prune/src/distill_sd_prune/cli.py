@@ -11,6 +11,7 @@ from rich.console import Console
 
 from distill_common.config import config_command, option, save_config
 from distill_common.errors import ConfigError
+from distill_common.output_dir import claims_output_dir
 from distill_common.runtime import DEVICES
 from distill_sd_prune.architecture.channel_init import INIT_METHODS
 from distill_sd_prune.architecture.pruning import PRUNE_PLANS
@@ -34,9 +35,9 @@ class PrepareConfig:
         DEFAULT_TEACHER, "Teacher: hub id, local diffusers folder or single-file checkpoint."
     )
     plan: str = option("sd_small", "Block pruning plan.", choices=tuple(PRUNE_PLANS))
-    width: float = option(1.0, "Channel width relative to the teacher, in (0, 1].")
+    width: float = option(1.0, "Channel width relative to the teacher, in (0, 1].", gt=0, le=1)
     init: str = option("slice", "How the student inherits the teacher's weights.", choices=INIT_METHODS)
-    resolution: int = option(512, "Image resolution at which MACs are counted.")
+    resolution: int = option(512, "Image resolution at which MACs are counted.", ge=8)
     seed: int = option(0, "Seed of the random initialisation (init random).")
     output_dir: Path = option(
         Path("runs/prune/student"), "Writes OUTPUT_DIR/unet (diffusers) and prune_map.json."
@@ -44,6 +45,7 @@ class PrepareConfig:
 
 
 @config_command(app, "prepare-unet", PrepareConfig)
+@claims_output_dir(lambda cfg: cfg.output_dir)
 def prepare_unet(cfg: PrepareConfig) -> None:
     """Build a student UNet from the teacher (pruned blocks, narrower channels, inherited weights) and report
     parameters and MACs per UNet call for teacher and student."""
@@ -76,6 +78,7 @@ def prepare_unet(cfg: PrepareConfig) -> None:
 
 
 @config_command(app, "train", TrainConfig)
+@claims_output_dir(lambda cfg: cfg.output_dir)
 def train_cmd(cfg: TrainConfig) -> None:
     """Distil a student by a recipe (v1, v2.1, v2.2, v3); unset options take the recipe's values, and every
     resolved option is logged to MLflow. Resumes from OUTPUT_DIR/checkpoints after a kill."""
@@ -150,6 +153,7 @@ class GenerateConfig:
 
 
 @config_command(app, "generate", GenerateConfig)
+@claims_output_dir(lambda cfg: cfg.output_dir)
 def generate_cmd(cfg: GenerateConfig) -> None:
     """Generate images with a student (or the teacher) using DDPM, PNDM or DDIM and classifier-free
     guidance."""
@@ -199,6 +203,7 @@ def generate_cmd(cfg: GenerateConfig) -> None:
 
 
 @config_command(app, "evaluate", EvaluateConfig)
+@claims_output_dir(lambda cfg: cfg.output_dir)
 def evaluate_cmd(cfg: EvaluateConfig) -> None:
     """FID on COCO val, LPIPS to the teacher at the same seed, CLIPScore (with --clip-model), time per image,
     parameters and MACs, at 25 DDPM steps / CFG 5 and the other settings given; stamps registered students and

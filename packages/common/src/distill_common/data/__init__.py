@@ -13,10 +13,12 @@ from distill_common.data.cifar10 import (
     CIFAR10_HUB_NAME,
     CIFAR10_SOURCES,
     CIFAR10_SPLITS,
+    Cifar10Batches,
     Cifar10Hub,
     Cifar10ImageFolder,
     Cifar10Shards,
     load_cifar10,
+    open_cifar10,
 )
 from distill_common.data.hub import hub_offline, hub_reachable, load_hub_dataset
 from distill_common.data.prompts import coco_captions, coco_prompt_subset, load_prompts_file
@@ -34,6 +36,7 @@ __all__ = [
     "FOLDER_LAYOUTS",
     "CaptionedImageDataset",
     "CaptionedRecord",
+    "Cifar10Batches",
     "Cifar10Hub",
     "Cifar10ImageFolder",
     "Cifar10Shards",
@@ -47,6 +50,7 @@ __all__ = [
     "hub_reachable",
     "load_captioned",
     "load_cifar10",
+    "open_cifar10",
     "load_hub_dataset",
     "load_prompts_file",
     "resolve_data_root",

@@ -12,7 +12,10 @@ the decoded pixels instead of each filling a private cache.
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
+import os
 import tarfile
 from collections import Counter
 from collections.abc import Callable
@@ -27,6 +30,7 @@ from torchvision.datasets import ImageFolder
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from distill_common.data.hub import load_hub_dataset
+from distill_common.data.images import check_images
 from distill_common.data.root import find_dataset_dir, resolve_data_root
 from distill_common.data.transforms import build_image_transform
 from distill_common.errors import DataError, unknown_choice
@@ -55,6 +59,61 @@ Transform = Callable[[Image.Image | torch.Tensor], torch.Tensor]
 def _check_split(split: str) -> None:
     if split not in CIFAR10_SPLITS:
         raise unknown_choice("CIFAR-10 split", split, CIFAR10_SPLITS)
+
+
+SHARD_MANIFEST = "manifest.json"
+SHARD_MANIFEST_FORMAT = "distill-cifar10-shards/1"
+
+
+def _manifest_path(shard_dir: Path) -> tuple[Path, bool]:
+    """The shards' manifest: shipped next to them (read-only), else one the data layer keeps in the user cache."""
+    shipped = shard_dir / SHARD_MANIFEST
+    if shipped.is_file():
+        return shipped, True
+    from distill_common.data.cifar10_download import cache_dir
+
+    tag = hashlib.sha256(str(shard_dir.resolve()).encode()).hexdigest()[:16]
+    return cache_dir() / "shard-manifests" / f"{tag}.json", False
+
+
+def check_shard_manifest(shard_dir: Path, split: str, facts: dict[str, dict[str, object]], complete: bool) -> None:
+    """Refuse shards whose sample count or sha256 differs from their manifest (a truncated or swapped shard).
+
+    Without a manifest, the first read writes one into the user cache (never into the data folder, which may be
+    read-only); shards it has not seen yet are added to it.
+    """
+    path, shipped = _manifest_path(shard_dir)
+    try:
+        manifest = json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, json.JSONDecodeError):
+        manifest = {}
+    known: dict[str, dict[str, object]] = manifest.get("shards", {}) if isinstance(manifest, dict) else {}
+    for name, fact in facts.items():
+        want = known.get(name)
+        if want is None:
+            continue
+        if want.get("count") != fact["count"] or want.get("sha256") != fact["sha256"]:
+            undo = "" if shipped else f", or delete {path} if the new contents are intended"
+            raise DataError(
+                f"CIFAR-10 shard {shard_dir / name} holds {fact['count']} samples ({fact['bytes']} bytes, sha256 "
+                f"{str(fact['sha256'])[:12]}) but its manifest {path} says {want.get('count')} (sha256 "
+                f"{str(want.get('sha256'))[:12]}): it is truncated or was replaced; re-download it{undo}"
+            )
+    if complete:
+        missing = sorted(n for n in known if n.startswith(f"{split}-") and n not in facts)
+        if missing:
+            raise DataError(f"CIFAR-10 shards {missing} listed in {path} are missing from {shard_dir}; restore them")
+    new = {n: f for n, f in facts.items() if n not in known}
+    if shipped or not new:
+        return
+    data = {"format": SHARD_MANIFEST_FORMAT, "shard_dir": str(shard_dir.resolve()), "shards": {**known, **new}}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+        os.replace(tmp, path)
+    except OSError:
+        pass  # an unwritable cache only loses the check for later reads
 
 
 class Cifar10Shards(Dataset):
@@ -90,8 +149,10 @@ class Cifar10Shards(Dataset):
         shard_ids: list[int] = []
         offsets: list[int] = []
         sizes: list[int] = []
+        facts: dict[str, dict[str, object]] = {}
         for shard_id, shard in enumerate(self.shards):
-            for key, offset, size, label in self._index_shard(shard):
+            rows, facts[shard.name] = self._index_shard(shard)
+            for key, offset, size, label in rows:
                 self.keys.append(key)
                 self.labels.append(label)
                 shard_ids.append(shard_id)
@@ -105,6 +166,7 @@ class Cifar10Shards(Dataset):
             raise DataError(
                 f"no CIFAR-10 samples in {self.shard_dir}/{split}-*.tar; pass --data-root with the shards"
             )
+        check_shard_manifest(self.shard_dir, split, facts, complete=len(facts) == len(self.shards))
         self._shard_ids = np.asarray(shard_ids, dtype=np.int32)
         self._offsets = np.asarray(offsets, dtype=np.int64)
         self._sizes = np.asarray(sizes, dtype=np.int64)
@@ -116,8 +178,8 @@ class Cifar10Shards(Dataset):
             self.preload()
 
     @staticmethod
-    def _index_shard(shard: Path) -> list[tuple[str, int, int, int]]:
-        """(key, jpg offset, jpg size, label) per sample of one tar, in member order."""
+    def _index_shard(shard: Path) -> tuple[list[tuple[str, int, int, int]], dict[str, object]]:
+        """(key, jpg offset, jpg size, label) per sample of one tar, in member order; and the shard's count and hash."""
         data = shard.read_bytes()
         jpgs: dict[str, tuple[int, int]] = {}
         labels: dict[str, int] = {}
@@ -152,7 +214,7 @@ class Cifar10Shards(Dataset):
                     f"sample {key!r} in {shard} has label {label} outside 0..9; re-download the shard"
                 )
             rows.append((key, *jpgs[key], label))
-        return rows
+        return rows, {"count": len(rows), "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -224,6 +286,85 @@ class Cifar10Shards(Dataset):
         return {name: counts.get(i, 0) for i, name in enumerate(CIFAR10_CLASSES)}
 
 
+class Cifar10Batches(Dataset):
+    """CIFAR-10 from the official python batches (``cifar-10-batches-py``), e.g. the copy downloaded into the cache.
+
+    Same interface as :class:`Cifar10Shards` (``labels``, ``keys``, ``uint8_images()``, ``class_counts()``).
+    """
+
+    classes = CIFAR10_CLASSES
+
+    def __init__(self, folder: str | Path, split: str = "train", transform: Transform | None = None,
+                 limit: int | None = None) -> None:
+        from distill_common.data.cifar10_download import load_batches
+
+        _check_split(split)
+        if limit is not None and limit < 1:
+            raise DataError(f"limit must be positive, got {limit}; pass --limit N with N >= 1 or leave it unset")
+        images, labels = load_batches(folder, split)
+        self.split, self.folder = split, Path(folder)
+        self.transform = transform or build_image_transform(CIFAR10_RESOLUTION)
+        self._images = images[:limit]  # (N, 3, 32, 32) uint8
+        self.labels: list[int] = labels[: len(self._images)]
+        bad = [v for v in self.labels if not 0 <= v < len(CIFAR10_CLASSES)]
+        if bad:
+            raise DataError(f"labels {sorted(set(bad))[:3]} in {folder} are outside 0..9; delete the folder to "
+                            "download CIFAR-10 again")
+        self.keys = [f"{split}_{i:05d}" for i in range(len(self.labels))]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def image_uint8(self, index: int) -> torch.Tensor:
+        return self._images[index]
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.transform(self._images[index]), self.labels[index]
+
+    def preload(self) -> Cifar10Batches:
+        return self
+
+    def uint8_images(self) -> torch.Tensor:
+        return self._images
+
+    def class_counts(self) -> dict[str, int]:
+        counts = Counter(self.labels)
+        return {name: counts.get(i, 0) for i, name in enumerate(CIFAR10_CLASSES)}
+
+
+def open_cifar10(
+    root: str | Path | None = None,
+    split: str = "train",
+    transform: Transform | None = None,
+    limit: int | None = None,
+    *,
+    preload: bool = False,
+    show_progress: bool = True,
+) -> Cifar10Shards | Cifar10Batches:
+    """CIFAR-10 from wherever it is: the data root's shards, else its (or the cache's) python batches, else -- when
+    no data root is configured at all -- the official archive downloaded once into the user cache."""
+    from distill_common.data.cifar10_download import download_cifar10, find_batches, manual_fix
+
+    _check_split(split)
+    try:
+        base = resolve_data_root(root)
+    except DataError:
+        if root is not None and str(root) != "":
+            raise
+        base = None  # no data root anywhere: the cache, or a download
+    if base is not None:
+        for folder in (base, base / "cifar10"):
+            if folder.is_dir() and any(folder.glob(f"{split}-*.tar")):
+                return Cifar10Shards(folder, split, transform, limit, preload=preload, show_progress=show_progress)
+    batches = find_batches(base)
+    if batches is not None:
+        return Cifar10Batches(batches, split, transform, limit)
+    if base is not None:
+        raise DataError(f"no CIFAR-10 in {base} (looked for cifar10/{split}-*.tar and cifar10/cifar-10-batches-py); "
+                        f"{manual_fix()}")
+    return Cifar10Batches(download_cifar10(show_progress=show_progress), split, transform, limit)
+
+
 class Cifar10ImageFolder(ImageFolder):
     """CIFAR-10 from ``root/[split/]class_name/*.png|jpg``.
 
@@ -237,6 +378,8 @@ class Cifar10ImageFolder(ImageFolder):
         split: str = "train",
         transform: Transform | None = None,
         limit: int | None = None,
+        strict: bool = False,
+        strict_flag: str = "--strict",
     ) -> None:
         _check_split(split)
         base = resolve_data_root(root)
@@ -253,10 +396,16 @@ class Cifar10ImageFolder(ImageFolder):
                 f"no class folders with images in {folder} (looked for class_name/*.png|jpg, optionally under "
                 f"{split}/); pass --data-root with such a folder or use --source shards"
             ) from err
-        if limit is not None:
-            self.samples = self.samples[:limit]
-            self.imgs = self.samples
-            self.targets = [target for _, target in self.samples]
+        self.samples = self.samples[:limit]
+        # Unreadable files (garbage bytes named .png) are dropped here and counted, or refused under strict.
+        good, self.corrupt = check_images([path for path, _ in self.samples], strict, strict_flag)
+        keep = {str(p) for p in good}
+        self.samples = [(path, target) for path, target in self.samples if path in keep]
+        if not self.samples:
+            raise DataError(f"all {len(self.corrupt)} images in {folder} are unreadable (first: {self.corrupt[0]}); "
+                            "check the files")
+        self.imgs = self.samples
+        self.targets = [target for _, target in self.samples]
 
     def find_classes(self, directory: str | Path) -> tuple[list[str], dict[str, int]]:
         names = sorted(entry.name for entry in Path(directory).iterdir() if entry.is_dir())
@@ -320,11 +469,14 @@ def load_cifar10(
     preload: bool = False,
     hub_name: str = CIFAR10_HUB_NAME,
     show_progress: bool = True,
+    strict: bool = False,
+    strict_flag: str = "--strict",
 ) -> Dataset:
     """CIFAR-10 as ``(image float (3, 32, 32) in [-1, 1], label int)``.
 
     ``root`` is the data root (holding ``cifar10/``) or the shard/image folder itself; None reads
-    ``DISTILL_DATA_ROOT``. ``random_flip`` adds the horizontal flips used for CIFAR-10 training
+    ``DISTILL_DATA_ROOT``. Unreadable files of a ``folder`` source are skipped and counted (``.corrupt``), or
+    refused with ``strict``. ``random_flip`` adds the horizontal flips used for CIFAR-10 training
     (Ho et al., 2020, Appendix B); ``transform`` replaces the default transform entirely.
     """
     if source not in CIFAR10_SOURCES:
@@ -333,7 +485,7 @@ def load_cifar10(
         CIFAR10_RESOLUTION, center_crop=True, random_flip=random_flip
     )
     if source == "shards":
-        return Cifar10Shards(root, split, transform, limit, preload=preload, show_progress=show_progress)
+        return open_cifar10(root, split, transform, limit, preload=preload, show_progress=show_progress)
     if source == "folder":
-        return Cifar10ImageFolder(root, split, transform, limit)
+        return Cifar10ImageFolder(root, split, transform, limit, strict=strict, strict_flag=strict_flag)
     return Cifar10Hub(split, transform, limit, name=hub_name)

@@ -67,6 +67,47 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
         ) from None
 
 
+def _sqlite_path(uri: str) -> Path | None:
+    if not uri.startswith("sqlite:///"):
+        return None
+    return Path(uri[len("sqlite:///"):].split("?", 1)[0])
+
+
+def check_store_writable(uri: str | None = None) -> None:
+    """Fail in well under a second when the embedded store cannot be written (mlflow itself would retry for
+    about two minutes): the sqlite file's folder and the artifact root must take a new file. A server is
+    checked for reachability instead."""
+    from distill_common.errors import os_error_text
+
+    uri = uri or tracking_uri()
+    if is_remote(uri):
+        check_reachable(uri)
+        return
+    targets: list[tuple[Path, str]] = []
+    db = _sqlite_path(uri)
+    if db is not None:
+        targets.append((db.parent, f"the MLflow store {db}"))
+    elif uri.startswith("file:") or "://" not in uri:
+        targets.append((Path(uri.removeprefix("file://").removeprefix("file:")), f"the MLflow store {uri}"))
+    art = os.environ.get("DISTILL_ARTIFACT_ROOT") or str(Path.cwd() / DEFAULT_ARTIFACT_DIR)
+    targets.append((Path(art), f"the MLflow artifact folder {art}"))
+    fix = ("run from a writable folder, or set MLFLOW_TRACKING_URI=sqlite:////writable/path/mlflow.db and "
+           "DISTILL_ARTIFACT_ROOT, or pass --no-track")
+    for folder, what in targets:
+        existing = next((p for p in (folder, *folder.parents) if p.exists()), None)
+        try:
+            if existing is not None and not existing.is_dir():
+                raise NotADirectoryError(20, "Not a directory", str(existing))
+            probe_dir = folder if folder.is_dir() else existing
+            fd, probe = tempfile.mkstemp(prefix=".distill-write-check-", dir=probe_dir)
+            os.close(fd)
+            os.unlink(probe)
+            if folder == (db.parent if db is not None else None) and db.exists() and not os.access(db, os.W_OK):
+                raise PermissionError(13, "Permission denied", str(db))
+        except OSError as exc:
+            raise TrackingError(f"{what} is not writable ({os_error_text(exc)}: {exc.filename or folder}); {fix}") from None
+
+
 def configure(uri: str | None = None) -> str:
     """Point mlflow at the chosen store after checking that it can be reached; return the URI."""
     import mlflow
@@ -311,6 +352,8 @@ def start_run(
         return
     import mlflow
 
+    if not is_remote(tracking_uri()):
+        check_store_writable()  # seconds of sqlite retries otherwise
     configure()
     experiment_id = get_or_create_experiment(experiment)
     active = mlflow.start_run(run_id=run_id, experiment_id=None if run_id else experiment_id,

@@ -31,6 +31,7 @@ class ImageLabelData:
         assert images.dtype == torch.uint8 and images.dim() == 4, "images must be uint8 (N, 3, H, W)"
         assert labels.shape[0] == images.shape[0], "one label per image"
         self.images, self.labels, self.random_flip = images, labels.long(), random_flip
+        self.num_corrupt = 0  # unreadable source images skipped while loading
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -97,17 +98,38 @@ class EpochOrder:
 
 
 def load_cifar_training_data(data_root: Path | str | None, source: str = "shards", limit: int | None = None,
-                             random_flip: bool = True, show_progress: bool = True) -> ImageLabelData:
-    """CIFAR-10 train split decoded once into memory (via distill_common.data)."""
-    from distill_common.data import Cifar10Shards, load_cifar10
+                             random_flip: bool = True, show_progress: bool = True,
+                             strict: bool = False) -> ImageLabelData:
+    """CIFAR-10 train split decoded once into memory (via distill_common.data).
+
+    Unreadable images of a folder source are skipped and counted in one printed line (``strict``: refused).
+    """
+    from rich.console import Console
+
+    from distill_common.config import cli_flag
+    from distill_common.data import load_cifar10, open_cifar10
+    from distill_common.data.images import IMAGE_ERRORS, skipped_note, unreadable_image
 
     if source == "shards":
-        ds = Cifar10Shards(data_root, "train", limit=limit, show_progress=show_progress)
+        ds = open_cifar10(data_root, "train", limit=limit, show_progress=show_progress)
         return ImageLabelData(ds.uint8_images().clone(), torch.tensor(ds.labels), random_flip)
-    ds = load_cifar10(source, "train", data_root, limit=limit)
+    ds = load_cifar10(source, "train", data_root, limit=limit, strict=strict, strict_flag=cli_flag(("data", "strict")))
+    bad = list(getattr(ds, "corrupt", []))
     images, labels = [], []
     for i in range(len(ds)):
-        x, y = ds[i]  # (3, 32, 32) in [-1, 1]
+        try:
+            x, y = ds[i]  # (3, 32, 32) in [-1, 1]
+        except IMAGE_ERRORS as err:  # passed the header check, fails at full decode (e.g. truncated)
+            path = ds.samples[i][0] if hasattr(ds, "samples") else i
+            if strict:
+                raise unreadable_image(path, err, cli_flag(("data", "strict"))) from None
+            bad.append(f"{path}: {type(err).__name__}: {err}")
+            continue
         images.append(((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8))
         labels.append(int(y))
-    return ImageLabelData(torch.stack(images), torch.tensor(labels), random_flip)
+    if bad:
+        Console(stderr=True).print(f"[yellow]warning:[/] {skipped_note(bad, data_root)}", highlight=False,
+                                   soft_wrap=True)
+    data = ImageLabelData(torch.stack(images), torch.tensor(labels), random_flip)
+    data.num_corrupt = len(bad)
+    return data

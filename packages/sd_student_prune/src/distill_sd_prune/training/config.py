@@ -26,7 +26,7 @@ DEFAULT_TEACHER = "runwayml/stable-diffusion-v1-5"
 class StudentOptions:
     plan: str | None = option(None, "Block pruning plan (default: the recipe's).", choices=tuple(PRUNE_PLANS))
     width: float | None = option(
-        None, "Channel width relative to the teacher, in (0, 1] (default: the recipe's)."
+        None, "Channel width relative to the teacher, in (0, 1] (default: the recipe's).", gt=0, le=1
     )
     init: str | None = option(
         None, "How the student inherits the teacher's weights (default: the recipe's).", choices=INIT_METHODS
@@ -38,9 +38,9 @@ class StudentOptions:
 
 @dataclass
 class LossOptions:
-    task_weight: float | None = option(None, "Weight of the task noise MSE (default: the recipe's).")
-    output_kd_weight: float | None = option(None, "Weight of output KD, MSE to the teacher's prediction.")
-    feature_kd_weight: float | None = option(None, "Weight of feature KD, summed MSE over hooked blocks.")
+    task_weight: float | None = option(None, "Weight of the task noise MSE (default: the recipe's).", ge=0)
+    output_kd_weight: float | None = option(None, "Weight of output KD, MSE to the teacher's prediction.", ge=0)
+    feature_kd_weight: float | None = option(None, "Weight of feature KD, summed MSE over hooked blocks.", ge=0)
     feature_blocks: list[str] = option(
         [], "Student blocks for feature KD (empty: every down, mid and up block)."
     )
@@ -49,10 +49,10 @@ class LossOptions:
         "KD weight schedule: constant weights, or linear alpha(t): task x (1-alpha), KD x alpha.",
         choices=KD_ALPHA_SCHEDULES,
     )
-    kd_alpha_start: float = option(1.0, "alpha at the first step (linear schedule).")
-    kd_alpha_end: float = option(0.5, "alpha at the last step (linear schedule).")
+    kd_alpha_start: float = option(1.0, "alpha at the first step (linear schedule).", ge=0, le=1)
+    kd_alpha_end: float = option(0.5, "alpha at the last step (linear schedule).", ge=0, le=1)
     balance: bool | None = option(None, "Rescale KD terms to the task loss's running magnitude.")
-    balance_beta: float = option(0.99, "EMA decay of the magnitude balancer.")
+    balance_beta: float = option(0.99, "EMA decay of the magnitude balancer.", ge=0, lt=1)
 
 
 @dataclass
@@ -62,45 +62,45 @@ class ScheduleOptions:
         "Training timesteps: uniform over 0..T-1, or the progressive DDPM chain.",
         choices=TIMESTEP_SAMPLERS,
     )
-    chain_start: int = option(1000, "Progressive chain: steps in the first stage.")
-    chain_end: int = option(25, "Progressive chain: steps in the last stage (the inference chain).")
-    chain_stages: int = option(4, "Progressive chain: number of equal-length stages.")
-    caption_dropout_start: float | None = option(None, "Caption dropout rate at the first step.")
-    caption_dropout_end: float | None = option(None, "Caption dropout rate at the last step.")
+    chain_start: int = option(1000, "Progressive chain: steps in the first stage.", ge=1)
+    chain_end: int = option(25, "Progressive chain: steps in the last stage (the inference chain).", ge=1)
+    chain_stages: int = option(4, "Progressive chain: number of equal-length stages.", ge=1)
+    caption_dropout_start: float | None = option(None, "Caption dropout rate at the first step.", ge=0, le=1)
+    caption_dropout_end: float | None = option(None, "Caption dropout rate at the last step.", ge=0, le=1)
     lr: str | None = option(None, "Learning-rate schedule.", choices=LR_SCHEDULES)
-    warmup_steps: int = option(0, "Linear warm-up steps of the constant schedule.")
-    onecycle_pct_start: float = option(0.3, "Fraction of the run OneCycleLR spends rising.")
+    warmup_steps: int = option(0, "Linear warm-up steps of the constant schedule.", ge=0)
+    onecycle_pct_start: float = option(0.3, "Fraction of the run OneCycleLR spends rising.", gt=0, lt=1)
     ema: bool | None = option(
         None, "Keep an EMA of the student's weights (exported instead of the live ones)."
     )
-    ema_decay: float = option(0.9999, "EMA decay (with warm-up: min(decay, 1 - (1 + step)^(-2/3))).")
+    ema_decay: float = option(0.9999, "EMA decay (with warm-up: min(decay, 1 - (1 + step)^(-2/3))).", ge=0, lt=1)
 
 
 @dataclass
 class DataOptions:
     root: Path | None = option(None, "Data root holding coco2017/ (default: $DISTILL_DATA_ROOT).")
     split: str = option("train", "COCO 2017 split to train on.", choices=("train", "val"))
-    limit: int | None = option(None, "Use only the first N images.")
+    limit: int | None = option(None, "Use only the first N images.", ge=1)
     resolution: int | None = option(None, "Image resolution, 64..512 (default: the recipe's).")
     center_crop: bool = option(True, "Center (else random) square crop.")
     random_flip: bool = option(False, "Random horizontal flips.")
     cache: bool = option(False, "Cache VAE latents and text embeddings on disk (safetensors).")
     cache_dir: Path | None = option(None, "Cache root (default: OUTPUT_DIR/../latent_cache).")
     cache_dtype: str = option("fp16", "Storage dtype of the cache.", choices=("fp16", "bf16", "fp32"))
-    num_workers: int = option(0, "DataLoader worker processes.")
+    num_workers: int = option(0, "DataLoader worker processes.", ge=0)
 
 
 @dataclass
 class EvalOptions:
     every: int | None = option(
-        None, "Periodic FID + LPIPS every N steps on a fixed COCO val subset (0: off)."
+        None, "Periodic FID + LPIPS every N steps on a fixed COCO val subset (0: off).", ge=0
     )
-    num_images: int = option(16, "Images of the fixed COCO val subset (prompts + FID reference).")
-    steps: int = option(25, "Sampler steps for periodic evaluation.")
-    guidance: float = option(5.0, "CFG scale for periodic evaluation.")
+    num_images: int = option(16, "Images of the fixed COCO val subset (prompts + FID reference).", ge=1)
+    steps: int = option(25, "Sampler steps for periodic evaluation.", ge=1)
+    guidance: float = option(5.0, "CFG scale for periodic evaluation.", ge=0)
     scheduler: str = option("ddpm", "Sampler for periodic evaluation.", choices=tuple(SAMPLERS))
     lpips_net: str = option("alex", "LPIPS backbone.", choices=("alex", "vgg"))
-    batch_size: int = option(8, "Generation batch size.")
+    batch_size: int = option(8, "Generation batch size.", ge=1)
 
 
 @dataclass
@@ -117,23 +117,23 @@ class TrainConfig:
     schedule: ScheduleOptions = nested(ScheduleOptions)
     data: DataOptions = nested(DataOptions)
     eval: EvalOptions = nested(EvalOptions)
-    max_steps: int = option(1000, "Optimiser steps.")
-    batch_size: int = option(8, "Micro-batch size per process.")
+    max_steps: int = option(1000, "Optimiser steps.", ge=1)
+    batch_size: int = option(8, "Micro-batch size per process.", ge=1)
     gradient_accumulation: int | None = option(
-        None, "Micro-batches per optimiser step (default: the recipe's)."
+        None, "Micro-batches per optimiser step (default: the recipe's).", ge=1
     )
-    learning_rate: float | None = option(None, "Peak learning rate of AdamW (default: the recipe's).")
-    weight_decay: float = option(0.01, "AdamW weight decay.")
-    max_grad_norm: float = option(1.0, "Gradient clipping norm (0: off).")
+    learning_rate: float | None = option(None, "Peak learning rate of AdamW (default: the recipe's).", gt=0)
+    weight_decay: float = option(0.01, "AdamW weight decay.", ge=0)
+    max_grad_norm: float = option(1.0, "Gradient clipping norm (0: off).", ge=0)
     precision: str | None = option(
         None, "fp32, or fp16/bf16 mixed precision via Accelerate (default: recipe's).", choices=PRECISIONS
     )
     device: str = option("auto", "Device.", choices=DEVICES)
     seed: int = option(0, "Seed of the data order, noise, timesteps and caption dropout.")
-    checkpoint_every: int = option(500, "Atomic checkpoint every N steps (and at the end).")
-    keep_checkpoints: int = option(2, "Checkpoints kept (0: all).")
+    checkpoint_every: int = option(500, "Atomic checkpoint every N steps (and at the end).", ge=1)
+    keep_checkpoints: int = option(2, "Checkpoints kept (0: all).", ge=0)
     resume: bool = option(True, "Resume from the latest checkpoint in OUTPUT_DIR/checkpoints.")
-    log_every: int = option(10, "Log metrics every N steps.")
+    log_every: int = option(10, "Log metrics every N steps.", ge=1)
     experiment: str = option("sd_student_prune", "MLflow experiment.")
     run_name: str | None = option(None, "MLflow run name (default: RECIPE-BUDGET).")
     track: bool = option(True, "Log to MLflow.")

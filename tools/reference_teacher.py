@@ -1,0 +1,273 @@
+"""Ship rf_cifar's reference teacher: export a trained teacher as package data, measure it, write its model card.
+
+    python tools/reference_teacher.py export runs/rf_cifar/reference-teacher --command "distill rf train-teacher ..."
+    python tools/reference_teacher.py sweep  --num-images 1000            # pick the sampler / steps / guidance
+    python tools/reference_teacher.py card   --num-images 10000 --reference-n 10000 --configs euler:32:2.0 ...
+
+``export`` copies the run's exported EMA weights (``generator/model.safetensors``) into
+``packages/rf_cifar/src/distill_rf_cifar/reference_teacher/`` in fp16 storage, with ``model_config.json``, a
+``generator.json`` whose defaults are the measured best setting, and ``training.json`` (command, commit, steps,
+wall time, hardware, data). ``sweep`` scores a grid of (sampler, steps, guidance) on a small protocol;
+``card`` scores the chosen settings on the long protocol (and the fp32 weights against the fp16 ones), each FID
+with its 95% bootstrap interval (distill_eval.intervals), and writes ``MODEL_CARD.md`` with the weights' sha256.
+Results are kept in ``runs/rf_cifar/reference-card/*.json``, so a cut-off run resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import platform
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.progress import Progress
+
+from distill_common import checkpoint as ckpt
+from distill_rf_cifar.generator import (
+    MODEL_CONFIG_FILE,
+    MODEL_FILE,
+    REFERENCE_TEACHER,
+    RFGenerator,
+    load_model,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+WORK = ROOT / "runs" / "rf_cifar" / "reference-card"
+console = Console()
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def export(args: argparse.Namespace) -> None:
+    """Run folder -> package data (fp16 weights unless --fp32)."""
+    run = Path(args.run_dir)
+    gen = run / "generator"
+    stage = json.loads((run / "stage.json").read_text())
+    manifest = json.loads((gen / "generator.json").read_text())
+    model = load_model(gen)
+    state = {k: (v.half() if v.is_floating_point() and not args.fp32 else v) for k, v in model.state_dict().items()}
+    out = Path(args.output or REFERENCE_TEACHER)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt.save_weights(state, out / MODEL_FILE)
+    (out / MODEL_CONFIG_FILE).write_text((gen / MODEL_CONFIG_FILE).read_text())
+    sampler, steps, guidance = args.default.split(":")
+    keep = {k: v for k, v in manifest.items() if k not in ("default_steps", "default_guidance", "sampler")}
+    (out / "generator.json").write_text(json.dumps({**keep, "role": "teacher", "name": "reference",
+                                                    "sampler": sampler, "default_steps": int(steps),
+                                                    "default_guidance": float(guidance),
+                                                    "storage_dtype": "float32" if args.fp32 else "float16"}, indent=2))
+    training = {"command": args.command, "commit": args.commit or git_commit(), "steps": stage.get("info", {}).get("steps"),
+                "wall_time_s": args.wall_time_s, "hardware": f"{cpu_name()}, {args.threads} thread(s), no GPU",
+                "data": "CIFAR-10 train, 50,000 images (the shared WebDataset shards, JPEG q~75 re-encodings), "
+                        "random horizontal flips", "precision": args.precision,
+                "parameters": manifest.get("parameters"), "run_id": stage.get("run_id")}
+    (out / "training.json").write_text(json.dumps(training, indent=2))
+    console.print(f"exported {out} ({(out / MODEL_FILE).stat().st_size / 1e6:.2f} MB, sha256 "
+                  f"{sha256(out / MODEL_FILE)})")
+
+
+def _score(gen: RFGenerator, sampler: str, steps: int, guidance: float, n: int, reference, extractor, key: str,
+           batch: int, resamples: int) -> dict:
+    """FID with its interval for one setting; cached in WORK/<key>.json."""
+    from distill_eval.fid import score_images
+
+    cache = WORK / f"{key}.json"
+    if cache.is_file():
+        return json.loads(cache.read_text())
+    seeds = list(range(n))
+    conditions = [s % 10 for s in seeds]
+    images, nfe, seconds = [], 0, 0.0
+    with Progress(console=console, transient=True) as bar:
+        task = bar.add_task(f"generate {key}", total=n)
+        for i in range(0, n, batch):
+            start = time.perf_counter()
+            images.append((gen.generate(conditions[i:i + batch], steps, seeds[i:i + batch], guidance, sampler=sampler)
+                           * 255).round().to(torch.uint8))
+            seconds += time.perf_counter() - start
+            nfe = gen.last_nfe
+            bar.update(task, advance=len(images[-1]))
+    res = score_images(torch.cat(images), extractor, reference, batch_size=100, progress=False,
+                       bootstrap_resamples=resamples)
+    out = {"key": key, "sampler": sampler, "steps": steps, "guidance": guidance, "nfe": nfe, "fid": res.fid,
+           "fid_low": res.fid_interval.low if res.fid_interval else None,
+           "fid_high": res.fid_interval.high if res.fid_interval else None,
+           "kid": res.kid_mean, "kid_std": res.kid_std, "ms_per_image": 1000 * seconds / n,
+           "protocol": res.protocol.as_dict()}
+    WORK.mkdir(parents=True, exist_ok=True)
+    ckpt.write_json(cache, out)
+    console.print(f"{key:>28}: FID {out['fid']:.2f} [{out['fid_low']:.2f}, {out['fid_high']:.2f}]  NFE {nfe}",
+                  highlight=False)
+    return out
+
+
+def _setup(args: argparse.Namespace):
+    from distill_eval.inception import InceptionFeatureExtractor
+    from distill_eval.reference_stats import reference_stats
+
+    extractor = InceptionFeatureExtractor(precision=args.feature_precision)
+    reference = reference_stats("cifar10-train", extractor, n=args.reference_n, resolution=32,
+                                data_root=args.data_root, progress=True)
+    return extractor, reference
+
+
+def _settings(specs: list[str]) -> list[tuple[str, int, float]]:
+    out = []
+    for spec in specs:
+        sampler, steps, guidance = spec.split(":")
+        out.append((sampler, int(steps), float(guidance)))
+    return out
+
+
+def sweep(args: argparse.Namespace) -> list[dict]:
+    extractor, reference = _setup(args)
+    gen = RFGenerator(load_model(args.teacher), batch_size=args.batch_size)
+    rows = [_score(gen, s, k, w, args.num_images, reference, extractor, f"{args.tag}n{args.num_images}_{s}{k}_w{w:g}",
+                   args.batch_size, args.resamples) for s, k, w in _settings(args.configs)]
+    best = min(rows, key=lambda r: r["fid"])
+    console.print(f"best: {best['sampler']}:{best['steps']}:{best['guidance']:g} FID {best['fid']:.2f}")
+    return rows
+
+
+def card(args: argparse.Namespace) -> None:
+    """The long protocol on the shipped weights, the fp32-vs-fp16 storage check, and MODEL_CARD.md."""
+    rows = sweep(args)
+    folder = REFERENCE_TEACHER
+    training = json.loads((folder / "training.json").read_text())
+    manifest = json.loads((folder / "generator.json").read_text())
+    storage = []
+    if args.fp32_run:  # same setting, fp32 weights of the run vs the shipped fp16 ones
+        extractor, reference = _setup(args)
+        s, k, w = manifest["sampler"], manifest["default_steps"], manifest["default_guidance"]
+        for label, source in (("fp32 weights (run)", Path(args.fp32_run) / "generator"), ("fp16 weights (shipped)", folder)):
+            gen = RFGenerator(load_model(source), batch_size=args.batch_size)
+            tag = "fp32" if "fp32" in label else "fp16"
+            storage.append((label, _score(gen, s, k, w, args.storage_images, reference, extractor,
+                                          f"storage_{tag}_n{args.storage_images}_{s}{k}_w{w:g}", args.batch_size,
+                                          args.resamples)))
+    sweep_rows = [json.loads(p.read_text()) for p in sorted(WORK.glob(f"{args.sweep_tag}n*.json"))]
+    protocol = rows[0]["protocol"]
+    best = min(rows, key=lambda r: r["fid"])
+    lines = [
+        "# Model card: rf_cifar reference teacher",
+        "",
+        "A class-conditional rectified-flow teacher for CIFAR-10 (32x32), trained by this project with its own",
+        "`distill rf train-teacher` on two CPU cores, and shipped with `distill-rf-cifar` so that every student",
+        "recipe, the main job (`make demo`) and the method comparison start from the same, reasonable teacher.",
+        "Load it anywhere a teacher or generator is accepted as `--teacher reference` (or `rf_cifar:reference`).",
+        "",
+        "## Weights",
+        "",
+        f"- file: `{MODEL_FILE}` ({(folder / MODEL_FILE).stat().st_size / 1e6:.2f} MB, "
+        f"{manifest.get('storage_dtype', 'float32')} storage of the EMA weights; loaded as fp32)",
+        f"- sha256: `{sha256(folder / MODEL_FILE)}`",
+        f"- parameters: {manifest.get('parameters'):,}; architecture: `{MODEL_CONFIG_FILE}` (diffusers UNet2DModel "
+        "with a class embedding, label 10 = the null class for classifier-free guidance)",
+        "- convention: x_t = t·x1 + (1 − t)·x0, x0 ~ N(0, I) noise, x1 data in [−1, 1]; the network predicts the "
+        "velocity x1 − x0; sample by integrating t: 0 → 1",
+        f"- defaults in `generator.json`: sampler {manifest['sampler']}, {manifest['default_steps']} steps, "
+        f"guidance {manifest['default_guidance']:g} (the best setting measured below)",
+        "",
+        "## Training",
+        "",
+        f"- command: `{training['command']}`",
+        f"- commit: `{training['commit']}`",
+        f"- steps: {training['steps']} (batch 64); wall time: {training['wall_time_s'] / 3600:.2f} h",
+        f"- hardware: {training['hardware']}; precision: {training['precision']}",
+        f"- data: {training['data']}",
+        "",
+        "## Evaluation",
+        "",
+        f"Protocol: FID against the statistics of {protocol['reference_n']:,} images of `{protocol['reference_set']}`"
+        f" (the shared JPEG re-encodings: **not** comparable with published CIFAR-10 FIDs), {protocol['generated_n']:,}"
+        f" generated images (seeds 0..N−1, class = seed mod 10), {protocol.get('resolution', 32)} px, resize "
+        f"{protocol.get('resize', 'none')}, Inception features in {protocol.get('feature_precision', 'fp32')} "
+        f"(extractor {protocol.get('extractor_hash', '?')}). Intervals: 95% basic bootstrap over the generated "
+        "images (reference statistics fixed). NFE counts network evaluations per image (a CFG step is 2).",
+        "",
+        "| sampler | steps | guidance | NFE | FID [95% interval] | KID ×1e3 (± std over subsets) |",
+        "|---|---:|---:|---:|---|---|",
+    ]
+    for r in sorted(rows, key=lambda r: r["fid"]):
+        bold = "**" if r is best else ""
+        lines.append(f"| {r['sampler']} | {r['steps']} | {r['guidance']:g} | {r['nfe']} | {bold}{r['fid']:.2f}{bold} "
+                     f"[{r['fid_low']:.2f}, {r['fid_high']:.2f}] | {1e3 * r['kid']:.2f} ± {1e3 * r['kid_std']:.2f} |")
+    if sweep_rows:
+        sp = sweep_rows[0]["protocol"]
+        lines += ["", f"Sweep that chose the setting ({sp['generated_n']:,} generated vs {sp['reference_n']:,} reference "
+                  f"images, same method otherwise):", "",
+                  "| sampler | steps | guidance | NFE | FID [95% interval] |", "|---|---:|---:|---:|---|"]
+        for r in sorted(sweep_rows, key=lambda r: (r["sampler"], r["steps"], r["guidance"])):
+            lines.append(f"| {r['sampler']} | {r['steps']} | {r['guidance']:g} | {r['nfe']} | {r['fid']:.2f} "
+                         f"[{r['fid_low']:.2f}, {r['fid_high']:.2f}] |")
+    if storage:
+        lines += ["", "fp16 storage check (same setting and seeds):", "", "| weights | N | FID [95% interval] |",
+                  "|---|---:|---|"]
+        for label, r in storage:
+            lines.append(f"| {label} | {r['protocol']['generated_n']:,} | {r['fid']:.2f} [{r['fid_low']:.2f}, "
+                         f"{r['fid_high']:.2f}] |")
+    lines += ["", "Reproduce: `python tools/reference_teacher.py card` (see its --help); training: the command above.",
+              ""]
+    (folder / "MODEL_CARD.md").write_text("\n".join(lines))
+    console.print(f"wrote {folder / 'MODEL_CARD.md'}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    ex = sub.add_parser("export")
+    ex.add_argument("run_dir")
+    ex.add_argument("--output", default=None)
+    ex.add_argument("--command", required=True)
+    ex.add_argument("--commit", default=None)
+    ex.add_argument("--wall-time-s", type=float, required=True)
+    ex.add_argument("--threads", default="1-2")
+    ex.add_argument("--precision", default="bf16 autocast")
+    ex.add_argument("--default", default="euler:32:2.0", help="SAMPLER:STEPS:GUIDANCE written as the defaults")
+    ex.add_argument("--fp32", action="store_true")
+    for name in ("sweep", "card"):
+        p = sub.add_parser(name)
+        p.add_argument("--teacher", default=str(REFERENCE_TEACHER))
+        p.add_argument("--configs", nargs="+", default=["euler:16:1", "euler:16:1.5", "euler:16:2", "euler:16:3",
+                                                        "heun:8:2", "euler:32:2"])
+        p.add_argument("--num-images", type=int, default=1000)
+        p.add_argument("--reference-n", type=int, default=10000)
+        p.add_argument("--feature-precision", default="bf16", choices=("fp32", "bf16"))
+        p.add_argument("--resamples", type=int, default=200)
+        p.add_argument("--batch-size", type=int, default=250)
+        p.add_argument("--data-root", default=None)
+        p.add_argument("--tag", default="sweep_" if name == "sweep" else "card_")
+        if name == "card":
+            p.add_argument("--sweep-tag", default="sweep_")
+            p.add_argument("--fp32-run", default=None, help="the training run folder, to compare fp32 vs fp16 storage")
+            p.add_argument("--storage-images", type=int, default=2000)
+    args = ap.parse_args()
+    {"export": export, "sweep": sweep, "card": card}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    main()
