@@ -29,8 +29,8 @@ def test_benchmark_end_to_end_and_resume(mlflow_uri, logged_generator, data_root
     # 3 configurations x 24 images, plus warm-up and timed batches of 12
     assert generated_first == 3 * 24 + 3 * 12 * 3
 
-    for name in ("benchmark.csv", "benchmark.json", "benchmark.md", "grid.png", "fid_vs_steps.png",
-                 "fid_vs_latency.png"):
+    for name in ("benchmark.csv", "benchmark.json", "benchmark.md", "grid.png", "plots/fid_vs_steps.png",
+                 "plots/fid_vs_latency.png"):
         assert (out / name).is_file(), name
     report = json.loads((out / "benchmark.json").read_text())
     rows = report["rows"]
@@ -40,15 +40,28 @@ def test_benchmark_end_to_end_and_resume(mlflow_uri, logged_generator, data_root
     proto = report["meta"]["protocol"]
     assert proto["reference_set"] == "cifar10-test" and proto["reference_n"] == 48 and proto["generated_n"] == 24
     assert proto["resolution"] == 32
+    assert proto["resize"] == "none" and proto["feature_precision"] == "fp32"  # resize picked for 32 px CIFAR
+    # every FID carries its interval; the tables print FID [low, high] and mark overlaps with the best row
+    assert all(0 <= r["fid_ci95_low"] <= r["fid_ci95_high"] for r in rows)
+    assert {r["fid_vs_best"] for r in rows} <= {"best", "≈ best", "worse"}
+    assert sum(r["fid_vs_best"] == "best" for r in rows) == 1
+    assert all(r["kid_std"] > 0 for r in rows)  # a real spread over subsets of 12 of the 24 images
+    md = (out / "benchmark.md").read_text()
+    assert f"{rows[1]['fid']:.2f} [{rows[1]['fid_ci95_low']:.2f}, {rows[1]['fid_ci95_high']:.2f}]" in md
+    assert "basic (reverse-percentile) bootstrap" in md and "fid_ci95_low" in (out / "benchmark.csv").read_text()
 
     # the evaluation run is linked to the versions, and the versions carry the numbers
     info = {v.version: v for v in tracking.list_versions("noise")}[student]
     assert float(info.tags["eval.s1.fid"]) == pytest.approx(rows[1]["fid"], rel=1e-6)
+    assert float(info.tags["eval.s1.fid_ci95_low"]) == pytest.approx(rows[1]["fid_ci95_low"], rel=1e-6)
+    assert float(info.tags["eval.s1.fid_ci95_high"]) == pytest.approx(rows[1]["fid_ci95_high"], rel=1e-6)
     from mlflow import MlflowClient
 
     run = MlflowClient().get_run(info.tags["eval.run_id"])
     assert f"models:/noise/{student}" in run.data.tags["evaluated"]
     assert run.data.tags["protocol.reference_set"] == "cifar10-test"
+    assert sorted(a.path for a in MlflowClient().list_artifacts(run.info.run_id, "plots")) == [
+        "plots/fid_vs_latency.png", "plots/fid_vs_steps.png"]
     assert any(k.startswith("student.s1.fid") for k in run.data.metrics)
     decision = promotion.decide("noise", "fid", max_steps=2)
     assert decision.chosen.version in (teacher, student)

@@ -114,11 +114,21 @@ _REFERENCE_ROOTS: dict[object, torch.Tensor] = {}
 
 
 def reference_sqrt(reference: ReferenceStats) -> torch.Tensor:
-    """``Sigma_ref^(1/2)``, computed once per reference (its cache file, else the object) in this process."""
+    """``Sigma_ref^(1/2)``, computed once per reference (its cache file, else the object) in this process.
+
+    A reference smaller than the feature size that kept all its features is low-rank: its root comes from the
+    SVD of its centred features (d x k) instead of a d x d ``eigh``.
+    """
     key = str(reference.path) if reference.path is not None else reference
     if key not in _REFERENCE_ROOTS:
         _REFERENCE_ROOTS.clear()  # one reference at a time in practice; do not pin old ones in memory
-        _REFERENCE_ROOTS[key] = psd_sqrt(reference.sigma)
+        if low_rank_applies(1, reference):
+            feats = reference.features.to(torch.float64)
+            centred = (feats - feats.mean(0)).T / (feats.shape[0] - 1) ** 0.5  # (d, k): Sigma = C C^T
+            u, s, _ = torch.linalg.svd(centred, full_matrices=False)
+            _REFERENCE_ROOTS[key] = (u * s) @ u.T
+        else:
+            _REFERENCE_ROOTS[key] = psd_sqrt(reference.sigma)
     return _REFERENCE_ROOTS[key]
 
 
