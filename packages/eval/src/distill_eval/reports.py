@@ -60,7 +60,7 @@ def mark_separability(rows: list[dict[str, Any]], *, metric: str = "fid", teache
     for r in scored:
         if r.get("role") == teacher_role:
             continue
-        same = [t for t in teachers if t.get("steps") == r.get("steps") and t.get("sampler") == r.get("sampler")]
+        same = [t for t in teachers if all(t.get(k) == r.get(k) for k in ("steps", "sampler", "guidance"))]
         if not same:
             continue
         (t_low, t_high), (low, high) = _interval(same[0]), _interval(r)
