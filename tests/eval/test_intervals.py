@@ -10,7 +10,7 @@ import torch
 
 from distill_common.errors import ConfigError
 from distill_eval.features import feature_statistics
-from distill_eval.fid import fid_from_stats, kid_from_features, kid_subset_size
+from distill_eval.fid import capped_kid_subset_size, fid_from_stats, kid_from_features
 from distill_eval.intervals import FidBootstrap, Interval, bootstrap_interval
 from distill_eval.reports import cell, mark_separability, markdown_table, write_report
 
@@ -87,10 +87,10 @@ def test_basic_fid_interval_covers_the_population_fid_and_the_percentile_one_doe
 def test_kid_subsets_differ_so_the_std_is_a_real_spread() -> None:
     rng = np.random.default_rng(4)
     a, b = rng.normal(size=(500, 64)), rng.normal(0.1, 1.0, size=(500, 64))
-    assert kid_subset_size(500, 500) == 250 and kid_subset_size(10_000, 50_000) == 1000
-    assert kid_subset_size(3, 500) == 2
+    assert capped_kid_subset_size(500, 500) == 250 and capped_kid_subset_size(10_000, 50_000) == 1000
+    assert capped_kid_subset_size(3, 500) == 2
     _, whole_set_std = kid_from_features(a, b, subsets=10, subset_size=500)
-    mean, std = kid_from_features(a, b, subsets=50, subset_size=kid_subset_size(500, 500))
+    mean, std = kid_from_features(a, b, subsets=50, subset_size=capped_kid_subset_size(500, 500))
     assert whole_set_std < 1e-12 < 1e-4 * abs(mean) < std  # one subset = the set: no spread; halves: a spread
 
 

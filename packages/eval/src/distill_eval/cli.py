@@ -76,7 +76,7 @@ def fid_cmd(
     """FID with a 95% bootstrap interval over DIR_A (DIR_B's statistics fixed), and KID mean ± std over subsets
     of half the smaller set (at most 1,000), between two folders of images (Inception-v3 pool features)."""
     from distill_eval.features import extract_features, feature_statistics
-    from distill_eval.fid import fid_from_features, kid_from_features, kid_subset_size
+    from distill_eval.fid import capped_kid_subset_size, fid_from_features, kid_from_features
     from distill_eval.inception import FEATURE_PRECISIONS, InceptionFeatureExtractor
     from distill_eval.intervals import FidBootstrap
     from distill_eval.reports import interval_note, print_table
@@ -86,7 +86,7 @@ def fid_cmd(
     extractor = InceptionFeatureExtractor(precision=feature_precision)
     fa = extract_features(_folder_images(dir_a), extractor, batch_size)
     fb = extract_features(_folder_images(dir_b), extractor, batch_size)
-    size = kid_subset_size(fa.shape[0], fb.shape[0])
+    size = capped_kid_subset_size(fa.shape[0], fb.shape[0])
     kid_mean, kid_std = kid_from_features(fa, fb, kid_subsets, size, seed=seed)
     row = {"fid": fid_from_features(fa, fb), "kid": kid_mean, "kid_std": kid_std, "kid_subset_size": size,
            "n_a": fa.shape[0], "n_b": fb.shape[0], "extractor": extractor.extractor_hash,

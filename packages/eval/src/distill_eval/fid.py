@@ -26,13 +26,13 @@ from distill_eval.protocol import FIDResult
 from distill_eval.reference_stats import ReferenceStats
 
 __all__ = ["extract_features", "feature_statistics", "fid_from_stats", "fid_from_features", "kid_from_features",
-           "kid_subset_size", "fid_low_rank", "fid_kid_result", "score_images"]
+           "capped_kid_subset_size", "fid_low_rank", "fid_kid_result", "score_images"]
 
 KID_SUBSETS = 100
 KID_SUBSET_SIZE = 1000
 
 
-def kid_subset_size(n_a: int, n_b: int, requested: int = KID_SUBSET_SIZE) -> int:
+def capped_kid_subset_size(n_a: int, n_b: int, requested: int = KID_SUBSET_SIZE) -> int:
     """KID subset size: ``requested`` (torch-fidelity's 1,000), capped at half the smaller set so that subsets
     differ and their std is a real spread (a subset as large as the set is the set itself, std 0)."""
     return max(2, min(requested, min(n_a, n_b) // 2))
@@ -148,7 +148,7 @@ def fid_kid_result(
 
     The interval resamples the generated images (``bootstrap_resamples`` times, seeded by ``seed``; 0 = no
     interval) with the reference statistics fixed, by the basic bootstrap (:mod:`distill_eval.intervals`). The
-    KID subset size is capped at half the smaller set (:func:`kid_subset_size`), so tiny runs still report an
+    KID subset size is capped at half the smaller set (:func:`capped_kid_subset_size`), so tiny runs still report an
     (unbiased) KID and its spread over subsets.
     """
     if extractor_hash != reference.extractor_hash:
@@ -178,7 +178,7 @@ def fid_kid_result(
     if bootstrap_resamples:
         boot = FidBootstrap(generated_features, reference.mu, reference.sigma, reference_sqrt(reference))
         interval = boot.interval(resamples=bootstrap_resamples, seed=seed)
-    size = kid_subset_size(n, reference.features.shape[0], kid_subset_size)
+    size = capped_kid_subset_size(n, reference.features.shape[0], kid_subset_size)
     kid_mean, kid_std = kid_from_features(generated_features, reference.features, kid_subsets, size, seed=seed)
     return FIDResult(fid=fid, kid_mean=kid_mean, kid_std=kid_std, protocol=reference.protocol(n),
                      fid_interval=interval, kid_subsets=kid_subsets, kid_subset_size=size)
