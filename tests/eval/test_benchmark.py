@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
+import torch
 from stand_in_generators import NoiseGenerator
 from typer.testing import CliRunner
 
@@ -80,3 +82,48 @@ def test_benchmark_end_to_end_and_resume(mlflow_uri, logged_generator, data_root
 def test_benchmark_needs_something_to_evaluate(tmp_path):
     result = CliRunner().invoke(app, ["benchmark", "--output-dir", str(tmp_path)])
     assert result.exit_code != 0 and "--generators" in str(result.exception)
+
+
+def test_benchmark_rows_carry_intervals_markers_and_the_protocol_resize(tmp_path, data_root, monkeypatch):
+    """Fast path through run_benchmark: a cheap stand-in feature extractor instead of Inception, no tracking."""
+    import json as _json
+
+    import torch.nn.functional as F
+    from torch import nn
+
+    import distill_eval.inception as inception
+    from distill_eval.benchmark import BenchmarkConfig, run_benchmark
+
+    class Projection(nn.Module):
+        def __init__(self, resize="none", precision="fp32", **_):
+            super().__init__()
+            self.resize, self.precision, self.extractor_hash = resize, precision, "proj00000000"
+            self.linear = nn.Linear(48, 64)
+            torch.nn.init.normal_(self.linear.weight, generator=torch.Generator().manual_seed(0))
+
+        def forward(self, images):
+            images = images if images.dtype == torch.uint8 else (images * 255).round()
+            return self.linear(F.adaptive_avg_pool2d(images.float() / 255, 4).flatten(1)).detach()
+
+    monkeypatch.setattr(inception, "InceptionFeatureExtractor", Projection)
+    monkeypatch.setattr("distill_eval.benchmark._lpips", lambda net: lambda a, b: (a - b).abs().mean((1, 2, 3)))
+    folders = {}
+    for label, scale in (("teacher", 1.0), ("student", 2.5)):
+        folders[label] = tmp_path / label
+        folders[label].mkdir()
+        (folders[label] / "generator.json").write_text(_json.dumps({"scale": scale}))
+    cfg = BenchmarkConfig(teacher=f"teacher={folders['teacher']}", generators=[f"student={folders['student']}"],
+                          steps=[2], num_images=40, reference="cifar10-test", reference_n=64, batch_size=20,
+                          timing_repeats=1, output_dir=tmp_path / "out", data_root=data_root, track=False,
+                          bootstrap_resamples=50, device="cpu")
+    monkeypatch.setenv("DISTILL_CACHE_DIR", str(tmp_path / "cache"))
+    result = run_benchmark(cfg, loader=lambda uri: NoiseGenerator(Path(uri)))
+    assert result.protocol["resize"] == "none" and result.protocol["feature_precision"] == "fp32"
+    teacher, student = result.rows
+    assert all(0 <= r["fid_ci95_low"] <= r["fid_ci95_high"] and r["kid_std"] > 0 for r in result.rows)
+    assert {teacher["fid_vs_best"], student["fid_vs_best"]} <= {"best", "≈ best", "worse"}
+    assert student["fid_vs_teacher"] in ("better", "worse", "≈")  # teacher and student both at 2 steps
+    md = (tmp_path / "out" / "benchmark.md").read_text()
+    assert f"{student['fid']:.2f} [{student['fid_ci95_low']:.2f}, {student['fid_ci95_high']:.2f}]" in md
+    assert sorted(p.relative_to(tmp_path / "out").as_posix() for p in result.plot_paths) == [
+        "plots/fid_vs_latency.png", "plots/fid_vs_steps.png"]
