@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
+import torch
 from stand_in_generators import NoiseGenerator
 from typer.testing import CliRunner
 
@@ -29,8 +31,8 @@ def test_benchmark_end_to_end_and_resume(mlflow_uri, logged_generator, data_root
     # 3 configurations x 24 images, plus warm-up and timed batches of 12
     assert generated_first == 3 * 24 + 3 * 12 * 3
 
-    for name in ("benchmark.csv", "benchmark.json", "benchmark.md", "grid.png", "fid_vs_steps.png",
-                 "fid_vs_latency.png"):
+    for name in ("benchmark.csv", "benchmark.json", "benchmark.md", "grid.png", "plots/fid_vs_steps.png",
+                 "plots/fid_vs_latency.png"):
         assert (out / name).is_file(), name
     report = json.loads((out / "benchmark.json").read_text())
     rows = report["rows"]
@@ -40,15 +42,28 @@ def test_benchmark_end_to_end_and_resume(mlflow_uri, logged_generator, data_root
     proto = report["meta"]["protocol"]
     assert proto["reference_set"] == "cifar10-test" and proto["reference_n"] == 48 and proto["generated_n"] == 24
     assert proto["resolution"] == 32
+    assert proto["resize"] == "none" and proto["feature_precision"] == "fp32"  # resize picked for 32 px CIFAR
+    # every FID carries its interval; the tables print FID [low, high] and mark overlaps with the best row
+    assert all(0 <= r["fid_ci95_low"] <= r["fid_ci95_high"] for r in rows)
+    assert {r["fid_vs_best"] for r in rows} <= {"best", "≈ best", "worse"}
+    assert sum(r["fid_vs_best"] == "best" for r in rows) == 1
+    assert all(r["kid_std"] > 0 for r in rows)  # a real spread over subsets of 12 of the 24 images
+    md = (out / "benchmark.md").read_text()
+    assert f"{rows[1]['fid']:.2f} [{rows[1]['fid_ci95_low']:.2f}, {rows[1]['fid_ci95_high']:.2f}]" in md
+    assert "basic (reverse-percentile) bootstrap" in md and "fid_ci95_low" in (out / "benchmark.csv").read_text()
 
     # the evaluation run is linked to the versions, and the versions carry the numbers
     info = {v.version: v for v in tracking.list_versions("noise")}[student]
     assert float(info.tags["eval.s1.fid"]) == pytest.approx(rows[1]["fid"], rel=1e-6)
+    assert float(info.tags["eval.s1.fid_ci95_low"]) == pytest.approx(rows[1]["fid_ci95_low"], rel=1e-6)
+    assert float(info.tags["eval.s1.fid_ci95_high"]) == pytest.approx(rows[1]["fid_ci95_high"], rel=1e-6)
     from mlflow import MlflowClient
 
     run = MlflowClient().get_run(info.tags["eval.run_id"])
     assert f"models:/noise/{student}" in run.data.tags["evaluated"]
     assert run.data.tags["protocol.reference_set"] == "cifar10-test"
+    assert sorted(a.path for a in MlflowClient().list_artifacts(run.info.run_id, "plots")) == [
+        "plots/fid_vs_latency.png", "plots/fid_vs_steps.png"]
     assert any(k.startswith("student.s1.fid") for k in run.data.metrics)
     decision = promotion.decide("noise", "fid", max_steps=2)
     assert decision.chosen.version in (teacher, student)
@@ -67,3 +82,48 @@ def test_benchmark_end_to_end_and_resume(mlflow_uri, logged_generator, data_root
 def test_benchmark_needs_something_to_evaluate(tmp_path):
     result = CliRunner().invoke(app, ["benchmark", "--output-dir", str(tmp_path)])
     assert result.exit_code != 0 and "--generators" in str(result.exception)
+
+
+def test_benchmark_rows_carry_intervals_markers_and_the_protocol_resize(tmp_path, data_root, monkeypatch):
+    """Fast path through run_benchmark: a cheap stand-in feature extractor instead of Inception, no tracking."""
+    import json as _json
+
+    import torch.nn.functional as F
+    from torch import nn
+
+    import distill_eval.inception as inception
+    from distill_eval.benchmark import BenchmarkConfig, run_benchmark
+
+    class Projection(nn.Module):
+        def __init__(self, resize="none", precision="fp32", **_):
+            super().__init__()
+            self.resize, self.precision, self.extractor_hash = resize, precision, "proj00000000"
+            self.linear = nn.Linear(48, 64)
+            torch.nn.init.normal_(self.linear.weight, generator=torch.Generator().manual_seed(0))
+
+        def forward(self, images):
+            images = images if images.dtype == torch.uint8 else (images * 255).round()
+            return self.linear(F.adaptive_avg_pool2d(images.float() / 255, 4).flatten(1)).detach()
+
+    monkeypatch.setattr(inception, "InceptionFeatureExtractor", Projection)
+    monkeypatch.setattr("distill_eval.benchmark._lpips", lambda net: lambda a, b: (a - b).abs().mean((1, 2, 3)))
+    folders = {}
+    for label, scale in (("teacher", 1.0), ("student", 2.5)):
+        folders[label] = tmp_path / label
+        folders[label].mkdir()
+        (folders[label] / "generator.json").write_text(_json.dumps({"scale": scale}))
+    cfg = BenchmarkConfig(teacher=f"teacher={folders['teacher']}", generators=[f"student={folders['student']}"],
+                          steps=[2], num_images=40, reference="cifar10-test", reference_n=64, batch_size=20,
+                          timing_repeats=1, output_dir=tmp_path / "out", data_root=data_root, track=False,
+                          bootstrap_resamples=50, device="cpu")
+    monkeypatch.setenv("DISTILL_CACHE_DIR", str(tmp_path / "cache"))
+    result = run_benchmark(cfg, loader=lambda uri: NoiseGenerator(Path(uri)))
+    assert result.protocol["resize"] == "none" and result.protocol["feature_precision"] == "fp32"
+    teacher, student = result.rows
+    assert all(0 <= r["fid_ci95_low"] <= r["fid_ci95_high"] and r["kid_std"] > 0 for r in result.rows)
+    assert {teacher["fid_vs_best"], student["fid_vs_best"]} <= {"best", "≈ best", "worse"}
+    assert student["fid_vs_teacher"] in ("better", "worse", "≈")  # teacher and student both at 2 steps
+    md = (tmp_path / "out" / "benchmark.md").read_text()
+    assert f"{student['fid']:.2f} [{student['fid_ci95_low']:.2f}, {student['fid_ci95_high']:.2f}]" in md
+    assert sorted(p.relative_to(tmp_path / "out").as_posix() for p in result.plot_paths) == [
+        "plots/fid_vs_latency.png", "plots/fid_vs_steps.png"]

@@ -21,9 +21,10 @@ from distill_eval.reference_stats import ReferenceStats, reference_stats
 class PooledProjection(nn.Module):
     """A cheap deterministic stand-in extractor (pooled pixels through a fixed random projection to 2048-d)."""
 
-    def __init__(self, resize: str = "none", extractor_hash: str = "fake00000000") -> None:
+    def __init__(self, resize: str = "none", extractor_hash: str = "fake00000000", precision: str = "fp32") -> None:
         super().__init__()
         self.resize = resize
+        self.precision = precision
         self.extractor_hash = extractor_hash
         self.projection = nn.Linear(3 * 4 * 4, 2048)
         torch.nn.init.normal_(self.projection.weight, generator=torch.Generator().manual_seed(0))
@@ -68,9 +69,20 @@ def test_every_protocol_field_is_part_of_the_cache_key(data_root: Path, tmp_path
     reference_stats("cifar10-test", PooledProjection(), n=6, **kwargs)  # another N
     reference_stats("cifar10-test", PooledProjection(extractor_hash="fake11111111"), n=8, **kwargs)  # other weights
     bicubic = reference_stats("cifar10-test", PooledProjection("bicubic"), n=8, resolution=64, **kwargs)
-    assert counted == [8, 6, 8, 8]
+    bf16 = reference_stats("cifar10-test", PooledProjection(precision="bf16"), n=8, **kwargs)  # other precision
+    assert counted == [8, 6, 8, 8, 8]
     assert bicubic.resolution == 64 and bicubic.resize == "bicubic"
-    assert len(list((tmp_path / "reference_stats").glob("*.safetensors"))) == 4
+    assert bf16.feature_precision == "bf16" and bf16.protocol(4).feature_precision == "bf16"
+    assert len(list((tmp_path / "reference_stats").glob("*.safetensors"))) == 5
+    again = reference_stats("cifar10-test", PooledProjection(precision="bf16"), n=8, **kwargs)
+    assert counted == [8, 6, 8, 8, 8] and again.feature_precision == "bf16"  # read back with its precision
+
+
+def test_the_resize_follows_the_protocol() -> None:
+    from distill_eval.reference_stats import protocol_resize
+
+    assert protocol_resize("cifar10-train") == protocol_resize("cifar10-test") == "none"
+    assert protocol_resize("coco-val2017") == protocol_resize("folder:/x") == "bicubic"
 
 
 def test_statistics_are_those_of_the_features(data_root: Path, tmp_path: Path) -> None:
@@ -131,9 +143,14 @@ def test_results_refuse_mismatched_extractor_or_resolution() -> None:
         fid_kid_result(generated, fake_reference(), "otherhash000", 32)
     with pytest.raises(ConfigError, match="--resolution 64"):
         score_images(torch.zeros(4, 3, 64, 64, dtype=torch.uint8), PooledProjection(), fake_reference(), progress=False)
+    with pytest.raises(ConfigError, match="--feature-precision fp32"):
+        fid_kid_result(generated, fake_reference(), "fake00000000", 32, feature_precision="bf16")
     result = fid_kid_result(generated, fake_reference(), "fake00000000", 32, kid_subset_size=1000)
     assert result.protocol.generated_n == 10 and result.protocol.reference_n == 20
     assert result.fid == pytest.approx(fid_from_features(generated, fake_reference().features), rel=1e-6)
+    assert result.fid_interval is not None and result.fid_interval.estimate == pytest.approx(result.fid, rel=1e-6)
+    assert result.kid_subset_size == 5 and result.kid_std > 0  # half of the 10 generated: subsets differ
+    assert fid_kid_result(generated, fake_reference(), "fake00000000", 32, bootstrap_resamples=0).fid_interval is None
 
 
 @pytest.mark.slow

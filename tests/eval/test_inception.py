@@ -124,3 +124,18 @@ def test_resize_methods_differ_on_small_images(cache_dir: Path, extractor, cifar
         a, b = native_features, bicubic(cifar_uint8[:2])
     assert a.shape == b.shape == (2, 2048)
     assert (a - b).abs().max() > 1e-2  # the resize filter changes the features: it belongs in the protocol
+
+
+def test_bf16_features_track_fp32_and_are_float32(extractor, cifar_uint8, native_features) -> None:
+    """bf16 autocast changes the numbers a little (hence its own protocol field), never their meaning."""
+    view = object.__new__(InceptionFeatureExtractor)
+    view.__dict__.update(extractor.__dict__)
+    view.precision = "bf16"
+    with torch.inference_mode():
+        low = view(cifar_uint8[:2])
+    assert low.dtype == torch.float32 and low.shape == native_features.shape
+    assert not torch.equal(low, native_features)
+    cosine = torch.nn.functional.cosine_similarity(low, native_features, dim=1)
+    assert cosine.min() > 0.99, cosine
+    with pytest.raises(ConfigError, match="valid choices"):
+        InceptionFeatureExtractor(precision="fp8")

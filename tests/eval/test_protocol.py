@@ -28,8 +28,19 @@ def test_tags_are_strings_one_per_field() -> None:
         "fid_protocol.generated_n": "10000",
         "fid_protocol.resolution": "32",
         "fid_protocol.resize": "none",
+        "fid_protocol.feature_precision": "fp32",
     }
     assert result(3.0).as_metrics() == {"fid": 3.0, "kid_mean": 0.01, "kid_std": 0.001}
+
+
+def test_metrics_carry_the_interval_and_never_non_finite_values() -> None:
+    from distill_eval.intervals import Interval
+
+    with_ci = dataclasses.replace(result(3.0), fid_interval=Interval(3.0, 2.5, 3.4))
+    assert with_ci.as_metrics() == {"fid": 3.0, "kid_mean": 0.01, "kid_std": 0.001, "fid_ci95_low": 2.5,
+                                    "fid_ci95_high": 3.4}
+    broken = dataclasses.replace(result(float("nan")), fid_interval=Interval(float("nan"), float("-inf"), 3.4))
+    assert broken.as_metrics() == {"kid_mean": 0.01, "kid_std": 0.001, "fid_ci95_high": 3.4}
 
 
 def test_protocol_is_frozen() -> None:
@@ -52,7 +63,8 @@ def test_different_protocols_are_refused_naming_each_field() -> None:
 
 
 @pytest.mark.parametrize("field,value", [("extractor_hash", "0123456789ab"), ("reference_set", "cifar10-test"),
-                                          ("reference_n", 10000), ("resolution", 64)])
+                                          ("reference_n", 10000), ("resolution", 64),
+                                          ("feature_precision", "bf16")])
 def test_every_field_matters(field: str, value: object) -> None:
     with pytest.raises(ConfigError, match=field):
         check_comparable(result(1.0), result(1.0, **{field: value}))
@@ -67,6 +79,8 @@ def test_rank_sorts_best_first_and_keeps_labels() -> None:
 
 
 def test_rank_refuses_mixed_protocols_and_unknown_keys() -> None:
+    with pytest.raises(ConfigError, match="feature_precision 'fp32' vs 'bf16'"):
+        rank_results({"fp32": result(4.0), "bf16": result(3.9, feature_precision="bf16")})
     with pytest.raises(ConfigError, match="reference_n"):
         rank_results({"a": result(4.0), "b": result(1.0, reference_n=1000)})
     with pytest.raises(ConfigError, match="valid choices"):

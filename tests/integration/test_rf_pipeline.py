@@ -33,8 +33,8 @@ def test_pipeline_end_to_end_and_rerun(tmp_path, mlflow_uri, data_root):
     for rel in ("teacher/generator/generator.json", "teacher/generator/model.safetensors", "pairs/manifest.json",
                 "pairs/pairs-00000.safetensors", "pairs/pairs-00001.safetensors",
                 "students/four_step/generator/generator.json", "students/one_step/generator/generator.json",
-                "eval/fid_vs_nfe.csv", "eval/fid_vs_nfe.md", "eval/grid.png", "eval/fid_vs_nfe.png",
-                "eval/fid_vs_latency.png", "summary.json", "pipeline_config.yaml"):
+                "eval/fid_vs_nfe.csv", "eval/fid_vs_nfe.md", "eval/grid.png", "eval/plots/fid_vs_nfe.png",
+                "eval/plots/fid_vs_latency.png", "summary.json", "pipeline_config.yaml"):
         assert (out / rel).is_file(), rel
     four = json.loads((out / "students/four_step/generator/generator.json").read_text())
     one = json.loads((out / "students/one_step/generator/generator.json").read_text())
@@ -47,6 +47,9 @@ def test_pipeline_end_to_end_and_rerun(tmp_path, mlflow_uri, data_root):
     assert keys == [("teacher", "euler", 1), ("teacher", "euler", 2), ("four_step", "euler", 1),
                     ("four_step", "euler", 4), ("one_step", "euler", 1), ("one_step", "euler", 4)]
     assert all(r["fid"] > 0 and r["ms_per_image"] > 0 for r in summary["rows"])
+    assert all(0 <= r["fid_ci95_low"] <= r["fid_ci95_high"] for r in summary["rows"])  # every FID has its interval
+    assert {r.get("fid_vs_teacher") for r in summary["rows"] if r["role"] == "student" and r["steps"] == 1} <= {
+        "better", "worse", "≈"}
     assert summary["protocol"]["generated_n"] == 10 and summary["protocol"]["reference_n"] == 20
     assert summary["protocol"]["reference_set"] == "cifar10-train"
     teacher_row = next(r for r in summary["rows"] if r["model"] == "teacher" and r["steps"] == 2)
@@ -62,6 +65,7 @@ def test_pipeline_end_to_end_and_rerun(tmp_path, mlflow_uri, data_root):
     assert champion is not None and champion.version == best.version
     assert tracking.version_by_alias("rf_cifar-teacher", "champion").version == teachers[0].version
     assert json.loads(champion.tags["eval.protocol"])["generated_n"] == 10
+    assert float(champion.tags["eval.s4.fid_ci95_low"]) <= float(champion.tags["eval.s4.fid_ci95_high"])
 
     # the table, the grid path and the UI command
     text = result.output

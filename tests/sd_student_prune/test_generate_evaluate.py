@@ -173,6 +173,10 @@ def test_evaluate_stamps_versions_and_crowns_the_best_per_budget(
     )
     assert all(r["fid"] > 0 and r["ms_per_image"] > 0 and r["gmacs"] > 0 for r in report["rows"])
     assert all(r["clip_score"] >= 0 for r in report["rows"])
+    # FID through the shared benchmark path: resize picked from the protocol (COCO photos: bicubic), with intervals
+    assert report["meta"]["protocol"]["resize"] == "bicubic"
+    assert report["meta"]["protocol"]["reference_set"] == "coco-val2017"
+    assert all(0 <= r["fid_ci95_low"] <= r["fid_ci95_high"] for r in report["rows"])
     info = {v.version: v for v in tracking.list_versions("sd_student_prune")}
     fids = {label: info[v].metrics["s2.fid"] for label, v in versions.items()}
     assert all(

@@ -9,6 +9,7 @@ kept as PNG files, so a cut-off benchmark resumes without regenerating finished 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,7 @@ from rich.progress import Progress
 from distill_common.config import option
 from distill_common.errors import ConfigError, DistillError
 
+STAMPED = ("fid", "fid_ci95_low", "fid_ci95_high", "kid", "kid_std", "lpips_to_teacher", "clip_score", "ms_per_image")
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
 
@@ -40,9 +42,15 @@ class BenchmarkConfig:
     reference: str = option("cifar10-test", "FID reference set: cifar10-train, cifar10-test, coco-val2017, an "
                             "image folder, or none.")
     reference_n: int | None = option(None, "Reference images used (default: all of the set).", ge=2)
-    resize: str = option("none", "How images reach the Inception input: none (torch-fidelity's own resize; square "
-                         "sets only) or an antialiased bilinear/bicubic resize (needed for COCO photos).",
-                         choices=("none", "bilinear", "bicubic"))
+    resize: str = option("auto", "How images reach the Inception input: auto (from the reference set: none for "
+                         "32 px CIFAR-10, bicubic for COCO and folders), none (torch-fidelity's own resize; square "
+                         "sets only) or an antialiased bilinear/bicubic resize.",
+                         choices=("auto", "none", "bilinear", "bicubic"))
+    feature_precision: str = option("fp32", "Inception forward precision: fp32, or bf16 (about 2x faster on CPUs "
+                                    "with bf16 units; part of the protocol, never ranked against fp32).",
+                                    choices=("fp32", "bf16"))
+    bootstrap_resamples: int = option(200, "Bootstrap resamples of the generated images for each FID's 95% "
+                                      "interval (basic bootstrap, seeded by --seed; 0 = no interval).", ge=0)
     prompts_file: Path | None = option(None, "Prompts for prompt generators (one a line).")
     coco_prompts: int = option(0, "Use N seeded COCO val captions as prompts instead of a file (0 = off).", ge=0)
     clip_model: str | None = option(None, "CLIP model for CLIPScore: a hub id or a local folder.")
@@ -61,6 +69,9 @@ class BenchmarkConfig:
             raise ConfigError("nothing to evaluate; pass --generators (and usually --teacher)")
         if self.num_images < 1:
             raise ConfigError("--num-images must be at least 1")
+        if self.bootstrap_resamples < 0 or self.bootstrap_resamples == 1:
+            raise ConfigError(f"--bootstrap-resamples must be 0 (no interval) or at least 2, got "
+                              f"{self.bootstrap_resamples}; pass e.g. 200")
 
 
 @dataclass
@@ -135,7 +146,7 @@ def generate_to_folder(
         idx = todo[start : start + batch_size]
         with torch.inference_mode():
             images = generator.generate([conditions[i] for i in idx], num_steps, [seeds[i] for i in idx], guidance)
-        for i, img in zip(idx, images):
+        for i, img in zip(idx, images, strict=True):
             _save_png(img, folder / f"{i:05d}.png")
         if progress is not None:
             progress.advance(task, len(idx))
@@ -171,7 +182,7 @@ def run_benchmark(
     from distill_common.generator import load_generator
     from distill_eval.grids import comparison_grid
     from distill_eval.plots import plot_quality_vs_latency, plot_quality_vs_steps
-    from distill_eval.reports import write_report
+    from distill_eval.reports import interval_note, mark_separability, write_report
     from distill_eval.timing import time_generator
 
     console = console or Console()
@@ -229,8 +240,7 @@ def run_benchmark(
         if c.is_teacher:
             teacher_ms = timing.ms_per_image
         if fid_eval is not None:
-            res = fid_eval(images)
-            row.update({"fid": res.fid, "kid": res.kid_mean, "kid_std": res.kid_std})
+            row.update(fid_row(fid_eval(images)))
         if lpips is not None and teacher_images is not None:
             row["lpips_to_teacher"] = 0.0 if c.is_teacher else float(_batched(lpips, images, teacher_images, cfg.batch_size))
         if clip is not None:
@@ -238,20 +248,24 @@ def run_benchmark(
         rows.append(row)
     for row in rows:
         row["speedup_vs_teacher"] = (teacher_ms / row["ms_per_image"]) if teacher_ms else None
+    if fid_eval is not None:
+        mark_separability(rows)
 
     protocol = fid_eval.protocol_dict(cfg.num_images) if fid_eval is not None else None
     meta = {"protocol": protocol, "seeds": f"{seeds[0]}..{seeds[-1]}", "guidance": cfg.guidance,
+            **({"intervals": interval_note(cfg.bootstrap_resamples)} if fid_eval is not None else {}),
             "timing": f"batch {cfg.batch_size}, 1 warm-up + {cfg.timing_repeats} timed batches, device-synchronised",
             "environment": timing.environment if configs else {}}
-    columns = ["model", "role", "steps", "fid", "kid", "lpips_to_teacher", "clip_score", "ms_per_image",
-               "speedup_vs_teacher", "images_per_second", "peak_memory_mb"]
+    columns = ["model", "role", "steps", "fid", "fid_ci95_low", "fid_ci95_high", "fid_vs_best", "fid_vs_teacher",
+               "kid", "kid_std", "lpips_to_teacher", "clip_score", "ms_per_image", "speedup_vs_teacher",
+               "images_per_second", "peak_memory_mb"]
     report = write_report(rows, out, "benchmark", columns=columns, meta=meta)
 
     # 3. pictures
     n_rows = min(cfg.grid_rows, cfg.num_images)
     grid_idx = _grid_indices(conditions, n_rows)
     grid_cols = []
-    for c, row in zip(configs, rows):
+    for c, row in zip(configs, rows, strict=True):
         imgs = torch.stack([_load_one(image_dirs[c.key], i) for i in grid_idx])
         grid_cols.append((f"{c.label} · {c.steps} steps · {row['ms_per_image']:.1f} ms/img", imgs))
     grid_path = out / "grid.png"
@@ -260,14 +274,30 @@ def run_benchmark(
     plot_paths = []
     metric = "fid" if fid_eval is not None else ("clip_score" if clip is not None else "lpips_to_teacher")
     if any(r.get(metric) is not None for r in rows):
-        plot_paths.append(plot_quality_vs_steps(rows, metric, out / f"{metric}_vs_steps.png"))
-        plot_paths.append(plot_quality_vs_latency(rows, metric, out / f"{metric}_vs_latency.png"))
+        plot_paths.append(plot_quality_vs_steps(rows, metric, out / "plots" / f"{metric}_vs_steps.png"))
+        plot_paths.append(plot_quality_vs_latency(rows, metric, out / "plots" / f"{metric}_vs_latency.png"))
 
     result = BenchmarkResult(rows, report, grid_path, plot_paths, protocol, images=image_dirs)
     if tracking_run is not None:
         _log(tracking_run, result, configs)
         result.run_id = tracking_run.run_id
     return result
+
+
+def fid_row(result: Any) -> dict[str, Any]:
+    """A report row's FID/KID fields from a :class:`~distill_eval.protocol.FIDResult`: fid, fid_ci95_low/high
+    (when it has an interval), kid (mean over subsets), kid_std, kid_subset_size."""
+    row = {"fid": result.fid, "kid": result.kid_mean, "kid_std": result.kid_std,
+           "kid_subset_size": result.kid_subset_size}
+    if result.fid_interval is not None:
+        row.update(fid_ci95_low=result.fid_interval.low, fid_ci95_high=result.fid_interval.high,
+                   fid_bootstrap_seconds=result.fid_interval.seconds)
+    return row
+
+
+def finite(value: Any) -> bool:
+    """A number that may be written as a tag or metric (not None, bool, NaN or infinite)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _grid_indices(conditions: Sequence[Any], n_rows: int) -> list[int]:
@@ -332,18 +362,22 @@ class _FidEvaluator:
 
     def __init__(self, cfg: BenchmarkConfig, resolution: int):
         from distill_eval.inception import InceptionFeatureExtractor
-        from distill_eval.reference_stats import reference_stats
+        from distill_eval.reference_stats import protocol_resize, reference_stats
 
-        self.extractor = InceptionFeatureExtractor(resize=cfg.resize)
+        resize = protocol_resize(cfg.reference) if cfg.resize == "auto" else cfg.resize
+        self.extractor = InceptionFeatureExtractor(resize=resize, precision=cfg.feature_precision)
         self.ref = reference_stats(cfg.reference, self.extractor, n=cfg.reference_n, resolution=resolution,
                                    data_root=cfg.data_root)
         self.batch_size = cfg.batch_size
+        self.resamples = cfg.bootstrap_resamples
+        self.seed = cfg.seed
         self.last = None
 
     def __call__(self, images: torch.Tensor):
         from distill_eval.fid import score_images
 
-        self.last = score_images(images, self.extractor, self.ref, batch_size=self.batch_size, progress=False)
+        self.last = score_images(images, self.extractor, self.ref, batch_size=self.batch_size, progress=False,
+                                 seed=self.seed, bootstrap_resamples=self.resamples)
         return self.last
 
     def protocol_dict(self, generated_n: int) -> dict[str, Any]:
@@ -356,7 +390,7 @@ def _log(run: Any, result: BenchmarkResult, configs: Sequence[_Config]) -> None:
 
     for row in result.rows:
         prefix = f"{row['model']}.s{row['steps']}"
-        run.log_metrics({f"{prefix}.{k}": v for k, v in row.items() if isinstance(v, (int, float)) and k != "steps"})
+        run.log_metrics({f"{prefix}.{k}": v for k, v in row.items() if finite(v) and k != "steps"})
     for p in result.report_paths.values():
         run.log_artifact(p, "report")
     if result.grid_path:
@@ -368,14 +402,13 @@ def _log(run: Any, result: BenchmarkResult, configs: Sequence[_Config]) -> None:
         tags.update({f"protocol.{k}": v for k, v in result.protocol.items()})
     run.set_tags(tags)
     # Stamp the numbers on the evaluated registry versions (eval.s{steps}.{metric}).
-    for c, row in zip(configs, result.rows):
+    for c, row in zip(configs, result.rows, strict=True):
         if not c.uri.startswith("models:/"):
             continue
         name, version = tracking.resolve_model_version(c.uri)
         if name is None:
             continue
-        stamp = {f"eval.s{c.steps}.{k}": row[k] for k in ("fid", "kid", "lpips_to_teacher", "clip_score", "ms_per_image")
-                 if row.get(k) is not None}
+        stamp = {f"eval.s{c.steps}.{k}": row[k] for k in STAMPED if finite(row.get(k))}
         stamp["eval.run_id"] = run.run_id
         if result.protocol:
             stamp["eval.protocol"] = json.dumps(result.protocol, sort_keys=True)

@@ -2,46 +2,40 @@
 
 The math is library code: mean/covariance from torch-fidelity's ``fid_features_to_statistics``, the Frechet
 distance from torchmetrics' ``_compute_fid``, KID from torch-fidelity's ``kid_features_to_metric`` (unbiased
-polynomial-kernel MMD^2 over random subsets drawn from a seeded ``numpy.random.RandomState``). This module
-batches feature extraction and stamps results with their :class:`~distill_eval.protocol.MetricProtocol`.
+polynomial-kernel MMD^2 over random subsets drawn from a seeded ``numpy.random.RandomState``). Every FID against
+a reference set carries a 95% interval from a basic bootstrap over the generated images with the reference
+statistics fixed (:mod:`distill_eval.intervals`); KID reports its mean and std over subsets. This module stamps
+results with their :class:`~distill_eval.protocol.MetricProtocol`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
-from torch_fidelity.metric_fid import fid_features_to_statistics
 from torch_fidelity.metric_kid import kid_features_to_metric
 from torchmetrics.image.fid import _compute_fid
 
 from distill_common.errors import ConfigError
+from distill_eval.features import as_features as _as_features
+from distill_eval.features import extract_features, feature_statistics, psd_sqrt
+from distill_eval.intervals import DEFAULT_RESAMPLES, FidBootstrap
 from distill_eval.protocol import FIDResult
+from distill_eval.reference_stats import ReferenceStats
 
-if TYPE_CHECKING:
-    from distill_eval.reference_stats import ReferenceStats
+__all__ = ["extract_features", "feature_statistics", "fid_from_stats", "fid_from_features", "kid_from_features",
+           "capped_kid_subset_size", "fid_low_rank", "fid_kid_result", "score_images"]
 
 KID_SUBSETS = 100
 KID_SUBSET_SIZE = 1000
 
 
-def _as_features(features: torch.Tensor | np.ndarray, name: str) -> torch.Tensor:
-    tensor = torch.as_tensor(features).detach().to("cpu", torch.float64)
-    if tensor.dim() != 2:
-        raise ConfigError(f"{name} must be a (N, D) feature matrix, got shape {tuple(tensor.shape)}")
-    if tensor.shape[0] < 2:
-        raise ConfigError(f"{name} holds {tensor.shape[0]} sample(s); FID/KID need at least 2 images per set")
-    return tensor
-
-
-def feature_statistics(features: torch.Tensor | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Mean (D,) and unbiased covariance (D, D), float64, via torch-fidelity."""
-    stats = fid_features_to_statistics(_as_features(features, "features"))
-    return stats["mu"], stats["sigma"]
+def capped_kid_subset_size(n_a: int, n_b: int, requested: int = KID_SUBSET_SIZE) -> int:
+    """KID subset size: ``requested`` (torch-fidelity's 1,000), capped at half the smaller set so that subsets
+    differ and their std is a real spread (a subset as large as the set is the set itself, std 0)."""
+    return max(2, min(requested, min(n_a, n_b) // 2))
 
 
 def fid_from_stats(mu1, sigma1, mu2, sigma2) -> float:
@@ -90,53 +84,6 @@ def kid_from_features(
     return float(out["kernel_inception_distance_mean"]), float(out["kernel_inception_distance_std"])
 
 
-# --------------------------------------------------------------------------- batched feature extraction
-
-
-def _batches(images: torch.Tensor | Iterable[torch.Tensor], batch_size: int) -> Iterator[torch.Tensor]:
-    """Re-chunk a tensor, or an iterable of (B, 3, H, W) batches / (3, H, W) images, into batches."""
-    if torch.is_tensor(images):
-        yield from images.split(batch_size)
-        return
-    pending: list[torch.Tensor] = []
-    count = 0
-    for item in images:
-        chunk = item.unsqueeze(0) if item.dim() == 3 else item
-        pending.append(chunk)
-        count += chunk.shape[0]
-        if count >= batch_size:
-            merged = torch.cat(pending)
-            full = count - count % batch_size
-            yield from merged[:full].split(batch_size)
-            pending, count = ([merged[full:]], count - full) if count > full else ([], 0)
-    if count:
-        yield torch.cat(pending)
-
-
-def extract_features(
-    images: torch.Tensor | Iterable[torch.Tensor],
-    extractor: nn.Module,
-    batch_size: int = 64,
-    progress: bool = True,
-    total: int | None = None,
-) -> torch.Tensor:
-    """Run ``extractor`` over images in batches under ``torch.inference_mode``; returns (N, D) float32 on the CPU."""
-    if batch_size < 1:
-        raise ConfigError(f"batch size must be positive, got {batch_size}; pass --batch-size 1 or more")
-    if total is None and torch.is_tensor(images):
-        total = images.shape[0]
-    chunks: list[torch.Tensor] = []
-    columns = (TextColumn("Inception features"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, transient=True, disable=not progress) as bar, torch.inference_mode():
-        task = bar.add_task("features", total=total)
-        for batch in _batches(images, batch_size):
-            chunks.append(extractor(batch).float().cpu())
-            bar.advance(task, batch.shape[0])
-    if not chunks:
-        raise ConfigError("no images were given to the feature extractor; check the image source is not empty")
-    return torch.cat(chunks)
-
-
 def fid_low_rank(features_a: torch.Tensor | np.ndarray, features_b: torch.Tensor | np.ndarray) -> float:
     """Exact FID through the nuclear-norm identity, for sets smaller than the feature size.
 
@@ -163,6 +110,28 @@ def low_rank_applies(generated_n: int, reference: ReferenceStats) -> bool:
     return reference.features.shape[0] == reference.reference_n and min(generated_n, reference.reference_n) < dims
 
 
+_REFERENCE_ROOTS: dict[object, torch.Tensor] = {}
+
+
+def reference_sqrt(reference: ReferenceStats) -> torch.Tensor:
+    """``Sigma_ref^(1/2)``, computed once per reference (its cache file, else the object) in this process.
+
+    A reference smaller than the feature size that kept all its features is low-rank: its root comes from the
+    SVD of its centred features (d x k) instead of a d x d ``eigh``.
+    """
+    key = str(reference.path) if reference.path is not None else reference
+    if key not in _REFERENCE_ROOTS:
+        _REFERENCE_ROOTS.clear()  # one reference at a time in practice; do not pin old ones in memory
+        if low_rank_applies(1, reference):
+            feats = reference.features.to(torch.float64)
+            centred = (feats - feats.mean(0)).T / (feats.shape[0] - 1) ** 0.5  # (d, k): Sigma = C C^T
+            u, s, _ = torch.linalg.svd(centred, full_matrices=False)
+            _REFERENCE_ROOTS[key] = (u * s) @ u.T
+        else:
+            _REFERENCE_ROOTS[key] = psd_sqrt(reference.sigma)
+    return _REFERENCE_ROOTS[key]
+
+
 def fid_kid_result(
     generated_features: torch.Tensor,
     reference: ReferenceStats,
@@ -171,29 +140,48 @@ def fid_kid_result(
     kid_subsets: int = KID_SUBSETS,
     kid_subset_size: int = KID_SUBSET_SIZE,
     seed: int = 0,
+    bootstrap_resamples: int = DEFAULT_RESAMPLES,
+    feature_precision: str = "fp32",
 ) -> FIDResult:
-    """FID against the reference's full statistics and KID against its stored features, under one protocol.
+    """FID against the reference's full statistics with its 95% bootstrap interval, and KID against its stored
+    features, under one protocol.
 
-    The KID subset size is capped by the smaller set, so tiny runs still report an (unbiased) KID.
+    The interval resamples the generated images (``bootstrap_resamples`` times, seeded by ``seed``; 0 = no
+    interval) with the reference statistics fixed, by the basic bootstrap (:mod:`distill_eval.intervals`). The
+    KID subset size is capped at half the smaller set (:func:`capped_kid_subset_size`), so tiny runs still report an
+    (unbiased) KID and its spread over subsets.
     """
     if extractor_hash != reference.extractor_hash:
         raise ConfigError(
             f"generated features come from Inception weights {extractor_hash} but the reference statistics from "
             f"{reference.extractor_hash}; recompute the reference statistics with the same extractor"
         )
+    if feature_precision != reference.feature_precision:
+        raise ConfigError(
+            f"generated features were computed in {feature_precision} but the reference statistics in "
+            f"{reference.feature_precision}; pass --feature-precision {reference.feature_precision} or recompute them"
+        )
     if generated_resolution != reference.resolution:
         raise ConfigError(
             f"generated images are {generated_resolution}px but the reference statistics were taken at "
             f"{reference.resolution}px; pass --resolution {generated_resolution} for the reference set"
         )
-    if low_rank_applies(generated_features.shape[0], reference):
+    if bootstrap_resamples < 0:
+        raise ConfigError(f"bootstrap resamples must be 0 (no interval) or more, got {bootstrap_resamples}")
+    n = generated_features.shape[0]
+    if low_rank_applies(n, reference):
         fid = fid_low_rank(generated_features, reference.features)
     else:
         mu, sigma = feature_statistics(generated_features)
         fid = fid_from_stats(mu, sigma, reference.mu, reference.sigma)
-    size = min(kid_subset_size, generated_features.shape[0], reference.features.shape[0])
+    interval = None
+    if bootstrap_resamples:
+        boot = FidBootstrap(generated_features, reference.mu, reference.sigma, reference_sqrt(reference))
+        interval = boot.interval(resamples=bootstrap_resamples, seed=seed)
+    size = capped_kid_subset_size(n, reference.features.shape[0], kid_subset_size)
     kid_mean, kid_std = kid_from_features(generated_features, reference.features, kid_subsets, size, seed=seed)
-    return FIDResult(fid=fid, kid_mean=kid_mean, kid_std=kid_std, protocol=reference.protocol(generated_features.shape[0]))
+    return FIDResult(fid=fid, kid_mean=kid_mean, kid_std=kid_std, protocol=reference.protocol(n),
+                     fid_interval=interval, kid_subsets=kid_subsets, kid_subset_size=size)
 
 
 def score_images(
@@ -205,6 +193,7 @@ def score_images(
     kid_subset_size: int = KID_SUBSET_SIZE,
     seed: int = 0,
     progress: bool = True,
+    bootstrap_resamples: int = DEFAULT_RESAMPLES,
 ) -> FIDResult:
     """Extract features of generated images (uint8 or float [0, 1], (N, 3, R, R)) and score them against ``reference``."""
     resolutions: set[int] = set()
@@ -222,5 +211,6 @@ def score_images(
     if len(resolutions) != 1:
         raise ConfigError(f"generated images mix resolutions {sorted(resolutions)}; generate at one resolution")
     return fid_kid_result(
-        features, reference, extractor.extractor_hash, resolutions.pop(), kid_subsets, kid_subset_size, seed
+        features, reference, extractor.extractor_hash, resolutions.pop(), kid_subsets, kid_subset_size, seed,
+        bootstrap_resamples, getattr(extractor, "precision", "fp32"),
     )

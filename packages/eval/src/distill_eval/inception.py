@@ -41,6 +41,7 @@ from distill_common.models.tokenizer import distill_cache_dir
 INPUT_SIZE = 299
 NUM_FEATURES = 2048
 RESIZE_METHODS = ("none", "bilinear", "bicubic")
+FEATURE_PRECISIONS = ("fp32", "bf16")  # bf16: the forward under torch.autocast (measured 2.2x faster on an AMX CPU)
 RESIZE_DESCRIPTIONS = {
     "none": "no resize before the network; torch-fidelity's TF1-compatible bilinear (no antialias) "
     "resamples to 299x299 inside it (the TTUR / torch-fidelity protocol)",
@@ -267,10 +268,14 @@ class InceptionFeatureExtractor(nn.Module):
         resize: str = "none",
         cache_dir: str | Path | None = None,
         channels_last: bool = True,
+        precision: str = "fp32",
     ) -> None:
         super().__init__()
         if resize not in RESIZE_METHODS:
             raise unknown_choice("resize method", resize, RESIZE_METHODS)
+        if precision not in FEATURE_PRECISIONS:
+            raise unknown_choice("feature precision", precision, FEATURE_PRECISIONS)
+        self.precision = precision
         state, source = load_inception_state(weights, cache_dir)
         self.extractor_hash = weights_hash(state)
         self.source = source
@@ -306,5 +311,6 @@ class InceptionFeatureExtractor(nn.Module):
         pixels = self.to_uint8(images.to(device, non_blocking=True))  # (B, 3, h, w) uint8
         if self.channels_last:
             pixels = pixels.contiguous(memory_format=torch.channels_last)
-        (features,) = self.network(pixels)  # (B, 2048)
-        return features
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+            (features,) = self.network(pixels)  # (B, 2048)
+        return features.float()

@@ -2,16 +2,22 @@
 
 FID depends on the feature extractor's exact weights, the reference set and its size, the number of
 generated images (the estimator is biased in N; Chong & Forsyth, "Effectively Unbiased FID", CVPR 2020),
-the image resolution and the resize filter (Parmar et al., "On Aliased Resizing and Surprising Subtleties
-in GAN Evaluation", CVPR 2022). Two results are comparable only when all of these agree.
+the image resolution, the resize filter (Parmar et al., "On Aliased Resizing and Surprising Subtleties
+in GAN Evaluation", CVPR 2022) and the precision the Inception features were computed in (fp32, or bf16
+autocast: ~0.2% FID drift). Two results are comparable only when all of these agree.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
+from typing import TYPE_CHECKING
 
 from distill_common.errors import ConfigError, unknown_choice
+
+if TYPE_CHECKING:
+    from distill_eval.intervals import Interval
 
 TAG_PREFIX = "fid_protocol."
 RANK_KEYS = ("fid", "kid_mean")
@@ -27,6 +33,7 @@ class MetricProtocol:
     generated_n: int  # generated images scored
     resolution: int  # side of the square images both sets were evaluated at, before the extractor
     resize: str  # how images reach the extractor's 299x299 input: "none" | "bilinear" | "bicubic"
+    feature_precision: str = "fp32"  # Inception forward: "fp32" or "bf16" (autocast)
 
     def as_tags(self) -> dict[str, str]:
         """MLflow tags (string values), one per field, under ``fid_protocol.``."""
@@ -42,15 +49,23 @@ class MetricProtocol:
 
 @dataclass(frozen=True)
 class FIDResult:
-    """FID (Heusel et al. 2017) and KID (Binkowski et al. 2018, mean and std over subsets) under one protocol."""
+    """FID (Heusel et al. 2017) with its bootstrap interval, and KID (Binkowski et al. 2018, mean and std over
+    ``kid_subsets`` random subsets of ``kid_subset_size``) under one protocol."""
 
     fid: float
     kid_mean: float
     kid_std: float
     protocol: MetricProtocol
+    fid_interval: Interval | None = None  # 95% basic-bootstrap interval over the generated images
+    kid_subsets: int = 0
+    kid_subset_size: int = 0
 
     def as_metrics(self) -> dict[str, float]:
-        return {"fid": self.fid, "kid_mean": self.kid_mean, "kid_std": self.kid_std}
+        """fid, fid_ci95_low/high (when an interval exists), kid_mean, kid_std; only finite values."""
+        out = {"fid": self.fid, "kid_mean": self.kid_mean, "kid_std": self.kid_std}
+        if self.fid_interval is not None:
+            out.update(fid_ci95_low=self.fid_interval.low, fid_ci95_high=self.fid_interval.high)
+        return {k: float(v) for k, v in out.items() if v is not None and math.isfinite(v)}
 
 
 def _protocol_of(item: FIDResult | MetricProtocol) -> MetricProtocol:

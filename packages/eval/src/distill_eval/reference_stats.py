@@ -1,7 +1,7 @@
 """Reference statistics (mu, sigma and features for KID), computed once per reference set and cached.
 
 A cache entry is a safetensors file keyed by the reference set's name, the image count, the resolution, the
-resize method, the extractor's weight hash and a fingerprint of the source files (names and sizes), so any
+resize method, the extractor's weight hash, the feature precision (bf16 entries carry ``-bf16``) and a fingerprint of the source files (names and sizes), so any
 change of protocol or data misses the cache.
 
 Reference sets (resolved under the data root: ``data_root``, else ``$DISTILL_DATA_ROOT``):
@@ -34,7 +34,7 @@ from distill_common.data.cifar10 import open_cifar10
 from distill_common.data.cifar10_download import SPLIT_FILES, download_cifar10, find_batches
 from distill_common.data.root import resolve_data_root
 from distill_common.errors import ConfigError, DataError, unknown_choice
-from distill_eval.fid import extract_features, feature_statistics
+from distill_eval.features import extract_features, feature_statistics
 from distill_eval.inception import INPUT_SIZE, RESIZE_METHODS, InceptionFeatureExtractor, default_cache_dir
 from distill_eval.protocol import MetricProtocol
 
@@ -58,6 +58,7 @@ class ReferenceStats:
     sigma: torch.Tensor  # (2048, 2048)
     features: torch.Tensor  # (K, 2048), the first K images
     path: Path | None = None  # the cache file
+    feature_precision: str = "fp32"  # the extractor's forward precision
 
     def protocol(self, generated_n: int) -> MetricProtocol:
         """The protocol of a result that scores ``generated_n`` images against this reference."""
@@ -68,6 +69,7 @@ class ReferenceStats:
             generated_n=int(generated_n),
             resolution=self.resolution,
             resize=self.resize,
+            feature_precision=self.feature_precision,
         )
 
 
@@ -121,6 +123,13 @@ def _resolve_source(spec: str | Path, data_root: str | Path | None) -> _Source:
     if not files:
         raise DataError(f"no COCO {split} images in {folder}; pass --data-root with the folder holding coco2017/")
     return _Source(text, "folder", files)
+
+
+def protocol_resize(reference: str | Path) -> str:
+    """The resize a reference set's protocol uses: ``none`` for the 32 px CIFAR-10 sets (torch-fidelity's own
+    resize inside the network, the TTUR protocol), ``bicubic`` for COCO and image folders (photos of any size,
+    center-cropped and resized with antialiasing, clean-fid style)."""
+    return "none" if str(reference).startswith("cifar10-") else "bicubic"
 
 
 def _fingerprint(files: tuple[Path, ...]) -> str:
@@ -218,7 +227,9 @@ def reference_stats(
         resolution = CIFAR_RESOLUTION if source.kind == "cifar" else INPUT_SIZE
     files = source.files if source.kind == "cifar" or n is None else source.files[:n]
     count = f"n{n}" if source.kind == "cifar" else f"n{len(files)}"
-    key = f"{_slug(source.name)}-{count}-r{resolution}-{resize}-{extractor.extractor_hash}-{_fingerprint(files)}"
+    precision = getattr(extractor, "precision", "fp32")
+    suffix = "" if precision == "fp32" else f"-{precision}"  # fp32 keys stay those of earlier caches
+    key = f"{_slug(source.name)}-{count}-r{resolution}-{resize}-{extractor.extractor_hash}-{_fingerprint(files)}{suffix}"
     cache = (Path(cache_dir) if cache_dir is not None else default_cache_dir()) / "reference_stats"
     path = cache / f"{key}.safetensors"
     if path.is_file():
@@ -240,9 +251,11 @@ def reference_stats(
         sigma=torch.from_numpy(sigma).double(),
         features=features[:kid_features].float().contiguous(),
         path=path,
+        feature_precision=precision,
     )
     cache.mkdir(parents=True, exist_ok=True)
-    meta = {k: getattr(stats, k) for k in ("reference_set", "reference_n", "resolution", "resize", "extractor_hash")}
+    meta = {k: getattr(stats, k) for k in ("reference_set", "reference_n", "resolution", "resize", "extractor_hash",
+                                           "feature_precision")}
     save_weights({"mu": stats.mu, "sigma": stats.sigma, "features": stats.features}, path,
                  metadata={"protocol": json.dumps(meta)})
     return stats

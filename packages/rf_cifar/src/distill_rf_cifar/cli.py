@@ -72,13 +72,15 @@ def sample_cmd(cfg: SampleConfig) -> None:
 @claims_output_dir(lambda cfg: cfg.output_dir)  # before torch is imported: a refused run exits at once
 def evaluate_cmd(cfg: EvaluateConfig) -> None:
     """FID-vs-NFE sweep (teacher: Euler steps + RK45; students: 1, 2, 4 steps) with latency, grid and plots."""
-    from distill_eval.reports import print_table
+    from distill_eval.reports import interval_note, print_table
     from distill_rf_cifar.stages import evaluate
 
     result, _ = evaluate(cfg, console=console)
-    print_table(result.rows, ["model", "sampler", "steps", "nfe", "fid", "kid", "ms_per_image", "speedup_vs_teacher"],
+    print_table(result.rows, ["model", "sampler", "steps", "nfe", "fid", "fid_vs_best", "fid_vs_teacher", "kid",
+                              "ms_per_image", "speedup_vs_teacher"],
                 title=f"FID vs NFE ({result.protocol['reference_set']}, N={result.protocol['generated_n']})",
                 console=console)
+    console.print(interval_note(cfg.eval.bootstrap_resamples), highlight=False)
     console.print(f"grid: {result.grid_path}\nplots: {', '.join(map(str, result.plot_paths))}", highlight=False)
 
 

@@ -104,13 +104,13 @@ def run_sweep(
     progress: bool = True,
 ) -> SweepResult:
     """Generate, score and time every configuration; write report, grid and plots under ``output_dir``."""
-    from distill_eval.benchmark import generate_to_folder, load_png_folder
+    from distill_eval.benchmark import fid_row, generate_to_folder, load_png_folder
     from distill_eval.fid import score_images
     from distill_eval.grids import comparison_grid
     from distill_eval.inception import InceptionFeatureExtractor
     from distill_eval.plots import plot_quality_vs_latency, plot_quality_vs_steps
     from distill_eval.reference_stats import reference_stats
-    from distill_eval.reports import write_report
+    from distill_eval.reports import interval_note, mark_separability, write_report
     from distill_eval.timing import measure_latency
 
     console = console or Console()
@@ -146,17 +146,20 @@ def run_sweep(
                                    "images_timed": b.images, "timing": f"generation pass, batch {cfg.batch_size}"}
 
     # 2. FID/KID against cached reference statistics (reused from the sidecar when no image changed)
-    extractor = InceptionFeatureExtractor()
+    extractor = InceptionFeatureExtractor(precision=cfg.feature_precision)
     reference = reference_stats(cfg.reference, extractor, n=cfg.reference_n, resolution=32, data_root=data_root,
                                 progress=progress)
     protocol = reference.protocol(n).as_dict()
     rows: list[dict[str, Any]] = []
     for e in entries:
         side = sidecars[e.key]
-        if e.key in fresh or side.get("protocol") != protocol or "fid" not in side:
+        if (e.key in fresh or side.get("protocol") != protocol or "fid" not in side
+                or side.get("bootstrap_resamples", 0) != cfg.bootstrap_resamples):
             res = score_images(load_png_folder(image_dirs[e.key], n), extractor, reference, batch_size=50,
-                               progress=progress)
-            side.update({"fid": res.fid, "kid": res.kid_mean, "kid_std": res.kid_std, "protocol": protocol})
+                               progress=progress, bootstrap_resamples=cfg.bootstrap_resamples)
+            for stale in ("fid_ci95_low", "fid_ci95_high", "fid_bootstrap_seconds"):
+                side.pop(stale, None)
+            side.update({**fid_row(res), "protocol": protocol, "bootstrap_resamples": cfg.bootstrap_resamples})
         if "ms_per_image" not in side:  # images were all on disk from an earlier run without timings
             timing = measure_latency(
                 lambda e=e: bound[e.key].generate(conditions[: cfg.timing_batch], e.steps, seeds[: cfg.timing_batch]),
@@ -168,25 +171,30 @@ def run_sweep(
         ckpt.write_json(image_dirs[e.key] / RESULT_FILE, side)
         rows.append({"model": e.label, "role": e.role, "sampler": e.sampler,
                      "steps": e.steps if e.sampler != RK45 else None, "nfe": side["nfe"],
-                     "guidance": e.generator.default_guidance, "fid": side["fid"], "kid": side["kid"],
-                     "kid_std": side["kid_std"], "ms_per_image": side["ms_per_image"],
+                     "guidance": e.generator.default_guidance, "fid": side["fid"],
+                     **{k: side[k] for k in ("fid_ci95_low", "fid_ci95_high") if k in side},
+                     "kid": side["kid"], "kid_std": side["kid_std"], "ms_per_image": side["ms_per_image"],
                      "images_per_second": 1000.0 / side["ms_per_image"], "key": e.key})
-        console.print(f"  {e.key:>18}: FID {side['fid']:8.2f}  NFE {side['nfe']:6.1f}  "
+        interval = f" [{side['fid_ci95_low']:.2f}, {side['fid_ci95_high']:.2f}]" if "fid_ci95_low" in side else ""
+        console.print(f"  {e.key:>18}: FID {side['fid']:8.2f}{interval}  NFE {side['nfe']:6.1f}  "
                       f"{side['ms_per_image']:8.2f} ms/image", highlight=False)
     teacher_label, teacher_gen = teacher
     base = next(r for r in rows if r["model"] == teacher_label and r["sampler"] == "euler"
                 and r["steps"] == teacher_gen.default_steps)
     for r in rows:
         r["speedup_vs_teacher"] = base["ms_per_image"] / r["ms_per_image"]
+    mark_separability(rows)  # fid_vs_best; fid_vs_teacher for students against the teacher at equal Euler steps
 
     # 3. report, grid (rows = classes, columns = configurations, same seeds), plots
-    meta = {"protocol": protocol, "seeds": f"0..{n - 1}", "classes": "seed % 10",
+    meta = {"protocol": protocol, "intervals": interval_note(cfg.bootstrap_resamples), "seeds": f"0..{n - 1}",
+            "classes": "seed % 10",
             "teacher_reference": f"{teacher_label} euler {teacher_gen.default_steps} steps",
             "timing": f"the evaluation's generation pass (batch {cfg.batch_size}) after a warm-up call, "
                       f"device-synchronised ({teacher_gen.device}); {environment_info(teacher_gen.device)['device_name']}, "
                       f"{environment_info(teacher_gen.device)['num_threads']} threads"}
-    columns = ["model", "role", "sampler", "steps", "nfe", "fid", "kid", "ms_per_image", "speedup_vs_teacher",
-               "images_per_second", "guidance"]
+    columns = ["model", "role", "sampler", "steps", "nfe", "fid", "fid_ci95_low", "fid_ci95_high", "fid_vs_best",
+               "fid_vs_teacher", "kid", "kid_std", "ms_per_image", "speedup_vs_teacher", "images_per_second",
+               "guidance"]
     report = write_report(rows, out, "fid_vs_nfe", columns=columns, meta=meta)
     grid_rows = list(range(min(cfg.grid_classes, num_classes, n)))
     grid_columns = []
@@ -199,20 +207,23 @@ def run_sweep(
     comparison_grid(grid_columns, [CIFAR10_CLASSES[c] if num_classes == 10 else str(c) for c in grid_rows], grid_path,
                     title=f"seeds {', '.join(map(str, grid_rows))} (same noise in every column)")
     plot_rows = [{**r, "model": f"{r['model']} ({r['sampler']})"} for r in rows]
-    plots = [plot_quality_vs_steps(plot_rows, "fid", out / "fid_vs_nfe.png", steps_key="nfe"),
-             plot_quality_vs_latency(plot_rows, "fid", out / "fid_vs_latency.png", steps_key="nfe")]
+    plots = [plot_quality_vs_steps(plot_rows, "fid", out / "plots" / "fid_vs_nfe.png", steps_key="nfe"),
+             plot_quality_vs_latency(plot_rows, "fid", out / "plots" / "fid_vs_latency.png", steps_key="nfe")]
     return SweepResult(rows, protocol, grid_path, plots, report, image_dirs)
 
 
 def registry_tags(rows: Sequence[dict[str, Any]], label: str, protocol: dict[str, Any]) -> dict[str, Any]:
-    """``eval.s{steps}.{fid,kid,ms_per_image}`` (+ ``eval.rk45.*``, ``eval.protocol``) for one model's rows, the
-    tags distill_common.promotion ranks versions by."""
+    """``eval.s{steps}.{fid,fid_ci95_low,fid_ci95_high,kid,ms_per_image}`` (+ ``eval.rk45.*``, ``eval.protocol``)
+    for one model's rows, the tags distill_common.promotion ranks versions by; non-finite values are left out."""
+    from distill_eval.benchmark import finite
+
     tags: dict[str, Any] = {"eval.protocol": json.dumps(protocol, sort_keys=True)}
     for r in rows:
         if r["model"] != label:
             continue
         prefix = f"eval.{RK45}" if r["sampler"] == RK45 else f"eval.s{r['steps']}"
-        tags.update({f"{prefix}.fid": r["fid"], f"{prefix}.kid": r["kid"], f"{prefix}.ms_per_image": r["ms_per_image"]})
+        tags.update({f"{prefix}.{k}": r[k] for k in ("fid", "fid_ci95_low", "fid_ci95_high", "kid", "ms_per_image")
+                     if finite(r.get(k))})
         if r["sampler"] == RK45:
             tags[f"{prefix}.nfe"] = r["nfe"]
     return tags

@@ -174,6 +174,18 @@ def run_pipeline(cfg: PipelineConfig, *, console: Console | None = None, progres
     return result
 
 
+def _fid_cell(row: dict) -> str:
+    """``FID [low, high]`` plus distill_eval.reports' markers: ``best`` / ``≈ best`` (interval overlaps the best
+    row's), and for students ``< teacher`` / ``> teacher`` / ``≈ teacher`` against the teacher at equal steps."""
+    if "fid_ci95_low" not in row:
+        return f"{row['fid']:.1f}"
+    text = f"{row['fid']:.1f} [{row['fid_ci95_low']:.1f}, {row['fid_ci95_high']:.1f}]"
+    if row.get("fid_vs_best") in ("best", "≈ best"):
+        text += f" {row['fid_vs_best']}"
+    versus = {"better": " < teacher", "worse": " > teacher", "≈": " ≈ teacher"}
+    return text + versus.get(row.get("fid_vs_teacher", ""), "")
+
+
 def print_summary(result: PipelineResult, cfg: PipelineConfig, console: Console) -> None:
     """The main job's table: model, steps, FID, ms/image, speed-up vs the teacher at its default steps."""
     teacher_steps = cfg.sampling.steps
@@ -181,7 +193,7 @@ def print_summary(result: PipelineResult, cfg: PipelineConfig, console: Console)
                         f"{result.protocol['reference_n']} {result.protocol['reference_set']}) and latency "
                         f"(speed-up vs teacher at {teacher_steps} Euler steps)")
     for col, justify in (("model", "left"), ("version", "left"), ("sampler", "left"), ("steps", "right"),
-                         ("NFE", "right"), ("FID", "right"), ("ms/image", "right"), ("speed-up", "right")):
+                         ("NFE", "right"), ("FID [95% CI]", "right"), ("ms/image", "right"), ("speed-up", "right")):
         table.add_column(col, justify=justify)
     champions = {name: v for name, v in result.champion_versions.items()}
     for r in result.rows:
@@ -189,9 +201,11 @@ def print_summary(result: PipelineResult, cfg: PipelineConfig, console: Console)
         mark = " ★" if name and champions.get(name) == version else ""
         gated = r["role"] == "student" and r["steps"] is not None and r["steps"] <= cfg.registry.max_steps
         table.add_row(r["model"], f"v{version}{mark}" if name else "-", r["sampler"],
-                      "-" if r["steps"] is None else str(r["steps"]), f"{r['nfe']:.0f}", f"{r['fid']:.1f}",
+                      "-" if r["steps"] is None else str(r["steps"]), f"{r['nfe']:.0f}", _fid_cell(r),
                       f"{r['ms_per_image']:.2f}", f"{r['speedup_vs_teacher']:.1f}×", style="bold" if gated else None)
     console.print(table)
+    console.print("FID [95% interval]: basic bootstrap over the generated images; ≈ marks a difference inside the "
+                  "intervals (not established)", highlight=False)
     for name, reason in result.champions.items():
         version = result.champion_versions.get(name)
         console.print(f"champion (★) of [bold]{name}[/]: {f'v{version}' if version else 'none'} — {reason}",

@@ -328,10 +328,14 @@ def evaluate(cfg: EvaluateConfig, *, console: Console | None = None, progress: b
                             enabled=cfg.track, nested=nested) as run:
         result = run_sweep(teacher, students, cfg.eval, out, data_root=cfg.data_root, console=console, progress=progress)
         for r in result.rows:
-            run.log_metrics({f"{r['key']}.{k}": r[k] for k in ("fid", "kid", "nfe", "ms_per_image", "speedup_vs_teacher")})
+            run.log_metrics({f"{r['key']}.{k}": r[k] for k in ("fid", "fid_ci95_low", "fid_ci95_high", "kid", "kid_std",
+                                                               "nfe", "ms_per_image", "speedup_vs_teacher") if k in r})
         run.set_tags({f"protocol.{k}": v for k, v in result.protocol.items()} | {"env.device_name": environment_info()["device_name"]})
-        for p in [*result.report_paths.values(), result.grid_path, *result.plot_paths]:
-            run.log_artifact(p, "eval")
+        for p in result.report_paths.values():  # the same artifact folders as `distill eval benchmark`
+            run.log_artifact(p, "report")
+        run.log_artifact(result.grid_path, "grids")
+        for p in result.plot_paths:
+            run.log_artifact(p, "plots")
         for label, src in [("teacher", cfg.teacher), *[s.split("=", 1) for s in cfg.students]]:
             if src.startswith("models:/"):
                 name, version = tracking.resolve_model_version(src)

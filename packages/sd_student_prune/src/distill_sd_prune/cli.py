@@ -228,6 +228,8 @@ def evaluate_cmd(cfg: EvaluateConfig) -> None:
         "steps",
         "guidance",
         "fid",
+        "fid_vs_best",
+        "fid_vs_teacher",
         "lpips_to_teacher",
         "clip_score",
         "ms_per_image",

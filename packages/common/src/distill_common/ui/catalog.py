@@ -21,6 +21,7 @@ from distill_common.generator import generator_loaders
 KNOWN_FAMILIES = ("rf_cifar", "lora_flash", "sd_student_prune")
 CONDITION_KINDS = {"rf_cifar": "class", "lora_flash": "prompt", "sd_student_prune": "prompt"}
 OTHER_FAMILY = "other"
+PLOT_FOLDER = "plots"  # the artifact folder every evaluation logs its plots under
 PLOT_PATTERN = "*_vs_*.png"  # fid_vs_steps.png, fid_vs_nfe.png, fid_vs_latency.png
 TEACHER, STUDENT = "teacher", "student"
 # The `distill registry compare` columns: (header, metric key of the eval.s{steps}.{metric} tags).
@@ -137,10 +138,14 @@ def latest_eval_run(infos: Sequence[tracking.ModelVersionInfo]) -> str | None:
 
 
 def eval_plots(run_id: str, dst: str | Path | None = None) -> list[Path]:
-    """The plots an evaluation run logged: ``*_vs_*.png`` anywhere in its artifacts (``distill eval benchmark``
-    logs them under ``plots/``, ``distill rf evaluate`` under ``eval/``); empty when it logged none."""
+    """The plots an evaluation run logged: ``plots/*_vs_*.png`` (where ``distill eval benchmark``, ``distill rf
+    evaluate`` and ``distill prune evaluate`` log them); runs logged before plots had one place are searched
+    whole. Empty when the run logged none."""
     try:
-        wanted = [p for p in tracking.list_run_artifacts(run_id) if fnmatch.fnmatch(Path(p).name, PLOT_PATTERN)]
+        listed = tracking.list_run_artifacts(run_id)
+        wanted = [p for p in listed if fnmatch.fnmatch(Path(p).name, PLOT_PATTERN)]
+        in_place = [p for p in wanted if Path(p).parent.name == PLOT_FOLDER]
+        wanted = in_place or wanted
         target = Path(dst) if dst else Path(tempfile.mkdtemp(prefix="distill-plots-"))
         return [tracking.download_run_artifacts(run_id, p, target) for p in wanted]
     except TrackingError:

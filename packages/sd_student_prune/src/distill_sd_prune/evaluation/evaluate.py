@@ -1,5 +1,6 @@
 """``distill prune evaluate``: students against their teacher at equal seeds through the shared benchmark
-(``distill_eval.benchmark``: FID on COCO val, LPIPS to the teacher's image at the same seed, time per image),
+(``distill_eval.benchmark``: FID on COCO val with its 95% bootstrap interval, the resize picked from the protocol
+(bicubic for COCO photos), LPIPS to the teacher's image at the same seed, time per image),
 plus the UNet's parameters and MACs per call and CLIPScore when a CLIP model is given, at the headline setting
 (the first of ``--steps`` and ``--guidance``: 25 DDPM steps, CFG 5) and at the others. Registered students get
 their headline numbers stamped (``eval.s{steps}.*``) and the per-budget champion aliases move."""
@@ -33,6 +34,9 @@ class EvaluateConfig:
     seed: int = option(0, "First seed (and prompt-subset seed).")
     reference: str = option("coco-val2017", "FID reference set.")
     reference_n: int | None = option(None, "Reference images used (default: all of the set).")
+    feature_precision: str = option("fp32", "Inception forward precision: fp32 or bf16 (part of the FID protocol).",
+                                    choices=("fp32", "bf16"))
+    bootstrap_resamples: int = option(200, "Bootstrap resamples for each FID's 95% interval (0 = none).")
     clip_model: str | None = option(
         None, "CLIP model for CLIPScore: a hub id in the cache or a local folder."
     )
@@ -67,8 +71,8 @@ def evaluate(cfg: EvaluateConfig, tracking_run: Any = None, console: Any = None)
     from rich.console import Console
 
     from distill_common.generator import load_generator
-    from distill_eval.benchmark import BenchmarkConfig, load_png_folder, run_benchmark
-    from distill_eval.reports import write_report
+    from distill_eval.benchmark import BenchmarkConfig, run_benchmark
+    from distill_eval.reports import interval_note, mark_separability, write_report
     from distill_sd_prune.architecture.complexity import count_parameters, unet_macs
     from distill_sd_prune.sampling.generator import write_teacher_folder
 
@@ -104,8 +108,8 @@ def evaluate(cfg: EvaluateConfig, tracking_run: Any = None, console: Any = None)
             "budget": gen.info.get("budget", ""),
         }
 
-    fid_scorer = _FidScorer(cfg, resolution) if cfg.reference != "none" else None
     rows: list[dict[str, Any]] = []
+    protocol = None
     for g_index, guidance in enumerate(cfg.guidance):
         bcfg = BenchmarkConfig(
             generators=[f"{label}={uri}" for label, uri in students],
@@ -115,7 +119,11 @@ def evaluate(cfg: EvaluateConfig, tracking_run: Any = None, console: Any = None)
             num_images=cfg.num_images,
             seed=cfg.seed,
             guidance=guidance,
-            reference="none",
+            reference=cfg.reference,
+            reference_n=cfg.reference_n,
+            resize="auto",  # from the protocol: bicubic for COCO photos
+            feature_precision=cfg.feature_precision,
+            bootstrap_resamples=cfg.bootstrap_resamples,
             coco_prompts=cfg.num_images,
             clip_model=cfg.clip_model,
             lpips_net=cfg.lpips_net,
@@ -130,10 +138,8 @@ def evaluate(cfg: EvaluateConfig, tracking_run: Any = None, console: Any = None)
         result = run_benchmark(
             bcfg, loader=loader, tracking_run=tracking_run if headline else None, console=console
         )
+        protocol = result.protocol
         for row in result.rows:
-            key = f"{row['model']}_s{row['steps']}"
-            if fid_scorer is not None:
-                row.update(fid_scorer(load_png_folder(Path(result.images[key]), cfg.num_images)))
             row.update(
                 guidance=guidance,
                 scheduler=cfg.scheduler,
@@ -141,14 +147,17 @@ def evaluate(cfg: EvaluateConfig, tracking_run: Any = None, console: Any = None)
                 **complexity.get(row["model"], {}),
             )
             rows.append(row)
-    protocol = fid_scorer.protocol(cfg.num_images) if fid_scorer is not None else None
     columns = [
         "model",
         "budget",
         "steps",
         "guidance",
         "fid",
+        "fid_ci95_low",
+        "fid_ci95_high",
+        "fid_vs_best",
         "kid",
+        "kid_std",
         "lpips_to_teacher",
         "clip_score",
         "ms_per_image",
@@ -158,8 +167,11 @@ def evaluate(cfg: EvaluateConfig, tracking_run: Any = None, console: Any = None)
         "gmacs_conv_linear",
         "headline",
     ]
+    if protocol is not None:
+        mark_separability(rows)
     meta = {
         "protocol": protocol,
+        "intervals": interval_note(cfg.bootstrap_resamples if protocol is not None else 0),
         "scheduler": cfg.scheduler,
         "seeds": f"{cfg.seed}..{cfg.seed + cfg.num_images - 1}",
         "headline": f"{cfg.steps[0]} steps, CFG {cfg.guidance[0]:g}",
@@ -176,38 +188,6 @@ def evaluate(cfg: EvaluateConfig, tracking_run: Any = None, console: Any = None)
     return {"rows": rows, "report": report, "champions": champions}
 
 
-class _FidScorer:
-    """FID/KID of generated images against the reference set, both brought to 299 px by an antialiased bicubic
-    resize (COCO images are not square, so the reference needs a resize; the benchmark's default extractor has
-    none)."""
-
-    def __init__(self, cfg: EvaluateConfig, resolution: int) -> None:
-        from distill_eval.inception import InceptionFeatureExtractor
-        from distill_eval.reference_stats import reference_stats
-        from distill_sd_prune.evaluation.periodic import FID_RESIZE
-
-        self.extractor = InceptionFeatureExtractor(resize=FID_RESIZE)
-        self.reference = reference_stats(
-            cfg.reference,
-            self.extractor,
-            n=cfg.reference_n,
-            resolution=resolution,
-            data_root=cfg.data_root,
-            batch_size=cfg.batch_size,
-            progress=False,
-        )
-        self.batch_size = cfg.batch_size
-
-    def __call__(self, images: Any) -> dict[str, float]:
-        from distill_eval.fid import score_images
-
-        result = score_images(images, self.extractor, self.reference, batch_size=self.batch_size, progress=False)
-        return {"fid": result.fid, "kid": result.kid_mean, "kid_std": result.kid_std}
-
-    def protocol(self, generated_n: int) -> dict[str, Any]:
-        return self.reference.protocol(generated_n).as_dict()
-
-
 def _log(
     run: Any,
     cfg: EvaluateConfig,
@@ -219,6 +199,7 @@ def _log(
     import json
 
     from distill_common import tracking
+    from distill_eval.benchmark import finite
 
     for row in rows:
         prefix = f"{row['model']}.s{row['steps']}.cfg{row['guidance']:g}"
@@ -244,7 +225,7 @@ def _log(
             stamp["eval.protocol"] = json.dumps(protocol, sort_keys=True)
         for row in rows:
             if row["model"] == label and row["guidance"] == cfg.guidance[0]:
-                for metric in ("fid", "kid", "clip_score", "params", "gmacs"):
-                    if row.get(metric) is not None:
+                for metric in ("fid", "fid_ci95_low", "fid_ci95_high", "kid", "clip_score", "params", "gmacs"):
+                    if finite(row.get(metric)):
                         stamp[f"eval.s{row['steps']}.{metric}"] = row[metric]
         tracking.set_version_tags(name, version, {k: v for k, v in stamp.items() if v is not None})
