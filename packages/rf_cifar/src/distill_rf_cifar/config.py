@@ -17,9 +17,10 @@ from distill_common.errors import ConfigError
 
 DEVICES = ("auto", "cuda", "mps", "cpu")
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
-SAMPLER_NAMES = ("euler", "heun", "rk45")
+SAMPLER_NAMES = ("euler", "heun", "rk45", "consistency")
 TIME_SAMPLER_NAMES = ("uniform", "logit_normal")
-RECIPE_NAMES = ("teacher", "one_step", "four_step", "reflow", "progressive")
+RECIPE_NAMES = ("teacher", "one_step", "four_step", "reflow", "progressive",
+                "adversarial", "consistency")  # methods-a: ADD, consistency distillation
 DISTANCES = ("l2", "lpips")
 DATA_SOURCES = ("shards", "folder", "hub")
 LR_SCHEDULES = ("constant_with_warmup", "linear", "cosine")
@@ -180,6 +181,20 @@ class RecipeConfig:
     progressive_start: int = option(32, "progressive: the teacher's Euler steps in the first round.")
     progressive_end: int = option(4, "progressive: the student's steps after the last round (halving each round).")
     time_sampler: str = option("uniform", "reflow recipe: how t is drawn.", choices=TIME_SAMPLER_NAMES)
+    # -- adversarial (ADD, Sauer et al. 2023) and consistency (Song et al. 2023) recipes
+    adv_steps: int = option(4, "adversarial: student steps (1-4); training draws t from that many fixed Euler points.")
+    adv_weight: float = option(0.5, "adversarial: lambda of lambda * ||x_student - x_teacher||^2 (the tutorial's 0.5).")
+    adv_d_learning_rate: float = option(1e-5, "adversarial: Adam learning rate of the discriminator heads (tutorial: "
+                                        "1e-5 for both networks; the student's is --train-learning-rate).")
+    adv_r1_weight: float = option(0.003, "adversarial: R1 penalty gamma on real images, gamma/2 E||grad D||^2 "
+                                  "(StyleGAN2's 2e-4 * res^2 / batch at 32 px, batch 64).")
+    adv_head_channels: int = option(32, "adversarial: hidden channels of each discriminator head.")
+    cd_grid: int = option(16, "consistency: intervals of the uniform time grid (16 holds the 1-, 2-, 4- and 8-step "
+                          "sampling times; Song et al. use 18 points of EDM's grid).")
+    cd_target_decay: float = option(0.95, "consistency: EMA decay mu of the target network (Song et al., CIFAR-10 CD).")
+    cd_solver: str = option("euler", "consistency: the teacher's one ODE step between grid points (Song et al.: Heun).",
+                            choices=("euler", "heun"))
+    cd_steps: int = option(2, "consistency: the student's default sampling steps (multistep consistency sampling).")
 
 
 @dataclass

@@ -87,7 +87,8 @@ def sweep_entries(teacher: tuple[str, RFGenerator], students: Sequence[tuple[str
     if cfg.teacher_rk45:
         entries.append(SweepEntry(label, "teacher", gen, RK45, gen.default_steps))
     for s_label, s_gen in students:
-        entries += [SweepEntry(s_label, "student", s_gen, "euler", s) for s in sorted(set(cfg.student_steps))]
+        sampler = s_gen.sampler if s_gen.sampler != RK45 else "euler"  # e.g. consistency students keep theirs
+        entries += [SweepEntry(s_label, "student", s_gen, sampler, s) for s in sorted(set(cfg.student_steps))]
     if len({e.key for e in entries}) != len(entries):
         raise ConfigError("two models share a label; give every student its own LABEL=... name")
     return entries
@@ -157,6 +158,8 @@ def run_sweep(
             res = score_images(load_png_folder(image_dirs[e.key], n), extractor, reference, batch_size=50,
                                progress=progress)
             side.update({"fid": res.fid, "kid": res.kid_mean, "kid_std": res.kid_std, "protocol": protocol})
+            # whatever else the FID result reports about FID (e.g. its interval) travels with the row
+            side.update({k: v for k, v in res.as_metrics().items() if k.startswith("fid_")})
         if "ms_per_image" not in side:  # images were all on disk from an earlier run without timings
             timing = measure_latency(
                 lambda e=e: bound[e.key].generate(conditions[: cfg.timing_batch], e.steps, seeds[: cfg.timing_batch]),
@@ -170,7 +173,8 @@ def run_sweep(
                      "steps": e.steps if e.sampler != RK45 else None, "nfe": side["nfe"],
                      "guidance": e.generator.default_guidance, "fid": side["fid"], "kid": side["kid"],
                      "kid_std": side["kid_std"], "ms_per_image": side["ms_per_image"],
-                     "images_per_second": 1000.0 / side["ms_per_image"], "key": e.key})
+                     "images_per_second": 1000.0 / side["ms_per_image"], "key": e.key,
+                     **{k: v for k, v in side.items() if k.startswith("fid_")}})
         console.print(f"  {e.key:>18}: FID {side['fid']:8.2f}  NFE {side['nfe']:6.1f}  "
                       f"{side['ms_per_image']:8.2f} ms/image", highlight=False)
     teacher_label, teacher_gen = teacher
