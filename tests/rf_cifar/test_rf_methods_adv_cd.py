@@ -21,7 +21,7 @@ from distill_rf_cifar.losses import (
     hinge_generator_loss,
 )
 from distill_rf_cifar.pairs import load_pairs
-from distill_rf_cifar.recipes import build_recipe, run_recipe
+from distill_rf_cifar.recipes import build_recipe
 from distill_rf_cifar.samplers import CountingModelFn, sample_consistency, sample_euler, time_grid
 from distill_rf_cifar.training import PairsWithImages, TrainingCallback, train
 
@@ -127,8 +127,9 @@ def test_multistep_consistency_sampling_steps_shapes_and_seed_independence_of_ba
     # re-noising differs from the deterministic Euler path at 2+ steps, but an image depends on its seed only
     assert not torch.allclose(sample_consistency(fn, x0, time_grid(2)), sample_euler(fn, x0, time_grid(2)))
     torch.manual_seed(0)
-    from distill_rf_cifar.models import build_unet
     from rf_helpers import tiny_unet_config
+
+    from distill_rf_cifar.models import build_unet
 
     gen = RFGenerator(build_unet(tiny_unet_config()), default_steps=4, sampler="consistency")
     a = gen.generate([1, 2, 3], 4, seeds=[5, 6, 7])

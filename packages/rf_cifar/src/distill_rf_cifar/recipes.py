@@ -34,13 +34,14 @@ from distill_common import checkpoint as ckpt
 from distill_common.errors import ConfigError, unknown_choice
 from distill_rf_cifar.config import FlowConfig, LoopConfig, RecipeConfig
 from distill_rf_cifar.losses import (
+    AdversarialDistillationLoss,
+    ConsistencyDistillationLoss,
     KStepDistillationLoss,
     PairDistillationLoss,
     ProgressiveDistillationLoss,
     RectifiedFlowLoss,
     ReflowLoss,
 )
-from distill_rf_cifar.losses import AdversarialDistillationLoss, ConsistencyDistillationLoss
 from distill_rf_cifar.training.data import TrainingData
 from distill_rf_cifar.training.loop import MODEL_FILE, SampleFn, TrainingCallback, TrainResult, train
 
