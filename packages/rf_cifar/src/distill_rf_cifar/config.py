@@ -428,3 +428,82 @@ TEACHER_PRESETS = {name: (lambda f=f: teacher_config(f())) for name, f in SCALES
 PAIRS_PRESETS = {name: (lambda f=f: pairs_config(f())) for name, f in SCALES.items()}
 DISTILL_PRESETS = {name: (lambda f=f: distill_config(f(), "four_step")) for name, f in SCALES.items()}
 EVALUATE_PRESETS = {name: (lambda f=f: evaluate_config(f())) for name, f in SCALES.items()}
+
+
+# ----------------------------------------------------------------------------------------------- compare (issue 12)
+
+
+@dataclass
+class CompareConfig:
+    """``distill rf compare``: every registered distillation recipe from one teacher under one budget."""
+
+    teacher: str = option("reference", "Teacher: a generator folder, a models:/ or runs:/ URI, or 'reference' "
+                          "(the teacher shipped with distill-rf-cifar).")
+    methods: list[str] = option([], "Recipes to compare (default: every registered student recipe).")
+    run_name: str = option("smoke", "Name of this comparison (default folder runs/rf_cifar/compare/<run-name>).")
+    output_dir: Path | None = option(None, "Output folder (default: runs/rf_cifar/compare/<run-name>).")
+    train: LoopConfig = nested(LoopConfig, "The budget every method gets: the same optimizer steps, batch and "
+                                           "learning rate (multi-phase recipes split the steps).")
+    options: RecipeConfig = nested(RecipeConfig, "Recipe options.")
+    pairs: PairsConfig = nested(PairsConfig, "Teacher pairs (teacher/output_dir set by compare).")
+    pairs_match_teacher: bool = option(True, "Make the pairs with the teacher's own default steps, sampler and "
+                                             "guidance (the samples a user of the teacher gets).")
+    data: DataConfig = nested(DataConfig, "CIFAR-10 (image-based recipes, real images of the discriminator).")
+    eval: EvalConfig = nested(EvalConfig, "FID, latency; the teacher is evaluated at the same steps and its default.")
+    lpips: bool = option(True, "LPIPS of every image to the teacher's (default steps) image at the same seed.")
+    lpips_net: str = option("alex", "LPIPS backbone.", choices=("alex", "vgg"))
+    device: str = option("auto", "Device of every stage.", choices=DEVICES)
+    experiment: str = option("rf_cifar", "MLflow experiment.")
+    track: bool = option(True, "Log to MLflow: a parent run and one child run per method.")
+
+    def validate(self) -> None:
+        self.train.validate()
+
+    @property
+    def folder(self) -> Path:
+        return self.output_dir or Path("runs/rf_cifar/compare") / self.run_name
+
+
+def smoke_compare() -> CompareConfig:
+    """About 15 minutes on 2 CPU cores for a ~1.5M-parameter teacher and 6-7 methods (estimated from measured step
+    and Inception times): 1,024 pairs, 150 optimizer steps of batch 32 per method, FID on 256 images per
+    configuration (methods and teacher at 1, 2, 4 steps) against 2,000 CIFAR-10 training images."""
+    cfg = CompareConfig(run_name="smoke")
+    cfg.train = _loop(steps=150, batch_size=32, learning_rate=5e-4, warmup_steps=10, ema_decay=0.99,
+                      checkpoint_every=150, log_every=25)
+    cfg.options = RecipeConfig(k=4, distance="l2", progressive_start=16, progressive_end=4, adv_d_learning_rate=1e-4)
+    cfg.pairs = PairsConfig(num_pairs=1024, shard_size=512, batch_size=128)
+    cfg.eval = EvalConfig(teacher_steps=[1, 2, 4], teacher_rk45=False, student_steps=[1, 2, 4], num_images=256,
+                          reference="cifar10-train", reference_n=2000, batch_size=128, timing_batch=64,
+                          timing_repeats=2, grid_classes=10)
+    return cfg
+
+
+def tiny_compare() -> CompareConfig:
+    """Seconds: the test's scale (4 steps of batch 8, 24 pairs, FID on 8 images vs 16)."""
+    cfg = CompareConfig(run_name="tiny")
+    cfg.train = _loop(steps=4, batch_size=8, learning_rate=1e-3, warmup_steps=1, checkpoint_every=4, log_every=2,
+                      log_checkpoints=False)
+    cfg.options = RecipeConfig(progressive_start=4, progressive_end=2, adv_head_channels=8, cd_grid=4)
+    cfg.pairs = PairsConfig(num_pairs=24, shard_size=24, batch_size=24, seed_start=100)
+    cfg.data = DataConfig(limit=64)
+    cfg.eval = EvalConfig(teacher_steps=[1, 2], teacher_rk45=False, student_steps=[1, 2], num_images=8,
+                          reference="cifar10-train", reference_n=16, batch_size=8, timing_batch=8, timing_repeats=1,
+                          grid_classes=2)
+    return cfg
+
+
+def paper_compare() -> CompareConfig:
+    """GPU: 20k optimizer steps of batch 128 per method, 100k pairs, FID on 10k images against all 50k."""
+    cfg = CompareConfig(run_name="paper")
+    cfg.train = _loop(steps=20_000, batch_size=128, learning_rate=2e-5, warmup_steps=500, ema_decay=0.9999,
+                      checkpoint_every=5000, log_every=100)
+    cfg.options = RecipeConfig(k=4, distance="lpips")
+    cfg.pairs = PairsConfig(num_pairs=100_000, shard_size=10_000, batch_size=1000)
+    cfg.eval = EvalConfig(teacher_steps=[1, 2, 4], teacher_rk45=True, student_steps=[1, 2, 4], num_images=10_000,
+                          reference="cifar10-train", reference_n=None, batch_size=1000, timing_batch=256,
+                          timing_repeats=5)
+    return cfg
+
+
+COMPARE_PRESETS = {"smoke": smoke_compare, "tiny": tiny_compare, "paper": paper_compare}
