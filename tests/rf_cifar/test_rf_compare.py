@@ -23,6 +23,7 @@ def test_methods_are_the_registered_student_recipes():
         select_methods(["lcm"])
 
 
+@pytest.mark.slow  # trains three methods, scores 36 configurations with Inception and LPIPS, logs to MLflow
 def test_compare_on_a_tiny_teacher_writes_table_plot_and_parent_with_child_runs(tmp_path, teacher_dir, data_root,
                                                                               mlflow_uri):
     from mlflow import MlflowClient
