@@ -58,6 +58,8 @@ def test_compare_on_a_tiny_teacher_writes_table_plot_and_parent_with_child_runs(
     assert set(recipes) == set(methods)
     for m, child in recipes.items():
         assert child.info.run_id == summary["children"][m]
+        stage = json.loads((out / "students" / m / "stage.json").read_text())
+        assert stage["model_uri"].startswith("models:/")  # logged as a pyfunc generator like every student
         assert {"compare.s1.fid", "compare.s2.fid", "compare.s1.lpips_to_teacher"} <= set(child.data.metrics)
     assert "train/loss_d" in recipes["adversarial"].data.metrics and "train/d_acc_fake" in recipes["adversarial"].data.metrics
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "compare")}

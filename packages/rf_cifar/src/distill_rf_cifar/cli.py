@@ -50,7 +50,8 @@ def make_pairs_cmd(cfg: PairsConfig) -> None:
 
 @config_command(app, "distill", DistillConfig, presets=DISTILL_PRESETS, default_preset="smoke")
 def distill_cmd(cfg: DistillConfig) -> None:
-    """Train a student from the teacher's weights with --recipe one_step | four_step | reflow | progressive."""
+    """Train a student from the teacher's weights with --recipe one_step | four_step | reflow | progressive |
+    adversarial | consistency."""
     from distill_rf_cifar.stages import distill_student
 
     outcome = distill_student(cfg, console=console)
