@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from distill_common.errors import ConfigError
 from distill_rf_cifar.cli import app
-from distill_rf_cifar.compare import compare_methods, select_methods
+from distill_rf_cifar.compare import compare_methods, resolve_teacher, select_methods
 from distill_rf_cifar.recipes import RECIPES
 
 
@@ -21,6 +21,15 @@ def test_methods_are_the_registered_student_recipes():
     assert select_methods(["consistency", "four_step", "consistency"]) == ["consistency", "four_step"]
     with pytest.raises(ConfigError, match="unknown compare method 'lcm'; valid choices: .*'adversarial'"):
         select_methods(["lcm"])
+
+
+def test_teacher_is_a_generator_folder_a_uri_or_a_shipped_name(tmp_path, teacher_dir):
+    assert resolve_teacher(str(teacher_dir)) == teacher_dir
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="holds no generator.json"):
+        resolve_teacher(str(tmp_path / "empty"))
+    with pytest.raises(Exception, match="neither a folder nor a shipped generator"):
+        resolve_teacher("no_such_teacher")
 
 
 @pytest.mark.slow  # trains three methods, scores 36 configurations with Inception and LPIPS, logs to MLflow

@@ -47,18 +47,11 @@ def select_methods(requested: list[str]) -> list[str]:
     return list(dict.fromkeys(requested)) or available
 
 
-def resolve_teacher(spec: str, out: Path) -> Path:
-    """A teacher generator folder from a folder, a models:/ or runs:/ URI, or ``reference``."""
-    if spec == "reference":
-        try:
-            from distill_rf_cifar.reference import reference_teacher_dir  # the shipped teacher (issue 11)
-        except ImportError:
-            raise ConfigError("the reference teacher is not part of this distill-rf-cifar install; pass --teacher "
-                              "with a generator folder (e.g. runs/rf_cifar/teacher/generator) or a models:/ URI") from None
-        return Path(reference_teacher_dir())
-    if spec.startswith(("models:/", "runs:/")):
-        return tracking.download_generator(spec, out / "teacher_download")
-    folder = Path(spec)
+def resolve_teacher(spec: str) -> Path:
+    """A teacher generator folder from a folder, a shipped name (``reference``), or a models:/ or runs:/ URI."""
+    from distill_common.generator import resolve_generator_folder
+
+    folder = resolve_generator_folder(spec)
     if not (folder / "generator.json").is_file():
         raise ConfigError(f"--teacher {spec} holds no generator.json; pass a generator folder written by 'distill rf "
                           "train-teacher', a models:/ URI, or 'reference'")
@@ -150,7 +143,7 @@ def run_compare(cfg: CompareConfig, *, console: Console | None = None, progress:
     out = cfg.folder
     out.mkdir(parents=True, exist_ok=True)
     methods = select_methods(cfg.methods)
-    teacher_dir = resolve_teacher(cfg.teacher, out)
+    teacher_dir = resolve_teacher(cfg.teacher)
     teacher_manifest = read_generator_manifest(teacher_dir)
     budget = (f"{cfg.train.steps} optimizer steps per method, batch {cfg.train.batch_size}, lr {cfg.train.learning_rate:g} "
               "(multi-phase recipes split the steps)")
