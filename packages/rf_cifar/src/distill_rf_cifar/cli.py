@@ -1,4 +1,5 @@
-"""``distill rf``: train-teacher | make-pairs | distill | sample | evaluate | pipeline (each with --preset smoke|cpu|paper)."""
+"""``distill rf``: train-teacher | make-pairs | distill | sample | evaluate | pipeline (each with --preset smoke|cpu|paper)
+| compare (--preset smoke|tiny|paper)."""
 
 from __future__ import annotations
 
@@ -8,11 +9,13 @@ from rich.console import Console
 from distill_common.config import config_command
 from distill_common.output_dir import claims_output_dir
 from distill_rf_cifar.config import (
+    COMPARE_PRESETS,
     DISTILL_PRESETS,
     EVALUATE_PRESETS,
     PAIRS_PRESETS,
     PIPELINE_PRESETS,
     TEACHER_PRESETS,
+    CompareConfig,
     DistillConfig,
     EvaluateConfig,
     PairsConfig,
@@ -51,7 +54,8 @@ def make_pairs_cmd(cfg: PairsConfig) -> None:
 @config_command(app, "distill", DistillConfig, presets=DISTILL_PRESETS, default_preset="smoke")
 @claims_output_dir(lambda cfg: cfg.folder)  # before torch is imported: a refused run exits at once
 def distill_cmd(cfg: DistillConfig) -> None:
-    """Train a student from the teacher's weights with --recipe one_step | four_step | reflow | progressive."""
+    """Train a student from the teacher's weights with --recipe one_step | four_step | reflow | progressive |
+    adversarial | consistency."""
     from distill_rf_cifar.stages import distill_student
 
     outcome = distill_student(cfg, console=console)
@@ -92,6 +96,16 @@ def pipeline_cmd(cfg: PipelineConfig) -> None:
     from distill_rf_cifar.pipeline import run_pipeline
 
     run_pipeline(cfg, console=console)
+
+
+@config_command(app, "compare", CompareConfig, presets=COMPARE_PRESETS, default_preset="smoke")
+def compare_cmd(cfg: CompareConfig) -> None:
+    """Every distillation recipe (one_step, four_step, reflow, progressive, adversarial, consistency, ...) from one
+    --teacher under one budget of optimizer steps: one table (FID with interval at 1/2/4 steps, LPIPS to the teacher,
+    ms/image, training time), one plot, an MLflow parent run with a child per method."""
+    from distill_rf_cifar.compare import print_compare, run_compare
+
+    print_compare(run_compare(cfg, console=console), console)
 
 
 def main() -> None:

@@ -17,9 +17,10 @@ from distill_common.errors import ConfigError
 
 DEVICES = ("auto", "cuda", "mps", "cpu")
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
-SAMPLER_NAMES = ("euler", "heun", "rk45")
+SAMPLER_NAMES = ("euler", "heun", "rk45", "consistency")
 TIME_SAMPLER_NAMES = ("uniform", "logit_normal")
-RECIPE_NAMES = ("teacher", "one_step", "four_step", "reflow", "progressive")
+RECIPE_NAMES = ("teacher", "one_step", "four_step", "reflow", "progressive",
+                "adversarial", "consistency")  # methods-a: ADD, consistency distillation
 DISTANCES = ("l2", "lpips")
 DATA_SOURCES = ("shards", "folder", "hub")
 LR_SCHEDULES = ("constant_with_warmup", "linear", "cosine")
@@ -178,6 +179,20 @@ class RecipeConfig:
     progressive_start: int = option(32, "progressive: the teacher's Euler steps in the first round.", ge=1)
     progressive_end: int = option(4, "progressive: the student's steps after the last round (halving each round).", ge=1)
     time_sampler: str = option("uniform", "reflow recipe: how t is drawn.", choices=TIME_SAMPLER_NAMES)
+    # -- adversarial (ADD, Sauer et al. 2023) and consistency (Song et al. 2023) recipes
+    adv_steps: int = option(4, "adversarial: student steps (1-4); training draws t from that many fixed Euler points.")
+    adv_weight: float = option(0.5, "adversarial: lambda of lambda * ||x_student - x_teacher||^2 (the tutorial's 0.5).")
+    adv_d_learning_rate: float = option(1e-5, "adversarial: Adam learning rate of the discriminator heads (tutorial: "
+                                        "1e-5 for both networks; the student's is --train-learning-rate).")
+    adv_r1_weight: float = option(0.003, "adversarial: R1 penalty gamma on real images, gamma/2 E||grad D||^2 "
+                                  "(StyleGAN2's 2e-4 * res^2 / batch at 32 px, batch 64).")
+    adv_head_channels: int = option(32, "adversarial: hidden channels of each discriminator head.")
+    cd_grid: int = option(16, "consistency: intervals of the uniform time grid (16 holds the 1-, 2-, 4- and 8-step "
+                          "sampling times; Song et al. use 18 points of EDM's grid).")
+    cd_target_decay: float = option(0.95, "consistency: EMA decay mu of the target network (Song et al., CIFAR-10 CD).")
+    cd_solver: str = option("euler", "consistency: the teacher's one ODE step between grid points (Song et al.: Heun).",
+                            choices=("euler", "heun"))
+    cd_steps: int = option(2, "consistency: the student's default sampling steps (multistep consistency sampling).")
 
 
 @dataclass
@@ -407,3 +422,82 @@ TEACHER_PRESETS = {name: (lambda f=f: teacher_config(f())) for name, f in SCALES
 PAIRS_PRESETS = {name: (lambda f=f: pairs_config(f())) for name, f in SCALES.items()}
 DISTILL_PRESETS = {name: (lambda f=f: distill_config(f(), "four_step")) for name, f in SCALES.items()}
 EVALUATE_PRESETS = {name: (lambda f=f: evaluate_config(f())) for name, f in SCALES.items()}
+
+
+# ----------------------------------------------------------------------------------------------- compare (issue 12)
+
+
+@dataclass
+class CompareConfig:
+    """``distill rf compare``: every registered distillation recipe from one teacher under one budget."""
+
+    teacher: str = option("reference", "Teacher: a generator folder, a models:/ or runs:/ URI, or 'reference' "
+                          "(the teacher shipped with distill-rf-cifar).")
+    methods: list[str] = option([], "Recipes to compare (default: every registered student recipe).")
+    run_name: str = option("smoke", "Name of this comparison (default folder runs/rf_cifar/compare/<run-name>).")
+    output_dir: Path | None = option(None, "Output folder (default: runs/rf_cifar/compare/<run-name>).")
+    train: LoopConfig = nested(LoopConfig, "The budget every method gets: the same optimizer steps, batch and "
+                                           "learning rate (multi-phase recipes split the steps).")
+    options: RecipeConfig = nested(RecipeConfig, "Recipe options.")
+    pairs: PairsConfig = nested(PairsConfig, "Teacher pairs (teacher/output_dir set by compare).")
+    pairs_match_teacher: bool = option(True, "Make the pairs with the teacher's own default steps, sampler and "
+                                             "guidance (the samples a user of the teacher gets).")
+    data: DataConfig = nested(DataConfig, "CIFAR-10 (image-based recipes, real images of the discriminator).")
+    eval: EvalConfig = nested(EvalConfig, "FID, latency; the teacher is evaluated at the same steps and its default.")
+    lpips: bool = option(True, "LPIPS of every image to the teacher's (default steps) image at the same seed.")
+    lpips_net: str = option("alex", "LPIPS backbone.", choices=("alex", "vgg"))
+    device: str = option("auto", "Device of every stage.", choices=DEVICES)
+    experiment: str = option("rf_cifar", "MLflow experiment.")
+    track: bool = option(True, "Log to MLflow: a parent run and one child run per method.")
+
+    def validate(self) -> None:
+        self.train.validate()
+
+    @property
+    def folder(self) -> Path:
+        return self.output_dir or Path("runs/rf_cifar/compare") / self.run_name
+
+
+def smoke_compare() -> CompareConfig:
+    """About 15 minutes on 2 CPU cores for a ~1.5M-parameter teacher and 6-7 methods (estimated from measured step
+    and Inception times): 1,024 pairs, 150 optimizer steps of batch 32 per method, FID on 256 images per
+    configuration (methods and teacher at 1, 2, 4 steps) against 2,000 CIFAR-10 training images."""
+    cfg = CompareConfig(run_name="smoke")
+    cfg.train = _loop(steps=150, batch_size=32, learning_rate=5e-4, warmup_steps=10, ema_decay=0.99,
+                      checkpoint_every=150, log_every=25)
+    cfg.options = RecipeConfig(k=4, distance="l2", progressive_start=16, progressive_end=4, adv_d_learning_rate=1e-4)
+    cfg.pairs = PairsConfig(num_pairs=1024, shard_size=512, batch_size=128)
+    cfg.eval = EvalConfig(teacher_steps=[1, 2, 4], teacher_rk45=False, student_steps=[1, 2, 4], num_images=256,
+                          reference="cifar10-train", reference_n=2000, batch_size=128, timing_batch=64,
+                          timing_repeats=2, grid_classes=10)
+    return cfg
+
+
+def tiny_compare() -> CompareConfig:
+    """Seconds: the test's scale (4 steps of batch 8, 24 pairs, FID on 8 images vs 16)."""
+    cfg = CompareConfig(run_name="tiny")
+    cfg.train = _loop(steps=4, batch_size=8, learning_rate=1e-3, warmup_steps=1, checkpoint_every=4, log_every=2,
+                      log_checkpoints=False, precision="fp32")  # tiny models gain nothing from bf16 autocast
+    cfg.options = RecipeConfig(progressive_start=4, progressive_end=2, adv_head_channels=8, cd_grid=4)
+    cfg.pairs = PairsConfig(num_pairs=24, shard_size=24, batch_size=24, seed_start=100)
+    cfg.data = DataConfig(limit=64)
+    cfg.eval = EvalConfig(teacher_steps=[1, 2], teacher_rk45=False, student_steps=[1, 2], num_images=8,
+                          reference="cifar10-train", reference_n=16, batch_size=8, timing_batch=8, timing_repeats=1,
+                          grid_classes=2)
+    return cfg
+
+
+def paper_compare() -> CompareConfig:
+    """GPU: 20k optimizer steps of batch 128 per method, 100k pairs, FID on 10k images against all 50k."""
+    cfg = CompareConfig(run_name="paper")
+    cfg.train = _loop(steps=20_000, batch_size=128, learning_rate=2e-5, warmup_steps=500, ema_decay=0.9999,
+                      checkpoint_every=5000, log_every=100)
+    cfg.options = RecipeConfig(k=4, distance="lpips")
+    cfg.pairs = PairsConfig(num_pairs=100_000, shard_size=10_000, batch_size=1000)
+    cfg.eval = EvalConfig(teacher_steps=[1, 2, 4], teacher_rk45=True, student_steps=[1, 2, 4], num_images=10_000,
+                          reference="cifar10-train", reference_n=None, batch_size=1000, timing_batch=256,
+                          timing_repeats=5)
+    return cfg
+
+
+COMPARE_PRESETS = {"smoke": smoke_compare, "tiny": tiny_compare, "paper": paper_compare}

@@ -87,7 +87,8 @@ def sweep_entries(teacher: tuple[str, RFGenerator], students: Sequence[tuple[str
     if cfg.teacher_rk45:
         entries.append(SweepEntry(label, "teacher", gen, RK45, gen.default_steps))
     for s_label, s_gen in students:
-        entries += [SweepEntry(s_label, "student", s_gen, "euler", s) for s in sorted(set(cfg.student_steps))]
+        sampler = s_gen.sampler if s_gen.sampler != RK45 else "euler"  # e.g. consistency students keep theirs
+        entries += [SweepEntry(s_label, "student", s_gen, sampler, s) for s in sorted(set(cfg.student_steps))]
     if len({e.key for e in entries}) != len(entries):
         raise ConfigError("two models share a label; give every student its own LABEL=... name")
     return entries

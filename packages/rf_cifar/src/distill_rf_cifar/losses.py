@@ -6,7 +6,8 @@ Batches: images ``{"x1": (B, 3, 32, 32) in [-1, 1], "y": (B,)}``; pairs ``{"x0":
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +22,29 @@ class LossOutput:
     loss: torch.Tensor  # scalar to minimise
     per_sample: torch.Tensor  # (B,) detached, for per-t-bin logging
     t: torch.Tensor  # (B,) the time of each sample
+    metrics: dict[str, torch.Tensor | float] = field(default_factory=dict)  # extra scalars the loop reports
+
+
+class LossHooks:
+    """Optional extras of a loss object (mixin) that trains more than the model: a discriminator with its own
+    optimiser, an EMA target network. training.loop calls ``after_step`` after each optimiser step of the model and
+    checkpoints ``extra_weights`` (safetensors) and ``extra_state``, so resume stays exact."""
+
+    def after_step(self, model: nn.Module) -> dict[str, Any]:
+        """Called after every optimiser step of ``model`` (unwrapped); returns scalars to report (window means)."""
+        return {}
+
+    def extra_weights(self) -> dict[str, torch.Tensor]:
+        """Tensors to checkpoint as safetensors (trained auxiliary networks)."""
+        return {}
+
+    def load_extra_weights(self, tensors: dict[str, torch.Tensor]) -> None: ...
+
+    def extra_state(self) -> dict[str, Any]:
+        """Other resumable state (auxiliary optimisers), saved with the optimizer state."""
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None: ...
 
 
 def _mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -156,3 +180,297 @@ class ProgressiveDistillationLoss(nn.Module):
             target = 0.5 * (v1 + v2)  # (B, 3, H, W)
         per = _mse(model(xt, t, y), target)
         return LossOutput(per.mean(), per.detach(), t.detach())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Adversarial distillation (ADD, Sauer et al. 2023) and consistency distillation (Song et al. 2023).
+# Both train more than the model (discriminator heads with their own Adam; an EMA target network), through LossHooks.
+
+
+def hinge_discriminator_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
+    """Hinge loss of the discriminator (Lim & Ye 2017; ADD Eq. (3)): E[relu(1 - D(real))] + E[relu(1 + D(fake))].
+    Logits (B,) or (B, K) for K heads: summed over heads, averaged over the batch."""
+    real = F.relu(1 - real_logits.float()).reshape(real_logits.shape[0], -1).sum(1)
+    fake = F.relu(1 + fake_logits.float()).reshape(fake_logits.shape[0], -1).sum(1)
+    return real.mean() + fake.mean()
+
+
+def hinge_generator_loss(fake_logits: torch.Tensor) -> torch.Tensor:
+    """Per-sample generator loss -D(fake) (B,), summed over heads."""
+    return -fake_logits.float().reshape(fake_logits.shape[0], -1).sum(1)
+
+
+class TeacherEncoder(nn.Module):
+    """The frozen feature network of the discriminator: the teacher's own down path and middle block, applied to an
+    image as the clean end of the flow (t = 1, null class). Features at every level (e.g. 16, 8, 8 and 8 px).
+
+    Why this network (ADD uses a frozen DINOv2 ViT-S, which does not exist offline here): the teacher's encoder was
+    trained on CIFAR-10 at 32 px, so its features describe exactly these images; it costs about half a teacher forward,
+    needs no resizing; and it is available for any teacher. The Inception network of distill_eval would need 299 px
+    inputs (~10x the cost on a CPU) and is the FID's own feature extractor: a discriminator on it would optimise the
+    evaluation metric directly.
+    """
+
+    def __init__(self, unet: nn.Module) -> None:
+        super().__init__()
+        import copy
+
+        from distill_rf_cifar.models.unet import TIME_SCALE
+
+        net = copy.deepcopy(unet.net)
+        self.time_proj, self.time_embedding, self.class_embedding = net.time_proj, net.time_embedding, net.class_embedding
+        self.conv_in, self.down_blocks, self.mid_block = net.conv_in, net.down_blocks, net.mid_block
+        self.null_class, self.time_value = unet.null_class, TIME_SCALE
+        self.requires_grad_(False)
+        self.eval()
+        with torch.no_grad():
+            self.channels = [f.shape[1] for f in self(torch.zeros(1, 3, unet.resolution, unet.resolution))]
+
+    def train(self, mode: bool = True) -> TeacherEncoder:
+        return super().train(False)  # frozen: dropout stays off
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        b = x.shape[0]
+        t = torch.full((b,), self.time_value, device=x.device)
+        emb = self.time_embedding(self.time_proj(t).to(x.dtype))
+        emb = emb + self.class_embedding(torch.full((b,), self.null_class, device=x.device, dtype=torch.long)).to(x.dtype)
+        h = self.conv_in(x)
+        feats = []
+        for block in self.down_blocks:
+            h, _ = block(hidden_states=h, temb=emb)
+            feats.append(h)  # (B, C_l, H_l, W_l)
+        if self.mid_block is not None:
+            h = self.mid_block(h, emb)
+            feats.append(h)
+        return feats
+
+
+class DiscriminatorHead(nn.Module):
+    """A small trainable head on one feature level: conv 3x3 -> LeakyReLU -> conv 1x1 logit map (averaged), plus a
+    class projection (Miyato & Koyama 2018), ADD's conditioning of its heads."""
+
+    def __init__(self, channels: int, hidden: int, num_embeddings: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(channels, hidden, 3, padding=1), nn.LeakyReLU(0.2),
+                                  nn.Conv2d(hidden, hidden, 1), nn.LeakyReLU(0.2))
+        self.out = nn.Conv2d(hidden, 1, 1)
+        self.embed = nn.Embedding(num_embeddings, hidden)
+        nn.init.normal_(self.embed.weight, std=hidden**-0.5)
+
+    def forward(self, feature: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        h = self.body(feature)  # (B, hidden, H, W)
+        return self.out(h).mean(dim=(1, 2, 3)) + (self.embed(y) * h.mean(dim=(2, 3))).sum(1) * h.shape[1] ** -0.5  # (B,)
+
+
+class Discriminator(nn.Module):
+    """D(x, y) -> (B, K) logits: K trainable heads on a frozen :class:`TeacherEncoder`."""
+
+    def __init__(self, encoder: TeacherEncoder, hidden: int = 32, num_embeddings: int = 11, seed: int = 0) -> None:
+        super().__init__()
+        self.encoder = encoder
+        with torch.random.fork_rng(devices=[]):  # the heads' initial weights depend on ``seed`` only (exact resume)
+            torch.manual_seed(seed)
+            self.heads = nn.ModuleList(DiscriminatorHead(c, hidden, num_embeddings) for c in encoder.channels)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return torch.stack([head(f.float(), y) for head, f in zip(self.heads, self.encoder(x), strict=True)], dim=1)
+
+
+def _all_reduce_grads(params: list[nn.Parameter]) -> None:
+    """Average gradients over processes (auxiliary networks are not DDP-wrapped)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        for p in params:
+            if p.grad is not None:
+                dist.all_reduce(p.grad)
+                p.grad /= dist.get_world_size()
+
+
+class AdversarialDistillationLoss(nn.Module, LossHooks):
+    """Adversarial distillation (Sauer et al. 2023, ADD) from teacher pairs, for a k-step student (k in 1..4).
+
+    The student starts at one of its k Euler points t in {0, 1/k, ..., (k-1)/k} on the line between a pair's noise x0
+    and teacher image x1 (t = 0: the noise itself) and jumps to the end in one call: x_student = x_t + (1 - t) v(x_t).
+    Student loss: -D(x_student) + lambda ||x_student - x_teacher||^2, where x_teacher is the teacher's multi-step
+    sample from the same noise (the pair's x1; the tutorial's distillation term; ADD re-noises the student's output
+    and uses lambda = 2.5). After each student step, the discriminator (frozen :class:`TeacherEncoder`, trainable
+    heads, own Adam) takes one step on the hinge loss relu(1 - D(real)) + relu(1 + D(fake)) with real CIFAR-10
+    training images, plus the R1 penalty gamma/2 ||grad_x D(real)||^2 (Mescheder et al. 2018). Reported: the
+    generator's adversarial and distillation terms, the discriminator loss, R1, and D's accuracy on real (D > 0) and
+    fake (D < 0) images. Batches hold pairs and real images (:class:`~distill_rf_cifar.training.data.PairsWithImages`).
+    """
+
+    def __init__(self, teacher: nn.Module, k: int = 4, weight: float = 0.5, d_learning_rate: float = 1e-5,
+                 r1_weight: float = 0.003, head_channels: int = 32) -> None:
+        super().__init__()
+        if not 1 <= k <= 4:
+            raise ConfigError(f"adversarial distillation samples in 1-4 steps, got {k}; pass --options-adv-steps 1..4")
+        if weight < 0 or r1_weight < 0 or d_learning_rate <= 0:
+            raise ConfigError("adversarial distillation needs --options-adv-weight >= 0, --options-adv-r1-weight >= 0 "
+                              "and --options-adv-d-learning-rate > 0")
+        self.k, self.weight, self.r1_weight = k, weight, r1_weight
+        self.discriminator = Discriminator(TeacherEncoder(teacher), head_channels, teacher.null_class + 1)
+        self.d_optimizer = torch.optim.Adam(self.discriminator.heads.parameters(), lr=d_learning_rate)
+        self._pending: tuple[torch.Tensor, ...] | None = None
+
+    def forward(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> LossOutput:
+        x0, x1, y = batch["x0"], batch["x1"], batch["y"]
+        t = torch.randint(0, self.k, (x1.shape[0],), device=x1.device).to(x1.dtype) / self.k
+        xt = interpolate(x0, x1, t)
+        x_student = xt + (1 - t.view(-1, 1, 1, 1)) * model(xt, t, y)  # (B, 3, H, W)
+        heads = self.discriminator.heads
+        heads.requires_grad_(False)  # the student's step must not touch the discriminator
+        try:
+            adv = hinge_generator_loss(self.discriminator(x_student, y))
+        finally:
+            heads.requires_grad_(True)
+        distill = _mse(x_student, x1)
+        per = adv + self.weight * distill
+        self._pending = (x_student.detach().float(), y, batch["real"].float(), batch["real_y"])
+        return LossOutput(per.mean(), per.detach(), t.detach(),
+                          {"loss_g_adv": adv.detach().mean(), "loss_distill": distill.detach().mean()})
+
+    def discriminator_step(self, real: torch.Tensor, real_y: torch.Tensor, fake: torch.Tensor,
+                           fake_y: torch.Tensor) -> dict[str, float]:
+        """One Adam step of the heads on hinge + R1; returns the loss and accuracies."""
+        real = real.detach().requires_grad_(self.r1_weight > 0)
+        self.d_optimizer.zero_grad(set_to_none=True)
+        real_logits = self.discriminator(real, real_y)  # (B, K)
+        fake_logits = self.discriminator(fake.detach(), fake_y)
+        loss_d = hinge_discriminator_loss(real_logits, fake_logits)
+        r1 = torch.zeros((), device=real.device)
+        if self.r1_weight > 0:
+            (grad,) = torch.autograd.grad(real_logits.sum(), real, create_graph=True)
+            r1 = grad.square().flatten(1).sum(1).mean()
+        (loss_d + 0.5 * self.r1_weight * r1).backward()
+        params = list(self.discriminator.heads.parameters())
+        _all_reduce_grads(params)
+        self.d_optimizer.step()
+        self.d_optimizer.zero_grad(set_to_none=True)
+        return {"loss_d": float(loss_d.detach()), "r1": float(r1.detach()),
+                "d_acc_real": float((real_logits.detach().sum(1) > 0).float().mean()),
+                "d_acc_fake": float((fake_logits.detach().sum(1) < 0).float().mean())}
+
+    def after_step(self, model: nn.Module) -> dict[str, float]:
+        if self._pending is None:
+            return {}
+        fake, y, real, real_y = self._pending
+        self._pending = None
+        return self.discriminator_step(real, real_y, fake, y)
+
+    def extra_weights(self) -> dict[str, torch.Tensor]:
+        return {f"heads.{k}": v for k, v in self.discriminator.heads.state_dict().items()}
+
+    def load_extra_weights(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.discriminator.heads.load_state_dict({k.removeprefix("heads."): v for k, v in tensors.items()
+                                                  if k.startswith("heads.")})
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"d_optimizer": self.d_optimizer.state_dict()}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        if "d_optimizer" in state:
+            self.d_optimizer.load_state_dict(state["d_optimizer"])
+
+
+def consistency_function(model: nn.Module, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """f_theta(x, t) = c_skip(t) x + c_out(t) F_theta(x, t, y), c_skip = 1, c_out = 1 - t (see
+    :class:`ConsistencyDistillationLoss`); exactly x at t = 1."""
+    from distill_rf_cifar.samplers import consistency_endpoint
+
+    return consistency_endpoint(x, t, model(x, t, y))
+
+
+class ConsistencyDistillationLoss(nn.Module, LossHooks):
+    """Consistency distillation (Song et al. 2023, Algorithm 2) on the flow teacher, in this package's convention
+    x_t = t x1 + (1 - t) x0 (t = 0 noise, t = 1 data).
+
+    Parametrisation: f_theta(x, t) = c_skip(t) x + c_out(t) F_theta(x, t) with c_skip(t) = 1 and c_out(t) = 1 - t, F the
+    UNet's velocity output. f is the image one Euler step from (x, t) reaches, so the student starts as the teacher
+    (F = v) and the boundary condition f(x, 1) = x holds exactly (c_out(1) = 0 in floating point, not only in the
+    limit; Song et al. need sigma_min > 0 for theirs). Training: on the uniform grid t_n = n/N, n ~ U{0..N-1},
+    x_{t_n} = t_n x1 + (1 - t_n) x0 from a data image; one teacher ODE step (Euler or Heun, teacher CFG scale)
+    gives x_hat at t_{n+1}; loss d(f_theta(x_{t_n}, t_n), f_theta-(x_hat, t_{n+1})) with theta- an EMA of theta
+    (decay mu, updated after every optimiser step; the loop keeps its own, slower EMA for sampling). For n = N - 1 the
+    target is x_hat itself. d is the squared L2 distance (or LPIPS, as Song et al.). Sampled with multistep consistency
+    sampling (samplers.sample_consistency).
+    """
+
+    def __init__(self, teacher: nn.Module, student: nn.Module, grid: int = 16, target_decay: float = 0.95,
+                 solver: str = "euler", guidance: float = 1.0, distance: str = "l2", lpips_resize: int = 224) -> None:
+        super().__init__()
+        import copy
+
+        if grid < 1:
+            raise ConfigError(f"consistency distillation needs a time grid of >= 1 interval, got {grid}; "
+                              "pass --options-cd-grid 16")
+        if not 0 <= target_decay < 1:
+            raise ConfigError(f"the target network's EMA decay must lie in [0, 1), got {target_decay}; "
+                              "pass --options-cd-target-decay 0.95")
+        if solver not in ("euler", "heun"):
+            raise unknown_choice("consistency teacher solver", solver, ("euler", "heun"))
+        self.teacher = copy.deepcopy(teacher).eval().requires_grad_(False)
+        self.target = copy.deepcopy(student).eval().requires_grad_(False)
+        self.grid, self.decay, self.solver, self.guidance = grid, target_decay, solver, guidance
+        self.distance = distance
+        self.lpips_resize = lpips_resize
+        self.lpips = None
+        if distance == "lpips":
+            from distill_eval.lpips_metric import LPIPSMetric
+
+            self.lpips = LPIPSMetric(net="alex", value_range=(-1.0, 1.0))
+        elif distance != "l2":
+            raise unknown_choice("consistency distance", distance, ("l2", "lpips"))
+
+    def train(self, mode: bool = True) -> ConsistencyDistillationLoss:
+        super().train(mode)
+        self.teacher.eval()
+        self.target.eval()
+        return self
+
+    def teacher_step(self, x: torch.Tensor, t: torch.Tensor, dt: float, y: torch.Tensor) -> torch.Tensor:
+        """One ODE step of the teacher from (x, t) to t + dt."""
+        v = guided_velocity(self.teacher, x, t, y, self.guidance)
+        x_next = x + dt * v
+        if self.solver == "heun":
+            x_next = x + dt * 0.5 * (v + guided_velocity(self.teacher, x_next, t + dt, y, self.guidance))
+        return x_next
+
+    def _distance(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        if self.lpips is None:
+            return _mse(a, b)
+        if self.lpips_resize and self.lpips_resize != a.shape[-1]:
+            size = (self.lpips_resize, self.lpips_resize)
+            a = F.interpolate(a.float(), size=size, mode="bilinear", align_corners=False)
+            b = F.interpolate(b.float(), size=size, mode="bilinear", align_corners=False)
+        return self.lpips(a.float(), b.float())
+
+    def forward(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> LossOutput:
+        x1, y = batch["x1"], batch["y"]
+        x0 = torch.randn_like(x1)
+        n = torch.randint(0, self.grid, (x1.shape[0],), device=x1.device)
+        t, dt = n.to(x1.dtype) / self.grid, 1.0 / self.grid
+        t_next = (n + 1).to(x1.dtype) / self.grid  # exactly 1.0 for n = N - 1
+        xt = interpolate(x0, x1, t)
+        with torch.no_grad():
+            x_hat = self.teacher_step(xt, t, dt, y)
+            target = consistency_function(self.target, x_hat, t_next, y)
+        per = self._distance(consistency_function(model, xt, t, y), target)
+        return LossOutput(per.mean(), per.detach(), t.detach())
+
+    @torch.no_grad()
+    def after_step(self, model: nn.Module) -> dict[str, float]:
+        """theta- <- mu theta- + (1 - mu) theta (parameters; buffers copied)."""
+        for p_t, p in zip(self.target.parameters(), model.parameters(), strict=True):
+            p_t.lerp_(p.detach().to(p_t.dtype), 1 - self.decay)
+        for b_t, b in zip(self.target.buffers(), model.buffers(), strict=True):
+            b_t.copy_(b)
+        return {}
+
+    def extra_weights(self) -> dict[str, torch.Tensor]:
+        return {f"target.{k}": v for k, v in self.target.state_dict().items()}
+
+    def load_extra_weights(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.target.load_state_dict({k.removeprefix("target."): v for k, v in tensors.items()
+                                     if k.startswith("target.")})

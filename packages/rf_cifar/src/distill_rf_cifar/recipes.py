@@ -8,6 +8,10 @@ one_step       pairs      PairDistillationLoss: t = 0, L2 or LPIPS (Liu et al. 2
 four_step      pairs      KStepDistillationLoss: t on the k fixed points of k-step Euler (k = 4)       k
 reflow         pairs      ReflowLoss (2-RF, Liu et al. 2023), then PairDistillationLoss on the pairs   1
 progressive    images     ProgressiveDistillationLoss rounds 32 -> 16 -> 8 -> 4 (Salimans & Ho 2022)   end
+adversarial    pairs+     AdversarialDistillationLoss (ADD, Sauer et al. 2023): -D(fake) + 0.5 L2 to   1-4
+               images     the teacher's pair image; hinge + R1 discriminator on real CIFAR-10
+consistency    images     ConsistencyDistillationLoss (Song et al. 2023): teacher ODE step on a        2
+                          16-interval grid, EMA target; multistep consistency sampling
 =============  =========  ===========================================================================  =======
 
 Students start from the teacher's weights; each phase starts from the previous phase's EMA weights; a
@@ -30,6 +34,8 @@ from distill_common import checkpoint as ckpt
 from distill_common.errors import ConfigError, unknown_choice
 from distill_rf_cifar.config import FlowConfig, LoopConfig, RecipeConfig
 from distill_rf_cifar.losses import (
+    AdversarialDistillationLoss,
+    ConsistencyDistillationLoss,
     KStepDistillationLoss,
     PairDistillationLoss,
     ProgressiveDistillationLoss,
@@ -50,6 +56,7 @@ class Phase:
     steps: int
     sample_steps: int  # the step count the model samples with after this phase
     guidance: float = 1.0  # the CFG scale it samples with
+    sampler: str = "euler"  # the sampler it samples with (samplers.SAMPLERS)
 
 
 def _teacher(opts: RecipeConfig, flow: FlowConfig, steps: int, teacher_steps: int, guidance: float) -> list[Phase]:
@@ -94,12 +101,38 @@ def _progressive(opts: RecipeConfig, flow: FlowConfig, steps: int, teacher_steps
             for i, n_t in enumerate(rounds)]
 
 
+def _adversarial(opts: RecipeConfig, flow: FlowConfig, steps: int, teacher_steps: int, guidance: float) -> list[Phase]:
+    """ADD on the pairs (the teacher's multi-step samples) against real images; the phase-start model (the teacher's
+    weights) is the discriminator's frozen feature network."""
+
+    def make(start: nn.Module) -> nn.Module:
+        return AdversarialDistillationLoss(start, opts.adv_steps, opts.adv_weight, opts.adv_d_learning_rate,
+                                           opts.adv_r1_weight, opts.adv_head_channels)
+
+    return [Phase("adversarial", "pairs+images", make, steps, opts.adv_steps)]
+
+
+def _consistency(opts: RecipeConfig, flow: FlowConfig, steps: int, teacher_steps: int, guidance: float) -> list[Phase]:
+    """Consistency distillation with the phase-start model (the teacher's weights) as frozen teacher and target init;
+    the teacher's ODE steps use its CFG scale."""
+    if opts.cd_steps < 1:
+        raise ConfigError(f"consistency sampling needs >= 1 step, got {opts.cd_steps}; pass --options-cd-steps 2")
+
+    def make(start: nn.Module) -> nn.Module:
+        return ConsistencyDistillationLoss(start, start, opts.cd_grid, opts.cd_target_decay, opts.cd_solver, guidance,
+                                           opts.distance, opts.lpips_resize)
+
+    return [Phase("consistency", "images", make, steps, opts.cd_steps, sampler="consistency")]
+
+
 RECIPES: dict[str, Callable[..., list[Phase]]] = {
     "teacher": _teacher,
     "one_step": _one_step,
     "four_step": _four_step,
     "reflow": _reflow,
     "progressive": _progressive,
+    "adversarial": _adversarial,
+    "consistency": _consistency,
 }
 
 
@@ -112,7 +145,19 @@ def build_recipe(name: str, options: RecipeConfig, flow: FlowConfig, steps: int,
 
 
 def recipe_data_kinds(phases: list[Phase]) -> set[str]:
-    return {p.data for p in phases}
+    """The data sets the phases read; a compound kind ("pairs+images") names each of its parts."""
+    return {part for p in phases for part in p.data.split("+")}
+
+
+def combine_data(phases: list[Phase], data: dict[str, TrainingData]) -> dict[str, TrainingData]:
+    """Add the compound data sets the phases read (e.g. "pairs+images") to ``data`` built from their parts."""
+    from distill_rf_cifar.training.data import PairsWithImages
+
+    out = dict(data)
+    for p in phases:
+        if p.data == "pairs+images" and p.data not in out and {"pairs", "images"} <= set(out):
+            out[p.data] = PairsWithImages(out["pairs"], out["images"])
+    return out
 
 
 class _PhaseCallback(TrainingCallback):
@@ -156,6 +201,7 @@ def run_recipe(
     """
     out = Path(output_dir)
     callback = callback or TrainingCallback()
+    data = combine_data(phases, data)
     offset, results = 0, []
     for i, phase in enumerate(phases):
         folder = out / phase.name

@@ -4,6 +4,8 @@
 ``ts`` is the increasing time grid (N+1 points from 0 to 1, :func:`time_grid`); Euler calls the network
 exactly N times, Heun 2N. RK45 ignores the interior points and integrates adaptively from ts[0] to ts[-1]
 with scipy's Dormand-Prince solver (the "teacher ODE" of Liu et al. 2023); its network calls are counted.
+``consistency`` is not an ODE solver but multistep consistency sampling (Song et al. 2023) for consistency
+students: N network calls, re-noising between them.
 """
 
 from __future__ import annotations
@@ -91,7 +93,45 @@ def sample_rk45(model_fn: ModelFn, x0: torch.Tensor, ts: torch.Tensor, callback:
     return x
 
 
-SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {"euler": sample_euler, "heun": sample_heun, "rk45": sample_rk45}
+def consistency_endpoint(x: torch.Tensor, t: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """The consistency function of a velocity network: f(x, t) = c_skip(t) x + c_out(t) F(x, t) with c_skip = 1 and
+    c_out = 1 - t, i.e. the image one Euler step from t reaches. At t = 1 (data), c_out is exactly 0, so f(x, 1) = x."""
+    t4 = torch.as_tensor(t, dtype=x.dtype, device=x.device)
+    t4 = t4.view(-1, *([1] * (x.dim() - 1))) if t4.dim() else t4
+    return x + (1 - t4) * v
+
+
+def renoise(x0: torch.Tensor, step: int) -> torch.Tensor:
+    """Fresh N(0, I) noise per image for re-noising step ``step``, seeded from the image's own starting noise, so an
+    image depends on its seed only (not on the batch it is drawn in)."""
+    import zlib
+
+    rows = []
+    for xi in x0.detach().to("cpu", torch.float32):
+        seed = (zlib.crc32(xi.numpy().tobytes()) * 1009 + step) % (2**63 - 1)
+        rows.append(torch.randn(xi.shape, generator=torch.Generator().manual_seed(seed)))
+    return torch.stack(rows).to(device=x0.device, dtype=x0.dtype)
+
+
+@torch.no_grad()
+def sample_consistency(model_fn: ModelFn, x0: torch.Tensor, ts: torch.Tensor, callback: Callback | None = None) -> torch.Tensor:
+    """Multistep consistency sampling (Song et al. 2023, Algorithm 1) on the first N points of ``ts``: denoise with
+    the consistency function, re-noise to the next grid time x = t x1_hat + (1 - t) z with fresh z, denoise again.
+    N network calls; one step is one Euler step from t = 0."""
+    x, x1 = x0, x0
+    steps = len(ts) - 1
+    for i in range(steps):
+        v = model_fn(x, ts[i])
+        x1 = consistency_endpoint(x, ts[i], v)
+        if i + 1 < steps:
+            x = ts[i + 1] * x1 + (1 - ts[i + 1]) * renoise(x0, i + 1)
+        if callback is not None:
+            callback({"i": i, "t": float(ts[i]), "x": x1, "v": v})
+    return x1
+
+
+SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {"euler": sample_euler, "heun": sample_heun, "rk45": sample_rk45,
+                                                    "consistency": sample_consistency}
 
 
 def get_sampler(name: str) -> Callable[..., torch.Tensor]:

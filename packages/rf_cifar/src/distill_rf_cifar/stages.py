@@ -113,7 +113,8 @@ def _samples_fn(num_classes: int) -> Any:
         labels = [i % max(num_classes, 1) for i in range(2 * max(num_classes, 1))]
 
         def sample(model: torch.nn.Module) -> torch.Tensor:
-            gen = RFGenerator(model, default_steps=phase.sample_steps, default_guidance=phase.guidance)
+            gen = RFGenerator(model, default_steps=phase.sample_steps, default_guidance=phase.guidance,
+                              sampler=phase.sampler)
             return gen.generate(labels, seeds=list(range(len(labels))))
 
         return sample
@@ -149,7 +150,8 @@ def _train_recipe(name: str, phases: list[Phase], model: torch.nn.Module, loop: 
         result = run_recipe(phases, model, loop, data, folder, callback=callback,
                             sample_fn=_samples_fn(model.num_classes), progress=progress)
         info = {"parameters": params, "steps": sum(p.steps for p in phases),
-                "steps_per_second": [round(r.steps_per_second, 3) for r in result.results]}
+                "steps_per_second": [round(r.steps_per_second, 3) for r in result.results],
+                "train_seconds": round(time.perf_counter() - start, 2)}
         if not main:
             return StageOutcome(name, folder, result.finished, info=info)
         if not result.finished:
@@ -273,7 +275,8 @@ def distill_student(cfg: DistillConfig, *, console: Console | None = None, progr
                                                       cfg.data.random_flip, show_progress=progress,
                                                       strict=cfg.data.strict)
     model = load_model(cfg.teacher)  # every student starts from the teacher's weights
-    export = dict(role=cfg.recipe, default_steps=phases[-1].sample_steps, default_guidance=1.0, sampler="euler",
+    export = dict(role=cfg.recipe, default_steps=phases[-1].sample_steps, default_guidance=1.0,
+                  sampler=phases[-1].sampler,
                   recipe=cfg.recipe, teacher_sha256=weights_sha256(cfg.teacher), teacher=str(Path(cfg.teacher).resolve()),
                   teacher_guidance=teacher.default_guidance, train_steps=cfg.train.steps,
                   pairs_teacher_sha256=manifest["teacher_sha256"] if manifest else None)

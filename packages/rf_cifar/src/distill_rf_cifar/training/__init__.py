@@ -4,10 +4,11 @@ from distill_rf_cifar.training.data import (
            EpochOrder,
            ImageLabelData,
            PairData,
+           PairsWithImages,
            TrainingData,
            load_cifar_training_data,
 )
-from distill_rf_cifar.training.loop import TrainingCallback, TrainResult, save_checkpoint, train
+from distill_rf_cifar.training.loop import LossHooks, TrainingCallback, TrainResult, save_checkpoint, train
 
-__all__ = ["EpochOrder", "ImageLabelData", "PairData", "TrainResult", "TrainingCallback", "TrainingData",
+__all__ = ["EpochOrder", "ImageLabelData", "LossHooks", "PairData", "PairsWithImages", "TrainResult", "TrainingCallback", "TrainingData",
            "load_cifar_training_data", "save_checkpoint", "train"]

@@ -58,6 +58,24 @@ class PairData:
         return {"x0": self.noise[indices].float(), "x1": self.images[indices].float(), "y": self.labels[indices]}
 
 
+class PairsWithImages:
+    """Teacher pairs and real CIFAR-10 images in one batch, for losses that need both (adversarial distillation):
+    ``{"x0", "x1", "y"}`` from the pairs and ``{"real", "real_y"}`` from the images. An epoch covers the larger set
+    once; index i takes pair ``i % len(pairs)`` and image ``i % len(images)``, so the batch depends on the loop's
+    data position only and resume stays exact."""
+
+    def __init__(self, pairs: PairData, images: ImageLabelData) -> None:
+        self.pairs, self.images = pairs, images
+
+    def __len__(self) -> int:
+        return max(len(self.pairs), len(self.images))
+
+    def batch(self, indices: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = self.pairs.batch(indices % len(self.pairs))
+        real = self.images.batch(indices % len(self.images))
+        return {**out, "real": real["x1"], "real_y": real["y"]}
+
+
 @dataclass
 class EpochOrder:
     """Batches of a seeded permutation per epoch (incomplete last batches are dropped); position = (epoch, index)."""

@@ -5,6 +5,10 @@ Accelerate (mixed precision, devices, ``accelerate launch``), AdamW with a diffu
 clipping, an EMA of the weights (distill_common.models.ema), atomic checkpoints every N steps and exact resume:
 model, EMA, optimizer, scheduler, RNG states and the data position ``(epoch, index)``. A non-finite loss stops
 the run with :class:`TrainingDivergedError`. The loop never logs: it reports through a :class:`TrainingCallback`.
+
+A loss that trains more than the model (a discriminator with its own optimiser, an EMA target network) subclasses
+:class:`LossHooks`: the loop calls ``after_step`` after each optimiser step of the model and keeps the loss's extra
+weights (``extra.safetensors``) and state (in ``training_state.pt``) in every checkpoint, so resume stays exact.
 """
 
 from __future__ import annotations
@@ -32,11 +36,12 @@ from distill_common.errors import ConfigError, TrainingDivergedError
 from distill_common.models.ema import EMA
 from distill_common.runtime import make_accelerator, resolve_device, resolve_precision
 from distill_rf_cifar.config import LoopConfig
-from distill_rf_cifar.losses import LossOutput
+from distill_rf_cifar.losses import LossHooks, LossOutput
 from distill_rf_cifar.training.data import EpochOrder, TrainingData
 
 MODEL_FILE = "model.safetensors"
 EMA_FILE = "ema.safetensors"
+EXTRA_FILE = "extra.safetensors"  # weights a LossHooks loss trains besides the model (e.g. discriminator heads)
 CHECKPOINTS = "checkpoints"
 
 SampleFn = Callable[[nn.Module], torch.Tensor]  # model (EMA weights) -> images (N, 3, H, W) in [0, 1]
@@ -89,19 +94,25 @@ def _unwrap(accelerator: Any, model: nn.Module) -> nn.Module:
 
 
 def save_checkpoint(root: Path, step: int, model: nn.Module, ema: EMA, optimizer: Any, scheduler: Any,
-                    order: EpochOrder, keep: int) -> Path:
+                    order: EpochOrder, keep: int, hooks: LossHooks | None = None) -> Path:
     """Write checkpoint-{step}: weights and EMA as safetensors, the rest in training_state.pt; atomically."""
     target = ckpt.checkpoint_dir(root, step)
     with ckpt.atomic_dir(target) as tmp:
         ckpt.save_weights(model.state_dict(), tmp / MODEL_FILE)
         ema.save(tmp / EMA_FILE)
-        ckpt.save_training_state(tmp, {
+        state = {
             "step": step,
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "rng": ckpt.rng_state(),
             "data": order.state(),
-        })
+        }
+        if hooks is not None:
+            extra = hooks.extra_weights()
+            if extra:
+                ckpt.save_weights({k: v.detach().contiguous() for k, v in extra.items()}, tmp / EXTRA_FILE)
+            state["extra"] = hooks.extra_state()
+        ckpt.save_training_state(tmp, state)
     ckpt.prune_checkpoints(root, keep)
     return target
 
@@ -141,6 +152,9 @@ def train(
     scheduler = get_scheduler(cfg.lr_schedule, optimizer, num_warmup_steps=cfg.warmup_steps,
                               num_training_steps=cfg.steps)
     ema = EMA(model, decay=cfg.ema_decay, foreach=True)
+    hooks = loss_fn if isinstance(loss_fn, LossHooks) else None
+    # before a resume, so a loss's auxiliary optimiser state is restored onto its parameters' device
+    loss_fn = loss_fn.to(accelerator.device) if isinstance(loss_fn, nn.Module) else loss_fn
     step = 0
     latest = ckpt.latest_checkpoint(root)
     if latest is not None:
@@ -151,9 +165,12 @@ def train(
         scheduler.load_state_dict(state["scheduler"])
         order.load_state(state["data"])
         step = int(state["step"])
+        if hooks is not None:
+            if (latest / EXTRA_FILE).is_file():
+                hooks.load_extra_weights(ckpt.load_weights(latest / EXTRA_FILE, accelerator.device))
+            hooks.load_extra_state(state.get("extra", {}))
     resumed_from = step
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    loss_fn = loss_fn.to(accelerator.device) if isinstance(loss_fn, nn.Module) else loss_fn
     ema.to(accelerator.device)
     if latest is not None:
         ckpt.set_rng_state(state["rng"])  # last: nothing above may consume the restored generators
@@ -163,6 +180,7 @@ def train(
     per_sample: list[torch.Tensor] = []
     ts: list[torch.Tensor] = []
     window_loss, window_n, window_start = 0.0, 0, time.perf_counter()
+    window_extra: dict[str, list[float]] = {}  # the losses' own scalars (LossOutput.metrics, after_step)
     grad_norm = float("nan")
     run_start, run_steps = time.perf_counter(), 0
     columns = (TextColumn(f"[bold]{description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
@@ -192,6 +210,11 @@ def train(
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             ema.update(_unwrap(accelerator, model))
+            extra = dict(output.metrics)
+            if hooks is not None:
+                extra.update(hooks.after_step(_unwrap(accelerator, model)))
+            for k, v in extra.items():
+                window_extra.setdefault(k, []).append(float(v))
             step += 1
             run_steps += 1
             window_loss += loss_value
@@ -207,9 +230,11 @@ def train(
                 if cfg.grad_clip > 0:
                     metrics["grad_norm"] = grad_norm
                 metrics.update(_bin_metrics(per_sample, ts, cfg.time_bins))
+                metrics.update({k: sum(v) / len(v) for k, v in window_extra.items()})
                 callback.on_metrics(step, metrics)
                 result.last_metrics = metrics
                 per_sample, ts, window_loss, window_n, window_start = [], [], 0.0, 0, time.perf_counter()
+                window_extra = {}
             if main and sample_fn is not None and ((cfg.sample_every and step % cfg.sample_every == 0)
                                                    or step == cfg.steps):
                 unwrapped = _unwrap(accelerator, model)
@@ -220,7 +245,7 @@ def train(
             if step % cfg.checkpoint_every == 0 or step == stop:
                 if main:  # only the main process writes checkpoints; the others wait for it
                     result.checkpoint = save_checkpoint(root, step, _unwrap(accelerator, model), ema, optimizer,
-                                                        scheduler, order, cfg.keep_checkpoints)
+                                                        scheduler, order, cfg.keep_checkpoints, hooks)
                     callback.on_checkpoint(step, result.checkpoint)
                 accelerator.wait_for_everyone()
     result.step = step

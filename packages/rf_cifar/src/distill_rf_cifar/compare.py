@@ -1,0 +1,244 @@
+"""``distill rf compare``: every distillation method from the same teacher under the same budget, in one table.
+
+Methods are recipe names: by default every registered student recipe (recipes.RECIPES without ``teacher``), so a
+recipe added to the registry joins the comparison by name. Budget: the same number of optimizer steps, batch size and
+learning rate for every method (``--train-*``; a multi-phase recipe splits its steps between phases), stated in the
+report. Each method is trained by ``distill rf distill``'s stage (a child MLflow run that registers its generator),
+then all of them and the teacher are scored by the rf evaluation (``evaluation.run_sweep``: same seeds and classes,
+FID with whatever interval distill_eval reports, ms per image) at 1, 2 and 4 steps, plus LPIPS to the teacher's image
+at the same seed (the teacher at its default steps). Output under ``<output-dir>``: ``compare.{md,csv,json}``,
+``compare.png`` (FID against steps, one line per method), the sweep's grid; MLflow: a parent run with the table and
+plot and, per method, its child run carrying the method's ``compare.s{steps}.*`` metrics. Reruns skip what is done.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+
+from distill_common import checkpoint as ckpt
+from distill_common import tracking
+from distill_common.errors import ConfigError, DistillError, unknown_choice
+from distill_rf_cifar.config import CompareConfig, DistillConfig
+from distill_rf_cifar.stages import StageOutcome, distill_student, make_pairs
+
+EXCLUDED = ("teacher",)  # recipes that are not students of a teacher
+
+
+def compare_methods() -> list[str]:
+    """The registry of comparable methods: every recipe except the teacher's, in registration order."""
+    from distill_rf_cifar.recipes import RECIPES
+
+    return [name for name in RECIPES if name not in EXCLUDED]
+
+
+def select_methods(requested: list[str]) -> list[str]:
+    available = compare_methods()
+    for name in requested:
+        if name not in available:
+            raise unknown_choice("compare method", name, available)
+    return list(dict.fromkeys(requested)) or available
+
+
+def resolve_teacher(spec: str) -> Path:
+    """A teacher generator folder from a folder, a shipped name (``reference``), or a models:/ or runs:/ URI."""
+    from distill_common.generator import resolve_generator_folder
+
+    folder = resolve_generator_folder(spec)
+    if not (folder / "generator.json").is_file():
+        raise ConfigError(f"--teacher {spec} holds no generator.json; pass a generator folder written by 'distill rf "
+                          "train-teacher', a models:/ URI, or 'reference'")
+    return folder
+
+
+@dataclass
+class CompareResult:
+    folder: Path
+    rows: list[dict[str, Any]]
+    report_paths: dict[str, Path]
+    plot_path: Path
+    grid_path: Path
+    parent_run_id: str | None
+    child_run_ids: dict[str, str | None] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def _fid_interval(row: dict[str, Any]) -> tuple[float, float] | None:
+    """The FID's interval when the evaluation reports one (keys fid_*low*/fid_*high*, or a 2-sequence fid_ci*)."""
+    lo = next((v for k, v in row.items() if k.startswith("fid_") and ("low" in k or k.endswith("_lo"))), None)
+    hi = next((v for k, v in row.items() if k.startswith("fid_") and ("high" in k or k.endswith("_hi"))), None)
+    if lo is None or hi is None:
+        ci = next((v for k, v in row.items() if k.startswith("fid_ci") and isinstance(v, (list, tuple))), None)
+        lo, hi = (ci[0], ci[1]) if ci and len(ci) == 2 else (None, None)
+    return (float(lo), float(hi)) if lo is not None and hi is not None else None
+
+
+def _lpips_to_teacher(image_dirs: dict[str, Path], reference_key: str, n: int, net: str) -> dict[str, float]:
+    """Mean LPIPS of every configuration's image i to the teacher's image i (same seed and class), at 32 px."""
+    from distill_eval.benchmark import load_png_folder
+    from distill_eval.lpips_metric import LPIPSMetric
+
+    metric = LPIPSMetric(net=net, value_range=(0, 1))
+    reference = load_png_folder(image_dirs[reference_key], n)
+    out = {}
+    with torch.inference_mode():
+        for key, folder in image_dirs.items():
+            images = load_png_folder(folder, n)
+            out[key] = float(torch.cat([metric(images[i : i + 64], reference[i : i + 64])
+                                        for i in range(0, n, 64)]).mean())
+    return out
+
+
+def _plot(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
+    """FID against steps, one line per method (teacher dashed), with interval bars when the evaluation gives them."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2), dpi=120)
+    for method in dict.fromkeys(r["method"] for r in rows):
+        pts = sorted((r["steps"], r["fid"], _fid_interval(r)) for r in rows if r["method"] == method)
+        xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+        style = dict(linestyle="--", color="black") if method == "teacher" else {}
+        line = ax.plot(xs, ys, marker="o", label=method, **style)[0]
+        if all(p[2] for p in pts):
+            lows = [y - p[2][0] for y, p in zip(ys, pts, strict=True)]
+            highs = [p[2][1] - y for y, p in zip(ys, pts, strict=True)]
+            ax.errorbar(xs, ys, yerr=[lows, highs], fmt="none", ecolor=line.get_color(), capsize=3)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("sampling steps (network evaluations)")
+    ax.set_ylabel("FID")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+COLUMNS = ["method", "steps", "sampler", "nfe", "fid", "fid_interval", "kid", "lpips_to_teacher", "ms_per_image",
+           "train_seconds", "train_steps"]
+
+
+def run_compare(cfg: CompareConfig, *, console: Console | None = None, progress: bool = True) -> CompareResult:
+    """Train (or reuse) every method, evaluate all of them with the teacher, write the table, plot and runs."""
+    from distill_common.generator import read_generator_manifest
+    from distill_eval.reports import write_report
+    from distill_rf_cifar.evaluation import run_sweep
+    from distill_rf_cifar.generator import load_generator
+
+    console = console or Console()
+    start = time.perf_counter()
+    out = cfg.folder
+    out.mkdir(parents=True, exist_ok=True)
+    methods = select_methods(cfg.methods)
+    teacher_dir = resolve_teacher(cfg.teacher)
+    teacher_manifest = read_generator_manifest(teacher_dir)
+    budget = (f"{cfg.train.steps} optimizer steps per method, batch {cfg.train.batch_size}, lr {cfg.train.learning_rate:g} "
+              "(multi-phase recipes split the steps)")
+    device = cfg.device
+    train = dataclasses.replace(cfg.train, device=device if device != "auto" else cfg.train.device)
+    outcomes: dict[str, StageOutcome] = {}
+    failed: dict[str, str] = {}
+    with tracking.start_run(cfg.experiment, f"compare-{cfg.run_name}", config=cfg, fallback_dir=out, enabled=cfg.track,
+                            tags={"stage": "compare", "compare.methods": ",".join(methods), "compare.budget": budget,
+                                  "teacher": str(cfg.teacher)}) as parent:
+        console.rule(f"[bold]pairs[/] → {out / 'pairs'}")
+        pairs_cfg = dataclasses.replace(cfg.pairs, teacher=teacher_dir, output_dir=out / "pairs",
+                                        experiment=cfg.experiment, track=cfg.track)
+        if cfg.pairs_match_teacher:
+            sampler = teacher_manifest.get("sampler", "euler")
+            pairs_cfg = dataclasses.replace(pairs_cfg, steps=int(teacher_manifest.get("default_steps", pairs_cfg.steps)),
+                                            guidance=float(teacher_manifest.get("default_guidance", 1.0)),
+                                            sampler=sampler if sampler in ("euler", "heun", "rk45") else "euler")
+        if device != "auto":
+            pairs_cfg.device = device
+        make_pairs(pairs_cfg, console=console, progress=progress, run_name="compare-pairs", nested=True)
+        for i, method in enumerate(methods):
+            console.rule(f"[bold]{i + 1}/{len(methods)} {method}[/] → {out / 'students' / method}")
+            dcfg = DistillConfig(recipe=method, teacher=teacher_dir, pairs=out / "pairs", output_dir=out / "students" / method,
+                                 options=cfg.options, train=dataclasses.replace(train), data=cfg.data,
+                                 experiment=cfg.experiment, run_name=f"compare-{cfg.run_name}-{method}", track=cfg.track)
+            try:
+                outcome = distill_student(dcfg, console=console, progress=progress, nested=True)
+            except DistillError as exc:  # one method's refusal (e.g. a recipe needing a CFG teacher) is reported
+                failed[method] = str(exc)
+                console.print(f"[red]{method} failed:[/] {exc}", highlight=False)
+                continue
+            if outcome.finished:
+                outcomes[method] = outcome
+            else:
+                failed[method] = "stopped before the end of its budget (--train-stop-at-step)"
+
+        console.rule(f"[bold]evaluation[/] → {out / 'eval'}")
+        teacher_gen = load_generator(teacher_dir, device=device)
+        students = [(m, load_generator(o.generator_dir, device=device)) for m, o in outcomes.items()]
+        eval_cfg = dataclasses.replace(cfg.eval, student_steps=list(cfg.eval.student_steps))
+        sweep = run_sweep(("teacher", teacher_gen), students, eval_cfg, out / "eval", data_root=cfg.data.resolved_root(),
+                          console=console, progress=progress)
+        reference_key = f"teacher_s{teacher_gen.default_steps}"
+        lpips = (_lpips_to_teacher(sweep.image_dirs, reference_key, eval_cfg.num_images, cfg.lpips_net)
+                 if cfg.lpips else {})
+        rows = []
+        for r in sweep.rows:
+            if r["steps"] is None:  # RK45 teacher: outside the steps axis of this table
+                continue
+            method = r["model"]
+            info = outcomes[method].info if method in outcomes else {}
+            interval = _fid_interval(r)
+            rows.append({"method": method, "steps": r["steps"], "sampler": r["sampler"], "nfe": r["nfe"],
+                         "fid": r["fid"], "fid_interval": f"[{interval[0]:.1f}, {interval[1]:.1f}]" if interval else None,
+                         **{k: v for k, v in r.items() if k.startswith("fid_")}, "kid": r["kid"],
+                         "lpips_to_teacher": lpips.get(r["key"]), "ms_per_image": r["ms_per_image"],
+                         "train_seconds": info.get("train_seconds", math.nan) if method != "teacher" else None,
+                         "train_steps": info.get("steps") if method != "teacher" else None})
+        meta = {"teacher": f"{cfg.teacher} ({teacher_dir}), default {teacher_gen.default_steps} steps, guidance "
+                           f"{teacher_gen.default_guidance:g}",
+                "budget": budget, "protocol": sweep.protocol,
+                "lpips": f"{cfg.lpips_net}, 32 px, to {reference_key} at the same seed" if cfg.lpips else "off",
+                "seeds": f"0..{eval_cfg.num_images - 1}, class = seed % 10", "failed": failed or "none"}
+        report = write_report(rows, out, "compare", columns=COLUMNS, meta=meta)
+        title = (f"FID ({sweep.protocol['generated_n']} vs {sweep.protocol['reference_n']} "
+                 f"{sweep.protocol['reference_set']}) after {cfg.train.steps} steps per method")
+        plot = _plot(rows, out / "compare.png", title)
+
+        child_ids: dict[str, str | None] = {}
+        for method, outcome in outcomes.items():
+            child_ids[method] = outcome.run_id
+            if outcome.run_id and cfg.track:
+                child = tracking.TrackingRun(outcome.run_id, outcome.folder)
+                child.log_metrics({f"compare.s{r['steps']}.{k}": r[k] for r in rows if r["method"] == method
+                                   for k in ("fid", "kid", "lpips_to_teacher", "ms_per_image") if r.get(k) is not None})
+                child.set_tags({"compare.parent_run_id": parent.run_id, "compare.budget": budget})
+        parent.log_metrics({f"{r['method']}.s{r['steps']}.{k}": r[k] for r in rows
+                            for k in ("fid", "lpips_to_teacher", "ms_per_image") if r.get(k) is not None})
+        parent.set_tags({"compare.children": ",".join(f"{m}={i}" for m, i in child_ids.items()),
+                         **({"compare.failed": ",".join(failed)} if failed else {})})
+        for p in [*report.values(), plot, sweep.grid_path]:
+            parent.log_artifact(p, "compare")
+    seconds = time.perf_counter() - start
+    ckpt.write_json(out / "compare_summary.json", {"seconds": round(seconds, 1), "methods": methods, "failed": failed,
+                                                    "parent_run_id": parent.run_id, "children": child_ids})
+    return CompareResult(out, rows, report, plot, sweep.grid_path, parent.run_id, child_ids, failed, seconds)
+
+
+def print_compare(result: CompareResult, console: Console) -> None:
+    from distill_eval.reports import print_table
+
+    print_table(result.rows, ["method", "steps", "fid", "fid_interval", "lpips_to_teacher", "ms_per_image",
+                              "train_seconds"], title=f"rf compare ({result.folder})", console=console)
+    for method, reason in result.failed.items():
+        console.print(f"[red]{method}[/]: {reason}", highlight=False)
+    console.print(f"table: {result.report_paths['md']}\nplot: {result.plot_path}\ngrid: {result.grid_path}\n"
+                  f"finished in {result.seconds / 60:.1f} min", highlight=False)

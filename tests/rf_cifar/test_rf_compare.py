@@ -1,0 +1,75 @@
+"""``distill rf compare`` on a tiny teacher: methods by registry name, one table and plot, a parent MLflow run with a
+child run per method carrying its comparison metrics."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from distill_common.errors import ConfigError
+from distill_rf_cifar.cli import app
+from distill_rf_cifar.compare import compare_methods, resolve_teacher, select_methods
+from distill_rf_cifar.recipes import RECIPES
+
+
+def test_methods_are_the_registered_student_recipes():
+    assert compare_methods() == [r for r in RECIPES if r != "teacher"]
+    assert {"one_step", "four_step", "reflow", "progressive", "adversarial", "consistency"} <= set(compare_methods())
+    assert select_methods([]) == compare_methods()
+    assert select_methods(["consistency", "four_step", "consistency"]) == ["consistency", "four_step"]
+    with pytest.raises(ConfigError, match="unknown compare method 'lcm'; valid choices: .*'adversarial'"):
+        select_methods(["lcm"])
+
+
+def test_teacher_is_a_generator_folder_a_uri_or_a_shipped_name(tmp_path, teacher_dir):
+    assert resolve_teacher(str(teacher_dir)) == teacher_dir
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="holds no generator.json"):
+        resolve_teacher(str(tmp_path / "empty"))
+    with pytest.raises(Exception, match="neither a folder nor a shipped generator"):
+        resolve_teacher("no_such_teacher")
+
+
+@pytest.mark.slow  # trains three methods, scores 36 configurations with Inception and LPIPS, logs to MLflow
+def test_compare_on_a_tiny_teacher_writes_table_plot_and_parent_with_child_runs(tmp_path, teacher_dir, data_root,
+                                                                              mlflow_uri):
+    from mlflow import MlflowClient
+
+    out = tmp_path / "cmp"
+    methods = ["four_step", "adversarial", "consistency"]
+    result = CliRunner().invoke(app, ["compare", "--preset", "tiny", "--teacher", str(teacher_dir), "--methods",
+                                      *methods, "--output-dir", str(out), "--data-root", str(data_root),
+                                      "--device", "cpu", "--train-device", "cpu", "--eval-num-images", "4",
+                                      "--eval-reference-n", "8"])
+    assert result.exit_code == 0, result.output
+    assert (out / "compare.png").stat().st_size > 0 and (out / "compare.md").is_file()
+    report = json.loads((out / "compare.json").read_text())
+    rows = report["rows"]
+    assert "4 optimizer steps per method" in report["meta"]["budget"]
+    assert {(r["method"], r["steps"]) for r in rows} == {(m, s) for m in ["teacher", *methods] for s in (1, 2)}
+    by = {(r["method"], r["steps"]): r for r in rows}
+    assert by[("teacher", 2)]["lpips_to_teacher"] == pytest.approx(0.0, abs=1e-6)  # the reference itself
+    assert by[("teacher", 1)]["lpips_to_teacher"] > 0
+    assert by[("consistency", 2)]["sampler"] == "consistency" and by[("four_step", 2)]["sampler"] == "euler"
+    for m in methods:
+        assert by[(m, 1)]["train_seconds"] > 0 and by[(m, 1)]["train_steps"] == 4
+        assert by[(m, 1)]["fid"] > 0 and by[(m, 1)]["ms_per_image"] > 0
+
+    client = MlflowClient()
+    summary = json.loads((out / "compare_summary.json").read_text())
+    parent = client.get_run(summary["parent_run_id"])
+    assert parent.data.tags["stage"] == "compare" and parent.data.tags["compare.methods"] == ",".join(methods)
+    children = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    recipes = {c.data.tags.get("recipe"): c for c in children if c.data.tags.get("stage") == "distill"}
+    assert set(recipes) == set(methods)
+    for m, child in recipes.items():
+        assert child.info.run_id == summary["children"][m]
+        stage = json.loads((out / "students" / m / "stage.json").read_text())
+        assert stage["model_uri"].startswith("models:/")  # logged as a pyfunc generator like every student
+        assert {"compare.s1.fid", "compare.s2.fid", "compare.s1.lpips_to_teacher"} <= set(child.data.metrics)
+    assert "train/loss_d" in recipes["adversarial"].data.metrics and "train/d_acc_fake" in recipes["adversarial"].data.metrics
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "compare")}
+    assert {"compare/compare.md", "compare/compare.png"} <= artifacts
