@@ -165,7 +165,7 @@ def test_adversarial_recipe_trains_student_and_discriminator_logs_both_and_resum
     assert {"loss", "loss_g_adv", "loss_distill", "loss_d", "r1", "d_acc_real", "d_acc_fake"} <= keys
     assert 0.0 <= rec.metrics[-1][1]["d_acc_real"] <= 1.0
     assert any(not torch.equal(heads_before[k], v) for k, v in loss_full.extra_weights().items())
-    assert (tmp_path / "full" / "checkpoints" / "checkpoint-0000002" / "extra.safetensors").is_file()
+    assert (tmp_path / "full" / "checkpoints" / "checkpoint-2" / "extra.safetensors").is_file()
 
     # killed at step 3, resumed in a new loss object: student and discriminator weights end up identical
     loss_a = phases[0].make_loss(load_model(teacher_dir))
