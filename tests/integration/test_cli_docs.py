@@ -162,3 +162,15 @@ def test_help_defaults_are_what_a_bare_command_runs_with(path, capsys):
         assert shown == value, f"distill {' '.join(path)} --help shows {p.opts[0]} {shown!r}, runs with {value!r}"
         checked += 1
     assert checked >= 1
+
+
+@pytest.mark.parametrize("path", _bare_defaults_cases(), ids=" ".join)
+def test_no_option_repeats_its_section(path):
+    _, cmd, _ = resolve(_root(), list(path))
+    for p in cmd.params:
+        *sections, _field = p.name.split("__")
+        shown = p.opts[0][2:].split("-")
+        for section in sections:
+            words = section.split("_")
+            hits = sum(shown[i : i + len(words)] == words for i in range(len(shown)))
+            assert hits <= 1, f"distill {' '.join(path)} {p.opts[0]} repeats its section '{section}'"
