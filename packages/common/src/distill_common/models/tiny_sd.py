@@ -105,6 +105,23 @@ class TinySDSpec:
         return hashlib.sha256(payload.encode()).hexdigest()[:12]
 
 
+# Random weights at SD 1.5's sizes (UNet 860M, VAE 84M with factor 8, CLIP ViT-L/14 text encoder 123M): 512 px
+# images, 64x64 latents. For GPU checks and benchmarks at real size without the hub.
+SD15_SIZED_SPEC = TinySDSpec(
+    sample_size=64,
+    cross_attention_dim=768,
+    block_out_channels=(320, 640, 1280, 1280),
+    layers_per_block=2,
+    attention_head_dim=8,
+    norm_num_groups=32,
+    vae_block_out_channels=(128, 256, 512, 512),
+    vae_layers_per_block=2,
+    text_layers=12,
+    text_heads=12,
+    text_intermediate_size=3072,
+)
+
+
 def _spec(spec: TinySDSpec | None, **overrides: Any) -> TinySDSpec:
     base = spec or TinySDSpec()
     overrides = {k: (tuple(v) if isinstance(v, list) else v) for k, v in overrides.items() if v is not None}
