@@ -70,7 +70,7 @@ def full_scale(precision: str, steps: int) -> Scale:
 def smoke_scale(steps: int) -> Scale:
     tiny_rf = ["--model-base-channels", "8", "--model-channel-mults", "1,2", "--model-res-blocks", "1",
                "--model-attention-resolutions", "16", "--model-norm-groups", "4"]
-    return Scale("smoke", "cpu", "fp32", steps, tiny_rf, 4, 4, TinySDSpec(), 1, 4, 4, 4, 1)
+    return Scale("smoke", "cpu", "fp32", steps, tiny_rf, 4, 8, TinySDSpec(), 1, 4, 4, 4, 1)
 
 
 @dataclass
@@ -236,7 +236,8 @@ def flash_train(scale: Scale, work: Path, sd: Path, captions: Path) -> dict[str,
     generator = next(out.rglob("generator.json")).parent
     (work / "flash_generator").write_text(str(generator))
     lora = json.loads((generator / "generator.json").read_text())
-    return {"size": f"LoRA rank {scale.lora_rank} on SD 1.5-sized UNet, {size} px, batch {scale.sd_batch}",
+    unet = "SD 1.5-sized UNet" if scale.sd_spec == SD15_SIZED_SPEC else f"UNet {scale.sd_spec.block_out_channels}"
+    return {"size": f"LoRA rank {scale.lora_rank} on {unet}, {size} px, batch {scale.sd_batch}",
             "precision": scale.precision, "detail": f"{scale.steps} steps, lcm grid {lora.get('lcm_original_steps')}"}
 
 
@@ -325,13 +326,16 @@ def main(argv: list[str] | None = None) -> int:
         if not args.keep and args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)
 
+    from rich.console import Console
+
     from distill_common.runtime import environment_info
     from distill_eval.reports import print_table
 
     env = environment_info(torch.device(scale.device))
     title = (f"distill GPU check ({scale.name}: {env.get('device_name', env['device'])}, torch {env['torch_version']}, "
              f"CUDA {env['cuda_version']}) in {time.perf_counter() - started:.0f} s")
-    print_table(check.rows, ["check", "result", "seconds", "size", "precision", "detail"], title=title)
+    console = Console(width=max(180, shutil.get_terminal_size().columns))  # one row a line, also in CI logs
+    print_table(check.rows, ["check", "result", "seconds", "size", "precision", "detail"], title=title, console=console)
     return 1 if check.failed else 0
 
 
