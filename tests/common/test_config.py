@@ -12,8 +12,8 @@ import yaml
 from typer.testing import CliRunner
 
 from distill_common.config import (
+    cli_flag,
     config_command,
-    field_flag,
     flatten,
     from_dict,
     nested,
@@ -185,10 +185,10 @@ def sections_app(seen: list, default_preset: str | None = "small"):
 
 
 def test_flags_do_not_repeat_their_section_and_old_spellings_still_parse_unseen():
-    assert field_flag(("data", "data_root")) == "--data-root"
-    assert field_flag(("pairs", "num_pairs")) == "--num-pairs"
-    assert field_flag(("data", "random_flip")) == "--data-random-flip"
-    assert field_flag(("model", "norm_groups")) == "--model-norm-groups"
+    assert cli_flag(("data", "data_root")) == "--data-root"
+    assert cli_flag(("pairs", "num_pairs")) == "--num-pairs"
+    assert cli_flag(("data", "random_flip")) == "--data-random-flip"
+    assert cli_flag(("model", "norm_groups")) == "--model-norm-groups"
     help_text = runner.invoke(sections_app([]), ["run", "--help"], env={"COLUMNS": "200"}).output
     assert "--data-root" in help_text and "--num-pairs" in help_text and "--pairs-flip" in help_text
     assert "--data-data-root" not in help_text and "--pairs-num-pairs" not in help_text
