@@ -67,9 +67,9 @@ def tiny_sd_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def noise_family(monkeypatch):
-    from distill_common import generator as generator_mod
+    from distill_common import generator_folder
 
-    monkeypatch.setattr(generator_mod, "generator_loaders",
+    monkeypatch.setattr(generator_folder, "generator_loaders",
                         lambda: {"test_noise": SimpleNamespace(load=lambda: NoiseGenerator)})
 
 

@@ -113,22 +113,9 @@ def forward_benchmark(
 
 def sd15_pipeline_folder(root: Path) -> Path:
     """A random SD 1.5-sized diffusers folder (UNet 860M, VAE 84M, CLIP ViT-L text encoder 123M)."""
-    from distill_common.models.tiny_sd import TinySDSpec, tiny_sd_folder
+    from distill_common.models.tiny_sd import SD15_SIZED_SPEC, tiny_sd_folder
 
-    spec = TinySDSpec(
-        sample_size=64,
-        cross_attention_dim=768,
-        block_out_channels=(320, 640, 1280, 1280),
-        layers_per_block=2,
-        attention_head_dim=8,
-        norm_num_groups=32,
-        vae_block_out_channels=(128, 256, 512, 512),
-        vae_layers_per_block=2,
-        text_layers=12,
-        text_heads=12,
-        text_intermediate_size=3072,
-    )
-    return tiny_sd_folder(root, spec=spec)
+    return tiny_sd_folder(root, spec=SD15_SIZED_SPEC)
 
 
 def training_benchmark(

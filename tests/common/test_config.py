@@ -12,6 +12,7 @@ import yaml
 from typer.testing import CliRunner
 
 from distill_common.config import (
+    cli_flag,
     config_command,
     flatten,
     from_dict,
@@ -145,3 +146,82 @@ def test_save_flatten_round_trip(tmp_path: Path):
 def test_bad_type_is_a_config_error():
     with pytest.raises(ConfigError, match="num_images"):
         from_dict(DemoConfig, {"num_images": "many"})
+
+
+@dataclass
+class DataSection:
+    data_root: Path | None = option(None, "Data root.")
+    random_flip: bool = option(True, "Flips.")
+    limit: int | None = option(None, "First N images.")
+
+
+@dataclass
+class PairsSection:
+    num_pairs: int = option(8, "Pairs.")
+    pairs_flip: bool = option(False, "Section name inside the field name.")
+
+
+@dataclass
+class SectionsConfig:
+    data: DataSection = nested(DataSection, "Data.")
+    pairs: PairsSection = nested(PairsSection, "Pairs.")
+    steps: int = option(100, "Steps.")
+
+
+SECTION_PRESETS = {"small": lambda: SectionsConfig(steps=7, pairs=PairsSection(num_pairs=3)),
+                   "big": lambda: SectionsConfig(steps=1000)}
+
+
+def sections_app(seen: list, default_preset: str | None = "small"):
+    app = typer.Typer()
+
+    @config_command(app, "run", SectionsConfig, presets=SECTION_PRESETS, default_preset=default_preset)
+    def run(cfg: SectionsConfig) -> None:
+        """Run it."""
+        seen.append(cfg)
+
+    app.command("noop")(lambda: None)
+    return app
+
+
+def test_flags_do_not_repeat_their_section_and_old_spellings_still_parse_unseen():
+    assert cli_flag(("data", "data_root")) == "--data-root"
+    assert cli_flag(("pairs", "num_pairs")) == "--num-pairs"
+    assert cli_flag(("data", "random_flip")) == "--data-random-flip"
+    assert cli_flag(("model", "norm_groups")) == "--model-norm-groups"
+    help_text = runner.invoke(sections_app([]), ["run", "--help"], env={"COLUMNS": "200"}).output
+    assert "--data-root" in help_text and "--num-pairs" in help_text and "--pairs-flip" in help_text
+    assert "--data-data-root" not in help_text and "--pairs-num-pairs" not in help_text
+    for args in (["--data-root", "/d", "--num-pairs", "5", "--no-pairs-flip"],
+                 ["--data-data-root", "/d", "--pairs-num-pairs=5", "--no-pairs-pairs-flip"],
+                 ["--data_data_root", "/d", "--pairs_num_pairs", "5", "--no-pairs-flip"]):
+        seen: list = []
+        result = runner.invoke(sections_app(seen), ["run", *args])
+        assert result.exit_code == 0, (args, result.output)
+        assert seen[0].data.data_root == Path("/d") and seen[0].pairs.num_pairs == 5, args
+        assert seen[0].pairs.pairs_flip is False
+
+
+def test_two_fields_with_one_flag_are_refused_when_the_command_is_built():
+    @dataclass
+    class Clash:
+        data: DataSection = nested(DataSection, "Data.")
+        data_root: str = option("x", "Also --data-root.")
+
+    with pytest.raises(ValueError, match="--data-root"):
+        config_command(typer.Typer(), "run", Clash)(lambda cfg: None)
+
+
+def test_help_shows_the_default_presets_values_and_names_it():
+    help_text = runner.invoke(sections_app([]), ["run", "--help"], env={"COLUMNS": "200"}).output
+    assert "[default: 7]" in help_text and "[default: 3]" in help_text and "[default: 100]" not in help_text
+    assert "'small' preset" in help_text and "--preset big" in help_text
+    seen: list = []
+    assert runner.invoke(sections_app(seen), ["run"]).exit_code == 0
+    assert seen[0].steps == 7 and seen[0].pairs.num_pairs == 3  # what the help said
+    # A flag equal to the shown default is still an explicit value: it beats a --preset that differs.
+    seen = []
+    assert runner.invoke(sections_app(seen), ["run", "--preset", "big", "--steps", "7"]).exit_code == 0
+    assert seen[0].steps == 7
+    without = runner.invoke(sections_app([], None), ["run", "--help"], env={"COLUMNS": "200"}).output
+    assert "[default: 100]" in without and "preset's" not in without

@@ -105,3 +105,19 @@ def test_cached_folder_is_built_once(tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no staging leftovers
     other = tiny_sd_folder(tmp_path, spec=TinySDSpec(seed=1))
     assert other != first and (other / "model_index.json").is_file()
+
+
+def test_sd15_sized_spec_builds_sd15s_unet_at_512_px():
+    """The GPU check's random SD 1.5-sized model: SD 1.5's 859,520,964 UNet parameters (distill-sd's figure), VAE
+    factor 8, 512 px images from 64x64 latents. Built on the meta device (no weights)."""
+    from diffusers import UNet2DConditionModel
+
+    from distill_common.models import SD15_UNET_CONFIG
+    from distill_common.models.tiny_sd import SD15_SIZED_SPEC, build_tiny_unet
+
+    with torch.device("meta"):
+        unet = build_tiny_unet(SD15_SIZED_SPEC)
+        reference = UNet2DConditionModel.from_config(SD15_UNET_CONFIG)
+    assert sum(p.numel() for p in unet.parameters()) == 859_520_964
+    assert [tuple(p.shape) for p in unet.parameters()] == [tuple(p.shape) for p in reference.parameters()]
+    assert SD15_SIZED_SPEC.vae_scale_factor == 8 and SD15_SIZED_SPEC.image_size == 512

@@ -15,7 +15,7 @@ TINY = ["--teacher", "scratch", "--model-base-channels", "8", "--model-channel-m
         "--model-attention-resolutions", "", "--no-model-mid-attention", "--model-dropout", "0",
         "--data-limit", "128", "--device", "cpu", "--sampling-steps", "2",
         "--teacher-steps", "4", "--teacher-batch-size", "16", "--teacher-sample-every", "0",
-        "--pairs-num-pairs", "32", "--pairs-shard-size", "16", "--pairs-steps", "2",
+        "--num-pairs", "32", "--pairs-shard-size", "16", "--pairs-steps", "2",
         "--four-step-steps", "2", "--four-step-batch-size", "8", "--one-step-steps", "2", "--one-step-batch-size", "8",
         "--eval-teacher-steps", "1", "--no-eval-teacher-rk45", "--eval-student-steps", "1", "4",
         "--eval-num-images", "10", "--eval-reference-n", "20", "--eval-batch-size", "10"]
@@ -24,7 +24,7 @@ TINY = ["--teacher", "scratch", "--model-base-channels", "8", "--model-channel-m
 @pytest.mark.slow
 def test_pipeline_end_to_end_and_rerun(tmp_path, mlflow_uri, data_root):
     out = tmp_path / "run"
-    args = ["pipeline", "--preset", "smoke", *TINY, "--output-dir", str(out), "--data-data-root", str(data_root)]
+    args = ["pipeline", "--preset", "smoke", *TINY, "--output-dir", str(out), "--data-root", str(data_root)]
     runner = CliRunner()
     result = runner.invoke(app, args, env={"COLUMNS": "160"})
     assert result.exit_code == 0, result.output

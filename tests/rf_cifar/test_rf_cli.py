@@ -34,7 +34,7 @@ def test_train_teacher_logs_to_mlflow_resumes_and_samples(tmp_path, mlflow_uri, 
     from mlflow import MlflowClient
 
     out = tmp_path / "teacher"
-    args = ["train-teacher", *TINY, "--output-dir", str(out), "--data-data-root", str(data_root), "--train-steps", "4",
+    args = ["train-teacher", *TINY, "--output-dir", str(out), "--data-root", str(data_root), "--train-steps", "4",
             "--train-sample-every", "2", "--train-log-checkpoints"]
     killed = runner.invoke(app, [*args, "--train-stop-at-step", "3"])
     assert killed.exit_code == 0, killed.output

@@ -129,3 +129,28 @@ def test_sd15_sized_plans_reproduce_the_published_parameter_and_mac_counts():
             unet = UNet2DConditionModel.from_config(config)
         assert count_parameters(unet) == params, plan
         assert unet_macs(config, 64).conv_linear == pytest.approx(macs, rel=0.005), plan
+
+
+def test_sd15_config_narrows_to_any_width_and_sd_tiny_reaches_the_seed_65m_budget():
+    """SD15_UNET_CONFIG states SD 1.5's 32 norm groups, so narrowed widths stay multiples of 32 and build in
+    diffusers (width 0.25 used to give 80 channels, which GroupNorm(32) refuses). Seed 004's "as little as 65M
+    trainable parameters": sd_tiny at width 0.4 is the widest 0.05 step at or under 65M (README table)."""
+    import inspect
+
+    from distill_common.models import SD15_UNET_CONFIG
+    from distill_sd_prune.architecture.pruning import DIFFUSERS_NORM_GROUPS
+
+    assert SD15_UNET_CONFIG["norm_num_groups"] == DIFFUSERS_NORM_GROUPS
+    assert inspect.signature(UNet2DConditionModel).parameters["norm_num_groups"].default == DIFFUSERS_NORM_GROUPS
+    counts = {}
+    for plan in ("none", "sd_tiny"):
+        for width in (0.25, 0.4, 0.45):
+            config = student_unet_config(SD15_UNET_CONFIG, plan, width)
+            assert all(c % 32 == 0 for c in config["block_out_channels"]), (plan, width, config)
+            with torch.device("meta"):
+                unet = UNet2DConditionModel.from_config(config)
+            counts[plan, width] = count_parameters(unet)
+    assert counts["sd_tiny", 0.4] <= 65e6 < counts["sd_tiny", 0.45]
+    # A config without the key narrows as diffusers' default 32 groups would build it.
+    bare = {k: v for k, v in SD15_UNET_CONFIG.items() if k != "norm_num_groups"}
+    assert student_unet_config(bare, "none", 0.25)["block_out_channels"] == [64, 160, 320, 320]

@@ -8,14 +8,13 @@ when their package is installed.
 from __future__ import annotations
 
 import sys
-from importlib.metadata import PackageNotFoundError, entry_points, version
+from importlib.metadata import entry_points
 
 import typer
 from rich.console import Console
 
 from distill_common.errors import DistillError, os_error_message
-
-DISTRIBUTIONS = ("distill-common", "distill-eval", "distill-lora-flash", "distill-rf-cifar", "distill-sd-prune")
+from distill_common.versions import package_versions
 
 app = typer.Typer(
     name="distill",
@@ -25,17 +24,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 err_console = Console(stderr=True)
-
-
-def package_versions() -> dict[str, str]:
-    """Installed version of each workspace distribution ('not installed' when absent)."""
-    out = {}
-    for dist in DISTRIBUTIONS:
-        try:
-            out[dist] = version(dist)
-        except PackageNotFoundError:
-            out[dist] = "not installed"
-    return out
 
 
 def _version_callback(value: bool) -> None:

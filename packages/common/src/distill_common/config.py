@@ -30,8 +30,9 @@ from typing import Any, TypeVar
 
 import typer
 import yaml
+from rich.markup import escape
 
-from distill_common.errors import ConfigError, unknown_choice
+from distill_common.errors import ConfigError, DistillError, unknown_choice
 
 C = TypeVar("C")
 
@@ -131,9 +132,17 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
 def cli_flag(path: Sequence[str]) -> str:
     """The command-line spelling of the config field at ``path`` (e.g. ``("train", "steps")`` -> ``--train-steps``).
 
-    The one field -> flag rule: the generated options and every error hint use it.
+    The one field -> flag rule: the generated options and every error hint use it. A field whose name already
+    holds its section's name is not prefixed twice: ``("data", "data_root")`` -> ``--data-root``,
+    ``("pairs", "num_pairs")`` -> ``--num-pairs``.
     """
-    return "--" + "-".join(path).replace("_", "-")
+    parts = list(path)
+    if len(parts) >= 2:
+        section, words = parts[-2].split("_"), parts[-1].split("_")
+        n = len(section)
+        if any(words[i : i + n] == section for i in range(len(words) - n + 1)):
+            del parts[-2]
+    return "--" + "-".join(parts).replace("_", "-")
 
 
 class FlagNamer:
@@ -264,7 +273,7 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     try:
         data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as exc:
-        raise ConfigError(f"config file {str(p)!r} is not valid {'JSON' if p.suffix == '.json' else 'YAML'}: {exc}")
+        raise ConfigError(f"config file {str(p)!r} is not valid {'JSON' if p.suffix == '.json' else 'YAML'}: {exc}") from None
     if data is None:
         return {}
     if not isinstance(data, Mapping):
@@ -288,6 +297,12 @@ def format_config(cfg: Any) -> str:
 # ------------------------------------------------------------------------------- CLI generation
 
 
+def _legacy_flags(path: Sequence[str]) -> list[str]:
+    """Earlier spellings of a field's flag (section name repeated: ``--data-data-root``), still accepted, not shown."""
+    old = "--" + "-".join(path).replace("_", "-")
+    return [old, "--" + "_".join(path)] if old != cli_flag(path) else []
+
+
 @dataclasses.dataclass
 class _CliField:
     path: tuple[str, ...]  # ("model", "width")
@@ -299,6 +314,7 @@ class _CliField:
     choices: tuple[Any, ...] | None
     is_list: bool
     is_bool: bool
+    hidden_flags: list[str] = dataclasses.field(default_factory=list)  # accepted, not shown in --help
 
 
 def _cli_fields(cls: type, instance: Any = None, prefix: tuple[str, ...] = ()) -> list[_CliField]:
@@ -316,10 +332,10 @@ def _cli_fields(cls: type, instance: Any = None, prefix: tuple[str, ...] = ()) -
         base, _ = _unwrap_optional(hints[f.name])
         dash = cli_flag(path)
         flags = [dash]
-        under = "--" + "_".join(path)
+        under = "--" + dash[2:].replace("-", "_")
         if under != dash:
             flags.append(under)
-        flags += list(f.metadata.get("aliases", ()))
+        flags += [a for a in f.metadata.get("aliases", ()) if a not in flags]
         choices = f.metadata.get("choices")
         help_text = f.metadata.get("help", "")
         if choices:
@@ -335,8 +351,17 @@ def _cli_fields(cls: type, instance: Any = None, prefix: tuple[str, ...] = ()) -
                 choices=choices,
                 is_list=_list_item_type(base) is not None,
                 is_bool=base is bool,
+                hidden_flags=[h for h in _legacy_flags(path) if h not in flags],
             )
         )
+    if prefix == ():
+        seen: dict[str, tuple[str, ...]] = {}
+        for cf in out:
+            for flag in cf.flags:
+                if flag in seen:
+                    raise ValueError(f"{cls.__name__}: fields {'.'.join(seen[flag])} and {'.'.join(cf.path)} "
+                                     f"both want {flag}; rename one")
+                seen[flag] = cf.path
     return out
 
 
@@ -344,13 +369,17 @@ class _ConfigCommand(typer.core.TyperCommand):
     """Accepts ``--steps 2 4 8`` for list options by joining the values before click parses them."""
 
     list_flags: frozenset[str] = frozenset()
+    renamed_flags: Mapping[str, str] = types.MappingProxyType({})  # hidden earlier spelling -> shown flag
 
     def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
         out: list[str] = []
         i = 0
         while i < len(args):
             tok = args[i]
-            flag = tok.split("=", 1)[0]
+            flag, eq, rest = tok.partition("=")
+            if flag in self.renamed_flags:
+                flag = self.renamed_flags[flag]
+                tok = flag + eq + rest
             if flag in self.list_flags and "=" not in tok:
                 values = []
                 i += 1
@@ -392,10 +421,18 @@ def config_command(
 ) -> Callable[[Callable[[C], Any]], Callable[[C], Any]]:
     """Register ``fn(cfg)`` as the Typer command ``name`` with one option per config field.
 
-    Precedence, lowest first: dataclass defaults, ``--preset``, ``--config FILE``, explicit flags.
+    Precedence, lowest first: dataclass defaults, ``--preset``, ``--config FILE``, explicit flags. ``--help``
+    shows the values a bare command runs with (the ``default_preset``'s, after ``validate`` filled what it
+    fills), and names the preset.
     """
-    fields = _cli_fields(config_cls)
+    fields = _cli_fields(config_cls, _bare_config(config_cls, presets, default_preset))
     preset_names = tuple(presets or ())
+    renamed = {}
+    for cf in fields:
+        for old in cf.hidden_flags:
+            renamed[old] = cf.flags[0]
+            if cf.is_bool:
+                renamed[f"--no-{old[2:]}"] = f"--no-{cf.flags[0][2:]}"
 
     def decorator(fn: Callable[[C], Any]) -> Callable[[C], Any]:
         params = [inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context)]
@@ -408,20 +445,20 @@ def config_command(
             elif cf.type is Path:
                 annotation, default = Path, cf.default
             elif cf.type in (int, float, str):
-                annotation, default = (typing.Optional[cf.type] if cf.default is None else cf.type), cf.default
+                annotation, default = (cf.type | None if cf.default is None else cf.type), cf.default
             else:
                 annotation, default = str, cf.default
             flags = list(cf.flags)
             if cf.is_bool:
                 flags = [f"{f}/--no-{f[2:]}" for f in flags[:1]] + [f for f in flags[1:]]
-            opt = typer.Option(default, *flags, help=cf.help, show_default=True)
+            opt = typer.Option(default, *flags, help=escape(cf.help), show_default=True)  # "[i]" is not markup
             params.append(inspect.Parameter(cf.param, inspect.Parameter.KEYWORD_ONLY, default=opt, annotation=annotation))
         params.append(
             inspect.Parameter(
                 "config_file",
                 inspect.Parameter.KEYWORD_ONLY,
                 default=typer.Option(None, "--config", help="YAML or JSON file of option values; flags override it."),
-                annotation=typing.Optional[Path],
+                annotation=Path | None,
             )
         )
         if preset_names:
@@ -430,9 +467,12 @@ def config_command(
                     "preset",
                     inspect.Parameter.KEYWORD_ONLY,
                     default=typer.Option(
-                        default_preset, "--preset", help=f"Named defaults: {', '.join(preset_names)}."
+                        default_preset,
+                        "--preset",
+                        help=f"Named defaults: {', '.join(preset_names)}"
+                        + (f" (the defaults shown here are {default_preset}'s)." if default_preset else "."),
                     ),
-                    annotation=typing.Optional[str],
+                    annotation=str | None,
                 )
             )
         params.append(
@@ -466,12 +506,34 @@ def config_command(
         command.__annotations__ = {p.name: p.annotation for p in params}
         del command.__wrapped__
         cmd_cls = type(f"{config_cls.__name__}Command", (_ConfigCommand,), {
-            "list_flags": frozenset(f for cf in fields if cf.is_list for f in cf.flags)
+            "list_flags": frozenset(f for cf in fields if cf.is_list for f in cf.flags),
+            "renamed_flags": types.MappingProxyType(renamed),
         })
-        app.command(name, help=help or (fn.__doc__ or "").strip(), cls=cmd_cls)(command)
+        text = help or (fn.__doc__ or "").strip()
+        if default_preset is not None:
+            others = ", ".join(p for p in preset_names if p != default_preset)
+            text += (f"\n\nDefaults shown are the '{default_preset}' preset's, which a bare command runs"
+                     + (f"; --preset {others.replace(', ', '|')} for the others." if others else "."))
+        app.command(name, help=text, cls=cmd_cls)(command)
         return fn
 
     return decorator
+
+
+def _bare_config(config_cls: type[C], presets: Mapping[str, Callable[[], C] | C] | None, preset: str | None) -> C:
+    """The config a command run without options resolves to; when that needs options (an error), the unresolved
+    defaults."""
+    try:
+        return resolve_config(config_cls, presets=presets, preset=preset)
+    except DistillError:
+        return _preset_config(presets, preset) if preset is not None else config_cls()
+
+
+def _preset_config(presets: Mapping[str, Callable[[], C] | C] | None, name: str) -> C:
+    if not presets or name not in presets:
+        raise unknown_choice("preset", name, presets or {})
+    p = presets[name]
+    return p() if callable(p) else dataclasses.replace(p)
 
 
 def resolve_config(
@@ -483,13 +545,7 @@ def resolve_config(
     overrides: Mapping[tuple[str, ...], Any] | None = None,
 ) -> C:
     """Apply preset, then config file, then explicit overrides (keyed by field path); validate choices."""
-    if preset is not None:
-        if not presets or preset not in presets:
-            raise unknown_choice("preset", preset, presets or {})
-        p = presets[preset]
-        cfg = p() if callable(p) else dataclasses.replace(p)
-    else:
-        cfg = config_cls()
+    cfg = _preset_config(presets, preset) if preset is not None else config_cls()
     if config_file is not None:
         cfg = from_dict(config_cls, load_config_file(config_file), cfg)
     for path, value in (overrides or {}).items():

@@ -71,7 +71,7 @@ class DataConfig:
     """Where CIFAR-10 comes from."""
 
     data_root: Path | None = option(None, "Data root holding cifar10/ (default: $DISTILL_DATA_ROOT, then "
-                                    "../shared/data next to the repository).", aliases=("--data-root",))
+                                    "../shared/data next to the repository).")
     source: str = option("shards", "CIFAR-10 source: WebDataset shards, an image folder, or the Hub.",
                          choices=DATA_SOURCES)
     limit: int | None = option(None, "Use only the first N training images (default: all 50,000).", ge=1)

@@ -34,7 +34,8 @@ class PrepareConfig:
     teacher_model: str = option(
         DEFAULT_TEACHER, "Teacher: hub id, local diffusers folder or single-file checkpoint."
     )
-    plan: str = option("sd_small", "Block pruning plan.", choices=tuple(PRUNE_PLANS))
+    plan: str = option("sd_small", "Block pruning plan (--arch: the seed project's name for it).",
+                       choices=tuple(PRUNE_PLANS), aliases=("--arch",))
     width: float = option(1.0, "Channel width relative to the teacher, in (0, 1].", gt=0, le=1)
     init: str = option("slice", "How the student inherits the teacher's weights.", choices=INIT_METHODS)
     resolution: int = option(512, "Image resolution at which MACs are counted.", ge=8)
@@ -81,7 +82,10 @@ def prepare_unet(cfg: PrepareConfig) -> None:
 @claims_output_dir(lambda cfg: cfg.output_dir)
 def train_cmd(cfg: TrainConfig) -> None:
     """Distil a student by a recipe (v1, v2.1, v2.2, v3); unset options take the recipe's values, and every
-    resolved option is logged to MLflow. Resumes from OUTPUT_DIR/checkpoints after a kill."""
+    resolved option is logged to MLflow. Resumes from OUTPUT_DIR/checkpoints after a kill.
+
+    Defaults shown are those of recipe v2.2 (the default --recipe); another recipe fills the options left unset
+    with its own values (see them with --recipe NAME --dry-run)."""
     from accelerate import PartialState
 
     from distill_common import tracking

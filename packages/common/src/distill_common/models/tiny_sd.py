@@ -35,18 +35,27 @@ from distill_common.models.tokenizer import (
 SD15_DOWN_BLOCKS = ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")
 SD15_UP_BLOCKS = ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")
 SD15_MID_BLOCK = "UNetMidBlock2DCrossAttn"
-# SD 1.5's unet/config.json (the fields that set its size): for parameter, MAC and timing checks without weights.
+# SD 1.5's unet/config.json (every field but the bookkeeping ones): parameter, MAC and timing checks without
+# weights build the real architecture from it. norm_num_groups matters: width scaling rounds to its multiples.
 SD15_UNET_CONFIG: dict[str, Any] = {
     "sample_size": 64,
     "in_channels": 4,
     "out_channels": 4,
-    "block_out_channels": [320, 640, 1280, 1280],
+    "center_input_sample": False,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
     "down_block_types": list(SD15_DOWN_BLOCKS),
-    "layers_per_block": 2,
+    "mid_block_type": SD15_MID_BLOCK,
     "up_block_types": list(SD15_UP_BLOCKS),
+    "block_out_channels": [320, 640, 1280, 1280],
+    "layers_per_block": 2,
+    "downsample_padding": 1,
+    "mid_block_scale_factor": 1,
+    "act_fn": "silu",
+    "norm_num_groups": 32,
+    "norm_eps": 1e-5,
     "cross_attention_dim": 768,
     "attention_head_dim": 8,
-    "mid_block_type": SD15_MID_BLOCK,
 }
 SD_VAE_SCALING_FACTOR = 0.18215
 # SD 1.5's scheduler/scheduler_config.json (PNDM with PLMS steps only).
@@ -94,6 +103,23 @@ class TinySDSpec:
         """A short hash of the spec, used as the folder name of a cached build."""
         payload = json.dumps(asdict(self), sort_keys=True, default=list)
         return hashlib.sha256(payload.encode()).hexdigest()[:12]
+
+
+# Random weights at SD 1.5's sizes (UNet 860M, VAE 84M with factor 8, CLIP ViT-L/14 text encoder 123M): 512 px
+# images, 64x64 latents. For GPU checks and benchmarks at real size without the hub.
+SD15_SIZED_SPEC = TinySDSpec(
+    sample_size=64,
+    cross_attention_dim=768,
+    block_out_channels=(320, 640, 1280, 1280),
+    layers_per_block=2,
+    attention_head_dim=8,
+    norm_num_groups=32,
+    vae_block_out_channels=(128, 256, 512, 512),
+    vae_layers_per_block=2,
+    text_layers=12,
+    text_heads=12,
+    text_intermediate_size=3072,
+)
 
 
 def _spec(spec: TinySDSpec | None, **overrides: Any) -> TinySDSpec:

@@ -69,9 +69,9 @@ class GeneratorPyfunc(mlflow.pyfunc.PythonModel):
     Bad input raises :class:`RequestError` (one line)."""
 
     def load_context(self, context) -> None:
-        from distill_common.generator import load_generator
+        from distill_common.generator_folder import load_generator_folder
 
-        self.generator = load_generator(context.artifacts[ARTIFACT_KEY], device="auto")
+        self.generator = load_generator_folder(context.artifacts[ARTIFACT_KEY], device="auto")
 
     def _parse(self, model_input, params: dict[str, Any] | None):
         import pandas as pd
@@ -139,7 +139,7 @@ def decode_image(b64: str):
 
 def log_model_now(run_id: str, generator_dir: str | Path, name: str = "generator") -> str:
     """Log a generator folder as a pyfunc model from code in run ``run_id``; raises when the store fails."""
-    from distill_common.cli import package_versions
+    from distill_common.versions import package_versions
 
     reqs = [f"{d}=={v}" for d, v in package_versions().items() if v != "not installed"]
     # Logged as a model from code (this package's pyfunc_entry.py), so loading it unpickles nothing.
@@ -184,7 +184,7 @@ def verify_logged_generator(model_dir: str | Path, source: str | None = None) ->
     could load it."""
     import yaml
 
-    from distill_common.generator import read_generator_manifest
+    from distill_common.generator_folder import read_generator_manifest
 
     root = Path(model_dir).resolve()
     source = source or str(model_dir)
@@ -255,7 +255,7 @@ def fetch_servable_model(uri: str, dst: str | Path) -> Path:
     """Download a registered generator into ``dst``, verify it (:func:`verify_logged_generator`) and that its
     family's loader is installed; returns the local model folder, so a server loads exactly the checked files."""
     from distill_common.errors import unknown_choice
-    from distill_common.generator import generator_loaders, read_generator_manifest
+    from distill_common.generator_folder import generator_loaders, read_generator_manifest
 
     local = _download(uri, dst)
     family = read_generator_manifest(verify_logged_generator(local, uri)).get("family")

@@ -151,8 +151,8 @@ def git_commit(cwd: Path | None = None) -> str:
 
 def workspace_tags() -> dict[str, str]:
     """Versions of the five packages, git commit, and device / torch / CUDA versions."""
-    from distill_common.cli import package_versions
     from distill_common.runtime import environment_info
+    from distill_common.versions import package_versions
 
     tags = {f"version.{k}": v for k, v in package_versions().items()}
     tags["git_commit"] = git_commit(Path(__file__).resolve().parent)

@@ -43,6 +43,8 @@ PER_BLOCK_KEYS = (
     "only_cross_attention",
 )
 LAYER_CONTAINERS = ("resnets", "attentions", "downsamplers", "upsamplers")
+# UNet2DConditionModel's norm_num_groups when a config leaves it out (SD 1.x/2.x configs state 32).
+DIFFUSERS_NORM_GROUPS = 32
 
 
 @dataclass(frozen=True)
@@ -157,7 +159,7 @@ def student_unet_config(
         cfg["mid_block_type"] = None
     if width != 1.0:
         channels = [
-            scale_channels(c, width, cfg.get("norm_num_groups"), h)
+            scale_channels(c, width, cfg.get("norm_num_groups", DIFFUSERS_NORM_GROUPS), h)
             for c, h in zip(channels, heads, strict=True)
         ]
     cfg.update(per_block)

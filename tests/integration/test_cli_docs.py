@@ -1,0 +1,176 @@
+"""The CLI as documented: every ``distill ...`` example in README.md and the package READMEs names commands and
+options that exist and parses; every option's ``--help`` default is the value a bare command runs with."""
+
+from __future__ import annotations
+
+import functools
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+import typer
+import yaml
+
+from distill_common import cli
+from distill_common.errors import DistillError
+
+REPO = Path(__file__).resolve().parents[2]
+READMES = [REPO / "README.md", *sorted((REPO / "packages").glob("*/README.md"))]
+# `python -m MODULE` forms of the same commands (accelerate launch ... -m MODULE ARGS).
+MODULE_PREFIX = {"distill_common.cli": [], "distill_rf_cifar.cli": ["rf"], "distill_lora_flash.cli": ["flash"],
+                 "distill_sd_prune.cli": ["prune"], "distill_eval.cli": ["eval"]}
+SCRIPT_PREFIX = {"distill": [], "distill-rf": ["rf"], "distill-flash": ["flash"], "distill-prune": ["prune"],
+                 "distill-eval": ["eval"]}
+
+
+@functools.cache
+def _root():
+    cli._register_subcommands()
+    return typer.main.get_command(cli.app)
+
+
+def _command_line(text: str) -> list[str] | None:
+    """The ``distill`` argv of one shell line (after ``distill``/``distill-rf``/``-m distill_common.cli``), or None."""
+    text = re.sub(r"\s#.*$", "", text.replace("\\|", "|")).strip()
+    try:
+        words = shlex.split(text)
+    except ValueError:
+        return None
+    for i, w in enumerate(words):
+        if w in SCRIPT_PREFIX and (i == 0 or words[i - 1] in ("$", "&&", ";", "|")):
+            return SCRIPT_PREFIX[w] + words[i + 1 :]
+        if w == "-m" and i + 1 < len(words) and words[i + 1] in MODULE_PREFIX:
+            return MODULE_PREFIX[words[i + 1]] + words[i + 2 :]
+    return None
+
+
+def documented_commands() -> list[tuple[str, list[str]]]:
+    """(where, argv) for each command in fenced code blocks (with ``\\`` continuations) and inline code spans
+    (``where`` ends in ``inline``: prose names a command without its required arguments)."""
+    found = []
+    for readme in READMES:
+        lines = readme.read_text().splitlines()
+        fenced, i = False, 0
+        while i < len(lines):
+            line, where = lines[i], f"{readme.relative_to(REPO)}:{i + 1}"
+            if line.lstrip().startswith("```"):
+                fenced = not fenced
+            elif fenced:
+                while line.rstrip().endswith("\\") and i + 1 < len(lines):
+                    i += 1
+                    line = line.rstrip()[:-1] + " " + lines[i].strip()
+                argv = _command_line(line)
+                if argv is not None:
+                    found.append((where, argv))
+            else:
+                for span in re.findall(r"`([^`]+)`", line):
+                    argv = _command_line(span)
+                    if argv is not None:
+                        found.append((f"{where} inline", argv))
+            i += 1
+    return found
+
+
+def _option_names(cmd) -> set[str]:
+    names = {"--help"}
+    for p in cmd.params:
+        if p.param_type_name == "option":
+            names.update(p.opts, p.secondary_opts)
+    names.update(getattr(cmd, "renamed_flags", {}))
+    return names
+
+
+def resolve(root, argv: list[str]) -> tuple[list[str], object, list[str]]:
+    """Walk sub-commands: (command path, the leaf command, its arguments)."""
+    path, cmd = [], root
+    while hasattr(cmd, "commands") and argv and not argv[0].startswith("-"):
+        if argv[0] not in cmd.commands:
+            raise KeyError(f"'distill {' '.join(path + argv[:1])}' is no command; valid: {sorted(cmd.commands)}")
+        path.append(argv[0])
+        cmd, argv = cmd.commands[argv[0]], argv[1:]
+    return path, cmd, argv
+
+
+def test_the_readmes_document_commands():
+    commands = documented_commands()
+    assert len(commands) >= 30, commands  # the extractor still finds the examples
+    assert {tuple(a[:2]) for _, a in commands} >= {("rf", "pipeline"), ("flash", "generate"), ("prune", "train"),
+                                                   ("eval", "benchmark"), ("registry", "promote")}
+
+
+@pytest.mark.parametrize("where,argv", documented_commands(), ids=lambda v: v if isinstance(v, str) else None)
+def test_documented_command_and_options_exist_and_parse(where, argv):
+    root = _root()
+    path, cmd, args = resolve(root, list(argv))
+    args = [a.strip("[]") for a in args if a not in ("[...]", "...", "…")]
+    if not path:
+        assert set(a.split("=")[0] for a in args if a.startswith("--")) <= _option_names(cmd), where
+        return
+    if hasattr(cmd, "commands"):  # a group named alone (`distill flash`): nothing else to check
+        assert not args, f"{where}: {argv}"
+        return
+    known = _option_names(cmd)
+    unknown = [a for a in args if a.startswith("--") and a.split("=")[0] not in known]
+    assert not unknown, f"{where}: 'distill {' '.join(path)}' has no option {unknown}"
+    if where.endswith("inline") or "|" in " ".join(args):  # prose, or alternatives (`--recipe one_step|four_step`)
+        return
+    # Parsing converts every value to its type (no command runs: make_context does not invoke).
+    cmd.make_context(" ".join(["distill", *path]), args, resilient_parsing=False)
+
+
+def _bare_defaults_cases() -> list[list[str]]:
+    out = []
+
+    def walk(cmd, path):
+        if hasattr(cmd, "commands"):
+            for name, sub in cmd.commands.items():
+                walk(sub, path + [name])
+        elif hasattr(cmd, "list_flags"):  # generated from a config dataclass
+            out.append(path)
+
+    walk(_root(), [])
+    return out
+
+
+@pytest.mark.parametrize("path", _bare_defaults_cases(), ids=" ".join)
+def test_help_defaults_are_what_a_bare_command_runs_with(path, capsys):
+    root = _root()
+    _, cmd, _ = resolve(root, list(path))
+    try:
+        code = cmd.main(["--dry-run"], prog_name="distill", standalone_mode=False)
+    except DistillError as exc:  # needs options (e.g. --generators): nothing runs bare
+        pytest.skip(f"'distill {' '.join(path)}' needs options: {exc}")
+    out = capsys.readouterr().out
+    assert code in (0, None), out
+    resolved: dict[str, object] = {}
+
+    def flat(d, prefix):
+        for k, v in d.items():
+            flat(v, prefix + (k,)) if isinstance(v, dict) else resolved.__setitem__("__".join(prefix + (k,)), v)
+
+    flat(yaml.safe_load(out), ())
+    checked = 0
+    for p in cmd.params:
+        if p.name not in resolved:
+            continue
+        value, shown = resolved[p.name], p.default
+        if isinstance(value, list):
+            value = ",".join(map(str, value))
+        if shown is not None and not isinstance(shown, (bool, int, float)):
+            shown = str(shown)
+        assert shown == value, f"distill {' '.join(path)} --help shows {p.opts[0]} {shown!r}, runs with {value!r}"
+        checked += 1
+    assert checked >= 1
+
+
+@pytest.mark.parametrize("path", _bare_defaults_cases(), ids=" ".join)
+def test_no_option_repeats_its_section(path):
+    _, cmd, _ = resolve(_root(), list(path))
+    for p in cmd.params:
+        *sections, _field = p.name.split("__")
+        shown = p.opts[0][2:].split("-")
+        for section in sections:
+            words = section.split("_")
+            hits = sum(shown[i : i + len(words)] == words for i in range(len(shown)))
+            assert hits <= 1, f"distill {' '.join(path)} {p.opts[0]} repeats its section '{section}'"
