@@ -123,7 +123,8 @@ class ReflowLoss(nn.Module):
 class ProgressiveDistillationLoss(nn.Module):
     """Progressive distillation (Salimans & Ho 2022, Algorithm 2) adapted to rectified flow and Euler steps.
 
-    The teacher samples on the grid ``teacher_grid`` (N Euler steps; uniform ``i/N`` when given an int); the
+    The teacher samples on the grid ``teacher_steps`` (N Euler steps: uniform ``i/N`` for an int N, else the grid's
+    points themselves); the
     student samples on :func:`~distill_rf_cifar.samplers.halve_grid` of it. The student starts at a point a of its
     own grid, x_a = a x1 + (1 - a) x0 from data, and must reach in one step to its next point c what the teacher
     reaches in the (two, or for an odd N's last step one) Euler steps between them: target velocity
@@ -132,11 +133,12 @@ class ProgressiveDistillationLoss(nn.Module):
     the student learns the guided velocity directly.
     """
 
-    def __init__(self, teacher: nn.Module, teacher_grid: int | Sequence[float], guidance: float = 1.0) -> None:
+    def __init__(self, teacher: nn.Module, teacher_steps: int | Sequence[float], guidance: float = 1.0) -> None:
         super().__init__()
         from distill_rf_cifar.samplers import halve_grid
 
-        grid = [i / teacher_grid for i in range(teacher_grid + 1)] if isinstance(teacher_grid, int) else list(teacher_grid)
+        n = teacher_steps
+        grid = [i / n for i in range(n + 1)] if isinstance(n, int) else [float(u) for u in n]
         if len(grid) < 3:
             raise ConfigError(f"progressive distillation halves a teacher of at least 2 steps, got {len(grid) - 1}; "
                               "pass a larger --options-progressive-start")
