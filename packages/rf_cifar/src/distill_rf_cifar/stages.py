@@ -324,7 +324,10 @@ def evaluate_rounds(cfg: DistillConfig, phases: list[Phase], *, console: Console
     folder, r = cfg.folder, cfg.rounds
     out = folder / "rounds"
     teacher_gen = load_generator(cfg.teacher, device=cfg.train.device)
-    students = [(p, load_generator(folder / p.name / GENERATOR_DIR, device=cfg.train.device)) for p in phases]
+    dirs = {p.name: folder / p.name / GENERATOR_DIR for p in phases}
+    if len(phases) == 1:  # one round: the recipe's own generator is that round's
+        dirs[phases[0].name] = folder / GENERATOR_DIR
+    students = [(p, load_generator(dirs[p.name], device=cfg.train.device)) for p in phases]
     steps = sorted({p.sample_steps for p in phases})
     entries = [SweepEntry("teacher", "teacher", teacher_gen, "euler", s)
                for s in sorted({teacher_gen.default_steps, *(steps if r.teacher else [])})]
@@ -343,7 +346,7 @@ def evaluate_rounds(cfg: DistillConfig, phases: list[Phase], *, console: Console
             t_row = by_key.get(f"teacher_s{p.sample_steps}", {})
             rows.append({"round": i + 1, "teacher_steps": p.export.get("teacher_steps"), "steps": p.sample_steps,
                          "nfe": row["nfe"], "fid": row["fid"], "teacher_fid_same_steps": t_row.get("fid"),
-                         "ms_per_image": row["ms_per_image"], "generator": str(folder / p.name / GENERATOR_DIR)})
+                         "ms_per_image": row["ms_per_image"], "generator": str(dirs[p.name])})
             run.log_metrics({"round.fid": row["fid"], "round.steps": p.sample_steps,
                              **({"round.teacher_fid": t_row["fid"]} if t_row else {})}, step=i + 1)
         report = write_report(rows, out, "rounds", meta={"protocol": sweep.protocol, "teacher": str(cfg.teacher),
