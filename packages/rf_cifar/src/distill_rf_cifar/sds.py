@@ -24,6 +24,7 @@ from torch import nn
 
 from distill_common import tracking
 from distill_common.errors import ConfigError
+from distill_common.output_dir import claims_output_dir
 from distill_rf_cifar.config import SDSConfig
 from distill_rf_cifar.flow import noise_for_seeds
 from distill_rf_cifar.losses import ScoreDistillation
@@ -83,6 +84,7 @@ def mean_pairwise(metric: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], 
         return float(metric(a, b).mean())
 
 
+@claims_output_dir(lambda cfg: cfg.output_dir)
 def run(cfg: SDSConfig, *, console: Console | None = None) -> list[dict[str, Any]]:
     """The sweep: SDS images and teacher samples per guidance scale, grids, diversity table, MLflow run."""
     from PIL import Image
