@@ -87,8 +87,9 @@ def main() -> None:
             if kind in seen:  # progressive rounds share one loss: measure it once
                 continue
             seen.add(kind)
-            model = fresh()
-            rate = steps_per_second(model, phase.make_loss(model), data[phase.data], cfg)
+            model = fresh()  # the phase's start model; a phase with a student conversion (guided) trains its student
+            student = phase.student(model) if phase.student is not None else model
+            rate = steps_per_second(student, phase.make_loss(model), data[phase.data], cfg)
             rows.append((f"{method} / {phase.name}", kind, 1000 / rate, base / rate))
             console.print(f"  {method:>12} {phase.name:<14} {1000 / rate:8.1f} ms/step  {base / rate:5.2f}x", highlight=False)
     table = Table(title=f"training step time vs the plain loop (best {args.window}-step window of {args.steps} steps)")

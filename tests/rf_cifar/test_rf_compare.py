@@ -11,16 +11,50 @@ from typer.testing import CliRunner
 from distill_common.errors import ConfigError
 from distill_rf_cifar.cli import app
 from distill_rf_cifar.compare import compare_methods, resolve_teacher, select_methods
+from distill_rf_cifar.config import EvalConfig
 from distill_rf_cifar.recipes import RECIPES
 
 
 def test_methods_are_the_registered_student_recipes():
     assert compare_methods() == [r for r in RECIPES if r != "teacher"]
-    assert {"one_step", "four_step", "reflow", "progressive", "adversarial", "consistency"} <= set(compare_methods())
+    assert {"one_step", "four_step", "reflow", "progressive", "adversarial", "consistency", "guided"} <= set(
+        compare_methods())
     assert select_methods([]) == compare_methods()
     assert select_methods(["consistency", "four_step", "consistency"]) == ["consistency", "four_step"]
     with pytest.raises(ConfigError, match="unknown compare method 'lcm'; valid choices: .*'adversarial'"):
         select_methods(["lcm"])
+
+
+def test_the_sweep_samples_a_guided_student_at_its_own_guidance_and_counts_nfe_honestly():
+    """compare scores every method through evaluation.run_sweep, which generates with guidance=None: each generator's
+    own default scale. A CFG teacher at w = 3 costs 2 NFE per step; the guidance-conditioned student at its default
+    w = 3 costs 1, and its images are those of an explicit w = 3."""
+    import torch
+    from rf_helpers import tiny_unet_config
+
+    from distill_rf_cifar.evaluation import _BoundSampler, sweep_entries
+    from distill_rf_cifar.generator import RFGenerator
+    from distill_rf_cifar.models import build_unet, with_guidance_embedding
+
+    torch.manual_seed(0)
+    teacher = build_unet(tiny_unet_config()).eval()
+    with torch.no_grad():  # make w matter: v_c and v_u clearly different, a trained w-embedding
+        teacher.net.class_embedding.weight.mul_(20)
+        student = with_guidance_embedding(teacher)
+        student.guidance_embedding.linear_2.weight.normal_()
+    t_gen = RFGenerator(teacher, default_steps=2, default_guidance=3.0)
+    s_gen = RFGenerator(student, role="guided", default_steps=2, default_guidance=3.0,
+                        info={"guidance_range": [1.0, 8.0]})
+    entries = sweep_entries(("teacher", t_gen), [("guided", s_gen)],
+                            EvalConfig(teacher_steps=[2], teacher_rk45=False, student_steps=[1, 2]))
+    nfe, images = {}, {}
+    for e in entries:
+        bound = _BoundSampler(e.generator, e.sampler)
+        images[e.key] = bound.generate([1, 2], e.steps, [0, 1])  # as generate_to_folder calls it: guidance=None
+        nfe[e.key] = bound.nfe[-1]
+    assert nfe == {"teacher_s2": 4, "guided_s1": 1, "guided_s2": 2}
+    assert torch.allclose(images["guided_s2"], s_gen.generate([1, 2], 2, [0, 1], guidance=3.0))
+    assert not torch.allclose(images["guided_s2"], s_gen.generate([1, 2], 2, [0, 1], guidance=1.0), atol=1e-4)
 
 
 def test_teacher_is_a_generator_folder_a_uri_or_a_shipped_name(tmp_path, teacher_dir):

@@ -21,6 +21,7 @@ from distill_rf_cifar.config import (
     PairsConfig,
     PipelineConfig,
     SampleConfig,
+    SDSConfig,
     TeacherConfig,
 )
 
@@ -55,7 +56,7 @@ def make_pairs_cmd(cfg: PairsConfig) -> None:
 @claims_output_dir(lambda cfg: cfg.folder)  # before torch is imported: a refused run exits at once
 def distill_cmd(cfg: DistillConfig) -> None:
     """Train a student from the teacher's weights with --recipe one_step | four_step | reflow | progressive |
-    adversarial | consistency."""
+    adversarial | consistency | guided."""
     from distill_rf_cifar.stages import distill_student
 
     outcome = distill_student(cfg, console=console)
@@ -70,6 +71,15 @@ def sample_cmd(cfg: SampleConfig) -> None:
     from distill_rf_cifar.stages import sample
 
     sample(cfg, console=console)
+
+
+@config_command(app, "sds", SDSConfig)
+def sds_cmd(cfg: SDSConfig) -> None:
+    """Score distillation sampling (Poole et al. 2022): optimise images of one class from noise with the teacher's
+    score for each --guidance-scales value; trajectory grids and the diversity (LPIPS) of SDS vs teacher samples."""
+    from distill_rf_cifar.sds import run
+
+    run(cfg, console=console)
 
 
 @config_command(app, "evaluate", EvaluateConfig, presets=EVALUATE_PRESETS, default_preset="smoke")

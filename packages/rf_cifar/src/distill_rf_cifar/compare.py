@@ -115,7 +115,7 @@ def _plot(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
             highs = [p[2][1] - y for y, p in zip(ys, pts, strict=True)]
             ax.errorbar(xs, ys, yerr=[lows, highs], fmt="none", ecolor=line.get_color(), capsize=3)
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("sampling steps (network evaluations)")
+    ax.set_xlabel("sampling steps (NFE per method in the table: a CFG step counts 2)")
     ax.set_ylabel("FID")
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
@@ -127,7 +127,7 @@ def _plot(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
     return path
 
 
-COLUMNS = ["method", "steps", "sampler", "nfe", "fid", "fid_interval", "kid", "lpips_to_teacher", "ms_per_image",
+COLUMNS = ["method", "steps", "sampler", "guidance", "nfe", "fid", "fid_interval", "kid", "lpips_to_teacher", "ms_per_image",
            "train_seconds", "train_steps"]
 
 
@@ -197,7 +197,8 @@ def run_compare(cfg: CompareConfig, *, console: Console | None = None, progress:
             method = r["model"]
             info = outcomes[method].info if method in outcomes else {}
             interval = _fid_interval(r)
-            rows.append({"method": method, "steps": r["steps"], "sampler": r["sampler"], "nfe": r["nfe"],
+            rows.append({"method": method, "steps": r["steps"], "sampler": r["sampler"],
+                         "guidance": r["guidance"], "nfe": r["nfe"],
                          "fid": r["fid"], "fid_interval": f"[{interval[0]:.1f}, {interval[1]:.1f}]" if interval else None,
                          **{k: v for k, v in r.items() if k.startswith("fid_")}, "kid": r["kid"],
                          "lpips_to_teacher": lpips.get(r["key"]), "ms_per_image": r["ms_per_image"],

@@ -20,7 +20,7 @@ PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 SAMPLER_NAMES = ("euler", "heun", "rk45", "consistency")
 TIME_SAMPLER_NAMES = ("uniform", "logit_normal")
 RECIPE_NAMES = ("teacher", "one_step", "four_step", "reflow", "progressive",
-                "adversarial", "consistency")  # methods-a: ADD, consistency distillation
+                "adversarial", "consistency", "guided")
 DISTANCES = ("l2", "lpips")
 DATA_SOURCES = ("shards", "folder", "hub")
 LR_SCHEDULES = ("constant_with_warmup", "linear", "cosine")
@@ -176,8 +176,10 @@ class RecipeConfig:
     lpips_resize: int = option(224, "Upsample to this size before LPIPS (as Liu et al.; 0 = native 32 px).", ge=0)
     reflow_fraction: float = option(0.5, "reflow recipe: share of the steps spent on 2-RF before the one-step distill.",
                                     ge=0, le=1)
-    progressive_start: int = option(32, "progressive: the teacher's Euler steps in the first round.", ge=1)
-    progressive_end: int = option(4, "progressive: the student's steps after the last round (halving each round).", ge=1)
+    progressive_start: int = option(32, "progressive: the teacher's Euler steps in the first round (any count; odd "
+                                    "counts halve rounding up: 1000 -> 500 -> 250 -> 125 -> 63 -> 32 -> 16 -> 8).", ge=1)
+    progressive_end: int = option(4, "progressive: the student's steps after the last round (halving each round; "
+                                  "must be on the start's halving chain).", ge=1)
     time_sampler: str = option("uniform", "reflow recipe: how t is drawn.", choices=TIME_SAMPLER_NAMES)
     # -- adversarial (ADD, Sauer et al. 2023) and consistency (Song et al. 2023) recipes
     adv_steps: int = option(4, "adversarial: student steps (1-4); training draws t from that many fixed Euler points.")
@@ -193,6 +195,21 @@ class RecipeConfig:
     cd_solver: str = option("euler", "consistency: the teacher's one ODE step between grid points (Song et al.: Heun).",
                             choices=("euler", "heun"))
     cd_steps: int = option(2, "consistency: the student's default sampling steps (multistep consistency sampling).")
+    # guided (Meng et al. 2023, stage one)
+    guidance_min: float = option(1.0, "guided: lowest CFG scale w the student learns (w ~ U[min, max] per sample).")
+    guidance_max: float = option(8.0, "guided: highest CFG scale w the student learns.")
+
+
+@dataclass
+class RoundsEvalConfig:
+    """progressive: FID of every round's student at its own step count, and of the teacher at the same steps."""
+
+    num_images: int = option(500, "Generated images per configuration (seeds 0..N-1, class = seed % 10; 0 = export "
+                             "the rounds without evaluating them).")
+    reference: str = option("cifar10-train", "FID reference set (distill_eval.reference_stats).")
+    reference_n: int | None = option(10_000, "Reference images (default: all of the set).")
+    batch_size: int = option(250, "Generation batch size.")
+    teacher: bool = option(True, "Also evaluate the teacher (Euler) at every round's step count.")
 
 
 @dataclass
@@ -206,7 +223,8 @@ class DistillConfig:
     output_dir: Path | None = option(None, "Run folder (default: runs/rf_cifar/students/<recipe>).")
     options: RecipeConfig = nested(RecipeConfig, "Recipe options.")
     train: LoopConfig = nested(LoopConfig, "Training loop.")
-    data: DataConfig = nested(DataConfig, "CIFAR-10 (progressive recipe).")
+    data: DataConfig = nested(DataConfig, "CIFAR-10 (progressive and guided recipes).")
+    rounds: RoundsEvalConfig = nested(RoundsEvalConfig, "progressive: evaluation of every round.")
     experiment: str = option("rf_cifar", "MLflow experiment.")
     run_name: str | None = option(None, "MLflow run name (default: distill-<recipe>).")
     track: bool = option(True, "Log to MLflow.")
@@ -229,6 +247,47 @@ class SampleConfig:
     seed: int = option(0, "First seed.")
     output_dir: Path = option(Path("runs/rf_cifar/samples"), "Where the PNGs and grid.png go.")
     device: str = option("auto", "Device.", choices=DEVICES)
+
+
+SDS_PARAMETRISATIONS = ("pixels", "tanh")
+SDS_WEIGHTINGS = ("uniform", "noise_variance")
+
+
+@dataclass
+class SDSConfig:
+    """``distill rf sds``: score distillation sampling (Poole et al. 2022), the 2D exercise: optimise images of one
+    class from noise with the teacher's score, for a sweep of guidance scales, and measure their diversity."""
+
+    teacher: str = option("runs/rf_cifar/teacher/generator", "Teacher generator folder or runs:/ / models:/ URI.")
+    class_label: int = option(3, "CIFAR-10 class of the images (0 airplane ... 9 truck).")
+    seeds: int = option(8, "Images per guidance scale: seed i draws image i's initial noise and its SDS noise.")
+    guidance_scales: list[float] = option([1.0, 7.5, 30.0, 100.0], "CFG scales to sweep (DreamFusion uses 100).")
+    iterations: int = option(400, "Optimiser steps per image.")
+    learning_rate: float = option(0.03, "Adam learning rate (cosine-decayed to 0, so the last images are not noisy).")
+    parametrisation: str = option("pixels", "The optimised variable: the pixels themselves (clamped to [-1, 1]) or "
+                                  "theta with image = tanh(theta).", choices=SDS_PARAMETRISATIONS)
+    weighting: str = option("uniform", "w(t): uniform, or noise_variance (1 - t)^2 (DreamFusion's sigma_t^2).",
+                            choices=SDS_WEIGHTINGS)
+    t_min: float = option(0.02, "Lowest t drawn (t = 0 is pure noise); t ~ U[t_min, t_max].")
+    t_max: float = option(0.98, "Highest t drawn (t = 1 is the image itself).")
+    snapshots: int = option(8, "Columns of the trajectory grid (evenly spaced iterations, first and last included).")
+    teacher_steps: int | None = option(None, "Euler steps of the teacher samples the diversity is compared with "
+                                       "(default: the teacher's own).")
+    lpips_net: str = option("alex", "LPIPS network of the diversity measure.", choices=("alex", "vgg"))
+    output_dir: Path = option(Path("runs/rf_cifar/sds"), "Grids, final images and the diversity table.")
+    device: str = option("auto", "Device.", choices=DEVICES)
+    experiment: str = option("rf_cifar", "MLflow experiment.")
+    run_name: str = option("sds", "MLflow run name.")
+    track: bool = option(True, "Log to MLflow.")
+
+    def validate(self) -> None:
+        if self.seeds < 2:
+            raise ConfigError(f"diversity needs at least 2 images per scale, got --seeds {self.seeds}; pass --seeds 8")
+        if self.iterations < 1 or self.snapshots < 2 or not self.guidance_scales:
+            raise ConfigError("sds needs --iterations >= 1, --snapshots >= 2 and at least one --guidance-scales value")
+        if not 0.0 < self.t_min < self.t_max < 1.0:
+            raise ConfigError(f"t must be drawn strictly inside (0, 1), got [{self.t_min}, {self.t_max}]; "
+                              "pass e.g. --t-min 0.02 --t-max 0.98")
 
 
 @dataclass

@@ -103,8 +103,12 @@ def run_sweep(
     data_root: str | Path | None = None,
     console: Console | None = None,
     progress: bool = True,
+    entries: Sequence[SweepEntry] | None = None,
 ) -> SweepResult:
-    """Generate, score and time every configuration; write report, grid and plots under ``output_dir``."""
+    """Generate, score and time every configuration; write report, grid and plots under ``output_dir``.
+
+    ``entries`` replaces the configurations :func:`sweep_entries` derives from ``cfg`` (e.g. one per progressive
+    round at its own step count); it must hold the teacher at its default Euler steps, the speed-up baseline."""
     from distill_eval.benchmark import fid_row, generate_to_folder, load_png_folder
     from distill_eval.fid import score_images
     from distill_eval.grids import comparison_grid
@@ -117,7 +121,7 @@ def run_sweep(
     console = console or Console()
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    entries = sweep_entries(teacher, students, cfg)
+    entries = list(entries) if entries is not None else sweep_entries(teacher, students, cfg)
     n = cfg.num_images
     if n < 2:
         raise ConfigError("FID needs at least 2 images per configuration; pass --eval-num-images 2 or more")

@@ -59,16 +59,39 @@ def drop_labels(y: torch.Tensor, null_class: int, p: float) -> torch.Tensor:
     return torch.where(drop, torch.full_like(y, null_class), y)
 
 
-def guided_velocity(model: nn.Module, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, guidance: float = 1.0) -> torch.Tensor:
-    """v = v_u + w (v_c - v_u) in one forward over the doubled batch; w = 1 (or an unconditional model) is one plain forward."""
+def _unwrapped(model: nn.Module) -> nn.Module:
+    return model.module if not hasattr(model, "null_class") and hasattr(model, "module") else model  # DDP
+
+
+def is_guidance_conditioned(model: nn.Module) -> bool:
+    """Whether the network takes the CFG scale as an input (Meng et al. 2023 stage one: one forward per guided step)."""
+    return bool(getattr(_unwrapped(model), "guidance_conditioned", False))
+
+
+def nfe_per_call(model: nn.Module, guidance: float = 1.0) -> int:
+    """Network evaluations per image of one :func:`guided_velocity` call: a CFG step evaluates the network on the
+    unconditional and the conditional input (2 NFE, even as one doubled batch); w = 1, an unconditional model or a
+    guidance-conditioned student evaluate it once."""
+    m = _unwrapped(model)
+    if is_guidance_conditioned(m) or float(guidance) == 1.0 or m.null_class == 0:
+        return 1
+    return 2
+
+
+def guided_velocity(model: nn.Module, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
+                    guidance: float | torch.Tensor = 1.0) -> torch.Tensor:
+    """v = v_u + w (v_c - v_u) in one forward over the doubled batch; w = 1 (or an unconditional model) is one plain
+    forward, and a guidance-conditioned model gets w as an input (one forward). ``guidance``: a float or (B,)."""
     t = t.expand(x.shape[0]) if t.dim() == 0 else t
-    null_class = getattr(model, "null_class", None)
-    if null_class is None:  # wrapped by Accelerate/DDP
-        null_class = model.module.null_class
-    if guidance == 1.0 or null_class == 0:
+    null_class = _unwrapped(model).null_class
+    if is_guidance_conditioned(model):
+        w = torch.as_tensor(guidance, device=x.device, dtype=torch.float32)
+        return model(x, t, y, w.expand(x.shape[0]) if w.dim() == 0 else w)
+    if (not torch.is_tensor(guidance) and guidance == 1.0) or null_class == 0:
         return model(x, t, y)
     v_u, v_c = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([torch.full_like(y, null_class), y])).chunk(2)
-    return v_u + guidance * (v_c - v_u)
+    w = guidance.view(-1, *([1] * (x.dim() - 1))).to(v_c.dtype) if torch.is_tensor(guidance) else guidance
+    return v_u + w * (v_c - v_u)
 
 
 def model_fn(model: nn.Module, y: torch.Tensor, guidance: float = 1.0) -> ModelFn:

@@ -1,7 +1,9 @@
 """``RFGenerator``: a trained flow as a distill_common Generator (family ``rf_cifar``), and its folder format.
 
-A generator folder holds ``generator.json`` (family, role, default steps / guidance / sampler), ``model_config.json``
-(the UNetConfig) and ``model.safetensors`` (the EMA weights). :func:`load_generator` is registered under the
+A generator folder holds ``generator.json`` (family, role, default steps / guidance / sampler; ``guidance_conditioned``
+and ``guidance_range`` for a student that takes w as an input; ``time_grid`` for a sampler grid that is not uniform,
+e.g. a progressive round from an odd step count), ``model_config.json`` (the UNetConfig) and ``model.safetensors``
+(the EMA weights). :func:`load_generator` is registered under the
 ``distill.generators`` entry point, so ``distill_common.generator.load_generator`` (and the MLflow pyfunc model)
 find it from a folder, ``runs:/`` or ``models:/`` URI.
 """
@@ -27,7 +29,7 @@ from distill_common.generator import (
 )
 from distill_common.runtime import resolve_device
 from distill_rf_cifar.config import UNetConfig
-from distill_rf_cifar.flow import model_fn, noise_for_seeds
+from distill_rf_cifar.flow import model_fn, nfe_per_call, noise_for_seeds
 from distill_rf_cifar.models.unet import ClassConditionalUNet, count_parameters
 from distill_rf_cifar.samplers import CountingModelFn, get_sampler, time_grid
 
@@ -51,7 +53,8 @@ class RFGenerator:
 
     def __init__(self, model: ClassConditionalUNet, *, role: str = "teacher", default_steps: int = 32,
                  default_guidance: float = 1.0, sampler: str = "euler", rtol: float = 1e-3, atol: float = 1e-3,
-                 batch_size: int = 500, info: dict[str, Any] | None = None) -> None:
+                 batch_size: int = 500, info: dict[str, Any] | None = None,
+                 time_grid: Sequence[float] | None = None) -> None:
         get_sampler(sampler)
         self.model = model.eval()
         self.role = role
@@ -62,7 +65,12 @@ class RFGenerator:
         self.batch_size = batch_size
         self.num_classes = model.num_classes
         self.info = dict(info or {})
-        self.last_nfe = 0  # network calls per image of the last sample() (a CFG call counts once)
+        self.last_nfe = 0  # network evaluations per image of the last sample() (a CFG step counts 2)
+        self.grid = None if time_grid is None else [float(t) for t in time_grid]  # the non-uniform grid it was distilled on
+        if self.grid is not None and not (self.grid[0] == 0.0 and self.grid[-1] == 1.0
+                                          and all(a < b for a, b in zip(self.grid[:-1], self.grid[1:], strict=True))):
+            raise ConfigError(f"time_grid must increase from 0 to 1, got {self.grid[:4]}...; re-export the generator")
+        self.guidance_range = tuple(self.info.get("guidance_range") or ()) or None  # (w_min, w_max) it learned
 
     @property
     def device(self) -> torch.device:
@@ -89,11 +97,15 @@ class RFGenerator:
         solve = get_sampler(name)
         steps = int(num_steps or self.default_steps)
         w = self.default_guidance if guidance is None else float(guidance)
+        if self.guidance_range and not self.guidance_range[0] - 1e-6 <= w <= self.guidance_range[1] + 1e-6:
+            raise ConfigError(f"this guidance-conditioned generator learned w in [{self.guidance_range[0]:g}, "
+                              f"{self.guidance_range[1]:g}], got --guidance {w:g}; pass a scale inside that range")
         fn = CountingModelFn(model_fn(self.model, labels.to(self.device), w))
-        ts = time_grid(steps, device=self.device)
+        grid = self.grid if self.grid is not None and steps == len(self.grid) - 1 else None
+        ts = time_grid(steps, device=self.device) if grid is None else torch.tensor(grid, device=self.device)
         kwargs = {"rtol": self.rtol, "atol": self.atol} if name == "rk45" else {}
         x = solve(fn, x0.to(self.device, self.dtype), ts, **kwargs)
-        self.last_nfe = fn.calls
+        self.last_nfe = fn.calls * nfe_per_call(self.model, w)
         return x.float().cpu()
 
     def generate(self, conditions: Sequence[Any], num_steps: int | None = None, seeds: Sequence[int] | None = None,
@@ -110,9 +122,10 @@ class RFGenerator:
         return torch.cat(out) if out else torch.empty(0, 3, 32, 32)
 
     def save(self, folder: str | Path, **info: Any) -> Path:
+        grid = {"time_grid": self.grid} if self.grid is not None else {}
         return save_generator(folder, self.model, role=self.role, default_steps=self.default_steps,
                               default_guidance=self.default_guidance, sampler=self.sampler, rtol=self.rtol,
-                              atol=self.atol, **{**self.info, **info})
+                              atol=self.atol, **{**self.info, **grid, **info})
 
 
 def save_generator(folder: str | Path, model: ClassConditionalUNet, *, role: str, default_steps: int,
@@ -123,10 +136,12 @@ def save_generator(folder: str | Path, model: ClassConditionalUNet, *, role: str
     with ckpt.atomic_dir(folder) as tmp:
         ckpt.save_weights(model.state_dict(), tmp / MODEL_FILE)
         (tmp / MODEL_CONFIG_FILE).write_text(json.dumps(to_dict(model.config), indent=2))
+        facts = dict(resolution=32, num_classes=model.num_classes, parameters=count_parameters(model),
+                     guidance_conditioned=bool(getattr(model, "guidance_conditioned", False)),
+                     convention="x_t = t*x1 + (1-t)*x0, x0 noise, x1 data, integrate t: 0 -> 1")
         write_generator_manifest(tmp, FAMILY, role=role, default_steps=int(default_steps),
                                  default_guidance=float(default_guidance), sampler=sampler, rtol=rtol, atol=atol,
-                                 resolution=32, num_classes=model.num_classes, parameters=count_parameters(model),
-                                 convention="x_t = t*x1 + (1-t)*x0, x0 noise, x1 data, integrate t: 0 -> 1", **info)
+                                 **{**info, **facts})  # facts of the weights win over stale copies in ``info``
     return folder
 
 
@@ -143,12 +158,14 @@ def weights_sha256(folder: str | Path) -> str:
 
 
 def load_model(folder: str | Path, device: str | torch.device = "cpu") -> ClassConditionalUNet:
-    """The UNet of a generator folder (config from model_config.json, weights checked against it)."""
+    """The UNet of a generator folder (config from model_config.json, weights checked against it; a w-embedding
+    when generator.json says ``guidance_conditioned``)."""
     folder = resolve_generator_folder(folder)
     cfg_path = folder / MODEL_CONFIG_FILE
     if not cfg_path.is_file():
         raise ModelLoadError(f"{folder} holds no {MODEL_CONFIG_FILE}; pass a generator folder written by 'distill rf'")
-    model = ClassConditionalUNet(from_dict(UNetConfig, json.loads(cfg_path.read_text())))
+    conditioned = (folder / "generator.json").is_file() and bool(read_generator_manifest(folder).get("guidance_conditioned"))
+    model = ClassConditionalUNet(from_dict(UNetConfig, json.loads(cfg_path.read_text())), guidance_embedding=conditioned)
     ckpt.load_into(model, folder / MODEL_FILE, "rf_cifar UNet")
     return model.to(device).eval()
 
@@ -161,7 +178,7 @@ def load_generator(folder: str | Path, device: str = "auto", **overrides: Any) -
         raise ModelLoadError(f"{folder} holds a {manifest.get('family')!r} generator, not {FAMILY!r}; "
                              "load it with its own family's loader")
     model = load_model(folder, resolve_device(device))
-    keys = ("role", "default_steps", "default_guidance", "sampler", "rtol", "atol")
+    keys = ("role", "default_steps", "default_guidance", "sampler", "rtol", "atol", "time_grid")
     kwargs = {k: manifest[k] for k in keys if k in manifest}
     kwargs.update({k: v for k, v in overrides.items() if k in (*keys, "batch_size")})
     info = {k: v for k, v in manifest.items() if k not in (*keys, "family")}

@@ -12,10 +12,15 @@ adversarial    pairs+     AdversarialDistillationLoss (ADD, Sauer et al. 2023): 
                images     the teacher's pair image; hinge + R1 discriminator on real CIFAR-10
 consistency    images     ConsistencyDistillationLoss (Song et al. 2023): teacher ODE step on a        2
                           16-interval grid, EMA target; multistep consistency sampling
+guided         images     GuidanceConditionedLoss: w-conditioned student of the CFG teacher (Meng      teacher
+                          et al. 2023, stage one), one network call per guided step
 =============  =========  ===========================================================================  =======
 
 Students start from the teacher's weights; each phase starts from the previous phase's EMA weights; a
-progressive round's frozen teacher is the previous round's student. The reflow recipe distils on the first
+progressive round's frozen teacher is the previous round's student, and every round is exported as a generator
+(``<run>/<round>/generator``). Progressive starts that are not powers of two halve rounding up
+(1000 -> 500 -> 250 -> 125 -> 63 -> 32 -> 16 -> 8): an odd round's last student step is the teacher's last step
+alone, so later students sample on a non-uniform grid, recorded in their ``generator.json``. The reflow recipe distils on the first
 teacher's pairs rather than on fresh 2-RF pairs (Liu et al. regenerate them), so it needs one pair set only.
 """
 
@@ -24,8 +29,9 @@ from __future__ import annotations
 import copy
 import dataclasses
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -36,12 +42,15 @@ from distill_rf_cifar.config import FlowConfig, LoopConfig, RecipeConfig
 from distill_rf_cifar.losses import (
     AdversarialDistillationLoss,
     ConsistencyDistillationLoss,
+    GuidanceConditionedLoss,
     KStepDistillationLoss,
     PairDistillationLoss,
     ProgressiveDistillationLoss,
     RectifiedFlowLoss,
     ReflowLoss,
 )
+from distill_rf_cifar.models.unet import with_guidance_embedding
+from distill_rf_cifar.samplers import halve_grid, progressive_step_counts
 from distill_rf_cifar.training.data import TrainingData
 from distill_rf_cifar.training.loop import MODEL_FILE, SampleFn, TrainingCallback, TrainResult, train
 
@@ -57,6 +66,8 @@ class Phase:
     sample_steps: int  # the step count the model samples with after this phase
     guidance: float = 1.0  # the CFG scale it samples with
     sampler: str = "euler"  # the sampler it samples with (samplers.SAMPLERS)
+    student: Callable[[nn.Module], nn.Module] | None = None  # turns the phase's start model into the one it trains
+    export: dict[str, Any] = field(default_factory=dict)  # extra generator.json fields of this phase's model
 
 
 def _teacher(opts: RecipeConfig, flow: FlowConfig, steps: int, teacher_steps: int, guidance: float) -> list[Phase]:
@@ -83,22 +94,40 @@ def _reflow(opts: RecipeConfig, flow: FlowConfig, steps: int, teacher_steps: int
 
 
 def _progressive(opts: RecipeConfig, flow: FlowConfig, steps: int, teacher_steps: int, guidance: float) -> list[Phase]:
-    n, end = opts.progressive_start, opts.progressive_end
-    if end < 1 or n <= end or n & (n - 1) or end & (end - 1):
-        raise ConfigError(f"progressive distillation halves from {n} to {end} steps; pass powers of two with "
-                          "--options-progressive-start > --options-progressive-end (e.g. 32 and 4)")
-    rounds = []
-    while n > end:
-        rounds.append(n)
-        n //= 2
-    per_round = max(1, steps // len(rounds))
+    start, end = opts.progressive_start, opts.progressive_end
+    try:
+        counts = progressive_step_counts(start, end)
+    except ValueError as exc:
+        raise ConfigError(f"progressive distillation from {start} to {end} steps: {exc}; pass one of those as "
+                          "--options-progressive-end (or another --options-progressive-start)") from None
+    grids = [[i / start for i in range(start + 1)]]
+    for _ in counts[1:]:
+        grids.append(halve_grid(grids[-1]))
+    per_round = max(1, steps // (len(counts) - 1))
 
-    def make(n_teacher: int, w: float) -> Callable[[nn.Module], nn.Module]:
-        return lambda start: ProgressiveDistillationLoss(copy.deepcopy(start), n_teacher, w)
+    def make(grid: list[float], w: float) -> Callable[[nn.Module], nn.Module]:
+        return lambda start_model: ProgressiveDistillationLoss(copy.deepcopy(start_model), grid, w)
+
+    def export(grid: list[float]) -> dict[str, Any]:
+        uniform = all(abs(t - i / (len(grid) - 1)) < 1e-12 for i, t in enumerate(grid))
+        return {} if uniform else {"time_grid": grid}
 
     # the first round queries the CFG teacher; later rounds a student that learned the guided velocity
-    return [Phase(f"round{i + 1}_{n_t}to{n_t // 2}", "images", make(n_t, guidance if i == 0 else 1.0), per_round, n_t // 2)
-            for i, n_t in enumerate(rounds)]
+    return [Phase(f"round{i + 1}_{n}to{m}", "images", make(grids[i], guidance if i == 0 else 1.0), per_round, m,
+                  export={**export(grids[i + 1]), "progressive_round": i + 1, "teacher_steps": n})
+            for i, (n, m) in enumerate(zip(counts[:-1], counts[1:], strict=True))]
+
+
+def _guided(opts: RecipeConfig, flow: FlowConfig, steps: int, teacher_steps: int, guidance: float) -> list[Phase]:
+    lo, hi = opts.guidance_min, opts.guidance_max
+    GuidanceConditionedLoss(nn.Identity(), lo, hi)  # validate the range before any work
+
+    def make(start: nn.Module) -> nn.Module:
+        return GuidanceConditionedLoss(copy.deepcopy(start), lo, hi, flow.time_sampler)
+
+    default = min(max(guidance, lo), hi)
+    return [Phase("guided", "images", make, steps, teacher_steps, (lo + hi) / 2, student=with_guidance_embedding,
+                  export={"guidance_range": [lo, hi], "default_guidance": default})]
 
 
 def _adversarial(opts: RecipeConfig, flow: FlowConfig, steps: int, teacher_steps: int, guidance: float) -> list[Phase]:
@@ -133,6 +162,7 @@ RECIPES: dict[str, Callable[..., list[Phase]]] = {
     "progressive": _progressive,
     "adversarial": _adversarial,
     "consistency": _consistency,
+    "guided": _guided,
 }
 
 
@@ -206,6 +236,9 @@ def run_recipe(
     for i, phase in enumerate(phases):
         folder = out / phase.name
         final = folder / FINAL / MODEL_FILE
+        if phase.student is not None:
+            start_model = model  # the teacher of a loss built from it
+            model = phase.student(model)
         if final.is_file():
             ckpt.load_into(model, final, "model")
             offset += phase.steps
@@ -217,7 +250,8 @@ def run_recipe(
                                   stop_at_step=None if stop is None else stop - offset)
         if phase.data not in data:
             raise ConfigError(f"phase {phase.name!r} needs {phase.data} data, which was not provided")
-        result, model, ema = train(cfg, model, phase.make_loss(model), data[phase.data], folder,
+        loss = phase.make_loss(start_model if phase.student is not None else model)
+        result, model, ema = train(cfg, model, loss, data[phase.data], folder,
                                    callback=_PhaseCallback(callback, offset, f"{phase.name}/" if len(phases) > 1 else ""),
                                    sample_fn=sample_fn(phase) if sample_fn else None, progress=progress,
                                    description=phase.name)

@@ -10,7 +10,7 @@ students: N network calls, re-noising between them.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -27,6 +27,31 @@ def time_grid(num_steps: int, device: torch.device | str = "cpu") -> torch.Tenso
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
     return torch.linspace(0.0, 1.0, num_steps + 1, device=device)
+
+
+def halve_grid(grid: Sequence[float]) -> list[float]:
+    """The grid of the student of one progressive-distillation round (Salimans & Ho 2022): every other point of the
+    teacher's grid, plus the end. An even number of teacher steps halves exactly; an odd number N rounds up to
+    (N + 1) / 2 steps, the last of which is the teacher's last step taken alone (so 125 uniform steps become 62
+    double steps and one single step, and later rounds halve that grid in turn)."""
+    grid = [float(t) for t in grid]
+    if len(grid) < 3:
+        raise ValueError(f"a grid of {len(grid) - 1} step(s) cannot be halved")
+    out = grid[::2]
+    return out if out[-1] == grid[-1] else [*out, grid[-1]]
+
+
+def progressive_step_counts(start: int, end: int) -> list[int]:
+    """Step counts of progressive distillation from ``start`` halving (rounding up, see :func:`halve_grid`) to
+    ``end``: 1000 -> 500 -> 250 -> 125 -> 63 -> 32 -> 16 -> 8. Raises ValueError naming the reachable ends."""
+    counts = [int(start)]
+    while counts[-1] > max(end, 1):
+        counts.append((counts[-1] + 1) // 2)
+    if start < 2 or counts[-1] != end or end >= start:
+        reachable = progressive_step_counts(start, 1)[1:] if start >= 2 else []
+        raise ValueError(f"halving {start} steps (rounding up) never reaches {end}; it reaches "
+                         f"{', '.join(map(str, reachable)) or 'nothing'}")
+    return counts
 
 
 class CountingModelFn:

@@ -89,7 +89,7 @@ def config_hash(cfg: Any) -> str:
     def strip(d: Any) -> Any:
         if isinstance(d, dict):
             return {k: strip(v) for k, v in d.items()
-                    if k not in _NON_SEMANTIC | {"data_root", "track", "experiment", "run_name", "output_dir"}}
+                    if k not in _NON_SEMANTIC | {"data_root", "track", "experiment", "run_name", "output_dir", "rounds"}}
         return d
 
     return hashlib.sha256(json.dumps(strip(to_dict(cfg)), sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -157,13 +157,39 @@ def _train_recipe(name: str, phases: list[Phase], model: torch.nn.Module, loop: 
         if not result.finished:
             console.print(f"[yellow]{name}: stopped at --stop-at-step {loop.stop_at_step}; rerun to resume[/]")
             return StageOutcome(name, folder, False, run_id=run.run_id, seconds=time.perf_counter() - start, info=info)
-        save_generator(gen_dir, result.model, **export)
+        save_generator(gen_dir, result.model, **{**export, **phases[-1].export})
         model_uri = tracking.log_generator_model(run, gen_dir) if run.enabled else None
         run.set_tags({"generator.sha256": weights_sha256(gen_dir)})
+        if len(phases) > 1:  # every phase's model (e.g. each progressive round) as a generator of its own
+            info["phase_generators"] = export_phase_generators(phases, result.model, folder, export, run)
         ckpt.write_json(folder / STAGE_FILE, {"config_hash": digest, "run_id": run.run_id, "finished": True,
                                               "model_uri": model_uri, "generator": str(gen_dir), "info": info})
     return StageOutcome(name, folder, True, gen_dir, model_uri, run.run_id, seconds=time.perf_counter() - start,
                         info=info)
+
+
+def export_phase_generators(phases: list[Phase], model: torch.nn.Module, folder: Path, export: dict[str, Any],
+                            run: tracking.TrackingRun | None = None) -> dict[str, dict[str, Any]]:
+    """``<folder>/<phase>/generator`` from each finished phase's EMA weights (``<phase>/final``), sampling with that
+    phase's step count (and grid); logged as MLflow models ``<phase>-generator`` when ``run`` tracks."""
+    import copy
+
+    from distill_rf_cifar.recipes import FINAL
+    from distill_rf_cifar.training.loop import MODEL_FILE
+
+    out = {}
+    for phase in phases:
+        gen_dir = folder / phase.name / GENERATOR_DIR
+        weights = folder / phase.name / FINAL / MODEL_FILE
+        if not weights.is_file():
+            continue
+        phase_model = copy.deepcopy(model)
+        ckpt.load_into(phase_model, weights, f"{phase.name} weights")
+        save_generator(gen_dir, phase_model, **{**export, "default_steps": phase.sample_steps, "sampler": phase.sampler,
+                                                "phase": phase.name, **phase.export})
+        uri = tracking.log_generator_model(run, gen_dir, name=f"{phase.name}-generator") if run and run.enabled else None
+        out[phase.name] = {"generator": str(gen_dir), "steps": phase.sample_steps, "model_uri": uri}
+    return out
 
 
 @claims_output_dir(lambda cfg: cfg.output_dir)
@@ -281,8 +307,60 @@ def distill_student(cfg: DistillConfig, *, console: Console | None = None, progr
                   teacher_guidance=teacher.default_guidance, train_steps=cfg.train.steps,
                   pairs_teacher_sha256=manifest["teacher_sha256"] if manifest else None)
     tags = {"stage": "distill", "recipe": cfg.recipe, "teacher.sha256": export["teacher_sha256"]}
-    return _train_recipe(cfg.recipe, phases, model, cfg.train, data, folder, cfg, cfg.run_name or f"distill-{cfg.recipe}",
-                         tags, export, progress, console, nested)
+    outcome = _train_recipe(cfg.recipe, phases, model, cfg.train, data, folder, cfg,
+                            cfg.run_name or f"distill-{cfg.recipe}", tags, export, progress, console, nested)
+    if cfg.recipe == "progressive" and outcome.finished and cfg.rounds.num_images > 0 and is_main_process():
+        outcome.info["rounds"] = evaluate_rounds(cfg, phases, console=console, progress=progress)
+    return outcome
+
+
+def evaluate_rounds(cfg: DistillConfig, phases: list[Phase], *, console: Console,
+                    progress: bool = True) -> dict[str, Any]:
+    """Progressive distillation round by round (Salimans & Ho 2022, Fig. 4): FID of each round's student at its own
+    step count and of the teacher at the same Euler steps, on one protocol; ``rounds.{md,csv,json}``,
+    ``fid_vs_nfe.png`` (one line per model) and the sweep's grid under ``<run>/rounds``, logged to MLflow."""
+    from distill_common.generator import load_generator
+    from distill_eval.reports import print_table, write_report
+    from distill_rf_cifar.config import EvalConfig
+    from distill_rf_cifar.evaluation import SweepEntry, run_sweep
+
+    folder, r = cfg.folder, cfg.rounds
+    out = folder / "rounds"
+    teacher_gen = load_generator(cfg.teacher, device=cfg.train.device)
+    dirs = {p.name: folder / p.name / GENERATOR_DIR for p in phases}
+    if len(phases) == 1:  # one round: the recipe's own generator is that round's
+        dirs[phases[0].name] = folder / GENERATOR_DIR
+    students = [(p, load_generator(dirs[p.name], device=cfg.train.device)) for p in phases]
+    steps = sorted({p.sample_steps for p in phases})
+    entries = [SweepEntry("teacher", "teacher", teacher_gen, "euler", s)
+               for s in sorted({teacher_gen.default_steps, *(steps if r.teacher else [])})]
+    entries += [SweepEntry("progressive", "student", g, "euler", p.sample_steps) for p, g in students]
+    eval_cfg = EvalConfig(teacher_steps=steps, teacher_rk45=False, student_steps=[], num_images=r.num_images,
+                          reference=r.reference, reference_n=r.reference_n, batch_size=r.batch_size)
+    with tracking.start_run(cfg.experiment, f"{cfg.run_name or 'distill-progressive'}-rounds", config=cfg,
+                            tags={"stage": "progressive-rounds", "recipe": "progressive"}, fallback_dir=out,
+                            enabled=cfg.track) as run:
+        sweep = run_sweep(("teacher", teacher_gen), [], eval_cfg, out, data_root=cfg.data.resolved_root(),
+                          console=console, progress=progress, entries=entries)
+        by_key = {row["key"]: row for row in sweep.rows}
+        rows = []
+        for i, (p, _) in enumerate(students):
+            row = by_key[f"progressive_s{p.sample_steps}"]
+            t_row = by_key.get(f"teacher_s{p.sample_steps}", {})
+            rows.append({"round": i + 1, "teacher_steps": p.export.get("teacher_steps"), "steps": p.sample_steps,
+                         "nfe": row["nfe"], "fid": row["fid"], "teacher_fid_same_steps": t_row.get("fid"),
+                         "ms_per_image": row["ms_per_image"], "generator": str(dirs[p.name])})
+            run.log_metrics({"round.fid": row["fid"], "round.steps": p.sample_steps,
+                             **({"round.teacher_fid": t_row["fid"]} if t_row else {})}, step=i + 1)
+        report = write_report(rows, out, "rounds", meta={"protocol": sweep.protocol, "teacher": str(cfg.teacher),
+                                                         "images": r.num_images})
+        for path in [*report.values(), *sweep.report_paths.values(), sweep.grid_path, *sweep.plot_paths]:
+            run.log_artifact(path, "rounds")
+    print_table(rows, ["round", "teacher_steps", "steps", "nfe", "fid", "teacher_fid_same_steps", "ms_per_image"],
+                title=f"progressive distillation round by round (FID, {sweep.protocol['generated_n']} images vs "
+                      f"{sweep.protocol['reference_n']} {sweep.protocol['reference_set']})", console=console)
+    console.print(f"plot: {sweep.plot_paths[0]}\ntable: {report.get('md')}", highlight=False)
+    return {"rows": rows, "plot": str(sweep.plot_paths[0]), "report": str(report.get("md")), "run_id": run.run_id}
 
 
 @claims_output_dir(lambda cfg: cfg.output_dir)

@@ -1,0 +1,115 @@
+"""Guidance-conditioned distillation (Meng et al. 2023, stage one) measured: FID against the guidance scale w and
+time per image, for the CFG teacher at 2 network evaluations per step and the w-conditioned student at 1.
+
+    python tools/bench_rf_guided.py --teacher runs/rf_cifar/teacher/generator \
+        [--student DIR | --train-steps 300] --guidance 1 2 4 --steps 8 --num-images 200 --reference-n 1000
+
+Without ``--student`` it first trains one from the teacher (``distill rf distill --recipe guided``, untracked, into
+``--work-dir``). Both sample with Euler at ``--steps`` on the same seeds and classes (class = seed % 10); FID is
+distill_eval's (TF-Inception, cached reference statistics of CIFAR-10 train); ms/image is distill_eval.timing's best
+of ``--repeats`` device-synchronised batches after a warm-up. Writes ``guided.{md,csv,json}`` and
+``fid_vs_guidance.png`` into ``--output-dir``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+from rich.console import Console  # noqa: E402
+
+from distill_common.runtime import environment_info  # noqa: E402
+from distill_eval.fid import score_images  # noqa: E402
+from distill_eval.inception import InceptionFeatureExtractor  # noqa: E402
+from distill_eval.reference_stats import reference_stats  # noqa: E402
+from distill_eval.reports import print_table, write_report  # noqa: E402
+from distill_eval.timing import measure_latency  # noqa: E402
+from distill_rf_cifar.generator import load_generator  # noqa: E402
+
+
+def train_student(teacher: Path, work_dir: Path, steps: int, w_max: float, batch: int, device: str) -> Path:
+    from distill_rf_cifar.config import DistillConfig, LoopConfig, RecipeConfig
+    from distill_rf_cifar.stages import distill_student
+
+    cfg = DistillConfig(recipe="guided", teacher=teacher, output_dir=work_dir / "guided", track=False,
+                        options=RecipeConfig(guidance_min=1.0, guidance_max=w_max),
+                        train=LoopConfig(steps=steps, batch_size=batch, learning_rate=2e-4, warmup_steps=20,
+                                         ema_decay=0.99, checkpoint_every=max(steps, 1), log_every=50,
+                                         device=device, log_checkpoints=False))
+    return distill_student(cfg).generator_dir
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--teacher", type=Path, required=True)
+    p.add_argument("--student", type=Path, default=None, help="a guided generator (default: train one)")
+    p.add_argument("--train-steps", type=int, default=300)
+    p.add_argument("--train-batch-size", type=int, default=64)
+    p.add_argument("--guidance", type=float, nargs="+", default=[1.0, 2.0, 4.0])
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--num-images", type=int, default=200)
+    p.add_argument("--reference-n", type=int, default=1000)
+    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--timing-batch", type=int, default=50)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--work-dir", type=Path, default=Path("runs/rf_cifar/bench_guided"))
+    p.add_argument("--output-dir", type=Path, default=None)
+    a = p.parse_args()
+    console = Console()
+    out = a.output_dir or a.work_dir
+    student_dir = a.student or train_student(a.teacher, a.work_dir, a.train_steps, max(a.guidance), a.train_batch_size,
+                                             a.device)
+    teacher = load_generator(a.teacher, device=a.device)
+    student = load_generator(student_dir, device=a.device, batch_size=a.batch_size)
+    teacher.batch_size = a.batch_size
+    extractor = InceptionFeatureExtractor()
+    reference = reference_stats("cifar10-train", extractor, n=a.reference_n, resolution=32)
+    n = a.num_images
+    conditions, seeds = [i % 10 for i in range(n)], list(range(n))
+    tb = min(a.timing_batch, n)
+    rows = []
+    for w in a.guidance:
+        for label, gen in (("teacher (CFG)", teacher), ("guided student", student)):
+            images = gen.generate(conditions, a.steps, seeds, guidance=w)
+            nfe = gen.last_nfe
+            fid = score_images(images, extractor, reference, batch_size=50, progress=False)
+            timing = measure_latency(lambda g=gen, w=w: g.generate(conditions[:tb], a.steps, seeds[:tb], guidance=w),
+                                     label=f"{label} w={w}", batch_size=tb, device=a.device, warmup=1,
+                                     repeats=a.repeats)
+            rows.append({"model": label, "guidance": w, "steps": a.steps, "nfe": nfe, "fid": fid.fid,
+                         "ms_per_image": min(timing.batch_seconds) * 1000 / tb})
+            console.print(f"w={w:g} {label:>15}: FID {fid.fid:7.2f}  NFE {nfe}  {rows[-1]['ms_per_image']:.2f} ms/image",
+                          highlight=False)
+    for r in rows:
+        t_row = next(x for x in rows if x["model"] == "teacher (CFG)" and x["guidance"] == r["guidance"])
+        r["speedup_vs_teacher"] = t_row["ms_per_image"] / r["ms_per_image"]
+    env = environment_info(torch.device(a.device))
+    meta = {"teacher": str(a.teacher), "student": str(student_dir), "protocol": reference.protocol(n).as_dict(),
+            "timing": f"best of {a.repeats} batches of {tb} after a warm-up, {env['device_name']}, "
+                      f"{env['num_threads']} threads"}
+    report = write_report(rows, out, "guided", meta=meta)
+    fig, ax = plt.subplots(1, 2, figsize=(10, 4), dpi=120)
+    for label in ("teacher (CFG)", "guided student"):
+        pts = [r for r in rows if r["model"] == label]
+        ax[0].plot([r["guidance"] for r in pts], [r["fid"] for r in pts], marker="o", label=label)
+        ax[1].plot([r["guidance"] for r in pts], [r["ms_per_image"] for r in pts], marker="o", label=label)
+    ax[0].set(xlabel="guidance scale w", ylabel="FID", title=f"FID vs w ({a.steps} Euler steps, {n} images)")
+    ax[1].set(xlabel="guidance scale w", ylabel="ms / image", title="time per image")
+    for x in ax:
+        x.grid(alpha=0.3)
+        x.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "fid_vs_guidance.png")
+    print_table(rows, ["model", "guidance", "steps", "nfe", "fid", "ms_per_image", "speedup_vs_teacher"],
+                title="guidance-conditioned student vs CFG teacher", console=console)
+    console.print(f"report: {report['md']}\nplot: {out / 'fid_vs_guidance.png'}", highlight=False)
+
+
+if __name__ == "__main__":
+    main()
