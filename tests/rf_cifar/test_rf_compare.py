@@ -66,13 +66,13 @@ def test_teacher_is_a_generator_folder_a_uri_or_a_shipped_name(tmp_path, teacher
         resolve_teacher("no_such_teacher")
 
 
-@pytest.mark.slow  # trains three methods, scores 36 configurations with Inception and LPIPS, logs to MLflow
+@pytest.mark.slow  # trains four methods, scores 10 configurations with Inception and LPIPS, logs to MLflow
 def test_compare_on_a_tiny_teacher_writes_table_plot_and_parent_with_child_runs(tmp_path, teacher_dir, data_root,
                                                                               mlflow_uri):
     from mlflow import MlflowClient
 
     out = tmp_path / "cmp"
-    methods = ["four_step", "adversarial", "consistency"]
+    methods = ["four_step", "adversarial", "consistency", "guided"]
     result = CliRunner().invoke(app, ["compare", "--preset", "tiny", "--teacher", str(teacher_dir), "--methods",
                                       *methods, "--output-dir", str(out), "--data-root", str(data_root),
                                       "--device", "cpu", "--train-device", "cpu", "--eval-num-images", "4",
@@ -87,6 +87,8 @@ def test_compare_on_a_tiny_teacher_writes_table_plot_and_parent_with_child_runs(
     assert by[("teacher", 2)]["lpips_to_teacher"] == pytest.approx(0.0, abs=1e-6)  # the reference itself
     assert by[("teacher", 1)]["lpips_to_teacher"] > 0
     assert by[("consistency", 2)]["sampler"] == "consistency" and by[("four_step", 2)]["sampler"] == "euler"
+    # the guided student is loaded with its w-embedding and sampled at its own default guidance, one call per step
+    assert by[("guided", 2)]["guidance"] == by[("teacher", 2)]["guidance"] == 1.0 and by[("guided", 2)]["nfe"] == 2
     for m in methods:
         assert by[(m, 1)]["train_seconds"] > 0 and by[(m, 1)]["train_steps"] == 4
         assert by[(m, 1)]["fid"] > 0 and by[(m, 1)]["ms_per_image"] > 0

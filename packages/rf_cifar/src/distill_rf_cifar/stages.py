@@ -318,7 +318,7 @@ def evaluate_rounds(cfg: DistillConfig, phases: list[Phase], *, console: Console
                     progress: bool = True) -> dict[str, Any]:
     """Progressive distillation round by round (Salimans & Ho 2022, Fig. 4): FID of each round's student at its own
     step count and of the teacher at the same Euler steps, on one protocol; ``rounds.{md,csv,json}``,
-    ``fid_vs_nfe.png`` (one line per model) and the sweep's grid under ``<run>/rounds``, logged to MLflow."""
+    ``plots/fid_vs_nfe.png`` (one line per model) and the sweep's grid under ``<run>/rounds``, logged to MLflow."""
     from distill_common.generator import load_generator
     from distill_eval.reports import print_table, write_report
     from distill_rf_cifar.config import EvalConfig
