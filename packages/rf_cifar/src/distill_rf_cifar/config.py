@@ -248,7 +248,7 @@ class EvalConfig:
     feature_precision: str = option("fp32", "Inception forward precision: fp32, or bf16 (about 2x faster on CPUs "
                                     "with bf16 units; part of the FID protocol).", choices=("fp32", "bf16"))
     bootstrap_resamples: int = option(200, "Bootstrap resamples of the generated images for each FID's 95% "
-                                      "interval (basic bootstrap, seed 0; 0 = no interval).", ge=0)
+                                      "interval (FID ± 1.96 bootstrap SE, seed 0; 0 = no interval).", ge=0)
 
 
 @dataclass
