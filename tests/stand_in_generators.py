@@ -23,7 +23,7 @@ class NoiseGenerator:
     def generate(self, conditions, num_steps, seeds, guidance=None):
         out = []
         NoiseGenerator.images_generated += len(conditions)
-        for c, s in zip(conditions, seeds):
+        for c, s in zip(conditions, seeds, strict=True):
             g = torch.Generator().manual_seed(int(s))
             out.append(torch.sigmoid(self.scale * torch.randn(3, 32, 32, generator=g) + int(c) / 10))
         return torch.stack(out)

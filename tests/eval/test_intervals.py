@@ -78,7 +78,7 @@ def test_basic_fid_interval_covers_the_population_fid_and_the_percentile_one_doe
     basic = percentile = 0
     for i in range(draws):
         boot = FidBootstrap(rng.normal(0.3, 1.5, size=(n, d)), mu_r, sigma_r)
-        basic += boot.interval(resamples=100, seed=i).contains(truth)
+        basic += boot.interval(resamples=100, seed=i, method="basic").contains(truth)
         percentile += boot.interval(resamples=100, seed=i, method="percentile").contains(truth)
     assert basic / draws >= 0.85, basic / draws  # measured 0.875 here
     assert percentile < basic  # measured 0.675
@@ -126,3 +126,20 @@ def test_interval_helpers() -> None:
     a, b = Interval(10, 9, 11), Interval(12, 11.5, 13)
     assert a.overlaps(Interval(11, 10.9, 12)) and not a.overlaps(b) and a.width == 2
     assert torch.is_tensor(torch.as_tensor(a.low))
+
+
+def test_normal_fid_interval_is_centred_on_the_fid_and_covers_the_expected_fid_at_that_n() -> None:
+    """The default (normal) interval always contains the reported FID, and covers E[FID_n], the quantity a protocol
+    with fixed N compares, in about 95% of draws (E[FID_n] by Monte Carlo over many independent sets)."""
+    d, n = 4, 60
+    mu_r, sigma_r = np.zeros(d), np.eye(d)
+    rng = np.random.default_rng(5)
+    sets = [rng.normal(0.3, 1.5, size=(n, d)) for _ in range(400)]
+    expected = float(np.mean([FidBootstrap(x, mu_r, sigma_r).fid(np.ones(n)) for x in sets]))
+    covered = 0
+    for i, x in enumerate(sets[:40]):
+        iv = FidBootstrap(x, mu_r, sigma_r).interval(resamples=200, seed=i)
+        assert iv.method == "normal" and iv.low <= iv.estimate <= iv.high
+        assert iv.high - iv.estimate == pytest.approx(iv.estimate - iv.low) or iv.low == 0.0
+        covered += iv.contains(expected)
+    assert covered / 40 >= 0.85, covered / 40

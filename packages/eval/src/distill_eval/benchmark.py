@@ -50,7 +50,7 @@ class BenchmarkConfig:
                                     "with bf16 units; part of the protocol, never ranked against fp32).",
                                     choices=("fp32", "bf16"))
     bootstrap_resamples: int = option(200, "Bootstrap resamples of the generated images for each FID's 95% "
-                                      "interval (basic bootstrap, seeded by --seed; 0 = no interval).", ge=0)
+                                      "interval (FID ± 1.96 bootstrap SE, seeded by --seed; 0 = no interval).", ge=0)
     prompts_file: Path | None = option(None, "Prompts for prompt generators (one a line).")
     coco_prompts: int = option(0, "Use N seeded COCO val captions as prompts instead of a file (0 = off).", ge=0)
     clip_model: str | None = option(None, "CLIP model for CLIPScore: a hub id or a local folder.")

@@ -3,7 +3,7 @@
 The math is library code: mean/covariance from torch-fidelity's ``fid_features_to_statistics``, the Frechet
 distance from torchmetrics' ``_compute_fid``, KID from torch-fidelity's ``kid_features_to_metric`` (unbiased
 polynomial-kernel MMD^2 over random subsets drawn from a seeded ``numpy.random.RandomState``). Every FID against
-a reference set carries a 95% interval from a basic bootstrap over the generated images with the reference
+a reference set carries a 95% interval from a bootstrap over the generated images with the reference
 statistics fixed (:mod:`distill_eval.intervals`); KID reports its mean and std over subsets. This module stamps
 results with their :class:`~distill_eval.protocol.MetricProtocol`.
 """
@@ -147,7 +147,7 @@ def fid_kid_result(
     features, under one protocol.
 
     The interval resamples the generated images (``bootstrap_resamples`` times, seeded by ``seed``; 0 = no
-    interval) with the reference statistics fixed, by the basic bootstrap (:mod:`distill_eval.intervals`). The
+    interval) with the reference statistics fixed, as FID ± 1.96 bootstrap SE (:mod:`distill_eval.intervals`). The
     KID subset size is capped at half the smaller set (:func:`capped_kid_subset_size`), so tiny runs still report an
     (unbiased) KID and its spread over subsets.
     """

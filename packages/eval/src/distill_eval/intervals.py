@@ -31,12 +31,12 @@ from typing import Any
 import numpy as np
 import scipy.linalg
 import torch
-from scipy.stats import bootstrap
+from scipy.stats import bootstrap, norm
 
 from distill_common.errors import ConfigError, unknown_choice
 from distill_eval.features import as_features, psd_sqrt
 
-BOOTSTRAP_METHODS = ("basic", "percentile")
+BOOTSTRAP_METHODS = ("normal", "basic", "percentile")
 DEFAULT_RESAMPLES = 200
 DEFAULT_LEVEL = 0.95
 
@@ -94,8 +94,13 @@ def bootstrap_indices(
     start = time.perf_counter()
     estimate = float(statistic(np.arange(n)))
     result = bootstrap((np.arange(n),), lambda idx: float(statistic(np.asarray(idx))), n_resamples=resamples,
-                       confidence_level=level, method=method, vectorized=False, rng=np.random.default_rng(seed))
-    low, high = (float(v) for v in result.confidence_interval)
+                       confidence_level=level, method="percentile" if method == "normal" else method,
+                       vectorized=False, rng=np.random.default_rng(seed))
+    if method == "normal":  # estimate +- z * bootstrap standard error (Efron & Tibshirani 1993, eq. 13.2)
+        half = float(norm.ppf(0.5 + level / 2) * np.std(result.bootstrap_distribution, ddof=1))
+        low, high = estimate - half, estimate + half
+    else:
+        low, high = (float(v) for v in result.confidence_interval)
     return Interval(estimate, low, high, level, method, resamples, time.perf_counter() - start)
 
 
@@ -167,8 +172,14 @@ class FidBootstrap:
     def of_indices(self, indices: np.ndarray) -> float:
         return self.fid(np.bincount(indices, minlength=self.n))
 
-    def interval(self, *, resamples: int = DEFAULT_RESAMPLES, level: float = DEFAULT_LEVEL, method: str = "basic",
+    def interval(self, *, resamples: int = DEFAULT_RESAMPLES, level: float = DEFAULT_LEVEL, method: str = "normal",
                  seed: int = 0) -> Interval:
-        """Bootstrap interval over the generated images; the lower end is clamped at 0 (FID is a squared distance)."""
+        """Bootstrap interval over the generated images; the lower end is clamped at 0 (FID is a squared distance).
+
+        The default ``normal`` interval, FID ± z·SE with SE the bootstrap standard error, is centred on the reported
+        FID and estimates where the FID *at this N* lies: the quantity a protocol (which fixes N) compares, since
+        the finite-N bias is shared by every model scored under it. ``basic`` instead shifts the interval by the
+        bootstrap's bias estimate towards the infinite-N FID (at N = 500 that shift can exceed the width, so the
+        interval no longer contains the reported FID)."""
         res = bootstrap_indices(self.n, self.of_indices, resamples=resamples, level=level, method=method, seed=seed)
         return Interval(res.estimate, max(res.low, 0.0), max(res.high, 0.0), level, method, resamples, res.seconds)

@@ -56,7 +56,7 @@ class FIDResult:
     kid_mean: float
     kid_std: float
     protocol: MetricProtocol
-    fid_interval: Interval | None = None  # 95% basic-bootstrap interval over the generated images
+    fid_interval: Interval | None = None  # 95% bootstrap interval (± 1.96 SE) over the generated images
     kid_subsets: int = 0
     kid_subset_size: int = 0
 

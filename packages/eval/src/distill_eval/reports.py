@@ -34,7 +34,7 @@ def interval_note(resamples: int) -> str:
     """The report's one-line statement of how intervals were computed."""
     if not resamples:
         return "no FID intervals (bootstrap switched off)"
-    return (f"FID [low, high]: 95% basic (reverse-percentile) bootstrap interval, {resamples} resamples of the "
+    return (f"FID [low, high]: 95% bootstrap interval (FID ± 1.96 bootstrap SE), {resamples} resamples of the "
             "generated images with the reference statistics fixed; KID: mean ± std over random subsets; "
             f"'{APPROX}' marks differences inside the intervals")
 

@@ -204,7 +204,7 @@ def print_summary(result: PipelineResult, cfg: PipelineConfig, console: Console)
                       "-" if r["steps"] is None else str(r["steps"]), f"{r['nfe']:.0f}", _fid_cell(r),
                       f"{r['ms_per_image']:.2f}", f"{r['speedup_vs_teacher']:.1f}×", style="bold" if gated else None)
     console.print(table)
-    console.print("FID [95% interval]: basic bootstrap over the generated images; ≈ marks a difference inside the "
+    console.print("FID [95% interval]: ± 1.96 bootstrap SE over the generated images; ≈ marks a difference inside the "
                   "intervals (not established)", highlight=False)
     for name, reason in result.champions.items():
         version = result.champion_versions.get(name)
