@@ -165,5 +165,5 @@ def test_real_cifar_against_itself_scores_zero(data_root: Path, tmp_path_factory
     assert result.kid_mean <= 1e-6  # the unbiased estimate for identical sets is slightly negative
     assert result.protocol.as_dict() == {
         "extractor_hash": extractor.extractor_hash, "reference_set": "cifar10-test", "reference_n": 8,
-        "generated_n": 8, "resolution": 32, "resize": "none",
+        "generated_n": 8, "resolution": 32, "resize": "none", "feature_precision": "fp32",
     }
