@@ -190,7 +190,7 @@ def card(args: argparse.Namespace) -> None:
         "- convention: x_t = t·x1 + (1 − t)·x0, x0 ~ N(0, I) noise, x1 data in [−1, 1]; the network predicts the "
         "velocity x1 − x0; sample by integrating t: 0 → 1",
         f"- defaults in `generator.json`: sampler {manifest['sampler']}, {manifest['default_steps']} steps, "
-        f"guidance {manifest['default_guidance']:g} (the best setting measured below)",
+        f"guidance {manifest['default_guidance']:g}",
         "",
         "## Training",
         "",
@@ -206,8 +206,8 @@ def card(args: argparse.Namespace) -> None:
         f" (the shared JPEG re-encodings: **not** comparable with published CIFAR-10 FIDs), {protocol['generated_n']:,}"
         f" generated images (seeds 0..N−1, class = seed mod 10), {protocol.get('resolution', 32)} px, resize "
         f"{protocol.get('resize', 'none')}, Inception features in {protocol.get('feature_precision', 'fp32')} "
-        f"(extractor {protocol.get('extractor_hash', '?')}). Intervals: 95% basic bootstrap over the generated "
-        "images (reference statistics fixed). NFE counts network evaluations per image (a CFG step is 2).",
+        f"(extractor {protocol.get('extractor_hash', '?')}). Intervals: 95% normal bootstrap interval over the generated "
+        "images (FID ± 1.96 bootstrap SE, reference statistics fixed). NFE counts network evaluations per image (a CFG step is 2).",
         "",
         "| sampler | steps | guidance | NFE | FID [95% interval] | KID ×1e3 (± std over subsets) |",
         "|---|---:|---:|---:|---|---|",
