@@ -50,7 +50,7 @@ def test_benchmark_end_to_end_and_resume(mlflow_uri, logged_generator, data_root
     assert all(r["kid_std"] > 0 for r in rows)  # a real spread over subsets of 12 of the 24 images
     md = (out / "benchmark.md").read_text()
     assert f"{rows[1]['fid']:.2f} [{rows[1]['fid_ci95_low']:.2f}, {rows[1]['fid_ci95_high']:.2f}]" in md
-    assert "basic (reverse-percentile) bootstrap" in md and "fid_ci95_low" in (out / "benchmark.csv").read_text()
+    assert "bootstrap interval (FID ± 1.96 bootstrap SE)" in md and "fid_ci95_low" in (out / "benchmark.csv").read_text()
 
     # the evaluation run is linked to the versions, and the versions carry the numbers
     info = {v.version: v for v in tracking.list_versions("noise")}[student]
