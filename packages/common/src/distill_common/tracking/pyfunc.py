@@ -22,10 +22,9 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import BAD_REQUEST, INTERNAL_ERROR
 
 from distill_common.errors import DistillError, ModelLoadError
+from distill_common.tracking.model_log import ARTIFACT_KEY, ENTRY_FILE, log_model_now  # noqa: F401 (re-exported)
 from distill_common.tracking.run import TrackingRun, configure
 
-ARTIFACT_KEY = "generator"
-ENTRY_FILE = Path(__file__).with_name("pyfunc_entry.py")
 CODE_LOADER = "mlflow.pyfunc.loaders.code_model"
 INPUT_COLUMNS = ("condition", "seed", "steps", "guidance")
 _log = logging.getLogger(__name__)
@@ -135,21 +134,6 @@ def decode_image(b64: str):
     from PIL import Image
 
     return Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB")
-
-
-def log_model_now(run_id: str, generator_dir: str | Path, name: str = "generator") -> str:
-    """Log a generator folder as a pyfunc model from code in run ``run_id``; raises when the store fails."""
-    from distill_common.versions import package_versions
-
-    reqs = [f"{d}=={v}" for d, v in package_versions().items() if v != "not installed"]
-    # Logged as a model from code (this package's pyfunc_entry.py), so loading it unpickles nothing.
-    kwargs = dict(name=name, python_model=str(ENTRY_FILE), artifacts={ARTIFACT_KEY: str(generator_dir)},
-                  pip_requirements=reqs)
-    active = mlflow.active_run()
-    if active is not None and active.info.run_id == run_id:
-        return mlflow.pyfunc.log_model(**kwargs).model_uri
-    with mlflow.start_run(run_id=run_id, nested=active is not None):
-        return mlflow.pyfunc.log_model(**kwargs).model_uri
 
 
 def log_generator_model(run: TrackingRun, generator_dir: str | Path, name: str = "generator") -> str | None:

@@ -431,7 +431,7 @@ def _send(client, rec: Mapping[str, Any]) -> str | None:
     elif kind == "model":
         if not Path(rec["generator_dir"]).is_dir():
             return f"the generator folder {rec['generator_dir']} is gone"
-        from distill_common.tracking.pyfunc import log_model_now
+        from distill_common.tracking.model_log import log_model_now
 
         log_model_now(run_id, rec["generator_dir"], rec.get("name", "generator"))
     elif kind == "artifact":
