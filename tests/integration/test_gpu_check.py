@@ -23,7 +23,7 @@ def test_gpu_check_cpu_smoke_prints_one_table_and_passes(tmp_path):
     assert out.count("distill GPU check (smoke") == 1
     for check in ("rf train-teacher", "rf sampling", "prune train v3", "flash train", "SD sampling", "NCCL"):
         assert check in out, check
-    assert "FAIL" not in out and "NFE ratio 4" in out and "UNet-evaluation" in out
+    assert "FAIL" not in out and "NFE ratio" in out and "UNet-evaluation" in out
     assert "skipped" in out  # no 2 CUDA GPUs here
     # a broken check fails the run: a CPU machine asked for the GPU run gets exit 2 and the reason
     no_gpu = subprocess.run([str(REPO / "tools" / "gpu_check.sh")], capture_output=True, text=True,
