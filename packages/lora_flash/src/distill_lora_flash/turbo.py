@@ -36,6 +36,7 @@ from distill_lora_flash.generation import (
     save_png,
     summary_rows,
 )
+from distill_lora_flash.loading import image_resolution
 
 
 def load_turbo_pipeline(model: str | os.PathLike, device: torch.device | str = "cpu",
@@ -78,11 +79,6 @@ def load_init_image(path: str | os.PathLike, size: int) -> Image.Image:
     return image.crop((left, top, left + side, top + side)).resize((size, size), Image.Resampling.BICUBIC)
 
 
-def native_resolution(pipe: Any) -> int:
-    """Image side the model was trained at: UNet sample size x the VAE's downsampling factor."""
-    return int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
-
-
 class TurboGenerator:
     """Prompts -> images (N, 3, H, W) in [0, 1] on the CPU with a few-step model and its own scheduler.
 
@@ -101,7 +97,7 @@ class TurboGenerator:
         self.default_steps = int(default_steps)
         self.default_guidance = float(default_guidance)
         self.label = label
-        self.resolution = init_image.width if init_image is not None else native_resolution(pipe)
+        self.resolution = init_image.width if init_image is not None else image_resolution(pipe)
 
     @property
     def device(self) -> torch.device:
@@ -163,7 +159,7 @@ def run_turbo(cfg: TurboConfig, console: Any = None) -> GenerateResult:
     precision = resolve_precision(cfg.precision, device, mixed=False)
     dtype = torch_dtype(precision)
     pipe = load_turbo_pipeline(cfg.model, device, dtype)
-    init = load_init_image(cfg.init_image, native_resolution(pipe)) if cfg.init_image is not None else None
+    init = load_init_image(cfg.init_image, image_resolution(pipe)) if cfg.init_image is not None else None
     mode = "img2img" if init is not None else "text2img"
     kind = f"turbo {mode}"
 
@@ -181,7 +177,7 @@ def run_turbo(cfg: TurboConfig, console: Any = None) -> GenerateResult:
         if cfg.compare_baseline:
             base_pipe = pipe if cfg.baseline_model in (None, "", cfg.model) else load_turbo_pipeline(
                 cfg.baseline_model, device, dtype)
-            base_init = init.resize((native_resolution(base_pipe),) * 2, Image.Resampling.BICUBIC) if init else None
+            base_init = init.resize((image_resolution(base_pipe),) * 2, Image.Resampling.BICUBIC) if init else None
             gen = TurboGenerator(base_pipe, init_image=base_init, strength=cfg.strength,
                                  default_steps=cfg.baseline_steps, default_guidance=cfg.baseline_guidance,
                                  label="baseline")
