@@ -266,7 +266,12 @@ def main() -> None:
             p.add_argument("--fp32-run", default=None, help="the training run folder, to compare fp32 vs fp16 storage")
             p.add_argument("--storage-images", type=int, default=2000)
     args = ap.parse_args()
-    {"export": export, "sweep": sweep, "card": card}[args.cmd](args)
+    from distill_common.errors import DistillError
+
+    try:
+        {"export": export, "sweep": sweep, "card": card}[args.cmd](args)
+    except DistillError as exc:
+        raise SystemExit(f"error: {exc}") from None
 
 
 if __name__ == "__main__":

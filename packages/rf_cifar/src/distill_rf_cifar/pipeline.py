@@ -26,6 +26,7 @@ from distill_common import checkpoint as ckpt
 from distill_common import tracking
 from distill_common.config import save_config
 from distill_common.errors import DistillError
+from distill_common.generator import resolve_generator_folder
 from distill_common.output_dir import claims_output_dir
 from distill_rf_cifar.config import (
     PipelineConfig,
@@ -102,6 +103,8 @@ def run_pipeline(cfg: PipelineConfig, *, console: Console | None = None, progres
     from distill_rf_cifar.evaluation import registry_tags
 
     console = console or Console()
+    if cfg.teacher_source != SCRATCH:
+        resolve_generator_folder(cfg.teacher_source)  # a wrong name or path fails before any folder or run exists
     start = time.perf_counter()
     out = cfg.folder
     out.mkdir(parents=True, exist_ok=True)
