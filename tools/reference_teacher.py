@@ -91,14 +91,40 @@ def export(args: argparse.Namespace) -> None:
                   f"{sha256(out / MODEL_FILE)})")
 
 
+def _from_evaluation(gen: RFGenerator, sampler: str, steps: int, guidance: float, n: int, reference, extractor,
+                     key: str, folder: str | None) -> dict | None:
+    """The same setting already scored by ``distill rf evaluate --output-dir folder`` on the same protocol (its
+    ``images/teacher_s{steps}/result.json``, Euler at the generator's default guidance), or None."""
+    if not folder or sampler != "euler" or abs(guidance - gen.default_guidance) > 1e-9:
+        return None
+    side_path = Path(folder) / "images" / f"teacher_s{steps}" / "result.json"
+    if not side_path.is_file():
+        return None
+    side = json.loads(side_path.read_text())
+    want = {**reference.protocol(n).as_dict(), "feature_precision": extractor.precision}
+    if side.get("protocol") != want or side.get("sample_precision", "fp32") != gen.precision:
+        return None
+    return {"key": key, "sampler": sampler, "steps": steps, "guidance": guidance, "nfe": side["nfe"],
+            "sample_precision": gen.precision, "fid": side["fid"], "fid_low": side.get("fid_ci95_low"),
+            "fid_high": side.get("fid_ci95_high"), "kid": side["kid"], "kid_std": side["kid_std"],
+            "ms_per_image": side["ms_per_image"], "protocol": side["protocol"], "source": str(side_path)}
+
+
 def _score(gen: RFGenerator, sampler: str, steps: int, guidance: float, n: int, reference, extractor, key: str,
-           batch: int, resamples: int) -> dict:
-    """FID with its interval for one setting; cached in WORK/<key>.json."""
+           batch: int, resamples: int, from_eval: str | None = None) -> dict:
+    """FID with its interval for one setting; cached in WORK/<key>.json (or taken from a ``distill rf evaluate``
+    folder that scored the same setting on the same protocol, see :func:`_from_evaluation`)."""
     from distill_eval.fid import score_images
 
     cache = WORK / f"{key}.json"
     if cache.is_file():
         return json.loads(cache.read_text())
+    imported = _from_evaluation(gen, sampler, steps, guidance, n, reference, extractor, key, from_eval)
+    if imported is not None:
+        WORK.mkdir(parents=True, exist_ok=True)
+        ckpt.write_json(cache, imported)
+        console.print(f"{key:>28}: FID {imported['fid']:.2f} (from {from_eval})", highlight=False)
+        return imported
     seeds = list(range(n))
     conditions = [s % 10 for s in seeds]
     images, nfe, seconds = [], 0, 0.0
@@ -114,6 +140,7 @@ def _score(gen: RFGenerator, sampler: str, steps: int, guidance: float, n: int, 
     res = score_images(torch.cat(images), extractor, reference, batch_size=100, progress=False,
                        bootstrap_resamples=resamples)
     out = {"key": key, "sampler": sampler, "steps": steps, "guidance": guidance, "nfe": nfe, "fid": res.fid,
+           "sample_precision": gen.precision,
            "fid_low": res.fid_interval.low if res.fid_interval else None,
            "fid_high": res.fid_interval.high if res.fid_interval else None,
            "kid": res.kid_mean, "kid_std": res.kid_std, "ms_per_image": 1000 * seconds / n,
@@ -145,9 +172,10 @@ def _settings(specs: list[str]) -> list[tuple[str, int, float]]:
 
 def sweep(args: argparse.Namespace) -> list[dict]:
     extractor, reference = _setup(args)
-    gen = RFGenerator(load_model(args.teacher), batch_size=args.batch_size)
-    rows = [_score(gen, s, k, w, args.num_images, reference, extractor, f"{args.tag}n{args.num_images}_{s}{k}_w{w:g}",
-                   args.batch_size, args.resamples) for s, k, w in _settings(args.configs)]
+    gen = RFGenerator(load_model(args.teacher), batch_size=args.batch_size, precision=args.sample_precision)
+    prec = "" if gen.precision == "fp32" else f"_{gen.precision}"  # fp32 results keep their earlier keys
+    rows = [_score(gen, s, k, w, args.num_images, reference, extractor, f"{args.tag}n{args.num_images}_{s}{k}_w{w:g}{prec}",
+                   args.batch_size, args.resamples, getattr(args, "from_eval", None)) for s, k, w in _settings(args.configs)]
     best = min(rows, key=lambda r: r["fid"])
     console.print(f"best: {best['sampler']}:{best['steps']}:{best['guidance']:g} FID {best['fid']:.2f}")
     return rows
@@ -164,10 +192,10 @@ def card(args: argparse.Namespace) -> None:
         extractor, reference = _setup(args)
         s, k, w = manifest["sampler"], manifest["default_steps"], manifest["default_guidance"]
         for label, source in (("fp32 weights (run)", Path(args.fp32_run) / "generator"), ("fp16 weights (shipped)", folder)):
-            gen = RFGenerator(load_model(source), batch_size=args.batch_size)
+            gen = RFGenerator(load_model(source), batch_size=args.batch_size, precision=args.sample_precision)
             tag = "fp32" if "fp32" in label else "fp16"
             storage.append((label, _score(gen, s, k, w, args.storage_images, reference, extractor,
-                                          f"storage_{tag}_n{args.storage_images}_{s}{k}_w{w:g}", args.batch_size,
+                                          f"storage_{tag}_n{args.storage_images}_{s}{k}_w{w:g}_{gen.precision}", args.batch_size,
                                           args.resamples)))
     sweep_rows = [json.loads(p.read_text()) for p in sorted(WORK.glob(f"{args.sweep_tag}n*.json"))]
     protocol = rows[0]["protocol"]
@@ -207,22 +235,23 @@ def card(args: argparse.Namespace) -> None:
         f" generated images (seeds 0..N−1, class = seed mod 10), {protocol.get('resolution', 32)} px, resize "
         f"{protocol.get('resize', 'none')}, Inception features in {protocol.get('feature_precision', 'fp32')} "
         f"(extractor {protocol.get('extractor_hash', '?')}). Intervals: 95% normal bootstrap interval over the generated "
-        "images (FID ± 1.96 bootstrap SE, reference statistics fixed). NFE counts network evaluations per image (a CFG step is 2).",
+        "images (FID ± 1.96 bootstrap SE, reference statistics fixed). NFE counts network evaluations per image (a CFG step is 2). "
+        "Generation precision (the network's forwards under autocast, the ODE state in fp32) is given per row.",
         "",
-        "| sampler | steps | guidance | NFE | FID [95% interval] | KID ×1e3 (± std over subsets) |",
-        "|---|---:|---:|---:|---|---|",
+        "| sampler | steps | guidance | NFE | generation | FID [95% interval] | KID ×1e3 (± std over subsets) |",
+        "|---|---:|---:|---:|---|---|---|",
     ]
     for r in sorted(rows, key=lambda r: r["fid"]):
         bold = "**" if r is best else ""
-        lines.append(f"| {r['sampler']} | {r['steps']} | {r['guidance']:g} | {r['nfe']} | {bold}{r['fid']:.2f}{bold} "
+        lines.append(f"| {r['sampler']} | {r['steps']} | {r['guidance']:g} | {r['nfe']} | {r.get('sample_precision', 'fp32')} | {bold}{r['fid']:.2f}{bold} "
                      f"[{r['fid_low']:.2f}, {r['fid_high']:.2f}] | {1e3 * r['kid']:.2f} ± {1e3 * r['kid_std']:.2f} |")
     if sweep_rows:
         sp = sweep_rows[0]["protocol"]
         lines += ["", f"Sweep that chose the setting ({sp['generated_n']:,} generated vs {sp['reference_n']:,} reference "
                   f"images, same method otherwise):", "",
-                  "| sampler | steps | guidance | NFE | FID [95% interval] |", "|---|---:|---:|---:|---|"]
+                  "| sampler | steps | guidance | NFE | generation | FID [95% interval] |", "|---|---:|---:|---:|---|---|"]
         for r in sorted(sweep_rows, key=lambda r: (r["sampler"], r["steps"], r["guidance"])):
-            lines.append(f"| {r['sampler']} | {r['steps']} | {r['guidance']:g} | {r['nfe']} | {r['fid']:.2f} "
+            lines.append(f"| {r['sampler']} | {r['steps']} | {r['guidance']:g} | {r['nfe']} | {r.get('sample_precision', 'fp32')} | {r['fid']:.2f} "
                          f"[{r['fid_low']:.2f}, {r['fid_high']:.2f}] |")
     if storage:
         lines += ["", "fp16 storage check (same setting and seeds):", "", "| weights | N | FID [95% interval] |",
@@ -258,13 +287,17 @@ def main() -> None:
         p.add_argument("--reference-n", type=int, default=10000)
         p.add_argument("--feature-precision", default="bf16", choices=("fp32", "bf16"))
         p.add_argument("--resamples", type=int, default=200)
-        p.add_argument("--batch-size", type=int, default=250)
+        p.add_argument("--batch-size", type=int, default=64, help="generation batch (bf16 autocast is fastest at 64 here)")
+        p.add_argument("--sample-precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
+                       help="precision of the teacher's forwards (auto: bf16 on CPUs with bf16 units, fp16 on CUDA)")
         p.add_argument("--data-root", default=None)
         p.add_argument("--tag", default="sweep_" if name == "sweep" else "card_")
         if name == "card":
             p.add_argument("--sweep-tag", default="sweep_")
             p.add_argument("--fp32-run", default=None, help="the training run folder, to compare fp32 vs fp16 storage")
             p.add_argument("--storage-images", type=int, default=2000)
+            p.add_argument("--from-eval", default=None, help="a 'distill rf evaluate' output folder whose teacher rows "
+                           "on the same protocol are used instead of scoring them again")
     args = ap.parse_args()
     from distill_common.errors import DistillError
 

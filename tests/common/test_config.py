@@ -77,7 +77,8 @@ def test_defaults_and_types():
 
 
 def test_flags_aliases_and_list_syntaxes():
-    for args in (["--steps", "1", "2", "3"], ["--steps", "1,2,3"], ["--steps=1,2,3"]):
+    for args in (["--steps", "1", "2", "3"], ["--steps", "1,2,3"], ["--steps=1,2,3"],
+                 ["--steps", "1", "--steps", "2,3"], ["--steps=1", "--steps", "2", "3"]):  # a repeated flag adds
         result, seen = invoke(args + ["--num_images", "7", "--compare-baseline", "--optim-learning-rate", "0.5"])
         assert result.exit_code == 0, result.output
         cfg = seen[0]

@@ -143,3 +143,20 @@ def test_normal_fid_interval_is_centred_on_the_fid_and_covers_the_expected_fid_a
         assert iv.high - iv.estimate == pytest.approx(iv.estimate - iv.low) or iv.low == 0.0
         covered += iv.contains(expected)
     assert covered / 40 >= 0.85, covered / 40
+
+
+def test_students_meet_the_teacher_at_their_baked_guidance_and_at_equal_nfe() -> None:
+    """A student distilled from w = 2 pairs samples at w = 1 but carries w = 2: it is compared with the guided
+    teacher at its steps, and with the teacher row of the same NFE (a CFG step counts 2)."""
+    def row(role, steps, nfe, guidance, fid, **extra):
+        return {"model": role, "role": role, "steps": steps, "sampler": "euler", "nfe": nfe, "guidance": guidance,
+                "fid": fid, "fid_ci95_low": fid - 2, "fid_ci95_high": fid + 2, **extra}
+
+    table = [row("teacher", 2, 4, 2.0, 190.0), row("teacher", 4, 8, 2.0, 100.0),
+             row("student", 4, 4, 1.0, 97.0, effective_guidance=2.0)]
+    mark_separability(table)
+    assert table[2]["fid_vs_teacher"] == "≈"  # vs teacher@4 steps, w = 2: intervals overlap
+    assert table[2]["fid_vs_teacher_nfe"] == "better"  # vs teacher@2 steps = 4 NFE
+    del table[2]["effective_guidance"], table[2]["fid_vs_teacher"], table[2]["fid_vs_teacher_nfe"]
+    mark_separability(table)
+    assert "fid_vs_teacher" not in table[2]  # w = 1 vs w = 2 are not the same setting

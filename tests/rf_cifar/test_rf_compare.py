@@ -55,6 +55,10 @@ def test_the_sweep_samples_a_guided_student_at_its_own_guidance_and_counts_nfe_h
     assert nfe == {"teacher_s2": 4, "guided_s1": 1, "guided_s2": 2}
     assert torch.allclose(images["guided_s2"], s_gen.generate([1, 2], 2, [0, 1], guidance=3.0))
     assert not torch.allclose(images["guided_s2"], s_gen.generate([1, 2], 2, [0, 1], guidance=1.0), atol=1e-4)
+    own = sweep_entries(("teacher", t_gen), [("guided", s_gen)],
+                        EvalConfig(teacher_steps=[2], teacher_rk45=False, student_steps=[1, 2, 4],
+                                   students_at_own_steps=True))
+    assert [e.key for e in own] == ["teacher_s2", "guided_s2"]  # the student at its generator.json steps only
 
 
 def test_teacher_is_a_generator_folder_a_uri_or_a_shipped_name(tmp_path, teacher_dir):

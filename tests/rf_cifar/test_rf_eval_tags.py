@@ -25,6 +25,7 @@ def test_registry_tags_carry_the_interval_and_skip_non_finite_values() -> None:
 
 
 def test_pipeline_table_cell_shows_interval_and_markers() -> None:
-    row = {"fid": 21.54, "fid_ci95_low": 20.1, "fid_ci95_high": 22.8, "fid_vs_best": "≈ best", "fid_vs_teacher": "better"}
-    assert _fid_cell(row) == "21.5 [20.1, 22.8] ≈ best < teacher"
+    row = {"fid": 21.54, "fid_ci95_low": 20.1, "fid_ci95_high": 22.8, "fid_vs_best": "≈ best", "fid_vs_teacher": "better",
+           "steps": 4, "nfe": 4.0, "fid_vs_teacher_nfe": "≈"}
+    assert _fid_cell(row) == "21.5 [20.1, 22.8] ≈ best < teacher@4st ≈ teacher@4NFE"
     assert _fid_cell({"fid": 30.0}) == "30.0"

@@ -51,3 +51,23 @@ def test_pyfunc_model_loads_by_alias_and_returns_images(mlflow_uri, teacher_dir)
     assert images.shape == (2, 3, 32, 32) and 0 <= float(images.min()) and float(images.max()) <= 1
     direct = load_generator(teacher_dir, device="cpu").generate([1, 2], 4, [7, 8])
     assert torch.allclose(images, direct, atol=1e-6)
+
+
+def test_sampling_precision_auto_follows_the_cpu_and_bf16_stays_close(monkeypatch, teacher_dir):
+    from distill_common import runtime
+    from distill_rf_cifar.flow import noise_for_seeds
+
+    monkeypatch.setattr(runtime, "cpu_has_fast_bf16", lambda: False)
+    assert load_generator(teacher_dir, device="cpu", precision="auto").precision == "fp32"
+    monkeypatch.setattr(runtime, "cpu_has_fast_bf16", lambda: True)
+    fast = load_generator(teacher_dir, device="cpu", precision="auto")
+    assert fast.precision == "bf16"
+    assert load_generator(teacher_dir, device="cpu").precision == "fp32"  # fp32 unless asked
+    x0, labels = noise_for_seeds(list(range(6))), torch.arange(6) % 10
+    exact = load_generator(teacher_dir, device="cpu").sample(x0, labels, 4, 2.0)
+    approx = fast.sample(x0, labels, 4, 2.0)
+    assert approx.dtype == torch.float32  # the ODE state stays fp32
+    assert not torch.equal(exact, approx)  # the forwards did run in bf16
+    assert (exact - approx).abs().mean() < 0.02
+    with pytest.raises(Exception, match="fp16 is not supported on the CPU"):
+        fast.use_precision("fp16")

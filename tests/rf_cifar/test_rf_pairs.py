@@ -30,7 +30,8 @@ def test_manifest_records_teacher_sampler_and_seed_ranges(pairs_dir, teacher_dir
     assert shard["label"].tolist() == [s % 10 for s in range(108, 116)]
     assert torch.equal(shard["noise"], noise_for_seeds(list(range(108, 116))))
     # the image is the teacher's ODE endpoint from that noise
-    gen = load_generator(teacher_dir, device="cpu")
+    assert manifest["precision"] in ("fp32", "bf16")  # 'auto' resolved and recorded
+    gen = load_generator(teacher_dir, device="cpu", precision=manifest["precision"])
     again = gen.sample(shard["noise"][:2], shard["label"][:2], num_steps=2, sampler="euler")
     assert torch.allclose(again, shard["image"][:2], atol=1e-5)
 

@@ -373,6 +373,7 @@ class _ConfigCommand(typer.core.TyperCommand):
 
     def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
         out: list[str] = []
+        seen: dict[str, int] = {}  # list flag -> index of its values in ``out``: a repeated flag adds to them
         i = 0
         while i < len(args):
             tok = args[i]
@@ -380,13 +381,17 @@ class _ConfigCommand(typer.core.TyperCommand):
             if flag in self.renamed_flags:
                 flag = self.renamed_flags[flag]
                 tok = flag + eq + rest
-            if flag in self.list_flags and "=" not in tok:
-                values = []
+            if flag in self.list_flags:
+                values = [rest] if eq else []
                 i += 1
-                while i < len(args) and not (args[i].startswith("--") or (args[i].startswith("-") and not _is_number(args[i]))):
+                while not eq and i < len(args) and not (args[i].startswith("--") or (args[i].startswith("-") and not _is_number(args[i]))):
                     values.append(args[i])
                     i += 1
-                out += [tok, ",".join(values)]
+                if flag in seen:
+                    out[seen[flag]] = ",".join([out[seen[flag]], *values])
+                else:
+                    seen[flag] = len(out) + 1
+                    out += [flag, ",".join(values)]
                 continue
             out.append(tok)
             i += 1

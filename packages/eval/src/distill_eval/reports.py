@@ -7,8 +7,11 @@ that say which differences the intervals do not establish:
 
 - ``fid_vs_best``: ``best`` for the lowest FID, ``≈ best`` when a row's interval overlaps the best row's (not
   separable from it), ``worse`` when it lies entirely above;
-- ``fid_vs_teacher``: for a student row with a teacher row at the same steps (and sampler): ``better`` /
-  ``worse`` when the intervals are disjoint, ``≈`` when they overlap.
+- ``fid_vs_teacher``: for a student row with a teacher row at the same steps, sampler and guidance (a row's
+  ``effective_guidance`` when it has one: the CFG scale a student distilled from guided pairs carries in its
+  weights): ``better`` / ``worse`` when the intervals are disjoint, ``≈`` when they overlap;
+- ``fid_vs_teacher_nfe``: the same against the teacher row with the same network evaluations per image (a CFG
+  step counts 2, so a 4-step student meets the teacher at 2 guided steps).
 
 Overlapping 95% intervals are a conservative reading: a difference whose intervals overlap may still be real,
 but the table does not claim it.
@@ -57,14 +60,24 @@ def mark_separability(rows: list[dict[str, Any]], *, metric: str = "fid", teache
         low, high = _interval(r)
         r[f"{metric}_vs_best"] = "best" if r is best else (f"{APPROX} best" if low <= b_high else "worse")
     teachers = [r for r in scored if r.get("role") == teacher_role]
+
+    def guidance(row: Mapping[str, Any]) -> Any:
+        return row.get("effective_guidance", row.get("guidance"))
+
+    def versus(r: Mapping[str, Any], t: Mapping[str, Any]) -> str:
+        (t_low, t_high), (low, high) = _interval(t), _interval(r)
+        return "better" if high < t_low else ("worse" if low > t_high else APPROX)
+
     for r in scored:
         if r.get("role") == teacher_role:
             continue
-        same = [t for t in teachers if all(t.get(k) == r.get(k) for k in ("steps", "sampler", "guidance"))]
-        if not same:
-            continue
-        (t_low, t_high), (low, high) = _interval(same[0]), _interval(r)
-        r[f"{metric}_vs_teacher"] = "better" if high < t_low else ("worse" if low > t_high else APPROX)
+        same = [t for t in teachers if t.get("steps") == r.get("steps") and t.get("sampler") == r.get("sampler")
+                and guidance(t) == guidance(r)]
+        if same:
+            r[f"{metric}_vs_teacher"] = versus(r, same[0])
+        equal_nfe = [t for t in teachers if r.get("nfe") is not None and t.get("nfe") == r.get("nfe")]
+        if equal_nfe:
+            r[f"{metric}_vs_teacher_nfe"] = versus(r, equal_nfe[0])
 
 
 def cell(row: Mapping[str, Any], column: str) -> str:

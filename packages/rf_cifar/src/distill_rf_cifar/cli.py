@@ -90,7 +90,7 @@ def evaluate_cmd(cfg: EvaluateConfig) -> None:
     from distill_rf_cifar.stages import evaluate
 
     result, _ = evaluate(cfg, console=console)
-    print_table(result.rows, ["model", "sampler", "steps", "nfe", "fid", "fid_vs_best", "fid_vs_teacher", "kid",
+    print_table(result.rows, ["model", "sampler", "steps", "nfe", "fid", "fid_vs_best", "fid_vs_teacher", "fid_vs_teacher_nfe", "kid",
                               "ms_per_image", "speedup_vs_teacher"],
                 title=f"FID vs NFE ({result.protocol['reference_set']}, N={result.protocol['generated_n']})",
                 console=console)

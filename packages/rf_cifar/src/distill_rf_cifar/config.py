@@ -18,6 +18,7 @@ from distill_common.errors import ConfigError
 DEVICES = ("auto", "cuda", "mps", "cpu")
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 SAMPLER_NAMES = ("euler", "heun", "rk45", "consistency")
+SAMPLE_PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # of generation (distill_common.runtime.resolve_precision)
 TIME_SAMPLER_NAMES = ("uniform", "logit_normal")
 RECIPE_NAMES = ("teacher", "one_step", "four_step", "reflow", "progressive",
                 "adversarial", "consistency", "guided")
@@ -99,7 +100,7 @@ class LoopConfig:
     grad_clip: float = option(1.0, "Clip the gradient norm to this value (0 = off).", ge=0)
     ema_decay: float = option(0.9999, "EMA decay cap; the decay warms up as (1+n)/(10+n), so short runs still average.",
                               ge=0, lt=1)
-    precision: str = option("auto", "Mixed precision through Accelerate (auto: fp16 on CUDA, fp32 elsewhere).",
+    precision: str = option("auto", "Mixed precision through Accelerate (auto: fp16 on CUDA, bf16 on CPUs with bf16 units, else fp32).",
                             choices=PRECISIONS)
     device: str = option("auto", "Device.", choices=DEVICES)
     seed: int = option(0, "Seed of weights-independent randomness: data order, t, noise, dropout.")
@@ -159,6 +160,9 @@ class PairsConfig:
     rtol: float = option(1e-3, "RK45 relative tolerance.", gt=0)
     atol: float = option(1e-3, "RK45 absolute tolerance.", gt=0)
     batch_size: int = option(256, "Pairs generated per batch.", ge=1)
+    precision: str = option("auto", "Precision of the teacher's forwards (autocast; the ODE state stays fp32): auto = "
+                            "bf16 on CPUs with bf16 units, fp16 on CUDA, else fp32. Recorded in the manifest.",
+                            choices=SAMPLE_PRECISIONS)
     storage_dtype: str = option("float32", "dtype of stored noise and images.", choices=("float32", "float16"))
     device: str = option("auto", "Device.", choices=DEVICES)
     experiment: str = option("rf_cifar", "MLflow experiment.")
@@ -245,6 +249,8 @@ class SampleConfig:
     sampler: str | None = option(None, "ODE solver (default: the generator's own).", choices=SAMPLER_NAMES)
     guidance: float | None = option(None, "CFG scale (default: the generator's own).", ge=0)
     seed: int = option(0, "First seed.")
+    precision: str = option("auto", "Precision of the forwards (autocast): auto = bf16 on CPUs with bf16 units, fp16 "
+                            "on CUDA, else fp32.", choices=SAMPLE_PRECISIONS)
     output_dir: Path = option(Path("runs/rf_cifar/samples"), "Where the PNGs and grid.png go.")
     device: str = option("auto", "Device.", choices=DEVICES)
 
@@ -297,6 +303,8 @@ class EvalConfig:
     teacher_steps: list[int] = option([1, 2, 4, 8, 16, 32, 100], "Teacher Euler step counts.", ge=1)
     teacher_rk45: bool = option(True, "Also evaluate the teacher with the adaptive RK45 solve.")
     student_steps: list[int] = option([1, 2, 4], "Student step counts.", ge=1)
+    students_at_own_steps: bool = option(False, "Score each student only at the step count it was distilled for "
+                                         "(its generator.json default), not at every --eval-student-steps value.")
     num_images: int = option(1000, "Generated images per configuration (seeds 0..N-1, classes cycling 0..9).", ge=2)
     reference: str = option("cifar10-train", "FID reference set (distill_eval.reference_stats).")
     reference_n: int | None = option(10_000, "Reference images (default: all of the set).", ge=2)
@@ -306,6 +314,9 @@ class EvalConfig:
     grid_classes: int = option(10, "Rows (classes) of the comparison grid.", ge=1)
     feature_precision: str = option("fp32", "Inception forward precision: fp32, or bf16 (about 2x faster on CPUs "
                                     "with bf16 units; part of the FID protocol).", choices=("fp32", "bf16"))
+    sample_precision: str = option("auto", "Precision of every model's forwards while generating (autocast, ODE state "
+                                   "fp32): auto = bf16 on CPUs with bf16 units, fp16 on CUDA, else fp32; one precision "
+                                   "for all rows, stamped in the report.", choices=SAMPLE_PRECISIONS)
     bootstrap_resamples: int = option(200, "Bootstrap resamples of the generated images for each FID's 95% "
                                       "interval (FID ± 1.96 bootstrap SE, seed 0; 0 = no interval).", ge=0)
 
@@ -377,9 +388,10 @@ def _loop(**kw) -> LoopConfig:
 def smoke_pipeline() -> PipelineConfig:
     """The main job (``make demo``, budget 10 min on 2 CPU cores): distil the shipped reference teacher
     (``--teacher reference``, 1.54M parameters, see reference_teacher/MODEL_CARD.md) into a four-step and a one-step
-    student from 2,048 teacher pairs (Euler 16 steps at the teacher's guidance), 200 student steps each; FID with 95%
-    bootstrap intervals on 500 images per configuration against 2,000 CIFAR-10 training images (bf16 Inception
-    features, stamped in the protocol), teacher at 1/2/4 steps and at its default (best) setting.
+    student from 1,024 teacher pairs (Euler 16 steps at the teacher's guidance 2, bf16 autocast where the CPU has
+    bf16 units), 160 and 120 student steps; FID with 95% bootstrap intervals on 400 images per configuration against
+    2,000 CIFAR-10 training images (bf16 Inception features, stamped in the protocol): the teacher at 1/2/4 steps
+    and at its default (best) setting, each student at its own step count.
 
     ``--teacher scratch`` instead trains a 264k-parameter teacher for 600 steps first (minutes, blobs, not CIFAR)."""
     cfg = PipelineConfig(run_name="smoke")
@@ -390,15 +402,16 @@ def smoke_pipeline() -> PipelineConfig:
     cfg.teacher = _loop(steps=600, batch_size=64, learning_rate=2e-3, warmup_steps=50, ema_decay=0.999,
                         checkpoint_every=200, log_every=50, sample_every=200)
     cfg.sampling = SamplingConfig(sampler="euler", steps=16, guidance=1.0)
-    cfg.pairs = PairsConfig(num_pairs=2048, shard_size=512, steps=16, guidance=DEMO_GUIDANCE, batch_size=256)
-    cfg.four_step = _loop(steps=200, batch_size=64, learning_rate=5e-4, warmup_steps=20, ema_decay=0.99,
-                          checkpoint_every=200, log_every=50)
-    cfg.one_step = _loop(steps=200, batch_size=64, learning_rate=5e-4, warmup_steps=20, ema_decay=0.99,
-                         checkpoint_every=200, log_every=50, seed=1)
+    cfg.pairs = PairsConfig(num_pairs=1024, shard_size=256, steps=16, guidance=DEMO_GUIDANCE, batch_size=64)
+    cfg.four_step = _loop(steps=160, batch_size=64, learning_rate=5e-4, warmup_steps=20, ema_decay=0.99,
+                          checkpoint_every=80, log_every=20)
+    cfg.one_step = _loop(steps=120, batch_size=64, learning_rate=5e-4, warmup_steps=20, ema_decay=0.99,
+                         checkpoint_every=60, log_every=20, seed=1)
     cfg.options = RecipeConfig(k=4, distance="l2")
     cfg.eval = EvalConfig(teacher_steps=[1, 2, 4], teacher_rk45=False, student_steps=[1, 2, 4],
-                          num_images=500, reference="cifar10-train", reference_n=2000, batch_size=250,
-                          timing_batch=64, timing_repeats=2, feature_precision="bf16", bootstrap_resamples=100)
+                          students_at_own_steps=True, num_images=400, reference="cifar10-train", reference_n=2000,
+                          batch_size=64, timing_batch=64, timing_repeats=2, feature_precision="bf16",
+                          bootstrap_resamples=100)
     return cfg
 
 

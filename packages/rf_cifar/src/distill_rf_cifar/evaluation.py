@@ -79,6 +79,15 @@ class _BoundSampler:
         return images
 
 
+def effective_guidance(generator: RFGenerator) -> float:
+    """The CFG scale a generator's images carry: its sampling guidance, or for a student distilled at w = 1 from
+    guided pairs the teacher's guidance baked into them (``teacher_guidance`` in its generator.json)."""
+    baked = generator.info.get("teacher_guidance")
+    if generator.role != "teacher" and generator.default_guidance == 1.0 and baked is not None:
+        return float(baked)
+    return generator.default_guidance
+
+
 def sweep_entries(teacher: tuple[str, RFGenerator], students: Sequence[tuple[str, RFGenerator]],
                   cfg: EvalConfig) -> list[SweepEntry]:
     label, gen = teacher
@@ -88,7 +97,8 @@ def sweep_entries(teacher: tuple[str, RFGenerator], students: Sequence[tuple[str
         entries.append(SweepEntry(label, "teacher", gen, RK45, gen.default_steps))
     for s_label, s_gen in students:
         sampler = s_gen.sampler if s_gen.sampler != RK45 else "euler"  # e.g. consistency students keep theirs
-        entries += [SweepEntry(s_label, "student", s_gen, sampler, s) for s in sorted(set(cfg.student_steps))]
+        steps = [s_gen.default_steps] if cfg.students_at_own_steps else sorted(set(cfg.student_steps))
+        entries += [SweepEntry(s_label, "student", s_gen, sampler, s) for s in steps]
     if len({e.key for e in entries}) != len(entries):
         raise ConfigError("two models share a label; give every student its own LABEL=... name")
     return entries
@@ -122,6 +132,8 @@ def run_sweep(
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     entries = list(entries) if entries is not None else sweep_entries(teacher, students, cfg)
+    for e in entries:  # one generation precision for every row
+        e.generator.use_precision(cfg.sample_precision)
     n = cfg.num_images
     if n < 2:
         raise ConfigError("FID needs at least 2 images per configuration; pass --eval-num-images 2 or more")
@@ -135,6 +147,11 @@ def run_sweep(
     sidecars = {e.key: _read_json(image_dirs[e.key] / RESULT_FILE) for e in entries}
     fresh: set[str] = set()
     warmed: set[int] = set()
+    for e in entries:  # images of an earlier sweep in another precision are not mixed with new ones
+        made_in = sidecars[e.key].get("sample_precision", "fp32") if sidecars[e.key] else e.generator.precision
+        if made_in != e.generator.precision:
+            raise ConfigError(f"{image_dirs[e.key]} holds images generated in {made_in}, this sweep generates in "
+                              f"{e.generator.precision}; pass --eval-sample-precision {made_in} or another --output-dir")
     with Progress(console=console, disable=not progress) as bar:
         for e in entries:
             missing = [i for i in range(n) if not (image_dirs[e.key] / f"{i:05d}.png").is_file()]
@@ -148,7 +165,8 @@ def run_sweep(
                 fresh.add(e.key)
                 b = bound[e.key]
                 sidecars[e.key] = {"nfe": sum(b.nfe) / len(b.nfe), "ms_per_image": 1000 * b.seconds / b.images,
-                                   "images_timed": b.images, "timing": f"generation pass, batch {cfg.batch_size}"}
+                                   "images_timed": b.images, "timing": f"generation pass, batch {cfg.batch_size}",
+                                   "sample_precision": e.generator.precision}
 
     # 2. FID/KID against cached reference statistics (reused from the sidecar when no image changed)
     extractor = InceptionFeatureExtractor(precision=cfg.feature_precision)
@@ -176,7 +194,8 @@ def run_sweep(
         ckpt.write_json(image_dirs[e.key] / RESULT_FILE, side)
         rows.append({"model": e.label, "role": e.role, "sampler": e.sampler,
                      "steps": e.steps if e.sampler != RK45 else None, "nfe": side["nfe"],
-                     "guidance": e.generator.default_guidance, "fid": side["fid"],
+                     "guidance": e.generator.default_guidance, "effective_guidance": effective_guidance(e.generator),
+                     "precision": e.generator.precision, "fid": side["fid"],
                      **{k: side[k] for k in ("fid_ci95_low", "fid_ci95_high") if k in side},
                      "kid": side["kid"], "kid_std": side["kid_std"], "ms_per_image": side["ms_per_image"],
                      "images_per_second": 1000.0 / side["ms_per_image"], "key": e.key})
@@ -188,18 +207,19 @@ def run_sweep(
                 and r["steps"] == teacher_gen.default_steps)
     for r in rows:
         r["speedup_vs_teacher"] = base["ms_per_image"] / r["ms_per_image"]
-    mark_separability(rows)  # fid_vs_best; fid_vs_teacher for students against the teacher at equal Euler steps
+    mark_separability(rows)  # fid_vs_best; fid_vs_teacher(_nfe): students vs the teacher at equal steps / NFE
 
     # 3. report, grid (rows = classes, columns = configurations, same seeds), plots
     meta = {"protocol": protocol, "intervals": interval_note(cfg.bootstrap_resamples), "seeds": f"0..{n - 1}",
+            "sample_precision": ", ".join(sorted({e.generator.precision for e in entries})),
             "classes": "seed % 10",
             "teacher_reference": f"{teacher_label} euler {teacher_gen.default_steps} steps",
             "timing": f"the evaluation's generation pass (batch {cfg.batch_size}) after a warm-up call, "
                       f"device-synchronised ({teacher_gen.device}); {environment_info(teacher_gen.device)['device_name']}, "
                       f"{environment_info(teacher_gen.device)['num_threads']} threads"}
     columns = ["model", "role", "sampler", "steps", "nfe", "fid", "fid_ci95_low", "fid_ci95_high", "fid_vs_best",
-               "fid_vs_teacher", "kid", "kid_std", "ms_per_image", "speedup_vs_teacher", "images_per_second",
-               "guidance"]
+               "fid_vs_teacher", "fid_vs_teacher_nfe", "kid", "kid_std", "ms_per_image", "speedup_vs_teacher", "images_per_second",
+               "guidance", "precision"]
     report = write_report(rows, out, "fid_vs_nfe", columns=columns, meta=meta)
     grid_rows = list(range(min(cfg.grid_classes, num_classes, n)))
     grid_columns = []

@@ -89,7 +89,8 @@ def guided_velocity(model: nn.Module, x: torch.Tensor, t: torch.Tensor, y: torch
         return model(x, t, y, w.expand(x.shape[0]) if w.dim() == 0 else w)
     if (not torch.is_tensor(guidance) and guidance == 1.0) or null_class == 0:
         return model(x, t, y)
-    v_u, v_c = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([torch.full_like(y, null_class), y])).chunk(2)
+    v = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([torch.full_like(y, null_class), y]))
+    v_u, v_c = v.to(x.dtype).chunk(2)  # combine in the state's dtype, not autocast's
     w = guidance.view(-1, *([1] * (x.dim() - 1))).to(v_c.dtype) if torch.is_tensor(guidance) else guidance
     return v_u + w * (v_c - v_u)
 
@@ -99,7 +100,7 @@ def model_fn(model: nn.Module, y: torch.Tensor, guidance: float = 1.0) -> ModelF
 
     def fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
-        return guided_velocity(model, x, t.expand(x.shape[0]) if t.dim() == 0 else t, y, guidance)
+        return guided_velocity(model, x, t.expand(x.shape[0]) if t.dim() == 0 else t, y, guidance).to(x.dtype)
 
     return fn
 

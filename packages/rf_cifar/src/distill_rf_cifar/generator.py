@@ -27,7 +27,7 @@ from distill_common.generator import (
     resolve_generator_folder,
     write_generator_manifest,
 )
-from distill_common.runtime import resolve_device
+from distill_common.runtime import resolve_device, resolve_precision, torch_dtype
 from distill_rf_cifar.config import UNetConfig
 from distill_rf_cifar.flow import model_fn, nfe_per_call, noise_for_seeds
 from distill_rf_cifar.models.unet import ClassConditionalUNet, count_parameters
@@ -54,7 +54,7 @@ class RFGenerator:
     def __init__(self, model: ClassConditionalUNet, *, role: str = "teacher", default_steps: int = 32,
                  default_guidance: float = 1.0, sampler: str = "euler", rtol: float = 1e-3, atol: float = 1e-3,
                  batch_size: int = 500, info: dict[str, Any] | None = None,
-                 time_grid: Sequence[float] | None = None) -> None:
+                 time_grid: Sequence[float] | None = None, precision: str = "fp32") -> None:
         get_sampler(sampler)
         self.model = model.eval()
         self.role = role
@@ -71,6 +71,14 @@ class RFGenerator:
                                           and all(a < b for a, b in zip(self.grid[:-1], self.grid[1:], strict=True))):
             raise ConfigError(f"time_grid must increase from 0 to 1, got {self.grid[:4]}...; re-export the generator")
         self.guidance_range = tuple(self.info.get("guidance_range") or ()) or None  # (w_min, w_max) it learned
+        # network forwards under autocast (the ODE state stays fp32): 'auto' is bf16 on CPUs with bf16 units
+        # (measured here: 3.5x the fp32 images/s, mean |diff| 0.002 on [-1, 1] after 8 guided steps), fp16 on CUDA
+        self.use_precision(precision)
+
+    def use_precision(self, precision: str) -> RFGenerator:
+        """Set the precision of the forwards ('auto', 'fp32', 'bf16', 'fp16'; see ``__init__``); returns self."""
+        self.precision = resolve_precision(precision, self.device, mixed=True)
+        return self
 
     @property
     def device(self) -> torch.device:
@@ -104,7 +112,8 @@ class RFGenerator:
         grid = self.grid if self.grid is not None and steps == len(self.grid) - 1 else None
         ts = time_grid(steps, device=self.device) if grid is None else torch.tensor(grid, device=self.device)
         kwargs = {"rtol": self.rtol, "atol": self.atol} if name == "rk45" else {}
-        x = solve(fn, x0.to(self.device, self.dtype), ts, **kwargs)
+        with torch.autocast(self.device.type, dtype=torch_dtype(self.precision), enabled=self.precision != "fp32"):
+            x = solve(fn, x0.to(self.device, self.dtype), ts, **kwargs)
         self.last_nfe = fn.calls * nfe_per_call(self.model, w)
         return x.float().cpu()
 
@@ -171,7 +180,9 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu") -> ClassC
 
 
 def load_generator(folder: str | Path, device: str = "auto", **overrides: Any) -> RFGenerator:
-    """Entry point ``distill.generators:rf_cifar``: a generator folder (or shipped name) -> ready :class:`RFGenerator`."""
+    """Entry point ``distill.generators:rf_cifar``: a generator folder (or shipped name) -> ready :class:`RFGenerator`.
+    ``overrides``: manifest defaults (steps, guidance, sampler, ...), ``batch_size`` and the sampling ``precision``
+    (fp32 unless given; 'auto' = bf16 autocast on CPUs with bf16 units, fp16 on CUDA)."""
     folder = resolve_generator_folder(folder)
     manifest = read_generator_manifest(folder)
     if manifest.get("family") != FAMILY:
@@ -180,6 +191,6 @@ def load_generator(folder: str | Path, device: str = "auto", **overrides: Any) -
     model = load_model(folder, resolve_device(device))
     keys = ("role", "default_steps", "default_guidance", "sampler", "rtol", "atol", "time_grid")
     kwargs = {k: manifest[k] for k in keys if k in manifest}
-    kwargs.update({k: v for k, v in overrides.items() if k in (*keys, "batch_size")})
+    kwargs.update({k: v for k, v in overrides.items() if k in (*keys, "batch_size", "precision")})
     info = {k: v for k, v in manifest.items() if k not in (*keys, "family")}
     return RFGenerator(model, info=info, **kwargs)

@@ -31,7 +31,9 @@ from distill_rf_cifar.training.data import PairData
 
 MANIFEST = "manifest.json"
 FORMAT = "distill-rf-pairs/1"
-SETTINGS = ("teacher_sha256", "sampler", "steps", "guidance", "rtol", "atol", "seed_start", "shard_size", "storage_dtype")
+SETTINGS = ("teacher_sha256", "sampler", "steps", "guidance", "rtol", "atol", "seed_start", "shard_size", "storage_dtype",
+            "precision")
+LEGACY = {"precision": "fp32"}  # what manifests written before a setting existed used
 
 
 def shard_name(index: int) -> str:
@@ -64,19 +66,19 @@ def make_pairs(cfg: PairsConfig, progress: bool = True) -> PairsResult:
     out = Path(cfg.output_dir)
     cfg = dataclasses.replace(cfg, teacher=resolve_generator_folder(cfg.teacher))  # a name such as 'reference'
     teacher_sha = weights_sha256(cfg.teacher)
-    settings = {"teacher_sha256": teacher_sha, "sampler": cfg.sampler, "steps": cfg.steps, "guidance": cfg.guidance,
+    generator = load_generator(cfg.teacher, device=cfg.device, precision=cfg.precision)
+    settings = {"precision": generator.precision, "teacher_sha256": teacher_sha, "sampler": cfg.sampler, "steps": cfg.steps, "guidance": cfg.guidance,
                 "rtol": cfg.rtol, "atol": cfg.atol, "seed_start": cfg.seed_start, "shard_size": cfg.shard_size,
                 "storage_dtype": cfg.storage_dtype}
     done: dict[int, dict[str, Any]] = {}
     if (out / MANIFEST).is_file():
         old = read_manifest(out)
-        diff = [k for k in SETTINGS if old.get(k) != settings[k]]
+        diff = [k for k in SETTINGS if old.get(k, LEGACY.get(k)) != settings[k]]
         if diff:
-            detail = ", ".join(f"{k} {old.get(k)!r} -> {settings[k]!r}" for k in diff)
+            detail = ", ".join(f"{k} {old.get(k, LEGACY.get(k))!r} -> {settings[k]!r}" for k in diff)
             raise ConfigError(f"{out} holds pairs made with other settings ({detail}); pass a new --output-dir "
                               "or delete that folder")
         done = {s["index"]: s for s in old["shards"] if (out / s["file"]).is_file()}
-    generator = load_generator(cfg.teacher, device=cfg.device)
     num_shards = -(-cfg.num_pairs // cfg.shard_size)
     manifest = {"format": FORMAT, **settings, "teacher_checkpoint": str(Path(cfg.teacher).resolve()),
                 "num_classes": generator.num_classes, "label_rule": "seed % num_classes",

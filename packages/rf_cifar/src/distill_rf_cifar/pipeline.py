@@ -179,14 +179,19 @@ def run_pipeline(cfg: PipelineConfig, *, console: Console | None = None, progres
 
 def _fid_cell(row: dict) -> str:
     """``FID [low, high]`` plus distill_eval.reports' markers: ``best`` / ``≈ best`` (interval overlaps the best
-    row's), and for students ``< teacher`` / ``> teacher`` / ``≈ teacher`` against the teacher at equal steps."""
+    row's), and for students ``<`` / ``>`` / ``≈`` against the teacher at equal steps and guidance
+    (``teacher@4st``) and at equal network evaluations (``teacher@4NFE``)."""
     if "fid_ci95_low" not in row:
         return f"{row['fid']:.1f}"
     text = f"{row['fid']:.1f} [{row['fid_ci95_low']:.1f}, {row['fid_ci95_high']:.1f}]"
     if row.get("fid_vs_best") in ("best", "≈ best"):
         text += f" {row['fid_vs_best']}"
-    versus = {"better": " < teacher", "worse": " > teacher", "≈": " ≈ teacher"}
-    return text + versus.get(row.get("fid_vs_teacher", ""), "")
+    versus = {"better": "<", "worse": ">", "≈": "≈"}
+    if row.get("fid_vs_teacher") in versus:
+        text += f" {versus[row['fid_vs_teacher']]} teacher@{row['steps']}st"
+    if row.get("fid_vs_teacher_nfe") in versus:
+        text += f" {versus[row['fid_vs_teacher_nfe']]} teacher@{row['nfe']:.0f}NFE"
+    return text
 
 
 def print_summary(result: PipelineResult, cfg: PipelineConfig, console: Console) -> None:

@@ -372,7 +372,7 @@ def sample(cfg: SampleConfig, *, console: Console | None = None) -> Path:
     from distill_eval.grids import image_grid
 
     console = console or Console()
-    gen = load_generator(cfg.generator, device=cfg.device)
+    gen = load_generator(cfg.generator, device=cfg.device, precision=cfg.precision)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     conditions = [c for c in cfg.classes for _ in range(cfg.per_class)]
@@ -385,7 +385,7 @@ def sample(cfg: SampleConfig, *, console: Console | None = None) -> Path:
         Image.fromarray(arr).save(out / f"class{c}_seed{s}.png")
     image_grid(images, ncols=cfg.per_class).save(out / "grid.png")
     console.print(f"wrote {len(conditions)} images and {out / 'grid.png'} "
-                  f"({steps} steps, NFE {getattr(gen, 'last_nfe', '?')})")
+                  f"({steps} steps, NFE {getattr(gen, 'last_nfe', '?')}, {gen.precision})")
     return out / "grid.png"
 
 

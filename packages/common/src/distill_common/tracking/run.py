@@ -26,6 +26,9 @@ import numpy as np
 
 from distill_common.errors import TrackingError
 
+# MLflow's own tqdm bars for artifact up/downloads interleave with our rich progress; ours say what is happening
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
 DEFAULT_DB_NAME = "mlflow.db"
 UNLOGGED_FILE = "unlogged_metrics.jsonl"
 KEPT_DIR = "unlogged_artifacts"  # copies (hard links where possible) of artifacts waiting for relog
