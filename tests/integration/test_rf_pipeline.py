@@ -44,13 +44,17 @@ def test_pipeline_end_to_end_and_rerun(tmp_path, mlflow_uri, data_root):
     # the sweep and its protocol
     summary = json.loads((out / "summary.json").read_text())
     keys = [(r["model"], r["sampler"], r["steps"]) for r in summary["rows"]]
-    assert keys == [("teacher", "euler", 1), ("teacher", "euler", 2), ("four_step", "euler", 1),
-                    ("four_step", "euler", 4), ("one_step", "euler", 1), ("one_step", "euler", 4)]
+    assert keys == [("teacher", "euler", 1), ("teacher", "euler", 2), ("four_step", "euler", 4),
+                    ("one_step", "euler", 1)]  # the demo scores each student at its own step count
     assert all(r["fid"] > 0 and r["ms_per_image"] > 0 for r in summary["rows"])
     assert all(0 <= r["fid_ci95_low"] <= r["fid_ci95_high"] for r in summary["rows"])  # every FID has its interval
     assert {r.get("fid_vs_teacher") for r in summary["rows"] if r["role"] == "student" and r["steps"] == 1} <= {
         "better", "worse", "≈"}
+    one_step = next(r for r in summary["rows"] if r["model"] == "one_step")
+    assert one_step["fid_vs_teacher"] in ("better", "worse", "≈")  # met the teacher at 1 step, same guidance
     assert summary["protocol"]["generated_n"] == 10 and summary["protocol"]["reference_n"] == 20
+    assert list(summary["stage_seconds"]) == ["teacher", "pairs", "four_step", "one_step", "evaluation", "registry"]
+    assert sum(summary["stage_seconds"].values()) <= summary["seconds"] + 1
     assert summary["protocol"]["reference_set"] == "cifar10-train"
     teacher_row = next(r for r in summary["rows"] if r["model"] == "teacher" and r["steps"] == 2)
     assert teacher_row["speedup_vs_teacher"] == pytest.approx(1.0)
@@ -61,7 +65,7 @@ def test_pipeline_end_to_end_and_rerun(tmp_path, mlflow_uri, data_root):
     assert len(teachers) == 1 and len(students) == 2
     assert {v.tags["recipe"] for v in students} == {"four_step", "one_step"}
     champion = tracking.version_by_alias("rf_cifar-student", "champion")
-    best = min(students, key=lambda v: min(float(v.tags[f"eval.s{s}.fid"]) for s in (1, 4)))
+    best = min(students, key=lambda v: min(float(v.tags[f"eval.s{s}.fid"]) for s in (1, 4) if f"eval.s{s}.fid" in v.tags))
     assert champion is not None and champion.version == best.version
     assert tracking.version_by_alias("rf_cifar-teacher", "champion").version == teachers[0].version
     assert json.loads(champion.tags["eval.protocol"])["generated_n"] == 10

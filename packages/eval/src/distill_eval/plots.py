@@ -25,20 +25,31 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
 
 
 def plot_quality_vs_steps(rows: Sequence[Mapping[str, Any]], metric: str, out_path: str | Path,
-                          *, model_key: str = "model", steps_key: str = "steps") -> Path:
-    """One line per model: ``metric`` against the number of sampling steps (log x axis)."""
-    series: dict[str, list[tuple[int, float]]] = defaultdict(list)
+                          *, model_key: str = "model", steps_key: str = "steps", title: str | None = None) -> Path:
+    """One line per model: ``metric`` against ``steps_key`` (steps, or NFE; log x axis), with the 95% interval
+    as an error bar where rows carry ``{metric}_ci95_low`` / ``_high``; single-point models are labelled."""
+    series: dict[str, list[tuple[float, float, float, float]]] = defaultdict(list)
     for r in rows:
         if r.get(metric) is not None and r.get(steps_key) is not None:
-            series[str(r[model_key])].append((int(r[steps_key]), float(r[metric])))
+            y = float(r[metric])
+            low, high = r.get(f"{metric}_ci95_low"), r.get(f"{metric}_ci95_high")
+            low = y if low is None else float(low)
+            high = y if high is None else float(high)
+            series[str(r[model_key])].append((float(r[steps_key]), y, y - low, high - y))
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     for name, pts in sorted(series.items()):
         pts.sort()
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+        ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[[p[2] for p in pts], [p[3] for p in pts]],
+                    marker="o", capsize=3, label=name)
+        if len(pts) == 1:
+            ax.annotate(name.split(" ")[0], (pts[0][0], pts[0][1]), fontsize=7, xytext=(4, -10),
+                        textcoords="offset points")
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("sampling steps (NFE)")
-    ax.set_ylabel(metric)
-    ax.set_title(f"{metric} vs steps")
+    unit = "NFE (network evaluations per image)" if steps_key == "nfe" else "sampling steps"
+    ax.set_xlabel(unit)
+    ax.set_ylabel(metric.upper() if metric in ("fid", "kid") else metric)
+    ax.set_title(title or f"{metric.upper() if metric in ('fid', 'kid') else metric} vs "
+                 f"{'NFE' if steps_key == 'nfe' else 'steps'} (bars: 95% interval)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

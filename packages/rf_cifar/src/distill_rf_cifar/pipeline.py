@@ -65,6 +65,13 @@ class PipelineResult:
     report_paths: dict[str, Path] = field(default_factory=dict)
     protocol: dict[str, Any] | None = None
     ui_command: str | None = None
+    stage_seconds: dict[str, float] = field(default_factory=dict)  # wall time of each stage in this call
+
+    def lap(self, stage: str, since: float) -> float:
+        """Record ``stage`` as having taken since ``since``; returns now, the next stage's start."""
+        now = time.perf_counter()
+        self.stage_seconds[stage] = round(now - since, 1)
+        return now
 
 
 def _register(name: str, outcome: StageOutcome, tags: dict[str, Any]) -> str:
@@ -120,18 +127,21 @@ def run_pipeline(cfg: PipelineConfig, *, console: Console | None = None, progres
             teacher = use_teacher(cfg.teacher_source, out / "teacher", experiment=cfg.experiment, track=cfg.track,
                                   console=console, nested=True)
         result.outcomes["teacher"] = teacher
+        lap = result.lap("teacher", start)
         if not teacher.finished:
             result.seconds = time.perf_counter() - start
             return result
         console.rule(f"[bold]2/5 pairs[/] → {out / 'pairs'}")
         result.outcomes["pairs"] = make_pairs(pairs_config(cfg, teacher.generator_dir, out / "pairs"), console=console,
                                               progress=progress, nested=True)
+        lap = result.lap("pairs", lap)
         for i, recipe in enumerate(STUDENTS):
             console.rule(f"[bold]{3 + i}/5 student {recipe}[/] → {out / 'students' / recipe}")
             student = distill_student(distill_config(cfg, recipe, teacher.generator_dir, out / "pairs",
                                                      out / "students" / recipe), console=console, progress=progress,
                                       nested=True)
             result.outcomes[recipe] = student
+            lap = result.lap(recipe, lap)
             if not student.finished:
                 result.seconds = time.perf_counter() - start
                 return result
@@ -143,6 +153,7 @@ def run_pipeline(cfg: PipelineConfig, *, console: Console | None = None, progres
         sweep, eval_run = evaluate(eval_cfg, console=console, progress=progress, nested=True)
         result.rows, result.protocol = sweep.rows, sweep.protocol
         result.grid_path, result.plot_paths, result.report_paths = sweep.grid_path, sweep.plot_paths, sweep.report_paths
+        lap = result.lap("evaluation", lap)
 
         if cfg.track and cfg.registry.register:
             names = {"teacher": cfg.registry.teacher_name, **{r: cfg.registry.student_name for r in STUDENTS}}
@@ -160,15 +171,18 @@ def run_pipeline(cfg: PipelineConfig, *, console: Console | None = None, progres
                 champion = tracking.version_by_alias(name, tracking.CHAMPION)
                 if champion is not None:
                     result.champion_versions[name] = champion.version
+        result.lap("registry", lap)
         result.finished = True
         result.seconds = time.perf_counter() - start
         result.ui_command = ui_hint() if cfg.track else None
         summary = {"finished": True, "seconds": round(result.seconds, 1), "rows": result.rows,
                    "protocol": result.protocol, "versions": result.versions, "champions": result.champions,
+                   "stage_seconds": result.stage_seconds,
                    "grid": str(result.grid_path), "plots": [str(p) for p in result.plot_paths],
                    "stages": {k: stage_summary(v) for k, v in result.outcomes.items()}}
         ckpt.write_json(out / "summary.json", summary)
-        parent.log_metrics({"pipeline_seconds": result.seconds})
+        parent.log_metrics({"pipeline_seconds": result.seconds,
+                            **{f"stage_seconds.{k}": v for k, v in result.stage_seconds.items()}})
         parent.log_artifact(out / "summary.json", "pipeline")
         if result.grid_path:
             parent.log_artifact(result.grid_path, "pipeline")
@@ -224,4 +238,6 @@ def print_summary(result: PipelineResult, cfg: PipelineConfig, console: Console)
     console.print(f"report: {result.report_paths.get('md')}", highlight=False)
     if result.ui_command:
         console.print(f"MLflow UI: {result.ui_command}", highlight=False)
-    console.print(f"pipeline finished in {result.seconds / 60:.1f} min ({result.folder})", highlight=False)
+    laps = ", ".join(f"{k} {v:.0f} s" for k, v in result.stage_seconds.items())
+    console.print(f"pipeline finished in {result.seconds / 60:.1f} min ({result.folder}){f': {laps}' if laps else ''}",
+                  highlight=False)
