@@ -94,11 +94,15 @@ def export(args: argparse.Namespace) -> None:
 def _from_evaluation(gen: RFGenerator, sampler: str, steps: int, guidance: float, n: int, reference, extractor,
                      key: str, folder: str | None) -> dict | None:
     """The same setting already scored by ``distill rf evaluate --output-dir folder`` on the same protocol (its
-    ``images/teacher_s{steps}/result.json``, Euler at the generator's default guidance), or None."""
-    if not folder or sampler != "euler" or abs(guidance - gen.default_guidance) > 1e-9:
-        return None
+    ``images/teacher_s{steps}/result.json``; Euler, at the guidance its report row says), or None."""
     side_path = Path(folder) / "images" / f"teacher_s{steps}" / "result.json"
-    if not side_path.is_file():
+    report = Path(folder) / "fid_vs_nfe.json"
+    if not folder or sampler != "euler" or not side_path.is_file() or not report.is_file():
+        return None
+    rows = json.loads(report.read_text())
+    rows = rows.get("rows", []) if isinstance(rows, dict) else rows
+    row = next((r for r in rows if r.get("key") == f"teacher_s{steps}"), None)
+    if row is None or abs(float(row["guidance"]) - guidance) > 1e-9:  # the guidance the evaluation sampled with
         return None
     side = json.loads(side_path.read_text())
     want = {**reference.protocol(n).as_dict(), "feature_precision": extractor.precision}

@@ -40,6 +40,8 @@ def test_pipeline_end_to_end_and_rerun(tmp_path, mlflow_uri, data_root):
     one = json.loads((out / "students/one_step/generator/generator.json").read_text())
     assert (four["default_steps"], one["default_steps"]) == (4, 1)
     assert four["teacher_sha256"] == json.loads((out / "pairs/manifest.json").read_text())["teacher_sha256"]
+    # the CFG scale the students carry is the one baked into their pairs, not the teacher's sampling default
+    assert four["teacher_guidance"] == one["teacher_guidance"] == json.loads((out / "pairs/manifest.json").read_text())["guidance"]
 
     # the sweep and its protocol
     summary = json.loads((out / "summary.json").read_text())

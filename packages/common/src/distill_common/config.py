@@ -387,10 +387,11 @@ class _ConfigCommand(typer.core.TyperCommand):
                 while not eq and i < len(args) and not (args[i].startswith("--") or (args[i].startswith("-") and not _is_number(args[i]))):
                     values.append(args[i])
                     i += 1
-                if flag in seen:
-                    out[seen[flag]] = ",".join([out[seen[flag]], *values])
+                key = flag.replace("_", "-")  # --a_b is the alias of --a-b: one list
+                if key in seen:
+                    out[seen[key]] = ",".join([out[seen[key]], *values])
                 else:
-                    seen[flag] = len(out) + 1
+                    seen[key] = len(out) + 1
                     out += [flag, ",".join(values)]
                 continue
             out.append(tok)

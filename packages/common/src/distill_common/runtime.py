@@ -69,7 +69,7 @@ def resolve_precision(name: str, device: torch.device, *, mixed: bool = True) ->
                 import sys
 
                 print("precision auto -> bf16 autocast: this CPU has native bf16 units (AVX512-BF16/AMX); "
-                      "pass --precision fp32 (or DISTILL_CPU_BF16=0) for fp32", file=sys.stderr)
+                      "set the command's precision option to fp32 (or DISTILL_CPU_BF16=0) for fp32", file=sys.stderr)
             return "bf16"
         return "fp32"
     if name == "fp16" and device.type == "cpu":

@@ -83,7 +83,8 @@ def effective_guidance(generator: RFGenerator) -> float:
     """The CFG scale a generator's images carry: its sampling guidance, or for a student distilled at w = 1 from
     guided pairs the teacher's guidance baked into them (``teacher_guidance`` in its generator.json)."""
     baked = generator.info.get("teacher_guidance")
-    if generator.role != "teacher" and generator.default_guidance == 1.0 and baked is not None:
+    conditioned = bool(generator.info.get("guidance_conditioned"))  # w is an input: its sampling w is the CFG scale
+    if generator.role != "teacher" and not conditioned and generator.default_guidance == 1.0 and baked is not None:
         return float(baked)
     return generator.default_guidance
 
@@ -151,10 +152,15 @@ def run_sweep(
         made_in = sidecars[e.key].get("sample_precision", "fp32") if sidecars[e.key] else e.generator.precision
         if made_in != e.generator.precision:
             raise ConfigError(f"{image_dirs[e.key]} holds images generated in {made_in}, this sweep generates in "
-                              f"{e.generator.precision}; pass --eval-sample-precision {made_in} or another --output-dir")
+                              f"{e.generator.precision}; set the evaluation's sample precision to {made_in} "
+                              "(--eval-sample-precision) or use another output folder")
     with Progress(console=console, disable=not progress) as bar:
         for e in entries:
             missing = [i for i in range(n) if not (image_dirs[e.key] / f"{i:05d}.png").is_file()]
+            if missing and not sidecars[e.key]:  # mark the folder's precision before its first image exists
+                image_dirs[e.key].mkdir(parents=True, exist_ok=True)
+                sidecars[e.key] = {"sample_precision": e.generator.precision}
+                ckpt.write_json(image_dirs[e.key] / RESULT_FILE, sidecars[e.key])
             if missing and id(e.generator) not in warmed:  # first-call costs (allocations, kernels) stay out of timings
                 e.generator.generate(conditions[: min(cfg.batch_size, len(missing))], 1,
                                      seeds[: min(cfg.batch_size, len(missing))])
@@ -191,6 +197,7 @@ def run_sweep(
             side.update({"ms_per_image": timing.ms_per_image, "nfe": bound[e.key].nfe[-1],
                          "timing": f"separate, batch {min(cfg.timing_batch, n)}"})
         side.setdefault("nfe", float(e.steps))
+        side.setdefault("sample_precision", e.generator.precision)
         ckpt.write_json(image_dirs[e.key] / RESULT_FILE, side)
         rows.append({"model": e.label, "role": e.role, "sampler": e.sampler,
                      "steps": e.steps if e.sampler != RK45 else None, "nfe": side["nfe"],

@@ -76,8 +76,10 @@ def make_pairs(cfg: PairsConfig, progress: bool = True) -> PairsResult:
         diff = [k for k in SETTINGS if old.get(k, LEGACY.get(k)) != settings[k]]
         if diff:
             detail = ", ".join(f"{k} {old.get(k, LEGACY.get(k))!r} -> {settings[k]!r}" for k in diff)
+            hint = (f"; to resume them, set the pairs precision to {old.get('precision', LEGACY['precision'])} "
+                    "(make-pairs --precision, pipeline --pairs-precision)" if "precision" in diff else "")
             raise ConfigError(f"{out} holds pairs made with other settings ({detail}); pass a new --output-dir "
-                              "or delete that folder")
+                              f"or delete that folder{hint}")
         done = {s["index"]: s for s in old["shards"] if (out / s["file"]).is_file()}
     num_shards = -(-cfg.num_pairs // cfg.shard_size)
     manifest = {"format": FORMAT, **settings, "teacher_checkpoint": str(Path(cfg.teacher).resolve()),

@@ -304,7 +304,9 @@ def distill_student(cfg: DistillConfig, *, console: Console | None = None, progr
     export = dict(role=cfg.recipe, default_steps=phases[-1].sample_steps, default_guidance=1.0,
                   sampler=phases[-1].sampler,
                   recipe=cfg.recipe, teacher_sha256=weights_sha256(cfg.teacher), teacher=str(Path(cfg.teacher).resolve()),
-                  teacher_guidance=teacher.default_guidance, train_steps=cfg.train.steps,
+                  # the CFG scale the student's targets carry: the pairs' (baked in) or the teacher's own
+                  teacher_guidance=float(manifest["guidance"]) if manifest else teacher.default_guidance,
+                  train_steps=cfg.train.steps,
                   pairs_teacher_sha256=manifest["teacher_sha256"] if manifest else None)
     tags = {"stage": "distill", "recipe": cfg.recipe, "teacher.sha256": export["teacher_sha256"]}
     outcome = _train_recipe(cfg.recipe, phases, model, cfg.train, data, folder, cfg,
@@ -336,7 +338,8 @@ def evaluate_rounds(cfg: DistillConfig, phases: list[Phase], *, console: Console
                for s in sorted({teacher_gen.default_steps, *(steps if r.teacher else [])})]
     entries += [SweepEntry("progressive", "student", g, "euler", p.sample_steps) for p, g in students]
     eval_cfg = EvalConfig(teacher_steps=steps, teacher_rk45=False, student_steps=[], num_images=r.num_images,
-                          reference=r.reference, reference_n=r.reference_n, batch_size=r.batch_size)
+                          reference=r.reference, reference_n=r.reference_n, batch_size=r.batch_size,
+                          sample_precision=cfg.train.precision if cfg.train.precision in ("fp32", "bf16") else "auto")
     with tracking.start_run(cfg.experiment, f"{cfg.run_name or 'distill-progressive'}-rounds", config=cfg,
                             tags={"stage": "progressive-rounds", "recipe": "progressive"}, fallback_dir=out,
                             enabled=cfg.track) as run:
