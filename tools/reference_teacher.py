@@ -263,6 +263,8 @@ def card(args: argparse.Namespace) -> None:
         for label, r in storage:
             lines.append(f"| {label} | {r['protocol']['generated_n']:,} | {r['fid']:.2f} [{r['fid_low']:.2f}, "
                          f"{r['fid_high']:.2f}] |")
+    if args.note:
+        lines += ["", *args.note]
     lines += ["", "Reproduce: `python tools/reference_teacher.py card` (see its --help); training: the command above.",
               ""]
     (folder / "MODEL_CARD.md").write_text("\n".join(lines))
@@ -300,6 +302,7 @@ def main() -> None:
             p.add_argument("--sweep-tag", default="sweep_")
             p.add_argument("--fp32-run", default=None, help="the training run folder, to compare fp32 vs fp16 storage")
             p.add_argument("--storage-images", type=int, default=2000)
+            p.add_argument("--note", nargs="*", default=[], help="paragraphs added after the results")
             p.add_argument("--from-eval", default=None, help="a 'distill rf evaluate' output folder whose teacher rows "
                            "on the same protocol are used instead of scoring them again")
     args = ap.parse_args()
