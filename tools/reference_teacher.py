@@ -251,8 +251,8 @@ def card(args: argparse.Namespace) -> None:
                      f"[{r['fid_low']:.2f}, {r['fid_high']:.2f}] | {1e3 * r['kid']:.2f} ± {1e3 * r['kid_std']:.2f} |")
     if sweep_rows:
         sp = sweep_rows[0]["protocol"]
-        lines += ["", f"Sweep that chose the setting ({sp['generated_n']:,} generated vs {sp['reference_n']:,} reference "
-                  f"images, same method otherwise):", "",
+        lines += ["", f"Sweep rows on a small protocol ({sp['generated_n']:,} generated vs {sp['reference_n']:,} reference "
+                  f"images, same method otherwise; small-N bias makes them far higher than the rows above):", "",
                   "| sampler | steps | guidance | NFE | generation | FID [95% interval] |", "|---|---:|---:|---:|---|---|"]
         for r in sorted(sweep_rows, key=lambda r: (r["sampler"], r["steps"], r["guidance"])):
             lines.append(f"| {r['sampler']} | {r['steps']} | {r['guidance']:g} | {r['nfe']} | {r.get('sample_precision', 'fp32')} | {r['fid']:.2f} "
@@ -263,8 +263,8 @@ def card(args: argparse.Namespace) -> None:
         for label, r in storage:
             lines.append(f"| {label} | {r['protocol']['generated_n']:,} | {r['fid']:.2f} [{r['fid_low']:.2f}, "
                          f"{r['fid_high']:.2f}] |")
-    if args.note:
-        lines += ["", *args.note]
+    for paragraph in args.note:
+        lines += ["", paragraph]
     lines += ["", "Reproduce: `python tools/reference_teacher.py card` (see its --help); training: the command above.",
               ""]
     (folder / "MODEL_CARD.md").write_text("\n".join(lines))
