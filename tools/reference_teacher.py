@@ -95,9 +95,11 @@ def _from_evaluation(gen: RFGenerator, sampler: str, steps: int, guidance: float
                      key: str, folder: str | None) -> dict | None:
     """The same setting already scored by ``distill rf evaluate --output-dir folder`` on the same protocol (its
     ``images/teacher_s{steps}/result.json``; Euler, at the guidance its report row says), or None."""
+    if not folder or sampler != "euler":
+        return None
     side_path = Path(folder) / "images" / f"teacher_s{steps}" / "result.json"
     report = Path(folder) / "fid_vs_nfe.json"
-    if not folder or sampler != "euler" or not side_path.is_file() or not report.is_file():
+    if not side_path.is_file() or not report.is_file():
         return None
     rows = json.loads(report.read_text())
     rows = rows.get("rows", []) if isinstance(rows, dict) else rows
