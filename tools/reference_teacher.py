@@ -189,6 +189,9 @@ def sweep(args: argparse.Namespace) -> list[dict]:
 
 def card(args: argparse.Namespace) -> None:
     """The long protocol on the shipped weights, the fp32-vs-fp16 storage check, and MODEL_CARD.md."""
+    if args.from_eval and not (Path(args.from_eval) / "fid_vs_nfe.json").is_file():
+        raise SystemExit(f"error: --from-eval {args.from_eval} holds no fid_vs_nfe.json; pass the --output-dir of a "
+                         "finished 'distill rf evaluate' run, or leave --from-eval out to score every setting here")
     rows = sweep(args)
     folder = REFERENCE_TEACHER
     training = json.loads((folder / "training.json").read_text())
