@@ -58,6 +58,10 @@ def main() -> None:
     p.add_argument("--timing-batch", type=int, default=50)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--feature-precision", default="fp32", choices=("fp32", "bf16"),
+                   help="Inception precision (stamped in the protocol; bf16 ~2x faster on CPUs with bf16 units)")
+    p.add_argument("--sample-precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
+                   help="both models' forwards while generating (autocast; the ODE state stays fp32)")
     p.add_argument("--work-dir", type=Path, default=Path("runs/rf_cifar/bench_guided"))
     p.add_argument("--output-dir", type=Path, default=None)
     a = p.parse_args()
@@ -65,10 +69,10 @@ def main() -> None:
     out = a.output_dir or a.work_dir
     student_dir = a.student or train_student(a.teacher, a.work_dir, a.train_steps, max(a.guidance), a.train_batch_size,
                                              a.device)
-    teacher = load_generator(a.teacher, device=a.device)
-    student = load_generator(student_dir, device=a.device, batch_size=a.batch_size)
+    teacher = load_generator(a.teacher, device=a.device, precision=a.sample_precision)
+    student = load_generator(student_dir, device=a.device, batch_size=a.batch_size, precision=a.sample_precision)
     teacher.batch_size = a.batch_size
-    extractor = InceptionFeatureExtractor()
+    extractor = InceptionFeatureExtractor(precision=a.feature_precision)
     reference = reference_stats("cifar10-train", extractor, n=a.reference_n, resolution=32)
     n = a.num_images
     conditions, seeds = [i % 10 for i in range(n)], list(range(n))
@@ -82,10 +86,13 @@ def main() -> None:
             timing = measure_latency(lambda g=gen, w=w: g.generate(conditions[:tb], a.steps, seeds[:tb], guidance=w),
                                      label=f"{label} w={w}", batch_size=tb, device=a.device, warmup=1,
                                      repeats=a.repeats)
-            rows.append({"model": label, "guidance": w, "steps": a.steps, "nfe": nfe, "fid": fid.fid,
+            ci = fid.fid_interval
+            rows.append({"model": label, "guidance": w, "steps": a.steps, "nfe": nfe, "precision": gen.precision,
+                         "fid": fid.fid, "fid_ci95_low": ci.low if ci else None, "fid_ci95_high": ci.high if ci else None,
                          "ms_per_image": min(timing.batch_seconds) * 1000 / tb})
-            console.print(f"w={w:g} {label:>15}: FID {fid.fid:7.2f}  NFE {nfe}  {rows[-1]['ms_per_image']:.2f} ms/image",
-                          highlight=False)
+            interval = f" [{ci.low:.2f}, {ci.high:.2f}]" if ci else ""
+            console.print(f"w={w:g} {label:>15}: FID {fid.fid:7.2f}{interval}  NFE {nfe}  "
+                          f"{rows[-1]['ms_per_image']:.2f} ms/image", highlight=False)
     for r in rows:
         t_row = next(x for x in rows if x["model"] == "teacher (CFG)" and x["guidance"] == r["guidance"])
         r["speedup_vs_teacher"] = t_row["ms_per_image"] / r["ms_per_image"]
@@ -97,7 +104,10 @@ def main() -> None:
     fig, ax = plt.subplots(1, 2, figsize=(10, 4), dpi=120)
     for label in ("teacher (CFG)", "guided student"):
         pts = [r for r in rows if r["model"] == label]
-        ax[0].plot([r["guidance"] for r in pts], [r["fid"] for r in pts], marker="o", label=label)
+        errs = [[r["fid"] - (r["fid_ci95_low"] or r["fid"]) for r in pts],
+                [(r["fid_ci95_high"] or r["fid"]) - r["fid"] for r in pts]]
+        ax[0].errorbar([r["guidance"] for r in pts], [r["fid"] for r in pts], yerr=errs, marker="o", capsize=3,
+                       label=label)
         ax[1].plot([r["guidance"] for r in pts], [r["ms_per_image"] for r in pts], marker="o", label=label)
     ax[0].set(xlabel="guidance scale w", ylabel="FID", title=f"FID vs w ({a.steps} Euler steps, {n} images)")
     ax[1].set(xlabel="guidance scale w", ylabel="ms / image", title="time per image")
@@ -106,7 +116,8 @@ def main() -> None:
         x.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "fid_vs_guidance.png")
-    print_table(rows, ["model", "guidance", "steps", "nfe", "fid", "ms_per_image", "speedup_vs_teacher"],
+    print_table(rows, ["model", "guidance", "steps", "nfe", "precision", "fid", "fid_ci95_low", "fid_ci95_high",
+                       "ms_per_image", "speedup_vs_teacher"],
                 title="guidance-conditioned student vs CFG teacher", console=console)
     console.print(f"report: {report['md']}\nplot: {out / 'fid_vs_guidance.png'}", highlight=False)
 

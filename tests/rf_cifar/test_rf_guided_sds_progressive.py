@@ -308,4 +308,6 @@ def test_progressive_rounds_are_exported_and_evaluated(tmp_path, teacher_dir, da
     rows = json.loads((out / "rounds" / "rounds.json").read_text())["rows"]
     assert [(r["round"], r["teacher_steps"], r["steps"], r["nfe"]) for r in rows] == [(1, 6, 3, 3), (2, 3, 2, 2)]
     assert all(r["fid"] > 0 and r["teacher_fid_same_steps"] > 0 for r in rows)
+    assert all(r["fid_ci95_low"] <= r["fid"] <= r["fid_ci95_high"] for r in rows)  # every round carries its interval
+    assert all(r["teacher_ci95_low"] <= r["teacher_fid_same_steps"] <= r["teacher_ci95_high"] for r in rows)
     assert (out / "rounds" / "plots" / "fid_vs_nfe.png").is_file() and (out / "rounds" / "rounds.md").is_file()

@@ -205,3 +205,17 @@ def test_consistency_recipe_through_the_distill_command_exports_a_consistency_ge
     assert (ckpts[-1] / "extra.safetensors").is_file()  # the EMA target network is checkpointed
     assert not torch.equal(load_model(out / "generator").state_dict()["net.conv_in.weight"],
                            load_model(teacher_dir).state_dict()["net.conv_in.weight"])
+
+
+def test_discriminator_r1_step_runs_through_an_encoder_with_attention():
+    """R1 differentiates D twice; the reference teacher's encoder has self-attention, whose fused CPU kernel has no
+    double backward (the compare run on the reference teacher failed there)."""
+    from distill_rf_cifar.models.unet import build_unet
+    from rf_helpers import tiny_unet_config
+
+    torch.manual_seed(0)
+    teacher = build_unet(tiny_unet_config(attention_resolutions=[16], mid_attention=True))
+    loss = AdversarialDistillationLoss(teacher, k=2, r1_weight=0.1, head_channels=8)
+    real, fake, y = torch.rand(4, 3, 32, 32) * 2 - 1, torch.rand(4, 3, 32, 32) * 2 - 1, torch.arange(4)
+    stats = loss.discriminator_step(real, y, fake, y)
+    assert stats["r1"] > 0 and all(map(lambda v: v == v, stats.values()))  # finite, non-zero gradient penalty

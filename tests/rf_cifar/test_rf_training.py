@@ -168,6 +168,37 @@ def test_k_step_loss_draws_t_from_the_k_fixed_points_and_is_zero_on_straight_pai
     assert float(out.loss) == 0.0
 
 
+def test_kstep_rollout_trains_on_the_students_own_states_towards_the_teachers_image():
+    """v(x, t, y) = -x: j Euler steps of 1/4 from x0 reach x0 (3/4)^j; the target from there is (x1 - x_s) / (1 - s)."""
+    inputs = []
+
+    class Shrink(torch.nn.Module):
+        null_class = 10
+
+        def forward(self, x, t, y):
+            inputs.append((x.clone(), t.clone()))
+            return -x
+
+    torch.manual_seed(0)
+    x0, x1 = torch.randn(256, 3, 4, 4), torch.randn(256, 3, 4, 4)
+    out = KStepDistillationLoss(k=4, rollout=1.0)(Shrink(), {"x0": x0, "x1": x1, "y": torch.zeros(256, dtype=torch.long)})
+    xt, t = inputs[-1]  # the graded forward
+    steps = (t * 4).round().long()
+    assert set(steps.tolist()) == {0, 1, 2, 3}
+    expected_state = x0 * (0.75 ** steps.view(-1, 1, 1, 1).float())
+    assert torch.allclose(xt, expected_state, atol=1e-6)  # every t > 0 sample starts where the student's steps lead
+    target = (x1 - xt) / (1 - t.view(-1, 1, 1, 1))
+    per = (-xt - target).square().mean(dim=(1, 2, 3))
+    assert torch.allclose(out.per_sample, per, atol=1e-5)
+    line = KStepDistillationLoss(k=4, rollout=0.0)
+    inputs.clear()
+    line(Shrink(), {"x0": x0, "x1": x1, "y": torch.zeros(256, dtype=torch.long)})
+    xt, t = inputs[-1]
+    assert len(inputs) == 1 and torch.allclose(xt, t.view(-1, 1, 1, 1) * x1 + (1 - t.view(-1, 1, 1, 1)) * x0)
+    with pytest.raises(ConfigError, match="rollout share"):
+        KStepDistillationLoss(k=4, rollout=1.5)
+
+
 def test_progressive_target_is_the_teachers_two_euler_steps():
     class Linear(torch.nn.Module):
         """v(x, t) = -x: two Euler steps of size h give x (1 - h)^2, so the target is x((1 - h)^2 - 1) / 2h."""

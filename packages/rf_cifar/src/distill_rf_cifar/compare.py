@@ -26,7 +26,7 @@ from rich.console import Console
 from distill_common import checkpoint as ckpt
 from distill_common import tracking
 from distill_common.errors import ConfigError, DistillError, unknown_choice
-from distill_rf_cifar.config import CompareConfig, DistillConfig
+from distill_rf_cifar.config import CompareConfig, DistillConfig, RoundsEvalConfig
 from distill_rf_cifar.stages import StageOutcome, distill_student, make_pairs
 
 EXCLUDED = ("teacher",)  # recipes that are not students of a teacher
@@ -169,7 +169,8 @@ def run_compare(cfg: CompareConfig, *, console: Console | None = None, progress:
             console.rule(f"[bold]{i + 1}/{len(methods)} {method}[/] → {out / 'students' / method}")
             dcfg = DistillConfig(recipe=method, teacher=teacher_dir, pairs=out / "pairs", output_dir=out / "students" / method,
                                  options=cfg.options, train=dataclasses.replace(train), data=cfg.data,
-                                 experiment=cfg.experiment, run_name=f"compare-{cfg.run_name}-{method}", track=cfg.track)
+                                 experiment=cfg.experiment, run_name=f"compare-{cfg.run_name}-{method}", track=cfg.track,
+                                 rounds=RoundsEvalConfig(num_images=0))  # compare scores the final student itself
             try:
                 outcome = distill_student(dcfg, console=console, progress=progress, nested=True)
             except DistillError as exc:  # one method's refusal (e.g. a recipe needing a CFG teacher) is reported

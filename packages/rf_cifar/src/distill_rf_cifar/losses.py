@@ -104,19 +104,46 @@ class _EndpointDistance(nn.Module):
 class KStepDistillationLoss(nn.Module):
     """k-step distillation from teacher pairs (Liu et al. 2023, Sec. 2.3): t is drawn from the k fixed points
     {0, 1/k, ..., (k-1)/k} that k-step Euler visits, x_t lies on the straight line between the pair's noise and
-    image, and the target is the pair's velocity x1 - x0, so k Euler steps from x0 land on the teacher's x1."""
+    image, and the target is the pair's velocity x1 - x0, so k Euler steps from x0 land on the teacher's x1.
 
-    def __init__(self, k: int = 4, distance: str = "l2", lpips_resize: int = 224) -> None:
+    ``rollout`` (0..1): that share of the samples at t > 0 starts instead from the state the student's own Euler
+    steps reach from x0 (no gradient), and its target is the velocity that reaches the teacher's image from there
+    in one step, (x1 - x_t) / (1 - t); on the straight line this equals x1 - x0. It trains the student on the
+    states it visits when sampling (exposure bias; DAgger, Ross et al. 2011), at the cost of up to k - 1 extra
+    forwards without gradient per rolled-out sample."""
+
+    def __init__(self, k: int = 4, distance: str = "l2", lpips_resize: int = 224, rollout: float = 0.0) -> None:
         super().__init__()
         if k < 1:
             raise ConfigError(f"k-step distillation needs k >= 1, got {k}; pass --options-k 4")
+        if not 0.0 <= rollout <= 1.0:
+            raise ConfigError(f"the rollout share must lie in [0, 1], got {rollout}; e.g. --options-k-rollout 0.5")
         self.k = k
+        self.rollout = rollout
         self.endpoint = _EndpointDistance(distance, lpips_resize)
+
+    @torch.no_grad()
+    def _rolled_out(self, model: nn.Module, x0: torch.Tensor, steps: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The state ``steps[i]`` Euler steps of the student reach from ``x0[i]`` (fp32 state)."""
+        x = x0.float().clone()
+        for j in range(int(steps.max())):
+            active = steps > j
+            t = torch.full((int(active.sum()),), j / self.k, device=x.device)
+            x[active] = x[active] + model(x[active], t, y[active]).float() / self.k
+        return x
 
     def forward(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> LossOutput:
         x0, x1, y = batch["x0"], batch["x1"], batch["y"]
-        t = torch.randint(0, self.k, (x1.shape[0],), device=x1.device).to(x1.dtype) / self.k
+        steps = torch.randint(0, self.k, (x1.shape[0],), device=x1.device)
+        t = steps.to(x1.dtype) / self.k
         xt = interpolate(x0, x1, t)
+        if self.rollout > 0:
+            chosen = (steps > 0) & (torch.rand(steps.shape, device=steps.device) < self.rollout)
+            if chosen.any():
+                xt = xt.clone()
+                xt[chosen] = self._rolled_out(model, x0[chosen], steps[chosen], y[chosen]).to(xt.dtype)
+                t4 = t.view(-1, 1, 1, 1)
+                x0 = torch.where(chosen.view(-1, 1, 1, 1), (xt - t4 * x1) / (1 - t4), x0)  # the line x_t -> x1
         per = self.endpoint.per_sample(xt, t, model(xt, t, y), x0, x1)
         return LossOutput(per.mean(), per.detach(), t.detach())
 
@@ -357,9 +384,13 @@ class AdversarialDistillationLoss(nn.Module, LossHooks):
     def discriminator_step(self, real: torch.Tensor, real_y: torch.Tensor, fake: torch.Tensor,
                            fake_y: torch.Tensor) -> dict[str, float]:
         """One Adam step of the heads on hinge + R1; returns the loss and accuracies."""
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
         real = real.detach().requires_grad_(self.r1_weight > 0)
         self.d_optimizer.zero_grad(set_to_none=True)
-        real_logits = self.discriminator(real, real_y)  # (B, K)
+        # R1 differentiates twice through the encoder; the fused CPU/flash attention kernels have no double backward
+        with sdpa_kernel([SDPBackend.MATH] if self.r1_weight > 0 else list(SDPBackend)):
+            real_logits = self.discriminator(real, real_y)  # (B, K)
         fake_logits = self.discriminator(fake.detach(), fake_y)
         loss_d = hinge_discriminator_loss(real_logits, fake_logits)
         r1 = torch.zeros((), device=real.device)

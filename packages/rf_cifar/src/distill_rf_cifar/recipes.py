@@ -80,7 +80,8 @@ def _one_step(opts: RecipeConfig, flow: FlowConfig, steps: int, teacher_steps: i
 
 
 def _four_step(opts: RecipeConfig, flow: FlowConfig, steps: int, teacher_steps: int, guidance: float) -> list[Phase]:
-    return [Phase("four_step", "pairs", lambda _: KStepDistillationLoss(opts.k, opts.distance, opts.lpips_resize),
+    return [Phase("four_step", "pairs", lambda _: KStepDistillationLoss(opts.k, opts.distance, opts.lpips_resize,
+                                                                         opts.k_rollout),
                   steps, opts.k)]
 
 

@@ -312,12 +312,12 @@ def distill_student(cfg: DistillConfig, *, console: Console | None = None, progr
     outcome = _train_recipe(cfg.recipe, phases, model, cfg.train, data, folder, cfg,
                             cfg.run_name or f"distill-{cfg.recipe}", tags, export, progress, console, nested)
     if cfg.recipe == "progressive" and outcome.finished and cfg.rounds.num_images > 0 and is_main_process():
-        outcome.info["rounds"] = evaluate_rounds(cfg, phases, console=console, progress=progress)
+        outcome.info["rounds"] = evaluate_rounds(cfg, phases, console=console, progress=progress, nested=nested)
     return outcome
 
 
 def evaluate_rounds(cfg: DistillConfig, phases: list[Phase], *, console: Console,
-                    progress: bool = True) -> dict[str, Any]:
+                    progress: bool = True, nested: bool = False) -> dict[str, Any]:
     """Progressive distillation round by round (Salimans & Ho 2022, Fig. 4): FID of each round's student at its own
     step count and of the teacher at the same Euler steps, on one protocol; ``rounds.{md,csv,json}``,
     ``plots/fid_vs_nfe.png`` (one line per model) and the sweep's grid under ``<run>/rounds``, logged to MLflow."""
@@ -339,10 +339,10 @@ def evaluate_rounds(cfg: DistillConfig, phases: list[Phase], *, console: Console
     entries += [SweepEntry("progressive", "student", g, "euler", p.sample_steps) for p, g in students]
     eval_cfg = EvalConfig(teacher_steps=steps, teacher_rk45=False, student_steps=[], num_images=r.num_images,
                           reference=r.reference, reference_n=r.reference_n, batch_size=r.batch_size,
-                          sample_precision=cfg.train.precision if cfg.train.precision in ("fp32", "bf16") else "auto")
+                          feature_precision=r.feature_precision, sample_precision=cfg.train.precision if cfg.train.precision in ("fp32", "bf16") else "auto")
     with tracking.start_run(cfg.experiment, f"{cfg.run_name or 'distill-progressive'}-rounds", config=cfg,
                             tags={"stage": "progressive-rounds", "recipe": "progressive"}, fallback_dir=out,
-                            enabled=cfg.track) as run:
+                            enabled=cfg.track, nested=nested) as run:
         sweep = run_sweep(("teacher", teacher_gen), [], eval_cfg, out, data_root=cfg.data.resolved_root(),
                           console=console, progress=progress, entries=entries)
         by_key = {row["key"]: row for row in sweep.rows}
@@ -351,7 +351,9 @@ def evaluate_rounds(cfg: DistillConfig, phases: list[Phase], *, console: Console
             row = by_key[f"progressive_s{p.sample_steps}"]
             t_row = by_key.get(f"teacher_s{p.sample_steps}", {})
             rows.append({"round": i + 1, "teacher_steps": p.export.get("teacher_steps"), "steps": p.sample_steps,
-                         "nfe": row["nfe"], "fid": row["fid"], "teacher_fid_same_steps": t_row.get("fid"),
+                         "nfe": row["nfe"], "fid": row["fid"], "fid_ci95_low": row.get("fid_ci95_low"),
+                         "fid_ci95_high": row.get("fid_ci95_high"), "teacher_fid_same_steps": t_row.get("fid"),
+                         "teacher_ci95_low": t_row.get("fid_ci95_low"), "teacher_ci95_high": t_row.get("fid_ci95_high"),
                          "ms_per_image": row["ms_per_image"], "generator": str(dirs[p.name])})
             run.log_metrics({"round.fid": row["fid"], "round.steps": p.sample_steps,
                              **({"round.teacher_fid": t_row["fid"]} if t_row else {})}, step=i + 1)
@@ -359,7 +361,8 @@ def evaluate_rounds(cfg: DistillConfig, phases: list[Phase], *, console: Console
                                                          "images": r.num_images})
         for path in [*report.values(), *sweep.report_paths.values(), sweep.grid_path, *sweep.plot_paths]:
             run.log_artifact(path, "rounds")
-    print_table(rows, ["round", "teacher_steps", "steps", "nfe", "fid", "teacher_fid_same_steps", "ms_per_image"],
+    print_table(rows, ["round", "teacher_steps", "steps", "nfe", "fid", "fid_ci95_low", "fid_ci95_high",
+                       "teacher_fid_same_steps", "teacher_ci95_low", "teacher_ci95_high", "ms_per_image"],
                 title=f"progressive distillation round by round (FID, {sweep.protocol['generated_n']} images vs "
                       f"{sweep.protocol['reference_n']} {sweep.protocol['reference_set']})", console=console)
     console.print(f"plot: {sweep.plot_paths[0]}\ntable: {report.get('md')}", highlight=False)
