@@ -39,6 +39,7 @@ def test_pipeline_end_to_end_and_rerun(tmp_path, mlflow_uri, data_root):
     four = json.loads((out / "students/four_step/generator/generator.json").read_text())
     one = json.loads((out / "students/one_step/generator/generator.json").read_text())
     assert (four["default_steps"], one["default_steps"]) == (4, 1)
+    assert (four["recipe"], four["progressive_round"], four["teacher_steps"]) == ("progressive", 2, 8)  # 16 -> 8 -> 4
     assert four["teacher_sha256"] == json.loads((out / "pairs/manifest.json").read_text())["teacher_sha256"]
     # the CFG scale the students carry is the one baked into their pairs, not the teacher's sampling default
     assert four["teacher_guidance"] == one["teacher_guidance"] == json.loads((out / "pairs/manifest.json").read_text())["guidance"]
@@ -66,7 +67,7 @@ def test_pipeline_end_to_end_and_rerun(tmp_path, mlflow_uri, data_root):
     teachers = tracking.list_versions("rf_cifar-teacher")
     students = tracking.list_versions("rf_cifar-student")
     assert len(teachers) == 1 and len(students) == 2
-    assert {v.tags["recipe"] for v in students} == {"four_step", "one_step"}
+    assert {v.tags["recipe"] for v in students} == {"progressive", "one_step"}  # the smoke preset's four-step recipe
     champion = tracking.version_by_alias("rf_cifar-student", "champion")
     best = min(students, key=lambda v: min(float(v.tags[f"eval.s{s}.fid"]) for s in (1, 4) if f"eval.s{s}.fid" in v.tags))
     assert champion is not None and champion.version == best.version

@@ -28,6 +28,17 @@ def test_presets_dry_run_and_unknown_recipe():
     assert isinstance(result.exception, ConfigError) and "'cpu', 'paper', 'smoke'" in str(result.exception)
 
 
+def test_the_demo_distils_its_four_step_student_progressively_and_refuses_another_end():
+    result = runner.invoke(app, ["pipeline", "--preset", "smoke", "--dry-run"])
+    assert result.exit_code == 0 and "four_step_recipe: progressive" in result.output
+    assert "progressive_start: 16" in result.output and "progressive_end: 4" in result.output
+    result = runner.invoke(app, ["pipeline", "--preset", "smoke", "--options-progressive-end", "2", "--dry-run"])
+    assert isinstance(result.exception, ConfigError)
+    assert "pass --options-progressive-end 4" in str(result.exception)
+    result = runner.invoke(app, ["pipeline", "--preset", "smoke", "--four-step-recipe", "reflow", "--dry-run"])
+    assert isinstance(result.exception, ConfigError) and "'four_step', 'progressive'" in str(result.exception)
+
+
 @pytest.mark.slow
 def test_train_teacher_logs_to_mlflow_resumes_and_samples(tmp_path, mlflow_uri, data_root):
     from mlflow import MlflowClient

@@ -127,7 +127,7 @@ def _plot(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
     return path
 
 
-COLUMNS = ["method", "steps", "sampler", "guidance", "nfe", "fid", "fid_interval", "kid", "lpips_to_teacher", "ms_per_image",
+COLUMNS = ["method", "steps", "sampler", "guidance", "nfe", "fid", "kid", "lpips_to_teacher", "ms_per_image",
            "train_seconds", "train_steps"]
 
 
@@ -197,10 +197,9 @@ def run_compare(cfg: CompareConfig, *, console: Console | None = None, progress:
                 continue
             method = r["model"]
             info = outcomes[method].info if method in outcomes else {}
-            interval = _fid_interval(r)
             rows.append({"method": method, "steps": r["steps"], "sampler": r["sampler"],
                          "guidance": r["guidance"], "nfe": r["nfe"],
-                         "fid": r["fid"], "fid_interval": f"[{interval[0]:.1f}, {interval[1]:.1f}]" if interval else None,
+                         "fid": r["fid"],
                          **{k: v for k, v in r.items() if k.startswith("fid_")}, "kid": r["kid"],
                          "lpips_to_teacher": lpips.get(r["key"]), "ms_per_image": r["ms_per_image"],
                          "train_seconds": info.get("train_seconds", math.nan) if method != "teacher" else None,
@@ -238,7 +237,7 @@ def run_compare(cfg: CompareConfig, *, console: Console | None = None, progress:
 def print_compare(result: CompareResult, console: Console) -> None:
     from distill_eval.reports import print_table
 
-    print_table(result.rows, ["method", "steps", "fid", "fid_interval", "lpips_to_teacher", "ms_per_image",
+    print_table(result.rows, ["method", "steps", "fid", "lpips_to_teacher", "ms_per_image",
                               "train_seconds"], title=f"rf compare ({result.folder})", console=console)
     for method, reason in result.failed.items():
         console.print(f"[red]{method}[/]: {reason}", highlight=False)

@@ -50,6 +50,11 @@ STUDENTS = ("four_step", "one_step")
 SCRATCH = "scratch"  # --teacher scratch: train the teacher in this run
 
 
+def student_recipes(cfg: PipelineConfig) -> dict[str, str]:
+    """The recipe behind each student label: the four-step student by ``four_step_recipe``, the one-step by one_step."""
+    return {"four_step": cfg.four_step_recipe, "one_step": "one_step"}
+
+
 @dataclass
 class PipelineResult:
     folder: Path
@@ -135,13 +140,14 @@ def run_pipeline(cfg: PipelineConfig, *, console: Console | None = None, progres
         result.outcomes["pairs"] = make_pairs(pairs_config(cfg, teacher.generator_dir, out / "pairs"), console=console,
                                               progress=progress, nested=True)
         lap = result.lap("pairs", lap)
-        for i, recipe in enumerate(STUDENTS):
-            console.rule(f"[bold]{3 + i}/5 student {recipe}[/] → {out / 'students' / recipe}")
-            student = distill_student(distill_config(cfg, recipe, teacher.generator_dir, out / "pairs",
-                                                     out / "students" / recipe), console=console, progress=progress,
+        recipes = student_recipes(cfg)
+        for i, label in enumerate(STUDENTS):
+            console.rule(f"[bold]{3 + i}/5 student {label}[/] ({recipes[label]}) → {out / 'students' / label}")
+            student = distill_student(distill_config(cfg, recipes[label], teacher.generator_dir, out / "pairs",
+                                                     out / "students" / label), console=console, progress=progress,
                                       nested=True)
-            result.outcomes[recipe] = student
-            lap = result.lap(recipe, lap)
+            result.outcomes[label] = student
+            lap = result.lap(label, lap)
             if not student.finished:
                 result.seconds = time.perf_counter() - start
                 return result
@@ -159,7 +165,7 @@ def run_pipeline(cfg: PipelineConfig, *, console: Console | None = None, progres
             names = {"teacher": cfg.registry.teacher_name, **{r: cfg.registry.student_name for r in STUDENTS}}
             for label, name in names.items():
                 outcome = result.outcomes[label]
-                tags = {"role": "teacher" if label == "teacher" else "student", "recipe": label,
+                tags = {"role": "teacher" if label == "teacher" else "student", "recipe": recipes.get(label, label),
                         "pipeline.run_name": cfg.run_name, "pipeline.output_dir": str(out.resolve()),
                         "params": outcome.info.get("parameters")}
                 version = _register(name, outcome, tags)

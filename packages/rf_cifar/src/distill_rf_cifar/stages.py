@@ -287,8 +287,9 @@ def distill_student(cfg: DistillConfig, *, console: Console | None = None, progr
     cfg = dataclasses.replace(cfg, teacher=resolve_generator_folder(cfg.teacher))  # a name such as 'reference'
     folder = cfg.folder
     teacher = load_generator(cfg.teacher, device="cpu")
+    guidance = teacher.default_guidance if cfg.options.target_guidance is None else cfg.options.target_guidance
     phases = build_recipe(cfg.recipe, cfg.options, FlowConfig(), cfg.train.steps,
-                          teacher_steps=teacher.default_steps, guidance=teacher.default_guidance)
+                          teacher_steps=teacher.default_steps, guidance=guidance)
     kinds = recipe_data_kinds(phases)
     manifest = check_teacher(cfg.pairs, cfg.teacher) if "pairs" in kinds else None  # refuse before any work
     stage = _read_stage(folder)
@@ -305,7 +306,7 @@ def distill_student(cfg: DistillConfig, *, console: Console | None = None, progr
                   sampler=phases[-1].sampler,
                   recipe=cfg.recipe, teacher_sha256=weights_sha256(cfg.teacher), teacher=str(Path(cfg.teacher).resolve()),
                   # the CFG scale the student's targets carry: the pairs' (baked in) or the teacher's own
-                  teacher_guidance=float(manifest["guidance"]) if manifest else teacher.default_guidance,
+                  teacher_guidance=float(manifest["guidance"]) if manifest else guidance,
                   train_steps=cfg.train.steps,
                   pairs_teacher_sha256=manifest["teacher_sha256"] if manifest else None)
     tags = {"stage": "distill", "recipe": cfg.recipe, "teacher.sha256": export["teacher_sha256"]}
