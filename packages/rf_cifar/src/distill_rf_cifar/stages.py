@@ -317,6 +317,15 @@ def distill_student(cfg: DistillConfig, *, console: Console | None = None, progr
     return outcome
 
 
+def _fid_text(row: dict[str, Any]) -> str | None:
+    """``FID [low, high]`` of a sweep row (None when the row is missing)."""
+    if "fid" not in row:
+        return None
+    if "fid_ci95_low" in row:
+        return f"{row['fid']:.2f} [{row['fid_ci95_low']:.2f}, {row['fid_ci95_high']:.2f}]"
+    return f"{row['fid']:.2f}"
+
+
 def evaluate_rounds(cfg: DistillConfig, phases: list[Phase], *, console: Console,
                     progress: bool = True, nested: bool = False) -> dict[str, Any]:
     """Progressive distillation round by round (Salimans & Ho 2022, Fig. 4): FID of each round's student at its own
@@ -355,15 +364,16 @@ def evaluate_rounds(cfg: DistillConfig, phases: list[Phase], *, console: Console
                          "nfe": row["nfe"], "fid": row["fid"], "fid_ci95_low": row.get("fid_ci95_low"),
                          "fid_ci95_high": row.get("fid_ci95_high"), "teacher_fid_same_steps": t_row.get("fid"),
                          "teacher_ci95_low": t_row.get("fid_ci95_low"), "teacher_ci95_high": t_row.get("fid_ci95_high"),
+                         "teacher_same_steps": _fid_text(t_row),
                          "ms_per_image": row["ms_per_image"], "generator": str(dirs[p.name])})
             run.log_metrics({"round.fid": row["fid"], "round.steps": p.sample_steps,
                              **({"round.teacher_fid": t_row["fid"]} if t_row else {})}, step=i + 1)
-        report = write_report(rows, out, "rounds", meta={"protocol": sweep.protocol, "teacher": str(cfg.teacher),
-                                                         "images": r.num_images})
+        columns = ["round", "teacher_steps", "steps", "nfe", "fid", "teacher_same_steps", "ms_per_image", "generator"]
+        report = write_report(rows, out, "rounds", columns=columns,
+                              meta={"protocol": sweep.protocol, "teacher": str(cfg.teacher), "images": r.num_images})
         for path in [*report.values(), *sweep.report_paths.values(), sweep.grid_path, *sweep.plot_paths]:
             run.log_artifact(path, "rounds")
-    print_table(rows, ["round", "teacher_steps", "steps", "nfe", "fid", "fid_ci95_low", "fid_ci95_high",
-                       "teacher_fid_same_steps", "teacher_ci95_low", "teacher_ci95_high", "ms_per_image"],
+    print_table(rows, ["round", "teacher_steps", "steps", "nfe", "fid", "teacher_same_steps", "ms_per_image"],
                 title=f"progressive distillation round by round (FID, {sweep.protocol['generated_n']} images vs "
                       f"{sweep.protocol['reference_n']} {sweep.protocol['reference_set']})", console=console)
     console.print(f"plot: {sweep.plot_paths[0]}\ntable: {report.get('md')}", highlight=False)

@@ -4,7 +4,6 @@ re-sends models a dead server missed) and the pyfunc layer (which builds on runs
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import mlflow.pyfunc
@@ -22,10 +21,7 @@ def log_model_now(run_id: str, generator_dir: str | Path, name: str = "generator
     kwargs = dict(name=name, python_model=str(ENTRY_FILE), artifacts={ARTIFACT_KEY: str(generator_dir)},
                   pip_requirements=reqs)
     active = mlflow.active_run()
-    with warnings.catch_warnings():
-        # GeneratorPyfunc validates its rows itself (one-line RequestErrors); MLflow's type-hint advice is noise
-        warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method", category=UserWarning)
-        if active is not None and active.info.run_id == run_id:
-            return mlflow.pyfunc.log_model(**kwargs).model_uri
-        with mlflow.start_run(run_id=run_id, nested=active is not None):
-            return mlflow.pyfunc.log_model(**kwargs).model_uri
+    if active is not None and active.info.run_id == run_id:
+        return mlflow.pyfunc.log_model(**kwargs).model_uri
+    with mlflow.start_run(run_id=run_id, nested=active is not None):
+        return mlflow.pyfunc.log_model(**kwargs).model_uri

@@ -67,6 +67,10 @@ class GeneratorPyfunc(mlflow.pyfunc.PythonModel):
     Output rows: the same plus ``image`` (PNG, base64). ``.generator`` is the loaded Generator.
     Bad input raises :class:`RequestError` (one line)."""
 
+    # rows are validated by _parse (one-line RequestErrors), not by MLflow's type-hint checks, whose "add type
+    # hints" warning otherwise prints at every import and every model logged
+    _skip_type_hint_validation = True
+
     def load_context(self, context) -> None:
         from distill_common.generator_folder import load_generator_folder
 
