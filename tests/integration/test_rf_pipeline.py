@@ -40,6 +40,7 @@ def test_pipeline_end_to_end_and_rerun(tmp_path, mlflow_uri, data_root):
     one = json.loads((out / "students/one_step/generator/generator.json").read_text())
     assert (four["default_steps"], one["default_steps"]) == (4, 1)
     assert (four["recipe"], four["progressive_round"], four["teacher_steps"]) == ("progressive", 2, 8)  # 16 -> 8 -> 4
+    assert not (out / "students/four_step/rounds").exists()  # the pipeline scores it once, in its own sweep
     assert four["teacher_sha256"] == json.loads((out / "pairs/manifest.json").read_text())["teacher_sha256"]
     # the CFG scale the students carry is the one baked into their pairs, not the teacher's sampling default
     assert four["teacher_guidance"] == one["teacher_guidance"] == json.loads((out / "pairs/manifest.json").read_text())["guidance"]

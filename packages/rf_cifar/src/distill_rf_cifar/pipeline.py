@@ -30,6 +30,7 @@ from distill_common.generator import resolve_generator_folder
 from distill_common.output_dir import claims_output_dir
 from distill_rf_cifar.config import (
     PipelineConfig,
+    RoundsEvalConfig,
     distill_config,
     evaluate_config,
     pairs_config,
@@ -143,9 +144,9 @@ def run_pipeline(cfg: PipelineConfig, *, console: Console | None = None, progres
         recipes = student_recipes(cfg)
         for i, label in enumerate(STUDENTS):
             console.rule(f"[bold]{3 + i}/5 student {label}[/] ({recipes[label]}) → {out / 'students' / label}")
-            student = distill_student(distill_config(cfg, recipes[label], teacher.generator_dir, out / "pairs",
-                                                     out / "students" / label), console=console, progress=progress,
-                                      nested=True)
+            dcfg = distill_config(cfg, recipes[label], teacher.generator_dir, out / "pairs", out / "students" / label)
+            dcfg.rounds = RoundsEvalConfig(num_images=0)  # the pipeline's own evaluation scores the final student
+            student = distill_student(dcfg, console=console, progress=progress, nested=True)
             result.outcomes[label] = student
             lap = result.lap(label, lap)
             if not student.finished:
