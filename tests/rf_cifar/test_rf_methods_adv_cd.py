@@ -210,8 +210,9 @@ def test_consistency_recipe_through_the_distill_command_exports_a_consistency_ge
 def test_discriminator_r1_step_runs_through_an_encoder_with_attention():
     """R1 differentiates D twice; the reference teacher's encoder has self-attention, whose fused CPU kernel has no
     double backward (the compare run on the reference teacher failed there)."""
-    from distill_rf_cifar.models.unet import build_unet
     from rf_helpers import tiny_unet_config
+
+    from distill_rf_cifar.models.unet import build_unet
 
     torch.manual_seed(0)
     teacher = build_unet(tiny_unet_config(attention_resolutions=[16], mid_attention=True))
@@ -224,8 +225,9 @@ def test_discriminator_r1_step_runs_through_an_encoder_with_attention():
 def test_adversarial_student_loss_is_hinge_plus_lambda_times_the_squared_norm_per_image():
     """-D(x_s) + lambda ||x_s - x_teacher||^2 with the norm summed over the image (a per-pixel mean weighed the
     distillation ~3,000x less at 32 px and the student collapsed in the compare run on the reference teacher)."""
-    from distill_rf_cifar.models.unet import build_unet
     from rf_helpers import tiny_unet_config
+
+    from distill_rf_cifar.models.unet import build_unet
 
     torch.manual_seed(0)
     loss = AdversarialDistillationLoss(build_unet(tiny_unet_config()), k=2, weight=0.5, head_channels=8)
