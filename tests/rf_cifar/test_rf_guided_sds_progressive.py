@@ -310,4 +310,6 @@ def test_progressive_rounds_are_exported_and_evaluated(tmp_path, teacher_dir, da
     assert all(r["fid"] > 0 and r["teacher_fid_same_steps"] > 0 for r in rows)
     assert all(r["fid_ci95_low"] <= r["fid"] <= r["fid_ci95_high"] for r in rows)  # every round carries its interval
     assert all(r["teacher_ci95_low"] <= r["teacher_fid_same_steps"] <= r["teacher_ci95_high"] for r in rows)
+    assert all(r["teacher_same_steps"] == f"{r['teacher_fid_same_steps']:.2f} [{r['teacher_ci95_low']:.2f}, "
+               f"{r['teacher_ci95_high']:.2f}]" for r in rows)  # the table's one-cell form
     assert (out / "rounds" / "plots" / "fid_vs_nfe.png").is_file() and (out / "rounds" / "rounds.md").is_file()

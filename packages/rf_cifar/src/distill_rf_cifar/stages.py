@@ -317,22 +317,13 @@ def distill_student(cfg: DistillConfig, *, console: Console | None = None, progr
     return outcome
 
 
-def _fid_text(row: dict[str, Any]) -> str | None:
-    """``FID [low, high]`` of a sweep row (None when the row is missing)."""
-    if "fid" not in row:
-        return None
-    if "fid_ci95_low" in row:
-        return f"{row['fid']:.2f} [{row['fid_ci95_low']:.2f}, {row['fid_ci95_high']:.2f}]"
-    return f"{row['fid']:.2f}"
-
-
 def evaluate_rounds(cfg: DistillConfig, phases: list[Phase], *, console: Console,
                     progress: bool = True, nested: bool = False) -> dict[str, Any]:
     """Progressive distillation round by round (Salimans & Ho 2022, Fig. 4): FID of each round's student at its own
     step count and of the teacher at the same Euler steps, on one protocol; ``rounds.{md,csv,json}``,
     ``plots/fid_vs_nfe.png`` (one line per model) and the sweep's grid under ``<run>/rounds``, logged to MLflow."""
     from distill_common.generator import load_generator
-    from distill_eval.reports import print_table, write_report
+    from distill_eval.reports import cell, print_table, write_report
     from distill_rf_cifar.config import EvalConfig
     from distill_rf_cifar.evaluation import SweepEntry, run_sweep
 
@@ -364,7 +355,7 @@ def evaluate_rounds(cfg: DistillConfig, phases: list[Phase], *, console: Console
                          "nfe": row["nfe"], "fid": row["fid"], "fid_ci95_low": row.get("fid_ci95_low"),
                          "fid_ci95_high": row.get("fid_ci95_high"), "teacher_fid_same_steps": t_row.get("fid"),
                          "teacher_ci95_low": t_row.get("fid_ci95_low"), "teacher_ci95_high": t_row.get("fid_ci95_high"),
-                         "teacher_same_steps": _fid_text(t_row),
+                         "teacher_same_steps": cell(t_row, "fid") if t_row else None,  # "FID [low, high]"
                          "ms_per_image": row["ms_per_image"], "generator": str(dirs[p.name])})
             run.log_metrics({"round.fid": row["fid"], "round.steps": p.sample_steps,
                              **({"round.teacher_fid": t_row["fid"]} if t_row else {})}, step=i + 1)
