@@ -123,4 +123,9 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from distill_common.errors import DistillError
+
+    try:
+        main()
+    except DistillError as exc:  # a wrong path, a non-guided student, ...: one line, not a traceback
+        raise SystemExit(f"error: {exc}") from None
