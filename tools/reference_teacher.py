@@ -169,19 +169,28 @@ def _setup(args: argparse.Namespace):
 
 
 def _settings(specs: list[str]) -> list[tuple[str, int, float]]:
+    from distill_rf_cifar.samplers import SAMPLERS
+
     out = []
     for spec in specs:
-        sampler, steps, guidance = spec.split(":")
-        out.append((sampler, int(steps), float(guidance)))
+        try:
+            sampler, steps, guidance = spec.split(":")
+            setting = (sampler, int(steps), float(guidance))
+        except ValueError:
+            raise SystemExit(f"error: --configs {spec!r} is not SAMPLER:STEPS:GUIDANCE (e.g. euler:16:2)") from None
+        if sampler not in SAMPLERS:
+            raise SystemExit(f"error: unknown sampler {sampler!r} in --configs {spec!r}; choose from {', '.join(SAMPLERS)}")
+        out.append(setting)
     return out
 
 
 def sweep(args: argparse.Namespace) -> list[dict]:
+    settings = _settings(args.configs)  # a malformed setting fails before minutes of reference statistics
     extractor, reference = _setup(args)
     gen = RFGenerator(load_model(args.teacher), batch_size=args.batch_size, precision=args.sample_precision)
     prec = "" if gen.precision == "fp32" else f"_{gen.precision}"  # fp32 results keep their earlier keys
     rows = [_score(gen, s, k, w, args.num_images, reference, extractor, f"{args.tag}n{args.num_images}_{s}{k}_w{w:g}{prec}",
-                   args.batch_size, args.resamples, getattr(args, "from_eval", None)) for s, k, w in _settings(args.configs)]
+                   args.batch_size, args.resamples, getattr(args, "from_eval", None)) for s, k, w in settings]
     best = min(rows, key=lambda r: r["fid"])
     console.print(f"best: {best['sampler']}:{best['steps']}:{best['guidance']:g} FID {best['fid']:.2f}")
     return rows

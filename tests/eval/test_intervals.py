@@ -10,8 +10,9 @@ import torch
 
 from distill_common.errors import ConfigError
 from distill_eval.features import feature_statistics
-from distill_eval.fid import capped_kid_subset_size, fid_from_stats, kid_from_features
+from distill_eval.fid import capped_kid_subset_size, fid_by_sample_size, fid_from_stats, kid_from_features
 from distill_eval.intervals import FidBootstrap, Interval, bootstrap_interval
+from distill_eval.reference_stats import ReferenceStats
 from distill_eval.reports import cell, mark_separability, markdown_table, write_report
 
 
@@ -160,3 +161,37 @@ def test_students_meet_the_teacher_at_their_baked_guidance_and_at_equal_nfe() ->
     del table[2]["effective_guidance"], table[2]["fid_vs_teacher"], table[2]["fid_vs_teacher_nfe"]
     mark_separability(table)
     assert "fid_vs_teacher" not in table[2]  # w = 1 vs w = 2 are not the same setting
+
+
+@pytest.mark.parametrize("n,d", [(12, 32), (80, 16)])
+def test_subset_fid_is_the_fid_of_that_subset(n: int, d: int) -> None:
+    rng = np.random.default_rng(5)
+    ref = rng.normal(size=(300, d))
+    gen = rng.normal(size=(n, d)) * 1.2 + 0.3
+    mu, sigma = feature_statistics(ref)
+    boot = FidBootstrap(gen, mu, sigma)
+    keep = rng.choice(n, n // 2, replace=False)
+    counts = np.zeros(n)
+    counts[keep] = 1
+    assert boot.fid(counts) == pytest.approx(fid_from_stats(*feature_statistics(gen[keep]), mu, sigma), rel=1e-6)
+    with pytest.raises(ValueError, match="non-negative"):
+        boot.fid(-np.ones(n))
+
+
+def test_fid_by_sample_size_averages_disjoint_blocks_and_shows_the_small_n_bias() -> None:
+    rng = np.random.default_rng(6)
+    d = 24
+    ref = torch.from_numpy(rng.normal(size=(2000, d)))
+    gen = rng.normal(size=(800, d)) + 0.1  # a near-copy of the reference distribution: FID ~ |0.1|^2 d = 0.24
+    reference = ReferenceStats("synthetic", 2000, 32, "none", "h", ref.mean(0), torch.cov(ref.T), ref.float())
+    rows = fid_by_sample_size(gen, reference, [800, 200, 50], seed=3)
+    assert [(r.size, r.blocks) for r in rows] == [(50, 16), (200, 4), (800, 1)]
+    full = fid_from_stats(*feature_statistics(gen), reference.mu.numpy(), reference.sigma.numpy())
+    assert rows[-1].mean == pytest.approx(full, rel=1e-6) and np.isnan(rows[-1].std)
+    order = np.random.default_rng(3).permutation(800)
+    blocks = [fid_from_stats(*feature_statistics(gen[order[b * 200:(b + 1) * 200]]), reference.mu.numpy(),
+                             reference.sigma.numpy()) for b in range(4)]
+    assert rows[1].mean == pytest.approx(np.mean(blocks), rel=1e-6)
+    assert rows[0].mean > rows[1].mean > rows[2].mean  # the bias falls with N
+    with pytest.raises(ConfigError, match="2..800"):
+        fid_by_sample_size(gen, reference, [1000])

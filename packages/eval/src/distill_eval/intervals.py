@@ -145,10 +145,12 @@ class FidBootstrap:
         self.gram = self.z @ self.z.T if n < d else None  # (n, n)
 
     def fid(self, counts: np.ndarray | torch.Tensor) -> float:
+        """FID of the multiset with ``counts[i]`` copies of generated image i; ``counts`` summing to less than n is
+        a subset (a 0/1 vector: FID at that smaller sample size)."""
         c = np.asarray(counts, dtype=np.float64)
-        n = self.n
-        if c.shape != (n,) or c.sum() != n:
-            raise ValueError(f"counts must be a length-{n} vector summing to {n}")
+        if c.shape != (self.n,) or (c < 0).any() or c.sum() < 2:
+            raise ValueError(f"counts must be a length-{self.n} vector of non-negative counts summing to 2 or more")
+        n = c.sum()
         mu = c @ self.x / n
         mean_term = float(np.square(mu - self.mu_r).sum())
         trace_gen = float((c @ self.sq_norms - n * np.square(mu).sum()) / (n - 1))
@@ -163,7 +165,7 @@ class FidBootstrap:
         else:
             zk = self.z[keep]
             zc = (zk - ck @ zk / n) * root_c[:, None]
-            kernel = zc.T @ zc / (n - 1)
+            kernel = (zc @ zc.T if len(keep) < self.d else zc.T @ zc) / (n - 1)  # same nonzero eigenvalues
         # LAPACK's MRRR driver: measured faster than the divide-and-conquer one and torch's eigvalsh on this CPU
         eigenvalues = scipy.linalg.eigvalsh(kernel, driver="evr", check_finite=False, overwrite_a=True)
         trace_sqrt = float(np.sqrt(np.clip(eigenvalues, 0, None)).sum())

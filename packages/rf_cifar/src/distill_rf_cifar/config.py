@@ -407,11 +407,13 @@ def _loop(**kw) -> LoopConfig:
 def smoke_pipeline() -> PipelineConfig:
     """The main job (``make demo``, budget 10 min on 2 CPU cores): distil the shipped reference teacher
     (``--teacher reference``, 1.54M parameters, see reference_teacher/MODEL_CARD.md) into a four-step student by
-    progressive distillation (16 -> 8 -> 4 Euler steps at the teacher's guidance 2, 160 steps of batch 32 on CIFAR-10
-    images) and a one-step student from 768 teacher pairs (Euler 16 steps at guidance 2, 100 steps of batch 64);
-    bf16 autocast wherever the CPU has bf16 units; FID with 95% bootstrap intervals on 400 images per configuration against
-    2,000 CIFAR-10 training images (bf16 Inception features, stamped in the protocol): the teacher at 1/2/4 steps
-    and at its default (best) setting, each student at its own step count.
+    progressive distillation (16 -> 8 -> 4 Euler steps at the teacher's guidance 2, 150 steps of batch 32 per round on
+    CIFAR-10 images) and a one-step student from 640 teacher pairs (Euler 8 steps at guidance 2, 100 steps of batch 64);
+    bf16 autocast wherever the CPU has bf16 units; FID with 95% bootstrap intervals on 360 images per configuration
+    against 1,000 CIFAR-10 training images (bf16 Inception features, stamped in the protocol): the teacher at 1/2/4
+    steps and at its default (best) setting, each student at its own step count. Sized so that a machine with no
+    cache (the reference statistics computed on the way) stays inside 10 min on 2 cores: Inception at ~18 images/s
+    is the largest cost.
 
     ``--teacher scratch`` instead trains a 264k-parameter teacher for 600 steps first (minutes, blobs, not CIFAR)."""
     cfg = PipelineConfig(run_name="smoke")
@@ -422,15 +424,15 @@ def smoke_pipeline() -> PipelineConfig:
     cfg.teacher = _loop(steps=600, batch_size=64, learning_rate=2e-3, warmup_steps=50, ema_decay=0.999,
                         checkpoint_every=200, log_every=50, sample_every=200)
     cfg.sampling = SamplingConfig(sampler="euler", steps=16, guidance=1.0)
-    cfg.pairs = PairsConfig(num_pairs=768, shard_size=256, steps=16, guidance=DEMO_GUIDANCE, batch_size=64)
+    cfg.pairs = PairsConfig(num_pairs=640, shard_size=320, steps=8, guidance=DEMO_GUIDANCE, batch_size=64)
     cfg.four_step_recipe = "progressive"  # 92.7 vs four_step's 101.0 at 4 steps under one budget (distill rf compare)
-    cfg.four_step = _loop(steps=160, batch_size=32, learning_rate=5e-4, warmup_steps=10, ema_decay=0.99,
-                          checkpoint_every=80, log_every=20)
+    cfg.four_step = _loop(steps=150, batch_size=32, learning_rate=5e-4, warmup_steps=10, ema_decay=0.99,
+                          checkpoint_every=75, log_every=25)
     cfg.one_step = _loop(steps=100, batch_size=64, learning_rate=5e-4, warmup_steps=20, ema_decay=0.99,
                          checkpoint_every=50, log_every=20, seed=1)
     cfg.options = RecipeConfig(k=4, distance="l2", progressive_start=16, progressive_end=4)
     cfg.eval = EvalConfig(teacher_steps=[1, 2, 4], teacher_rk45=False, student_steps=[1, 2, 4],
-                          students_at_own_steps=True, num_images=400, reference="cifar10-train", reference_n=2000,
+                          students_at_own_steps=True, num_images=360, reference="cifar10-train", reference_n=1000,
                           batch_size=64, timing_batch=64, timing_repeats=2, feature_precision="bf16",
                           bootstrap_resamples=100)
     return cfg
