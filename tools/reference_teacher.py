@@ -153,8 +153,8 @@ def _score(gen: RFGenerator, sampler: str, steps: int, guidance: float, n: int, 
            "protocol": res.protocol.as_dict()}
     WORK.mkdir(parents=True, exist_ok=True)
     ckpt.write_json(cache, out)
-    console.print(f"{key:>28}: FID {out['fid']:.2f} [{out['fid_low']:.2f}, {out['fid_high']:.2f}]  NFE {nfe}",
-                  highlight=False)
+    interval = f" [{out['fid_low']:.2f}, {out['fid_high']:.2f}]" if res.fid_interval else ""
+    console.print(f"{key:>28}: FID {out['fid']:.2f}{interval}  NFE {nfe}", highlight=False)
     return out
 
 

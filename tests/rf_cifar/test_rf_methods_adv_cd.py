@@ -97,6 +97,9 @@ def test_consistency_loss_and_target_ema():
     x = torch.randn(2, 3, 32, 32)
     assert torch.allclose(heun.teacher_step(x, torch.zeros(2), 0.25, torch.zeros(2, dtype=torch.long)),
                           x * (1 - 0.25 + 0.25**2 / 2))
+    # ... and Euler on the step that ends at the data (t = 1), where the teacher is never trusted
+    assert torch.allclose(heun.teacher_step(x, torch.full((2,), 0.75), 0.25, torch.zeros(2, dtype=torch.long)),
+                          x * (1 - 0.25))
     assert set(heun(_Zero(), {"x1": torch.randn(64, 3, 32, 32), "y": torch.zeros(64, dtype=torch.long)}).t.tolist()) \
         <= {0.0, 0.25, 0.5, 0.75}
     # target EMA: theta- <- mu theta- + (1 - mu) theta

@@ -486,11 +486,14 @@ class ConsistencyDistillationLoss(nn.Module, LossHooks):
         return self
 
     def teacher_step(self, x: torch.Tensor, t: torch.Tensor, dt: float, y: torch.Tensor) -> torch.Tensor:
-        """One ODE step of the teacher from (x, t) to t + dt."""
+        """One ODE step of the teacher from (x, t) to t + dt (Heun: Euler where the step ends at the data, t = 1, as
+        in :func:`~distill_rf_cifar.samplers.sample_heun`)."""
         v = guided_velocity(self.teacher, x, t, y, self.guidance)
         x_next = x + dt * v
         if self.solver == "heun":
-            x_next = x + dt * 0.5 * (v + guided_velocity(self.teacher, x_next, t + dt, y, self.guidance))
+            corrected = x + dt * 0.5 * (v + guided_velocity(self.teacher, x_next, t + dt, y, self.guidance))
+            at_data = (t + dt >= 1.0 - 1e-6).view(-1, *([1] * (x.dim() - 1)))
+            x_next = torch.where(at_data, x_next, corrected)
         return x_next
 
     def _distance(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -80,14 +80,21 @@ def sample_euler(model_fn: ModelFn, x0: torch.Tensor, ts: torch.Tensor, callback
 
 @torch.no_grad()
 def sample_heun(model_fn: ModelFn, x0: torch.Tensor, ts: torch.Tensor, callback: Callback | None = None) -> torch.Tensor:
-    """Heun's second-order method (Karras et al. 2022, Algorithm 1, applied to the flow ODE): 2N network calls."""
+    """Heun's second-order method (Karras et al. 2022, Algorithm 1, applied to the flow ODE): 2N - 1 network calls.
+
+    As in that algorithm, a step that ends at the data (t = 1, their sigma = 0) is a plain Euler step: the network is
+    never evaluated at t = 1, where a logit-normal-trained velocity is poorly learnt. Correcting there added
+    high-frequency noise (measured on the reference teacher, Heun 8 steps at w = 2: FID 150.3 on 1,000 vs 10,000
+    against Euler 16's 56.1, although the pixels differ by only 0.03 RMS)."""
     x = x0
     for i in range(len(ts) - 1):
         dt = ts[i + 1] - ts[i]
         v = model_fn(x, ts[i])
         x_euler = x + dt * v
-        v_next = model_fn(x_euler, ts[i + 1])
-        x = x + dt * 0.5 * (v + v_next)
+        if float(ts[i + 1]) >= 1.0:
+            x = x_euler
+        else:
+            x = x + dt * 0.5 * (v + model_fn(x_euler, ts[i + 1]))
         if callback is not None:
             callback({"i": i, "t": float(ts[i]), "x": x, "v": v})
     return x
