@@ -163,7 +163,7 @@ def test_students_meet_the_teacher_at_their_baked_guidance_and_at_equal_nfe() ->
     assert "fid_vs_teacher" not in table[2]  # w = 1 vs w = 2 are not the same setting
 
 
-@pytest.mark.parametrize("n,d", [(12, 32), (80, 16)])
+@pytest.mark.parametrize("n,d", [(12, 32), (80, 16), (80, 64)])  # Gram path; d x d; subset smaller than d
 def test_subset_fid_is_the_fid_of_that_subset(n: int, d: int) -> None:
     rng = np.random.default_rng(5)
     ref = rng.normal(size=(300, d))
