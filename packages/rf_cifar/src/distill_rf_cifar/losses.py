@@ -491,8 +491,10 @@ class ConsistencyDistillationLoss(nn.Module, LossHooks):
         v = guided_velocity(self.teacher, x, t, y, self.guidance)
         x_next = x + dt * v
         if self.solver == "heun":
+            from distill_rf_cifar.samplers import reaches_data
+
             corrected = x + dt * 0.5 * (v + guided_velocity(self.teacher, x_next, t + dt, y, self.guidance))
-            at_data = (t + dt >= 1.0 - 1e-6).view(-1, *([1] * (x.dim() - 1)))
+            at_data = reaches_data(t + dt).view(-1, *([1] * (x.dim() - 1)))
             x_next = torch.where(at_data, x_next, corrected)
         return x_next
 

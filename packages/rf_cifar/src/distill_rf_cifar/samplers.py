@@ -78,6 +78,12 @@ def sample_euler(model_fn: ModelFn, x0: torch.Tensor, ts: torch.Tensor, callback
     return x
 
 
+def reaches_data(t: torch.Tensor | float) -> torch.Tensor:
+    """Whether a step ending at time ``t`` lands on the data end of the flow (t = 1, Karras et al.'s sigma = 0), where
+    Heun takes an Euler step instead of evaluating the network there."""
+    return torch.as_tensor(t) >= 1.0 - 1e-6
+
+
 @torch.no_grad()
 def sample_heun(model_fn: ModelFn, x0: torch.Tensor, ts: torch.Tensor, callback: Callback | None = None) -> torch.Tensor:
     """Heun's second-order method (Karras et al. 2022, Algorithm 1, applied to the flow ODE): 2N - 1 network calls.
@@ -91,7 +97,7 @@ def sample_heun(model_fn: ModelFn, x0: torch.Tensor, ts: torch.Tensor, callback:
         dt = ts[i + 1] - ts[i]
         v = model_fn(x, ts[i])
         x_euler = x + dt * v
-        if float(ts[i + 1]) >= 1.0:
+        if reaches_data(ts[i + 1]):
             x = x_euler
         else:
             x = x + dt * 0.5 * (v + model_fn(x_euler, ts[i + 1]))
