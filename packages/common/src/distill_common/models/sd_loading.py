@@ -11,6 +11,7 @@ import json
 import os
 import re
 import threading
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ from distill_common.errors import ModelLoadError, unknown_choice
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 PROBE_TIMEOUT_S = 4.0
+REFERENCE_NAME = "reference"  # the shipped reference text-to-image model (distill_common.reference_sd)
 # A healthy CLIP tokenizer has ~49k tokens; an offline fallback can silently produce one with 2 or 3.
 MIN_CLIP_TOKENS = 49000
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -132,6 +134,13 @@ def resolve_model_source(model: str | os.PathLike, *, revision: str | None = Non
     Raises ModelLoadError (one line) for a missing path, an unreachable hub without a cached copy, or an unknown id.
     """
     text = os.fspath(model)
+    if text == REFERENCE_NAME:
+        from distill_common.reference_sd import reference_sd_folder
+
+        if Path(text).is_dir():
+            warnings.warn(f"'{text}' names the shipped reference model; the folder ./{text} here is ignored "
+                          f"(pass ./{text} to load it)", stacklevel=2)
+        return ModelSource("folder", str(reference_sd_folder()))
     path = Path(text).expanduser()
     if path.is_dir():
         return ModelSource("folder", str(path.resolve()))
