@@ -66,10 +66,10 @@ def _run(task, cfg, run_dir: Path, run_name: str, params: dict) -> dict:
     return summary
 
 
-def _cifar_uint8(data_root: str | None, split: str = "train"):
+def _cifar_uint8(data_root: str | None, split: str = "train", limit: int = 0):
     from distill_common.data.cifar10 import open_cifar10
 
-    ds = open_cifar10(data_root, split, preload=True)
+    ds = open_cifar10(data_root, split, limit=limit or None, preload=True)
     return ds.uint8_images(), _labels(ds)
 
 
@@ -112,7 +112,7 @@ def train_unet(run_dir: Path = typer.Option(...), vae: Path = typer.Option(..., 
                steps: int = 6000, batch_size: int = 64, learning_rate: float = 6e-4, ema_decay: float = 0.999,
                caption_dropout: float = 0.1, min_snr_gamma: float = 5.0, precision: str = "bf16",
                threads: int = 2, data_root: str = typer.Option(None), checkpoint_every: int = 250,
-               freeze_text_encoder: bool = False) -> None:
+               freeze_text_encoder: bool = False, limit: int = typer.Option(0, help="first N training images (0 = all)")) -> None:
     """Train the UNet2DConditionModel (and the CLIP text encoder) on the VAE's latents of CIFAR-10 with captions."""
     _threads(threads)
     import torch
@@ -129,20 +129,19 @@ def train_unet(run_dir: Path = typer.Option(...), vae: Path = typer.Option(..., 
                                ema_decay=ema_decay, precision=precision, checkpoint_every=checkpoint_every)
     cfg.validate()
     autoencoder = AutoencoderKL.from_pretrained(vae).eval()
-    images, labels = _cifar_uint8(data_root)
-    moments_file = run_dir / "latent_moments.pt"
+    images, labels = _cifar_uint8(data_root, limit=limit)
+    moments_file = run_dir / "latent_moments.pt"  # (N, 8, 16, 16): one encoding per VAE; delete it after changing --vae
     if moments_file.is_file():
         moments = torch.load(moments_file, weights_only=True)
     else:
         run_dir.mkdir(parents=True, exist_ok=True)
         with _bar() as bar:
-            tid = bar.add_task("encoding latents", total=2 * len(images), info="")
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
-                moments = encode_moments(autoencoder, images, progress=lambda d, t: bar.update(tid, completed=d))
+            tid = bar.add_task("encoding latents", total=len(images), info="")
+            moments = encode_moments(autoencoder, images, bf16=precision == "bf16",
+                                     progress=lambda d, t: bar.update(tid, completed=d))
         tmp = moments_file.with_suffix(".tmp")
         torch.save(moments, tmp)
         os.replace(tmp, moments_file)
-    labels2 = torch.cat([labels, labels])
     tokenizer = clip_tokenizer()
     table = class_captions("train")
     flat = [c for row in table for c in row]
@@ -151,7 +150,7 @@ def train_unet(run_dir: Path = typer.Option(...), vae: Path = typer.Option(..., 
     empty = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length,
                       return_tensors="pt").input_ids[0]
     unet, text_encoder = build_tiny_unet(REFERENCE_SD_SPEC), build_tiny_text_encoder(REFERENCE_SD_SPEC)
-    task = UNetTask(unet, text_encoder, moments, labels2, ids, empty,
+    task = UNetTask(unet, text_encoder, moments, labels, ids, empty,
                     scaling_factor=autoencoder.config.scaling_factor, caption_dropout=caption_dropout,
                     min_snr_gamma=min_snr_gamma, train_text_encoder=not freeze_text_encoder)
     params = {"component": "unet", "unet_parameters": sum(p.numel() for p in unet.parameters()),
@@ -160,6 +159,230 @@ def train_unet(run_dir: Path = typer.Option(...), vae: Path = typer.Option(..., 
               "train_text_encoder": not freeze_text_encoder, "vae": str(vae),
               **{f"train_{k}": v for k, v in cfg.__dict__.items()}}
     _run(task, cfg, run_dir, "reference-sd-unet", params)
+
+
+@app.command("train-classifier")
+def train_classifier(run_dir: Path = typer.Option(...), steps: int = 3000, batch_size: int = 256,
+                     learning_rate: float = 4e-3, weight_decay: float = 5e-2, width: int = 16,
+                     precision: str = "bf16", threads: int = 2, data_root: str = typer.Option(None),
+                     checkpoint_every: int = 250) -> None:
+    """Train the CIFAR-10 classifier behind the class-accuracy metric (ResNet-9 style), then score the test split."""
+    _threads(threads)
+    from distill_common.checkpoint import write_json
+    from distill_common.reference_sd.training import ComponentTrainConfig
+    from distill_eval.classifier import CifarClassifier, ClassifierTask, class_accuracy, load_classifier
+
+    cfg = ComponentTrainConfig(steps=steps, batch_size=batch_size, learning_rate=learning_rate,
+                               weight_decay=weight_decay, warmup_steps=150, ema_decay=0.0, precision=precision,
+                               checkpoint_every=checkpoint_every, min_lr_ratio=0.0)
+    cfg.validate()
+    images, labels = _cifar_uint8(data_root)
+    model = CifarClassifier(width)
+    task = ClassifierTask(model, images, labels)
+    params = {"component": "classifier", "parameters": sum(p.numel() for p in model.parameters()), "width": width,
+              **{f"train_{k}": v for k, v in cfg.__dict__.items()}}
+    _run(task, cfg, run_dir, "reference-classifier", params)
+    test_images, test_labels = _cifar_uint8(data_root, "test")
+    acc = class_accuracy(test_images, test_labels, load_classifier(run_dir / "export" / "classifier"))
+    write_json(run_dir / "test_accuracy.json", {**acc.as_dict(), "split": "test", "n": acc.n})
+    console.print(f"CIFAR-10 test accuracy: {acc.cell()} on {acc.n} images")
+
+
+def _git_commit() -> str:
+    import subprocess
+
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except Exception:
+        return "unknown"
+
+
+def _summary(run: Path) -> dict:
+    import json
+
+    return json.loads((run / "summary.json").read_text()) if (run / "summary.json").is_file() else {}
+
+
+@app.command("ship")
+def ship(vae_run: Path = typer.Option(..., help="the VAE run folder (its export/vae is shipped)"),
+         unet_run: Path = typer.Option(..., help="the UNet run folder (its export/unet and export/text_encoder)"),
+         classifier_run: Path = typer.Option(None, help="the classifier run folder (export/classifier)")) -> None:
+    """Assemble the diffusers folder (fp16, safetensors) as package data, with SHA256SUMS and training.json."""
+    import json
+    import platform
+    import shutil
+
+    import torch
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    from distill_common.checkpoint import atomic_dir, write_json
+    from distill_common.models.tiny_sd import SD15_SCHEDULER_CONFIG
+    from distill_common.models.tokenizer import clip_tokenizer
+    from distill_common.reference_sd import REFERENCE_SD_DIR, REFERENCE_SD_ROOT, write_sha256sums
+
+    pipe = StableDiffusionPipeline(
+        vae=AutoencoderKL.from_pretrained(vae_run / "export" / "vae"),
+        text_encoder=CLIPTextModel.from_pretrained(unet_run / "export" / "text_encoder"),
+        tokenizer=clip_tokenizer(),
+        unet=UNet2DConditionModel.from_pretrained(unet_run / "export" / "unet"),
+        scheduler=PNDMScheduler(**SD15_SCHEDULER_CONFIG),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    ).to(torch.float16)
+    with atomic_dir(REFERENCE_SD_DIR) as tmp:
+        pipe.save_pretrained(str(tmp), safe_serialization=True)
+    parts = {name: sum(p.numel() for p in getattr(pipe, name).parameters()) for name in ("unet", "vae", "text_encoder")}
+    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
+    training = {
+        "commit": _git_commit(), "hardware": f"{cpu}, {os.cpu_count()} cores, no GPU ({platform.machine()})",
+        "precision": "bf16 autocast, fp32 master weights; shipped in fp16", "parameters": parts,
+        "data": "CIFAR-10 train, 50,000 images (WebDataset shards, JPEG q~75 re-encodings), captions from 12 templates",
+        "vae": _summary(vae_run), "unet": _summary(unet_run),
+    }
+    if classifier_run is not None:
+        from distill_eval.classifier import CLASSIFIER_DIR
+
+        with atomic_dir(CLASSIFIER_DIR) as tmp:
+            for f in (classifier_run / "export" / "classifier").iterdir():
+                shutil.copy2(f, tmp / f.name)
+            summary = _summary(classifier_run)
+            accuracy = json.loads((classifier_run / "test_accuracy.json").read_text())
+            write_json(tmp / "training.json", {**summary, "commit": _git_commit(), "test_accuracy": accuracy})
+            write_sha256sums(tmp, tmp / "SHA256SUMS")
+    write_json(REFERENCE_SD_ROOT / "training.json", training)
+    sums = write_sha256sums(REFERENCE_SD_DIR)
+    size = sum((REFERENCE_SD_ROOT / n).stat().st_size for n in sums)
+    console.print(f"shipped {REFERENCE_SD_DIR} ({size / 1e6:.1f} MB, {len(sums)} files); parameters {parts}")
+
+
+def _extractor_and_reference(reference_n: int, data_root: str | None):
+    from distill_eval.inception import InceptionFeatureExtractor
+    from distill_eval.reference_stats import reference_stats
+
+    extractor = InceptionFeatureExtractor(precision="bf16")
+    return extractor, reference_stats("cifar10-train", extractor, n=reference_n, resolution=32, data_root=data_root)
+
+
+@app.command("eval-vae")
+def eval_vae(vae: Path = typer.Option(None, help="VAE folder (default: the shipped one)"), num_images: int = 10000,
+             reference_n: int = 10000, threads: int = 2, data_root: str = typer.Option(None),
+             out: Path = typer.Option(Path("~/distill-work/reference_sd/card/vae.json").expanduser())) -> None:
+    """Reconstruction FID: the first N training images through the VAE (posterior mean), against training statistics."""
+    _threads(threads)
+    import json
+
+    import torch
+    from diffusers import AutoencoderKL
+
+    from distill_common.checkpoint import write_json
+    from distill_common.reference_sd import reference_sd_folder
+    from distill_eval.fid import score_images
+
+    folder = vae or reference_sd_folder() / "vae"
+    model = AutoencoderKL.from_pretrained(folder, torch_dtype=torch.float32).eval()
+    images, _ = _cifar_uint8(data_root, limit=num_images)
+    extractor, reference = _extractor_and_reference(reference_n, data_root)
+    recon = []
+    with torch.no_grad(), _bar() as bar:
+        tid = bar.add_task("reconstructing", total=len(images), info="")
+        for i in range(0, len(images), 250):
+            x = images[i:i + 250].float() / 127.5 - 1
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                rec = model.decode(model.encode(x).latent_dist.mean).sample.float()
+            recon.append(((rec.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8))
+            bar.update(tid, advance=len(x))
+    recon = torch.cat(recon)
+    mse = float(((recon.float() - images.float()) / 127.5).pow(2).mean())
+    res = score_images(recon, extractor, reference, batch_size=100)
+    row = {"what": "VAE reconstruction", "vae": str(folder), "num_images": len(recon), "reference_n": reference.reference_n,
+           "fid": res.fid, "fid_low": res.fid_interval.low, "fid_high": res.fid_interval.high,
+           "kid_mean": res.kid_mean, "mse_unit_range": mse, "psnr_db": 10 * __import__("math").log10(4 / mse),
+           "feature_precision": "bf16", "protocol": str(res.protocol)}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_json(out, row)
+    console.print(json.dumps(row, indent=1))
+
+
+def _load_pipeline(model: str):
+    import torch
+
+    from distill_common.models.sd_loading import load_sd_pipeline
+
+    pipe = load_sd_pipeline(model, dtype=torch.float32) if model else None
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@app.command("eval-teacher")
+def eval_teacher(configs: str = typer.Option("pndm:30:1,pndm:30:2,pndm:30:3,pndm:30:5,pndm:30:7.5",
+                                             help="comma-separated scheduler:steps:guidance"),
+                 model: str = "reference", num_images: int = 500, reference_n: int = 10000, batch_size: int = 100,
+                 templates: str = "held_out", threads: int = 2, data_root: str = typer.Option(None),
+                 classifier: str = typer.Option("reference", help="class-accuracy classifier: 'reference' or a folder"),
+                 out_dir: Path = typer.Option(Path("~/distill-work/reference_sd/card").expanduser())) -> None:
+    """FID (with 95% interval) and class accuracy of the text-to-image model on held-out caption templates;
+    one JSON per configuration (reused when its key matches: model files' sha256, N, seeds, sampler, steps, w)."""
+    _threads(threads)
+    import hashlib
+    import json
+
+    import torch
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, PNDMScheduler
+
+    from distill_common.checkpoint import write_json
+    from distill_common.reference_sd.captions import evaluation_prompts
+    from distill_eval.classifier import class_accuracy, load_classifier
+    from distill_eval.fid import score_images
+
+    judge = load_classifier(classifier)
+    schedulers = {"pndm": PNDMScheduler, "ddim": DDIMScheduler, "euler": EulerDiscreteScheduler,
+                  "dpm": DPMSolverMultistepScheduler}
+    pipe = _load_pipeline(model)
+    base_config = dict(pipe.scheduler.config)
+    weights = hashlib.sha256(b"".join(sorted(hashlib.sha256(p.detach().float().numpy().tobytes()).digest()
+                                             for p in pipe.unet.parameters()))).hexdigest()[:12]
+    prompts, labels = evaluation_prompts(num_images, templates)
+    extractor, reference = _extractor_and_reference(reference_n, data_root)
+    for spec in configs.split(","):
+        name, steps, guidance = spec.split(":")
+        steps, guidance = int(steps), float(guidance)
+        key = f"{name}-{steps}-w{guidance:g}-n{num_images}-{templates}-{weights}"
+        path = out_dir / f"teacher-{key}.json"
+        if path.is_file():
+            console.print(f"{spec}: reusing {path.name}")
+            continue
+        pipe.scheduler = schedulers[name].from_config(base_config)
+        images, seconds = [], 0.0
+        with _bar() as bar:
+            tid = bar.add_task(f"{spec}", total=num_images, info="")
+            for i in range(0, num_images, batch_size):
+                chunk = prompts[i:i + batch_size]
+                gens = [torch.Generator().manual_seed(i + k) for k in range(len(chunk))]
+                import time
+
+                t0 = time.perf_counter()
+                with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+                    out = pipe(chunk, num_inference_steps=steps, guidance_scale=guidance, generator=gens,
+                               output_type="pt").images
+                seconds += time.perf_counter() - t0
+                if not torch.isfinite(out).all():
+                    raise SystemExit(f"{spec}: non-finite pixels; nothing written")
+                images.append((out.float().clamp(0, 1) * 255).round().to(torch.uint8))
+                bar.update(tid, advance=len(chunk))
+        images = torch.cat(images)
+        res = score_images(images, extractor, reference, batch_size=100)
+        acc = class_accuracy(images, labels, judge)
+        row = {"scheduler": name, "steps": steps, "guidance": guidance, "num_images": num_images,
+               "templates": templates, "weights": weights, "fid": res.fid, "fid_low": res.fid_interval.low,
+               "fid_high": res.fid_interval.high, "kid_mean": res.kid_mean, "class_accuracy": acc.accuracy,
+               "class_accuracy_low": acc.low, "class_accuracy_high": acc.high,
+               "ms_per_image": 1000 * seconds / num_images, "batch_size": batch_size, "precision": "bf16 autocast",
+               "feature_precision": "bf16", "reference_n": reference.reference_n, "protocol": str(res.protocol)}
+        write_json(path, row)
+        torch.save(images[:100], out_dir / f"teacher-{key}-first100.pt")
+        console.print(f"{spec}: FID {res.fid:.2f} [{res.fid_interval.low:.2f}, {res.fid_interval.high:.2f}]  "
+                      f"class accuracy {acc.cell()}  {row['ms_per_image']:.1f} ms/image")
 
 
 if __name__ == "__main__":

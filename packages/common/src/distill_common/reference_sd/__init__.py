@@ -28,8 +28,9 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def read_sha256sums(path: Path = SHA256_FILE) -> dict[str, str]:
-    """``relative path -> sha256`` from a ``sha256sum``-format file."""
+def read_sha256sums(path: Path | None = None) -> dict[str, str]:
+    """``relative path -> sha256`` from a ``sha256sum``-format file (default: the shipped model's)."""
+    path = path or SHA256_FILE
     sums = {}
     for line in path.read_text().splitlines():
         if line.strip():
@@ -38,15 +39,17 @@ def read_sha256sums(path: Path = SHA256_FILE) -> dict[str, str]:
     return sums
 
 
-def write_sha256sums(folder: Path, path: Path = SHA256_FILE) -> dict[str, str]:
+def write_sha256sums(folder: Path, path: Path | None = None) -> dict[str, str]:
     """Hash every file under ``folder`` (paths relative to ``path``'s folder) into ``path``."""
+    path = path or SHA256_FILE
     sums = {str(f.relative_to(path.parent)): file_sha256(f) for f in sorted(folder.rglob("*")) if f.is_file()}
     path.write_text("".join(f"{d}  {n}\n" for n, d in sums.items()))
     return sums
 
 
-def verify_sha256sums(root: Path = REFERENCE_SD_ROOT, sums_file: Path = SHA256_FILE) -> None:
+def verify_sha256sums(root: Path | None = None, sums_file: Path | None = None) -> None:
     """Raise ModelLoadError naming the first file whose sha256 differs from ``sums_file`` (or that is missing)."""
+    root, sums_file = root or REFERENCE_SD_ROOT, sums_file or SHA256_FILE
     for name, digest in read_sha256sums(sums_file).items():
         path = root / name
         if not path.is_file():

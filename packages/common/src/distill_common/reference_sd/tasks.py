@@ -124,20 +124,22 @@ class UNetTask:
 
 
 @torch.no_grad()
-def encode_moments(vae, images_uint8: torch.Tensor, batch: int = 256, *, flips: bool = True,
+def encode_moments(vae, images_uint8: torch.Tensor, batch: int = 256, *, flips: bool = False, bf16: bool = True,
                    progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
     """VAE posterior (mean, logvar) of every image, and of its horizontal flip when ``flips``: (N or 2N, 8, h, w)
     in fp16 (latents of a 32 px image are 16x16x4)."""
     out: list[torch.Tensor] = []
     views: Sequence[bool] = (False, True) if flips else (False,)
-    total = len(images_uint8) * len(views)
+    total, done = len(images_uint8) * len(views), 0
     for flip in views:
         for i in range(0, len(images_uint8), batch):
             x = uint8_to_unit(images_uint8[i:i + batch])
             if flip:
                 x = x.flip(-1)
-            post = vae.encode(x).latent_dist
-            out.append(torch.cat([post.mean, post.logvar], dim=1).half())
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                post = vae.encode(x).latent_dist
+            out.append(torch.cat([post.mean.float(), post.logvar.float()], dim=1).half())
+            done += len(x)
             if progress is not None:
-                progress(sum(len(o) for o in out), total)
+                progress(done, total)
     return torch.cat(out)
