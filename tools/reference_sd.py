@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 from pathlib import Path
 
 import typer
@@ -325,7 +324,6 @@ def eval_teacher(configs: str = typer.Option("pndm:30:1,pndm:30:2,pndm:30:3,pndm
     one JSON per configuration (reused when its key matches: model files' sha256, N, seeds, sampler, steps, w)."""
     _threads(threads)
     import hashlib
-    import json
 
     import torch
     from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, PNDMScheduler
@@ -383,6 +381,93 @@ def eval_teacher(configs: str = typer.Option("pndm:30:1,pndm:30:2,pndm:30:3,pndm
         torch.save(images[:100], out_dir / f"teacher-{key}-first100.pt")
         console.print(f"{spec}: FID {res.fid:.2f} [{res.fid_interval.low:.2f}, {res.fid_interval.high:.2f}]  "
                       f"class accuracy {acc.cell()}  {row['ms_per_image']:.1f} ms/image")
+
+
+def _fid_cell(row: dict) -> str:
+    return f"{row['fid']:.2f} [{row['fid_low']:.2f}, {row['fid_high']:.2f}]"
+
+
+def _acc_cell(row: dict) -> str:
+    return (f"{100 * row['class_accuracy']:.1f}% [{100 * row['class_accuracy_low']:.1f}, "
+            f"{100 * row['class_accuracy_high']:.1f}]")
+
+
+@app.command("card")
+def card(card_dir: Path = typer.Option(Path("~/distill-work/reference_sd/card").expanduser()),
+         classifier_run: Path = typer.Option(None)) -> None:
+    """Write MODEL_CARD.md for the shipped model (and the classifier's) from training.json, SHA256SUMS and the
+    evaluation JSONs in ``card_dir``."""
+    import json
+
+    from distill_common.checkpoint import atomic_write_bytes
+    from distill_common.reference_sd import REFERENCE_SD_ROOT, read_sha256sums
+
+    training = json.loads((REFERENCE_SD_ROOT / "training.json").read_text())
+    sums = read_sha256sums()
+    vae_row = json.loads((card_dir / "vae.json").read_text()) if (card_dir / "vae.json").is_file() else None
+    rows = sorted((json.loads(p.read_text()) for p in card_dir.glob("teacher-*.json")),
+                  key=lambda r: (-r["num_images"], r["fid"]))
+    params = training["parameters"]
+    lines = [
+        "# Reference text-to-image model (a CIFAR-sized Stable Diffusion)",
+        "",
+        "A latent text-to-image model of exactly Stable Diffusion 1.5's family, trained by this project on two CPU",
+        "cores so that every SD recipe (Flash-LoRA, LCM-LoRA, pruned students) can be measured on a trained teacher.",
+        "It is a diffusers folder: `StableDiffusionPipeline.from_pretrained(\"<this folder>/pipeline\")` loads it",
+        "outside the project (safety checker off); every `distill` command that takes a base model or teacher",
+        "accepts `reference` for it (its files are checked against `SHA256SUMS` on load).",
+        "",
+        "| component | class | parameters | notes |",
+        "|---|---|---:|---|",
+        f"| VAE | `AutoencoderKL` | {params['vae']:,} | 32x32 RGB -> 16x16x4 latents (2 levels, factor 2); scaling factor "
+        f"set to 1/std of the latents |",
+        f"| UNet | `UNet2DConditionModel` | {params['unet']:,} | SD 1.5 block types (3 cross-attention down blocks + 1 plain, "
+        "cross-attention mid block), widths (64, 96, 128, 128), 1 layer per block |",
+        f"| text encoder | `CLIPTextModel` | {params['text_encoder']:,} | 2 layers, width 64, CLIP's 49,408-token "
+        "vocabulary and 77 positions; **trained jointly with the UNet** from random init (no CLIP weights exist "
+        "offline; SD freezes its pretrained CLIP) |",
+        "| tokenizer | `CLIPTokenizer` | - | the real CLIP BPE vocabulary shipped in `open-clip-torch` |",
+        "| scheduler | `PNDMScheduler` | - | SD 1.5's config: epsilon prediction, scaled-linear betas 0.00085-0.012, "
+        "1,000 steps |",
+        "",
+        "Stored in fp16 (safetensors only); trained in fp32 with bf16 autocast.",
+        "",
+        "## Training",
+        "",
+        f"- Commit: `{training['commit']}`; hardware: {training['hardware']}.",
+        f"- Data: {training['data']}. Training captions use 12 templates per class name (\"a photo of a cat\", ...);"
+        " 5 held-out templates are kept for evaluation (`distill_common.reference_sd.captions`).",
+    ]
+    for name in ("vae", "unet"):
+        t = training[name]
+        lines.append(f"- {name.upper()}: `{t.get('command', '?')}` - {t.get('steps', 0):,} steps of batch "
+                     f"{t.get('config', {}).get('batch_size', '?')} ({t.get('images_seen', 0):,} images seen), "
+                     f"{t.get('wall_time_s', 0) / 60:.0f} min wall clock; MLflow run `{t.get('mlflow_run_id', '?')}`.")
+    lines += ["", "UNet objective: epsilon MSE with Min-SNR-5 weighting (Hang et al. 2023), 10% caption dropout for "
+              "classifier-free guidance, AdamW with warm-up and cosine decay, EMA 0.999 of the weights (exported).",
+              "VAE objective: L1 + 0.5 LPIPS(AlexNet) + 1e-6 KL, EMA 0.999.", "", "## Results", ""]
+    if vae_row:
+        lines += [f"- **VAE reconstruction FID**: {_fid_cell(vae_row)} ({vae_row['num_images']:,} reconstructions of "
+                  f"training images against the statistics of {vae_row['reference_n']:,} training images; PSNR "
+                  f"{vae_row['psnr_db']:.1f} dB; Inception features in bf16). Goal <= 10: "
+                  f"**{'met' if vae_row['fid_high'] <= 10 else 'not met'}**.", ""]
+    if rows:
+        lines += ["Generated from held-out caption templates (seed i for image i, classes balanced), scored against "
+                  "the statistics of 10,000 CIFAR-10 training images (JPEG re-encodings: not comparable with "
+                  "published CIFAR-10 FIDs); class accuracy by the shipped classifier, 95% Wilson interval; "
+                  "ms per image at the given batch, bf16 autocast, 2 CPU cores.", "",
+                  "| sampler | steps | guidance | images | FID [95% interval] | class accuracy | ms / image |",
+                  "|---|---:|---:|---:|---|---|---:|"]
+        for r in rows:
+            lines.append(f"| {r['scheduler']} | {r['steps']} | {r['guidance']:g} | {r['num_images']:,} | {_fid_cell(r)} | "
+                         f"{_acc_cell(r)} | {r['ms_per_image']:.1f} |")
+        lines.append("")
+    lines += ["## Files and sha256", "", "| file | sha256 |", "|---|---|"]
+    lines += [f"| `{n}` | `{d}` |" for n, d in sums.items()]
+    lines += ["", "Rebuild: `python tools/reference_sd.py --help` (train-vae, train-unet, ship, eval-vae, eval-teacher, "
+              "card)."]
+    atomic_write_bytes(REFERENCE_SD_ROOT / "MODEL_CARD.md", ("\n".join(lines) + "\n").encode())
+    console.print(f"wrote {REFERENCE_SD_ROOT / 'MODEL_CARD.md'}")
 
 
 if __name__ == "__main__":

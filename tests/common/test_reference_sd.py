@@ -39,7 +39,7 @@ def test_captions_templates_disjoint_and_class_is_recoverable():
         assert all(class_of_caption(c) == cls for c in row)
     assert table[0][0] == "a snapshot of an airplane"  # the article follows the class name
     prompts, labels = evaluation_prompts(25)
-    assert labels[:10] == list(range(10)) and all(class_of_caption(p) == y for p, y in zip(prompts, labels))
+    assert labels[:10] == list(range(10)) and all(class_of_caption(p) == y for p, y in zip(prompts, labels, strict=True))
     assert class_of_caption("a cat and a dog") is None and class_of_caption("a bowl of soup") is None
     with pytest.raises(DataError, match="held_out"):
         template_set("validation")

@@ -15,7 +15,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from distill_common.models.tiny_sd import SD15_SCHEDULER_CONFIG
 

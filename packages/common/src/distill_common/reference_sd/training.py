@@ -21,13 +21,13 @@ import torch
 
 from distill_common.checkpoint import (
     atomic_dir,
+    checkpoint_dir,
     latest_checkpoint,
     load_training_state,
+    load_weights,
     prune_checkpoints,
     save_training_state,
     save_weights,
-    load_weights,
-    checkpoint_dir,
     write_json,
 )
 from distill_common.errors import ConfigError
