@@ -470,5 +470,35 @@ def card(card_dir: Path = typer.Option(Path("~/distill-work/reference_sd/card").
     console.print(f"wrote {REFERENCE_SD_ROOT / 'MODEL_CARD.md'}")
 
 
+@app.command("grid")
+def grid(model: str = "reference", steps: int = 30, guidance: float = 3.0, seeds: int = 8, threads: int = 2,
+         data_root: str = typer.Option(None), out: Path = typer.Option(ROOT / "docs" / "reference_sd_samples.png")) -> None:
+    """Pictures: one row per class (a held-out caption), ``seeds`` columns at equal seeds, and a row of VAE
+    reconstructions under their originals (``out`` with ``_vae`` before the suffix)."""
+    _threads(threads)
+    import torch
+
+    from distill_common.data.cifar10 import CIFAR10_CLASSES
+    from distill_common.reference_sd.captions import class_captions
+    from distill_eval.grids import comparison_grid
+
+    pipe = _load_pipeline(model)
+    prompts = [row[0] for row in class_captions("held_out")]
+    columns = []
+    for k in range(seeds):
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            images = pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, output_type="pt",
+                          generator=[torch.Generator().manual_seed(1000 * k + i) for i in range(len(prompts))]).images
+        columns.append((f"seed {k}", images.float().clamp(0, 1)))
+    comparison_grid(columns, prompts, out, cell_size=64,
+                    title=f"reference text-to-image model: PNDM {steps} steps, guidance {guidance:g}, held-out captions")
+    images, _ = _cifar_uint8(data_root, "test", limit=10)
+    with torch.no_grad():
+        rec = pipe.vae.decode(pipe.vae.encode(images.float() / 127.5 - 1).latent_dist.mean).sample
+    comparison_grid([("CIFAR-10 test image", images.float() / 255), ("VAE reconstruction", (rec.clamp(-1, 1) + 1) / 2)],
+                    list(CIFAR10_CLASSES), out.with_name(out.stem + "_vae" + out.suffix), cell_size=64)
+    console.print(f"wrote {out} and its _vae companion")
+
+
 if __name__ == "__main__":
     app()

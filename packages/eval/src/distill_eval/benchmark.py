@@ -22,8 +22,10 @@ from rich.progress import Progress
 
 from distill_common.config import option
 from distill_common.errors import ConfigError, DistillError
+from distill_eval.classifier import class_accuracy
 
-STAMPED = ("fid", "fid_ci95_low", "fid_ci95_high", "kid", "kid_std", "lpips_to_teacher", "clip_score", "ms_per_image")
+STAMPED = ("fid", "fid_ci95_low", "fid_ci95_high", "kid", "kid_std", "lpips_to_teacher", "clip_score",
+           "class_accuracy", "ms_per_image")
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
 
@@ -54,6 +56,9 @@ class BenchmarkConfig:
     prompts_file: Path | None = option(None, "Prompts for prompt generators (one a line).")
     coco_prompts: int = option(0, "Use N seeded COCO val captions as prompts instead of a file (0 = off).", ge=0)
     clip_model: str | None = option(None, "CLIP model for CLIPScore: a hub id or a local folder.")
+    class_accuracy: bool = option(True, "Class accuracy by the shipped CIFAR-10 classifier: the share of images "
+                                  "classified as their class label, or as the CIFAR-10 class their prompt names "
+                                  "(skipped when a prompt names none).")
     lpips_net: str = option("alex", "LPIPS backbone.", choices=("alex", "vgg"))
     batch_size: int = option(32, "Generation and timing batch size.", ge=1)
     timing_repeats: int = option(3, "Timed batches per configuration (after one warm-up batch).", ge=1)
@@ -226,6 +231,8 @@ def run_benchmark(
     fid_eval = _FidEvaluator(cfg, int(configs[0].generator.resolution)) if cfg.reference != "none" else None
     lpips = _lpips(cfg.lpips_net) if teacher_cfg is not None else None
     clip = _clip(cfg.clip_model, console) if "prompt" in kinds else None
+    intended = intended_classes(conditions) if cfg.class_accuracy else None
+    judge = _class_judge(console) if intended is not None else None
     teacher_images = load_png_folder(image_dirs[teacher_cfg.key], cfg.num_images) if teacher_cfg else None
     teacher_ms = None
     for c in configs:
@@ -245,6 +252,9 @@ def run_benchmark(
             row["lpips_to_teacher"] = 0.0 if c.is_teacher else float(_batched(lpips, images, teacher_images, cfg.batch_size))
         if clip is not None:
             row["clip_score"] = float(clip(images, conditions))
+        if judge is not None:
+            acc = class_accuracy((images * 255).round().to(torch.uint8), intended, judge)  # images in [0, 1]
+            row.update(class_accuracy=acc.accuracy, class_accuracy_low=acc.low, class_accuracy_high=acc.high)
         rows.append(row)
     for row in rows:
         row["speedup_vs_teacher"] = (teacher_ms / row["ms_per_image"]) if teacher_ms else None
@@ -257,7 +267,8 @@ def run_benchmark(
             "timing": f"batch {cfg.batch_size}, 1 warm-up + {cfg.timing_repeats} timed batches, device-synchronised",
             "environment": timing.environment if configs else {}}
     columns = ["model", "role", "steps", "fid", "fid_ci95_low", "fid_ci95_high", "fid_vs_best", "fid_vs_teacher",
-               "kid", "kid_std", "lpips_to_teacher", "clip_score", "ms_per_image", "speedup_vs_teacher",
+               "kid", "kid_std", "lpips_to_teacher", "clip_score", "class_accuracy", "class_accuracy_low",
+               "class_accuracy_high", "ms_per_image", "speedup_vs_teacher",
                "images_per_second", "peak_memory_mb"]
     report = write_report(rows, out, "benchmark", columns=columns, meta=meta)
 
@@ -333,6 +344,31 @@ def _prompts(cfg: BenchmarkConfig) -> list[str]:
     if cfg.coco_prompts:
         return coco_prompt_subset(resolve_data_root(cfg.data_root) / "coco2017", cfg.coco_prompts, seed=cfg.seed)
     raise ConfigError("a prompt generator needs prompts; pass --prompts-file or --coco-prompts N")
+
+
+def intended_classes(conditions: Sequence[Any]) -> list[int] | None:
+    """The CIFAR-10 class each condition asks for (class labels as they are, prompts by the class they name), or
+    None when some condition names no class (class accuracy does not apply)."""
+    from distill_common.reference_sd.captions import class_of_caption
+
+    out = []
+    for c in conditions:
+        label = c if isinstance(c, int) else class_of_caption(str(c))
+        if label is None or not 0 <= label < len(CIFAR10_CLASSES):
+            return None
+        out.append(int(label))
+    return out
+
+
+def _class_judge(console: Any):
+    from distill_common.errors import ModelLoadError
+    from distill_eval.classifier import load_classifier
+
+    try:
+        return load_classifier()
+    except ModelLoadError as exc:
+        console.print(f"[yellow]class accuracy unavailable:[/] {exc}")
+        return None
 
 
 def _lpips(net: str):
