@@ -110,6 +110,10 @@ def load_into(module: torch.nn.Module, path: str | Path, what: str = "model") ->
             f"{path} does not fit this {what} ({detail}); it was written for another architecture — "
             "use the config it was trained with"
         )
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise ModelLoadError(f"{path} holds NaN or infinite weights ({', '.join(bad[:3])}{'…' if len(bad) > 3 else ''}); "
+                             "it is from a diverged run: use an earlier checkpoint or retrain")
     module.load_state_dict(state)
 
 

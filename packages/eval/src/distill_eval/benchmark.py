@@ -8,6 +8,7 @@ kept as PNG files, so a cut-off benchmark resumes without regenerating finished 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -171,6 +172,8 @@ def generator_fingerprint(generator: Any) -> str:
     plain = {k: v for k, v in sorted(vars(generator).items())
              if isinstance(v, (str, int, float, bool, type(None), list, tuple, dict))
              and k not in ("last_nfe", "batch_size")}
+    plain.update({k: dataclasses.asdict(v) for k, v in vars(generator).items()
+                  if dataclasses.is_dataclass(v) and not isinstance(v, type)})  # e.g. a sampling schedule's options
     digest.update(json.dumps(plain, sort_keys=True, default=str).encode())
     for attr in ("scheduler", "pipe"):  # the scheduler options (class and config) decide the images too
         sched = getattr(generator, attr, None)

@@ -40,7 +40,8 @@ def _fingerprint(cfg: EvalConfig, lora_file: Path) -> dict[str, Any]:
     return {"base_model": cfg.base_model, "lora": digest, "lora_scale": cfg.lora_scale, "seed": cfg.seed,
             "prompt": cfg.prompt, "prompts_file": str(cfg.prompts_file), "coco_prompts": cfg.coco_prompts, "num_images": cfg.num_images,
             "guidance_scale": cfg.guidance_scale, "baseline_steps": cfg.baseline_steps,
-            "baseline_guidance": cfg.baseline_guidance, "precision": cfg.precision, "device": cfg.device}
+            "baseline_guidance": cfg.baseline_guidance, "precision": cfg.precision, "device": cfg.device,
+            "lcm_original_steps": cfg.lcm_original_steps, "steps": sorted(cfg.steps)}
 
 
 def _reset_stale_images(out: Path, fingerprint: dict[str, Any]) -> None:
