@@ -280,7 +280,7 @@ class SDSConfig:
 
     teacher: str = option("runs/rf_cifar/teacher/generator", "Teacher generator folder or runs:/ / models:/ URI.")
     class_label: int = option(3, "CIFAR-10 class of the images (0 airplane ... 9 truck).", ge=0, le=9)
-    seeds: int = option(8, "Images per guidance scale: seed i draws image i's initial noise and its SDS noise.", ge=2)
+    seeds: int = option(8, "Images per guidance scale: seed i draws image i's initial noise and its SDS noise.")
     guidance_scales: list[float] = option([1.0, 7.5, 30.0, 100.0], "CFG scales to sweep (DreamFusion uses 100).", ge=0)
     iterations: int = option(400, "Optimiser steps per image.", ge=1)
     learning_rate: float = option(0.03, "Adam learning rate (cosine-decayed to 0, so the last images are not noisy).", gt=0)

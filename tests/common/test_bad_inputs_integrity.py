@@ -1,0 +1,131 @@
+"""Issue 24 on the shared layers: the lock file (rows 4, 13), SIGTERM at the CLI boundary (row 6), non-finite and
+out-of-range options (row 11), one line for OS faults (row 12)."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+from dataclasses import dataclass
+
+import pytest
+import typer
+
+from distill_common.config import config_command, option
+from distill_common.errors import ConfigError, OutputDirError
+from distill_common.output_dir import LOCK_FILE, claim_output_dir
+
+# ------------------------------------------------------------------------------ row 4: a symlinked lock file
+
+
+def test_symlinked_lock_file_is_refused_and_its_target_untouched(tmp_path):
+    folder = tmp_path / "run"
+    folder.mkdir()
+    target = tmp_path / "precious.txt"
+    target.write_text("keep me\n")
+    (folder / LOCK_FILE).symlink_to(target)
+    with pytest.raises(OutputDirError, match="is a symbolic link"), claim_output_dir(folder):
+        pass
+    assert target.read_text() == "keep me\n"
+    dangling = tmp_path / "run2"
+    dangling.mkdir()
+    (dangling / LOCK_FILE).symlink_to(tmp_path / "would-be-created")
+    with pytest.raises(OutputDirError, match="is a symbolic link"), claim_output_dir(dangling):
+        pass
+    assert not (tmp_path / "would-be-created").exists()
+
+
+# ------------------------------------------------------------------------------ row 13: a garbled lock file
+
+
+@pytest.mark.parametrize("content", ["999999999999999999999 distill rf distill\n", "-5\n", "abc\n", "\x00\xff\n"])
+def test_lock_file_with_a_huge_or_garbled_pid_is_taken_over(tmp_path, content, capsys):
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / LOCK_FILE).write_text(content, errors="surrogateescape")
+    with claim_output_dir(folder) as held:
+        assert (held / LOCK_FILE).read_text().split()[0] == str(os.getpid())
+    assert not (folder / LOCK_FILE).exists()
+
+
+# ------------------------------------------------------------------------------ row 6: SIGTERM at the CLI boundary
+
+
+def test_sigterm_unwinds_the_command_and_exits_143(tmp_path, capsys):
+    from distill_common.cli import run_app
+
+    app = typer.Typer()
+    seen = []
+
+    @app.command()
+    def work() -> None:
+        with claim_output_dir(tmp_path / "out"):
+            (tmp_path / "out" / "partial").write_text("x")
+            try:
+                os.kill(os.getpid(), signal.SIGTERM)
+            finally:
+                seen.append("cleanup ran")
+
+    @app.command()
+    def other() -> None:
+        pass
+
+    with pytest.raises(SystemExit) as exc:
+        run_app(app, ["work"])
+    assert exc.value.code == 128 + signal.SIGTERM
+    assert seen == ["cleanup ran"] and not (tmp_path / "out" / LOCK_FILE).exists()
+    assert "terminated by SIGTERM" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------ row 11: non-finite options
+
+
+@dataclass
+class _Cfg:
+    rate: float = option(0.1, "A rate with a range.", gt=0)
+    free: float = option(1.0, "A float without a range.")
+    scales: list[float] = option([1.0], "A list of floats.")
+    seed: int = option(0, "First seed.")
+
+
+@pytest.mark.parametrize("flags, flag", [(["--rate", "nan"], "--rate"), (["--rate", "inf"], "--rate"),
+                                         (["--free", "-inf"], "--free"), (["--free", "1e999"], "--free"),
+                                         (["--scales", "1,nan"], "--scales"),
+                                         (["--seed", "99999999999999999999"], "--seed"), (["--seed", "-1"], "--seed")])
+def test_non_finite_and_out_of_range_values_are_one_line(flags, flag):
+    from typer.testing import CliRunner
+
+    app = typer.Typer()
+    ran = []
+
+    @config_command(app, "go", _Cfg)
+    def go(cfg: _Cfg) -> None:
+        ran.append(cfg)
+
+    @app.command()
+    def noop() -> None:
+        pass
+
+    result = CliRunner().invoke(app, ["go", *flags])
+    assert isinstance(result.exception, ConfigError), result.output
+    assert flag in str(result.exception) and "\n" not in str(result.exception) and not ran
+
+
+# ------------------------------------------------------------------------------ row 12: disk full
+
+
+def test_disk_full_while_saving_weights_is_an_oserror_naming_the_file(tmp_path, monkeypatch):
+    import torch
+
+    from distill_common import checkpoint
+    from distill_common.errors import os_error_message
+
+    def full(tensors, path, metadata=None):
+        raise Exception(f"Error while serializing: IoError(Os {{ code: {errno.ENOSPC}, kind: StorageFull }})")
+
+    monkeypatch.setattr(checkpoint, "save_file", full)
+    with pytest.raises(OSError) as exc:
+        checkpoint.save_weights({"w": torch.zeros(2)}, tmp_path / "model.safetensors")
+    msg = os_error_message(exc.value)
+    assert str(tmp_path / "model.safetensors") in msg and "ENOSPC" in msg and "free disk space" in msg
+    assert not list(tmp_path.iterdir())  # no temporary file left behind
