@@ -129,3 +129,36 @@ def test_disk_full_while_saving_weights_is_an_oserror_naming_the_file(tmp_path, 
     msg = os_error_message(exc.value)
     assert str(tmp_path / "model.safetensors") in msg and "ENOSPC" in msg and "free disk space" in msg
     assert not list(tmp_path.iterdir())  # no temporary file left behind
+
+
+def test_disk_full_while_writing_a_png_names_the_png_and_leaves_no_partial_file(tmp_path):
+    from distill_common.checkpoint import save_image
+    from distill_common.errors import os_error_message
+
+    class FullDisk:
+        def save(self, path, **_):
+            with open(path, "wb") as fh:
+                fh.write(b"\x89PNG partial")
+            raise OSError(errno.ENOSPC, "No space left on device")  # PIL's error carries no file name
+
+    with pytest.raises(OSError) as exc:
+        save_image(FullDisk(), tmp_path / "00007.png")
+    msg = os_error_message(exc.value)
+    assert str(tmp_path / "00007.png") in msg and "ENOSPC" in msg
+    assert not list(tmp_path.iterdir())
+
+
+def test_disk_full_while_writing_a_training_state_is_an_oserror_naming_it(tmp_path, monkeypatch):
+    import torch
+
+    from distill_common import checkpoint
+
+    def failing_save(obj, path):
+        raise RuntimeError("[enforce fail at inline_container.cc:603] . PytorchStreamWriter failed writing file "
+                           "data/0: file write failed")
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    monkeypatch.setattr(os, "statvfs", lambda p: type("S", (), {"f_bavail": 10, "f_frsize": 4096})())
+    with pytest.raises(OSError) as exc:
+        checkpoint.save_training_state(tmp_path, {"step": 1})
+    assert exc.value.errno == errno.ENOSPC and exc.value.filename == str(tmp_path / checkpoint.STATE_FILE)

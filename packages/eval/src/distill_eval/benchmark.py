@@ -126,9 +126,9 @@ def condition_label(c: Any) -> str:
 
 def _save_png(img: torch.Tensor, path: Path) -> None:
     arr = (img.clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
-    tmp = path.with_suffix(".tmp.png")
-    Image.fromarray(arr).save(tmp)
-    tmp.replace(path)
+    from distill_common.checkpoint import save_image
+
+    save_image(Image.fromarray(arr), path)
 
 
 def load_png_folder(folder: Path, n: int) -> torch.Tensor:

@@ -402,8 +402,8 @@ def sample(cfg: SampleConfig, *, console: Console | None = None) -> Path:
     images = gen.generate(conditions, steps, seeds, cfg.guidance, **kwargs)  # (N, 3, 32, 32)
     for img, c, s in zip(images, conditions, seeds, strict=True):
         arr = (img.permute(1, 2, 0).numpy() * 255).round().astype("uint8")
-        Image.fromarray(arr).save(out / f"class{c}_seed{s}.png")
-    image_grid(images, ncols=cfg.per_class).save(out / "grid.png")
+        ckpt.save_image(Image.fromarray(arr), out / f"class{c}_seed{s}.png")
+    ckpt.save_image(image_grid(images, ncols=cfg.per_class), out / "grid.png")
     console.print(f"wrote {len(conditions)} images and {out / 'grid.png'} "
                   f"({steps} steps, NFE {getattr(gen, 'last_nfe', '?')}, {gen.precision})")
     return out / "grid.png"
