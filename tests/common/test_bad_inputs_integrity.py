@@ -162,3 +162,79 @@ def test_disk_full_while_writing_a_training_state_is_an_oserror_naming_it(tmp_pa
     with pytest.raises(OSError) as exc:
         checkpoint.save_training_state(tmp_path, {"step": 1})
     assert exc.value.errno == errno.ENOSPC and exc.value.filename == str(tmp_path / checkpoint.STATE_FILE)
+
+
+# ------------------------------------------------------------------------------ row 3: bounded serve requests
+
+
+@pytest.fixture
+def pyfunc_model():
+    from stand_in_generators import NoiseGenerator
+
+    from distill_common.tracking.pyfunc import GeneratorPyfunc
+
+    model = GeneratorPyfunc()
+    model.generator = NoiseGenerator.__new__(NoiseGenerator)
+    model.generator.scale = 1.0
+    model.generator.num_classes = 10
+    return model
+
+
+def test_serve_refuses_huge_steps_and_too_many_rows_at_once(pyfunc_model, monkeypatch):
+    import time
+
+    import pandas as pd
+
+    from distill_common.tracking.pyfunc import RequestError
+
+    start = time.perf_counter()
+    with pytest.raises(RequestError, match=r"steps 1000000000 is over this server's limit of 200"):
+        pyfunc_model.predict(None, pd.DataFrame({"condition": [0], "steps": [1e9]}))
+    with pytest.raises(RequestError, match=r"50000 rows is over this server's limit of 64"):
+        pyfunc_model.predict(None, pd.DataFrame({"condition": [0] * 50_000}))
+    assert time.perf_counter() - start < 5  # refused before any generation
+    monkeypatch.setenv("DISTILL_SERVE_MAX_ROWS", "2")
+    monkeypatch.setenv("DISTILL_SERVE_MAX_STEPS", "3")
+    with pytest.raises(RequestError, match="limit of 2 rows"):
+        pyfunc_model.predict(None, pd.DataFrame({"condition": [0, 1, 2]}))
+    with pytest.raises(RequestError, match="limit of 3"):
+        pyfunc_model.predict(None, pd.DataFrame({"condition": [0], "steps": [4]}))
+    assert len(pyfunc_model.predict(None, pd.DataFrame({"condition": [0, 1], "steps": [3, 3]}))) == 2
+
+
+def test_a_refusal_never_echoes_a_large_body(pyfunc_model):
+    import json
+
+    import pandas as pd
+
+    from distill_common.tracking.pyfunc import RequestError
+
+    with pytest.raises(RequestError) as exc:
+        pyfunc_model.predict(None, pd.DataFrame({"condition": ["x" * 200_000]}))
+    assert len(json.loads(exc.value.serialize_as_json())["message"]) <= 300
+
+
+# ------------------------------------------------------------------------------ row 14: a busy port
+
+
+def test_serve_and_ui_on_a_busy_port_are_one_line_before_anything_starts(monkeypatch):
+    import socket
+
+    from typer.testing import CliRunner
+
+    from distill_common import tracking
+    from distill_common.foreground import check_port_free
+    from distill_common.registry_cli import app
+
+    monkeypatch.setattr(tracking, "fetch_servable_model", lambda *a: pytest.fail("fetched despite a busy port"))
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        with pytest.raises(ConfigError, match=f"port {port} on 127.0.0.1 is already in use"):
+            check_port_free("127.0.0.1", port)
+        result = CliRunner().invoke(app, ["serve", "noise@champion", "--port", str(port)])
+        assert isinstance(result.exception, ConfigError) and "--port" in str(result.exception)
+    for bad in (["--max-steps", "0"], ["--max-rows", "100000"]):
+        result = CliRunner().invoke(app, ["serve", "noise@champion", *bad])
+        assert isinstance(result.exception, ConfigError) and bad[0] in str(result.exception)

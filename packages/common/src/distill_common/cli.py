@@ -49,8 +49,10 @@ def ui_cmd(
     host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind (loopback by default)."),
 ) -> None:
     """Web page to try registered teachers and students side by side, with their metrics and plots."""
+    from distill_common.foreground import check_port_free
     from distill_common.ui import serve
 
+    check_port_free(host, port)
     raise typer.Exit(serve(host, port))
 
 
