@@ -161,3 +161,22 @@ def test_fingerprint_tells_weights_apart_and_is_stable():
     assert generator_fingerprint(a) == generator_fingerprint(Gen(0)) != generator_fingerprint(b)
     a.default_guidance = 2.0
     assert generator_fingerprint(a) != generator_fingerprint(Gen(0))
+
+
+# ------------------------------------------------------------------------------ row 13: corrupt reference-stats cache
+
+
+@pytest.mark.parametrize("garbage", [b"\x00" * 7, b"{not safetensors at all", b"\xff" * 64])
+def test_corrupt_reference_stats_cache_is_recomputed_with_a_note(data_root, tmp_path, capsys, garbage):
+    from test_fid_reference_stats import PooledProjection
+
+    from distill_eval.reference_stats import reference_stats
+
+    first = reference_stats("cifar10-test", PooledProjection(), cache_dir=tmp_path, n=8, data_root=data_root,
+                            progress=False)
+    first.path.write_bytes(garbage)
+    again = reference_stats("cifar10-test", PooledProjection(), cache_dir=tmp_path, n=8, data_root=data_root,
+                            progress=False)
+    assert "is corrupt; recomputing it" in capsys.readouterr().err
+    torch.testing.assert_close(again.mu, first.mu)
+    assert again.path.stat().st_size > 100  # the cache was written again
