@@ -238,3 +238,26 @@ def test_serve_and_ui_on_a_busy_port_are_one_line_before_anything_starts(monkeyp
     for bad in (["--max-steps", "0"], ["--max-rows", "100000"]):
         result = CliRunner().invoke(app, ["serve", "noise@champion", *bad])
         assert isinstance(result.exception, ConfigError) and bad[0] in str(result.exception)
+
+
+# ------------------------------------------------------------------------------ row 13: a corrupt mlflow.db
+
+
+@pytest.mark.parametrize("garbage", [b"\x13\x37" * 3000, b"<html>not a db</html>"])
+def test_corrupt_mlflow_db_is_one_line_naming_it(tmp_path, monkeypatch, garbage):
+    from typer.testing import CliRunner
+
+    from distill_common.errors import TrackingError
+    from distill_common.output_dir import claim_output_dir
+    from distill_common.registry_cli import app
+
+    db = tmp_path / "mlflow.db"
+    db.write_bytes(garbage)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
+    monkeypatch.setenv("DISTILL_ARTIFACT_ROOT", str(tmp_path / "art"))
+    result = CliRunner().invoke(app, ["list"])
+    assert isinstance(result.exception, TrackingError), result.output
+    assert str(db) in str(result.exception) and "not an SQLite database" in str(result.exception)
+    with pytest.raises(TrackingError, match="not an SQLite database"), claim_output_dir(tmp_path / "run", track=True):
+        pass
+    assert not (tmp_path / "run").exists() and db.read_bytes() == garbage  # refused before any run; file kept

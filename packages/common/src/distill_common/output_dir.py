@@ -169,7 +169,11 @@ def claim_output_dir(folder: str | Path, *, track: bool = False, flag: str = "--
         if track:
             from distill_common.tracking import check_store_writable
 
-            check_store_writable()
+            try:
+                check_store_writable()
+            except BaseException:
+                _remove_if_untouched(folder, created)  # a refused run leaves no folder behind
+                raise
     else:
         Path(folder).mkdir(parents=True, exist_ok=True)
 

@@ -51,7 +51,15 @@ def compare_cmd(
     versions: list[str] = typer.Argument(None, help="Versions to compare (default: all)."),
 ) -> None:
     """Side-by-side table of evaluated versions, with the metric protocol and the MLflow UI link."""
-    infos = [v for v in tracking.list_versions(name) if not versions or v.version in versions]
+    from distill_common.errors import unknown_choice
+
+    every = tracking.list_versions(name)
+    if not every:
+        raise unknown_choice("registered model", name, tracking.list_models())
+    missing = [v for v in versions or [] if v not in {x.version for x in every}]
+    if missing:
+        raise unknown_choice(f"version of {name!r}", missing[0], [x.version for x in every])
+    infos = [v for v in every if not versions or v.version in versions]
     table = Table(title=f"{name}: evaluated versions")
     for col in ("version", "aliases", "steps", "FID", "KID", "CLIPScore", "LPIPS to teacher", "ms/image", "params"):
         table.add_column(col, justify="right")

@@ -54,6 +54,8 @@ class BenchmarkConfig:
     bootstrap_resamples: int = option(200, "Bootstrap resamples of the generated images for each FID's 95% "
                                       "interval (FID ± 1.96 bootstrap SE, seeded by --seed; 0 = no interval).", ge=0)
     prompts_file: Path | None = option(None, "Prompts for prompt generators (one a line).")
+    prompts: list[str] = option([], "Prompts given directly (by a command's --prompt; taken verbatim, e.g. a "
+                                "prompt starting with '#').", cli=False)
     coco_prompts: int = option(0, "Use N seeded COCO val captions as prompts instead of a file (0 = off).", ge=0)
     clip_model: str | None = option(None, "CLIP model for CLIPScore: a hub id or a local folder.")
     lpips_net: str = option("alex", "LPIPS backbone.", choices=("alex", "vgg"))
@@ -453,6 +455,8 @@ def _prompts(cfg: BenchmarkConfig) -> list[str]:
     from distill_common.data.prompts import coco_prompt_subset, load_prompts_file
     from distill_common.data.root import resolve_data_root
 
+    if cfg.prompts:
+        return list(cfg.prompts)
     if cfg.prompts_file is not None:
         return load_prompts_file(cfg.prompts_file)
     if cfg.coco_prompts:
