@@ -261,3 +261,20 @@ def test_corrupt_mlflow_db_is_one_line_naming_it(tmp_path, monkeypatch, garbage)
     with pytest.raises(TrackingError, match="not an SQLite database"), claim_output_dir(tmp_path / "run", track=True):
         pass
     assert not (tmp_path / "run").exists() and db.read_bytes() == garbage  # refused before any run; file kept
+
+
+# ------------------------------------------------------------------------------ row 16: registry compare nosuch
+
+
+def test_registry_compare_of_an_unknown_model_lists_the_valid_ones(mlflow_uri, logged_generator):
+    from typer.testing import CliRunner
+
+    from distill_common import tracking
+    from distill_common.registry_cli import app
+
+    tracking.register_model(logged_generator(1.0), "noise")
+    result = CliRunner().invoke(app, ["compare", "nosuch"])
+    assert isinstance(result.exception, ConfigError), result.output
+    assert "'nosuch'" in str(result.exception) and "'noise'" in str(result.exception)
+    result = CliRunner().invoke(app, ["compare", "noise", "7"])
+    assert isinstance(result.exception, ConfigError) and "'1'" in str(result.exception)

@@ -180,3 +180,17 @@ def test_corrupt_reference_stats_cache_is_recomputed_with_a_note(data_root, tmp_
     assert "is corrupt; recomputing it" in capsys.readouterr().err
     torch.testing.assert_close(again.mu, first.mu)
     assert again.path.stat().st_size > 100  # the cache was written again
+
+
+# ------------------------------------------------------------------------------ row 16: a FIFO named like an image
+
+
+def test_eval_fid_skips_a_fifo_named_like_an_image(tmp_path):
+    from distill_eval.cli import _folder_images
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(2):
+        Image.fromarray(np.full((8, 8, 3), 40 * i, dtype=np.uint8)).save(folder / f"{i}.png")
+    os.mkfifo(folder / "x.png")  # opening it for reading would block forever
+    assert _folder_images(folder, strict=True).shape == (2, 3, 8, 8)

@@ -327,3 +327,49 @@ def test_corrupt_stage_file_is_one_line_naming_it(tmp_path, teacher_dir, pairs_d
                                        "--train-device", "cpu"])
     assert isinstance(result.exception, DataError), result.output
     assert str(out / "stage.json") in str(result.exception) and "delete it" in str(result.exception)
+
+
+# ------------------------------------------------------------------------------ row 15: a bad download mirror
+
+
+def test_mirror_serving_html_or_a_truncated_archive_is_one_line(tmp_path, monkeypatch):
+    import hashlib
+    import http.server
+    import threading
+
+    from test_bad_inputs_rf import _archive
+
+    from distill_common.data import open_cifar10
+
+    www = tmp_path / "www"
+    www.mkdir()
+    handler = lambda *a, **kw: http.server.SimpleHTTPRequestHandler(*a, directory=str(www), **kw)  # noqa: E731
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.RequestHandlerClass.log_message = lambda *a: None
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_port}"
+    monkeypatch.delenv("DISTILL_DATA_ROOT", raising=False)
+    monkeypatch.setenv("DISTILL_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    try:
+        page = b"<!doctype html><html><body>Please log in</body></html>"
+        (www / "login.html").write_bytes(page)
+        (www / "cifar-10-python.tar.gz").write_bytes(page)  # HTML under the archive's name, md5 pinned to it
+        monkeypatch.setenv("DISTILL_CIFAR10_MD5", hashlib.md5(page).hexdigest())
+        for url, expect in ((f"{base}/login.html", "served a web page"),
+                            (f"{base}/cifar-10-python.tar.gz", "is not a .tar.gz archive")):
+            monkeypatch.setenv("DISTILL_CIFAR10_URL", url)
+            with pytest.raises(DataError, match=expect) as info:
+                open_cifar10(None, "train", show_progress=False)
+            assert "\n" not in str(info.value)
+        path, _ = _archive(www)
+        cut = path.read_bytes()[: path.stat().st_size // 2]
+        path.write_bytes(cut)
+        monkeypatch.setenv("DISTILL_CIFAR10_MD5", hashlib.md5(cut).hexdigest())  # the md5 matches the cut file
+        with pytest.raises(DataError, match="truncated or damaged"):
+            open_cifar10(None, "train", show_progress=False)
+        cache = tmp_path / "cache" / "cifar10"
+        assert not (cache / "cifar-10-batches-py").exists() and not list(cache.glob(".*"))
+    finally:
+        server.shutdown()
+        server.server_close()
