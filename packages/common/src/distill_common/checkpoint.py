@@ -9,6 +9,7 @@ half of one. ``training_state.pt`` is read back with ``torch.load(weights_only=T
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -110,6 +111,10 @@ def load_into(module: torch.nn.Module, path: str | Path, what: str = "model") ->
             f"{path} does not fit this {what} ({detail}); it was written for another architecture — "
             "use the config it was trained with"
         )
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise ModelLoadError(f"{path} holds NaN or infinite weights ({', '.join(bad[:3])}{'…' if len(bad) > 3 else ''}); "
+                             "it is from a diverged run: use an earlier checkpoint or retrain")
     module.load_state_dict(state)
 
 
@@ -135,8 +140,47 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _named_os_error(exc: BaseException, path: Path) -> OSError:
+    """The OSError behind a writer's own exception (safetensors' ``code: 28``, torch's "file write failed"), naming
+    ``path``; a full disk is recognised by the free space left when the writer does not say."""
+    if isinstance(exc, OSError):
+        return exc if exc.filename is not None else OSError(exc.errno, exc.strerror or str(exc), str(path))
+    code = re.search(r"code: (\d+)", str(exc))
+    if code:
+        number = int(code.group(1))
+    else:
+        try:
+            st = os.statvfs(path.parent)
+            number = errno.ENOSPC if st.f_bavail * st.f_frsize < 64 << 20 else errno.EIO
+        except OSError:
+            number = errno.EIO
+    return OSError(number, os.strerror(number), str(path))
+
+
 def save_training_state(folder: Path, state: Mapping[str, Any]) -> None:
-    torch.save(dict(state), folder / STATE_FILE)
+    path = Path(folder) / STATE_FILE
+    try:
+        torch.save(dict(state), path)
+    except (OSError, RuntimeError) as exc:  # torch reports a failed write (disk full) as a RuntimeError
+        path.unlink(missing_ok=True)
+        raise _named_os_error(exc, path) from None
+
+
+def save_image(image: Any, path: str | Path, **kwargs: Any) -> Path:
+    """Save a PIL image atomically (a temporary sibling renamed into place); an OS fault (disk full, read-only)
+    is an OSError naming ``path``, and no partial file is left."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        image.save(tmp, **kwargs)
+        os.replace(tmp, path)
+    except BaseException as exc:
+        Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise _named_os_error(exc, path) from None
+        raise
+    return path
 
 
 def load_training_state(folder: str | Path) -> dict[str, Any]:

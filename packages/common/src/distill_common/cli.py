@@ -7,6 +7,7 @@ when their package is installed.
 
 from __future__ import annotations
 
+import signal
 import sys
 from importlib.metadata import entry_points
 
@@ -48,8 +49,10 @@ def ui_cmd(
     host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind (loopback by default)."),
 ) -> None:
     """Web page to try registered teachers and students side by side, with their metrics and plots."""
+    from distill_common.foreground import check_port_free
     from distill_common.ui import serve
 
+    check_port_free(host, port)
     raise typer.Exit(serve(host, port))
 
 
@@ -66,9 +69,27 @@ def _register_subcommands() -> None:
         app.add_typer(sub, name=ep.name)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the process is, so that it unwinds as Ctrl-C does: the MLflow run is marked KILLED, the
+    output folder's lock is released and a stage stays unfinished (a rerun resumes)."""
+
+
+_terminated: list[int] = []  # SIGTERMs received while run_app ran
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    _terminated.append(signum)
+    raise Terminated()
+
+
 def run_app(typer_app: typer.Typer, argv: list[str] | None = None) -> None:
     """Run a Typer app, turning DistillError and OSError (disk full, read-only, a file for a folder) into one
-    red line and exit code 2."""
+    red line and exit code 2, and SIGTERM into an orderly stop (exit 143)."""
+    _terminated.clear()
+    try:
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:  # not the main thread: leave signals alone
+        previous = None
     try:
         typer_app(args=argv, standalone_mode=True)
     except DistillError as exc:
@@ -77,6 +98,20 @@ def run_app(typer_app: typer.Typer, argv: list[str] | None = None) -> None:
     except OSError as exc:
         err_console.print(f"[bold red]error:[/] {os_error_message(exc)}", highlight=False, soft_wrap=True)
         sys.exit(2)
+    except SystemExit:
+        # click turns an interrupt into "Aborted!" and exit 1; a SIGTERM stop says so and exits 128 + 15
+        if _terminated:
+            err_console.print("[bold red]stopped:[/] terminated by SIGTERM; the run was marked KILLED and its folder "
+                              "released: rerun the same command to resume", highlight=False, soft_wrap=True)
+            sys.exit(128 + signal.SIGTERM)
+        raise
+    except Terminated:
+        err_console.print("[bold red]stopped:[/] terminated by SIGTERM; rerun the same command to resume",
+                          highlight=False, soft_wrap=True)
+        sys.exit(128 + signal.SIGTERM)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def main(argv: list[str] | None = None) -> None:

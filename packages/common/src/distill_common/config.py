@@ -22,6 +22,7 @@ import dataclasses
 import functools
 import inspect
 import json
+import math
 import types
 import typing
 from collections.abc import Callable, Mapping, Sequence
@@ -161,6 +162,7 @@ class FlagNamer:
         return FlagNamer((*self.prefix, name))
 
 
+MAX_SEED = 2**31 - 1  # every seed option's upper bound (image i's seed is seed + i: numpy needs < 2**32)
 _RANGE_TEXT = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
 _RANGE_OK = {"ge": lambda v, b: v >= b, "gt": lambda v, b: v > b, "le": lambda v, b: v <= b, "lt": lambda v, b: v < b}
 
@@ -191,6 +193,14 @@ def _walk_checks(cfg: Any, prefix: tuple[str, ...] = ()) -> None:
                 if v not in choices:
                     raise unknown_choice(f"value for {cli_flag(path)}", v, choices)
         bounds = f.metadata.get("range")
+        if f.name in ("seed", "seed_start") or f.name.endswith("_seed"):  # numpy and torch take seeds below 2**32
+            for v in values:
+                if isinstance(v, int) and not 0 <= v <= MAX_SEED:
+                    raise ConfigError(f"{cli_flag(path)} must be in [0, {MAX_SEED}], got {v}; pass a smaller seed")
+        for v in values:  # no option means NaN or infinity: refused whether or not the field has a range
+            if isinstance(v, float) and not math.isfinite(v):
+                within = f"a finite number {_range_text(bounds)}" if bounds else "a finite number"
+                raise ConfigError(f"{cli_flag(path)} is {v}; pass {within}")
         if bounds:
             for v in values:
                 if isinstance(v, (int, float)) and not all(_RANGE_OK[k](v, b) for k, b in bounds.items()):

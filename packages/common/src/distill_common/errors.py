@@ -36,6 +36,21 @@ class TrainingDivergedError(DistillError):
     """A loss became NaN or infinite."""
 
 
+class NonFiniteImagesError(DistillError):
+    """A generation yielded NaN or infinite pixels (never written as black images)."""
+
+
+def check_finite_images(images, what: str) -> None:
+    """Raise :class:`NonFiniteImagesError` naming ``what`` when a tensor of images holds NaN or infinity."""
+    import torch
+
+    if images.is_floating_point() and not bool(torch.isfinite(images).all()):
+        bad = int((~torch.isfinite(images.reshape(images.shape[0], -1))).any(dim=1).sum()) if images.ndim else 1
+        raise NonFiniteImagesError(f"{what} yielded NaN or infinite pixels in {bad} of {images.shape[0] if images.ndim else 1} "
+                                   "image(s); nothing was written: check the weights (a diverged checkpoint?) and "
+                                   "pass a finite, moderate --guidance")
+
+
 def unknown_choice(kind: str, name: object, valid: Iterable[object]) -> ConfigError:
     """Build the standard error for a name outside a registry: it lists the valid names."""
     valid_list = ", ".join(repr(v) for v in sorted(valid, key=str))

@@ -109,3 +109,32 @@ def run_foreground(cmd: Sequence[str], env: Mapping[str, str] | None = None, gra
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return 0 if received else rc
+
+
+def check_port_free(host: str, port: int, flag: str = "--port") -> None:
+    """Refuse a port another program listens on, in one line, before anything is downloaded or started."""
+    import errno
+    import socket
+
+    from distill_common.errors import ConfigError
+
+    if not 0 < port < 65536:
+        raise ConfigError(f"{flag} {port} is not a TCP port; pass a number from 1 to 65535")
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        raise ConfigError(f"--host {host!r} does not resolve ({exc.strerror or exc}); pass e.g. --host 127.0.0.1") from None
+    family, _, _, _, addr = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(addr)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise ConfigError(f"port {port} on {host} is already in use by another program; pass another "
+                                  f"{flag} (e.g. {flag} {port + 1}) or stop that program") from None
+            if exc.errno in (errno.EACCES, errno.EPERM):
+                raise ConfigError(f"port {port} on {host} needs privileges; pass a {flag} above 1023") from None
+            if exc.errno == errno.EADDRNOTAVAIL:
+                raise ConfigError(f"--host {host} is not an address of this machine; pass e.g. --host 127.0.0.1") from None
+            raise

@@ -32,6 +32,7 @@ __all__ = [
 ]
 
 URI_PREFIXES = ("models:/", "runs:/", "mlflow-artifacts:/")
+_noted: set[str] = set()  # shipped names whose shadowing local folder was already noted in this process
 
 
 @runtime_checkable
@@ -58,12 +59,20 @@ def resolve_generator_folder(source: str | Path) -> Path:
 
         return Path(download_generator(src))
     folder = Path(src)
+    if "/" not in src and "\\" not in src:
+        named = named_generators()
+        if src in named:  # a shipped name wins; a local folder of that name is reached as ./NAME
+            if folder.exists() and src not in _noted:
+                import sys
+
+                _noted.add(src)
+                print(f"note: '{src}' names the shipped generator {named[src]}; the folder ./{src} here is "
+                      f"ignored (pass ./{src} to load it)", file=sys.stderr)
+            return named[src]
     if folder.exists():
         return folder
     if "/" not in src and "\\" not in src:
         named = named_generators()
-        if src in named:
-            return named[src]
         hint = f"a shipped name ({', '.join(sorted(named))}), " if named else ""
         raise ModelLoadError(f"generator {src!r} is neither a folder nor a shipped generator; pass {hint}"
                              "a generator folder, a runs:/ID/PATH or a models:/NAME@ALIAS URI")

@@ -16,6 +16,7 @@ import contextlib
 import errno
 import functools
 import os
+import stat
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
@@ -59,9 +60,10 @@ def _read_owner(fd: int) -> int | None:
     try:
         os.lseek(fd, 0, os.SEEK_SET)
         text = os.read(fd, 256).decode(errors="replace").split()
-        return int(text[0]) if text else None
+        pid = int(text[0]) if text and text[0].isdigit() and len(text[0]) <= 10 else None
     except (OSError, ValueError):
         return None
+    return pid if pid is not None and 0 < pid < 2**31 else None  # a garbled or huge number is no owner
 
 
 def _alive(pid: int) -> bool:
@@ -122,7 +124,16 @@ def _acquire(path: Path, folder: Path, flag: str) -> int:
     import fcntl
 
     for _ in range(100):
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:  # O_NOFOLLOW: a symlink planted as the lock file is refused, its target never written
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        except OSError as exc:
+            if path.is_symlink() or exc.errno == errno.ELOOP:
+                raise OutputDirError(f"the lock file {path} is a symbolic link (to {os.readlink(path)}); distill "
+                                     f"refuses to write through it: remove it, or pass another {flag}") from None
+            raise
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise OutputDirError(f"the lock file {path} is not a regular file; remove it, or pass another {flag}")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -158,7 +169,11 @@ def claim_output_dir(folder: str | Path, *, track: bool = False, flag: str = "--
         if track:
             from distill_common.tracking import check_store_writable
 
-            check_store_writable()
+            try:
+                check_store_writable()
+            except BaseException:
+                _remove_if_untouched(folder, created)  # a refused run leaves no folder behind
+                raise
     else:
         Path(folder).mkdir(parents=True, exist_ok=True)
 

@@ -51,7 +51,15 @@ def compare_cmd(
     versions: list[str] = typer.Argument(None, help="Versions to compare (default: all)."),
 ) -> None:
     """Side-by-side table of evaluated versions, with the metric protocol and the MLflow UI link."""
-    infos = [v for v in tracking.list_versions(name) if not versions or v.version in versions]
+    from distill_common.errors import unknown_choice
+
+    every = tracking.list_versions(name)
+    if not every:
+        raise unknown_choice("registered model", name, tracking.list_models())
+    missing = [v for v in versions or [] if v not in {x.version for x in every}]
+    if missing:
+        raise unknown_choice(f"version of {name!r}", missing[0], [x.version for x in every])
+    infos = [v for v in every if not versions or v.version in versions]
     table = Table(title=f"{name}: evaluated versions")
     for col in ("version", "aliases", "steps", "FID", "KID", "CLIPScore", "LPIPS to teacher", "ms/image", "params"):
         table.add_column(col, justify="right")
@@ -140,6 +148,10 @@ def serve_cmd(
     model: str = typer.Argument(..., help="NAME@ALIAS or NAME/VERSION of a registered generator."),
     host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind (loopback by default)."),
     port: int = typer.Option(5001, "--port", help="Port of the REST endpoint."),
+    max_steps: int = typer.Option(200, "--max-steps", help="Most sampling steps one request may ask for (1-10000); "
+                                  "a request over it gets a one-line 400 at once."),
+    max_rows: int = typer.Option(64, "--max-rows", help="Most rows (images) in one request (1-10000); a request "
+                                 "over it gets a one-line 400 at once."),
 ) -> None:
     """Serve a registered generator with MLflow's model server; POST /invocations returns base64 PNGs.
 
@@ -151,6 +163,12 @@ def serve_cmd(
 
     if not 0 < port < 65536:
         raise ConfigError(f"--port {port} is not a TCP port; pass a number from 1 to 65535 (default 5001)")
+    for flag, value in (("--max-steps", max_steps), ("--max-rows", max_rows)):
+        if not 1 <= value <= 10_000:
+            raise ConfigError(f"{flag} must be in [1, 10000], got {value}; pass e.g. {flag} 64")
+    from distill_common.foreground import check_port_free
+
+    check_port_free(host, port)
     uri = model if model.startswith("models:/") else f"models:/{model}"
     tracking.configure()
     staging = Path(tempfile.mkdtemp(prefix="distill-serve-"))
@@ -158,6 +176,7 @@ def serve_cmd(
         local = tracking.fetch_servable_model(uri, staging / "model")
         # mlflow starts uvicorn by name: the environment's own bin folder must come first on PATH
         env = dict(os.environ, MLFLOW_TRACKING_URI=tracking.tracking_uri(), MLFLOW_ALLOW_PICKLE_DESERIALIZATION="false",
+                   DISTILL_SERVE_MAX_STEPS=str(max_steps), DISTILL_SERVE_MAX_ROWS=str(max_rows),
                    PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
         cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", str(local), "--env-manager", "local",
                "--host", host, "--port", str(port), "--workers", "1"]

@@ -8,6 +8,8 @@ kept as PNG files, so a cut-off benchmark resumes without regenerating finished 
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import math
 from collections.abc import Callable, Sequence
@@ -21,7 +23,7 @@ from PIL import Image
 from rich.progress import Progress
 
 from distill_common.config import option
-from distill_common.errors import ConfigError, DistillError
+from distill_common.errors import ConfigError, DistillError, check_finite_images
 from distill_eval.classifier import class_accuracy
 
 STAMPED = ("fid", "fid_ci95_low", "fid_ci95_high", "kid", "kid_std", "lpips_to_teacher", "clip_score",
@@ -54,6 +56,8 @@ class BenchmarkConfig:
     bootstrap_resamples: int = option(200, "Bootstrap resamples of the generated images for each FID's 95% "
                                       "interval (FID ± 1.96 bootstrap SE, seeded by --seed; 0 = no interval).", ge=0)
     prompts_file: Path | None = option(None, "Prompts for prompt generators (one a line).")
+    prompts: list[str] = option([], "Prompts given directly (by a command's --prompt; taken verbatim, e.g. a "
+                                "prompt starting with '#').", cli=False)
     coco_prompts: int = option(0, "Use N seeded COCO val captions as prompts instead of a file (0 = off).", ge=0)
     clip_model: str | None = option(None, "CLIP model for CLIPScore: a hub id or a local folder.")
     class_accuracy: bool = option(True, "Class accuracy by the shipped CIFAR-10 classifier: the share of images "
@@ -77,6 +81,8 @@ class BenchmarkConfig:
         if self.bootstrap_resamples < 0 or self.bootstrap_resamples == 1:
             raise ConfigError(f"--bootstrap-resamples must be 0 (no interval) or at least 2, got "
                               f"{self.bootstrap_resamples}; pass e.g. 200")
+        for spec in [*self.generators, *([self.teacher] if self.teacher else [])]:
+            _check_label(parse_generator_spec(spec)[0], spec)
 
 
 @dataclass
@@ -91,6 +97,13 @@ class BenchmarkResult:
 
 
 # ------------------------------------------------------------------------------------------ helpers
+
+
+def _check_label(label: str, spec: str) -> None:
+    """A label names folders under the output folder: no path separators, no '..', nothing empty."""
+    if not label or label in (".", "..") or any(ch in label for ch in "/\\\0") or label.startswith("."):
+        raise ConfigError(f"generator label {label!r} (in {spec!r}) is not a plain name; labels name folders under "
+                          "--output-dir: pass LABEL=URI with a label of letters, digits, '-' or '_'")
 
 
 def parse_generator_spec(spec: str) -> tuple[str, str]:
@@ -120,15 +133,100 @@ def condition_label(c: Any) -> str:
 
 def _save_png(img: torch.Tensor, path: Path) -> None:
     arr = (img.clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
-    tmp = path.with_suffix(".tmp.png")
-    Image.fromarray(arr).save(tmp)
-    tmp.replace(path)
+    from distill_common.checkpoint import save_image
+
+    save_image(Image.fromarray(arr), path)
 
 
 def load_png_folder(folder: Path, n: int) -> torch.Tensor:
     """(n, 3, H, W) float in [0, 1] from ``00000.png`` … in index order."""
     arrs = [np.array(Image.open(folder / f"{i:05d}.png").convert("RGB")) for i in range(n)]
     return torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2).float() / 255.0
+
+
+CACHE_KEY_FILE = "cache_key.json"
+
+
+def _tensor_digest(modules: Sequence[Any]) -> str:
+    digest = hashlib.sha256()
+    for module in modules:
+        for name, tensor in sorted({**dict(module.named_parameters()), **dict(module.named_buffers())}.items()):
+            t = tensor.detach().to("cpu").contiguous()
+            digest.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+            digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+def _modules_of(generator: Any) -> list[Any]:
+    """The torch modules holding a generator's weights: its attributes, and a diffusers pipeline's components."""
+    found: list[Any] = []
+    for value in vars(generator).values():
+        if isinstance(value, torch.nn.Module):
+            found.append(value)
+        elif hasattr(value, "components") and isinstance(getattr(value, "components", None), dict):
+            found += [m for _, m in sorted(value.components.items()) if isinstance(m, torch.nn.Module)]
+    return found
+
+
+def generator_fingerprint(generator: Any) -> str:
+    """sha256 identifying a loaded generator's weights and settings: its tensors (every nn.Module it holds, a
+    pipeline's components included) and its plain settings (default guidance, sampler, scheduler, precision, info).
+    A generator may define ``fingerprint()`` itself."""
+    own = getattr(generator, "fingerprint", None)
+    if callable(own):
+        return str(own())
+    digest = hashlib.sha256(f"{type(generator).__module__}.{type(generator).__qualname__}".encode())
+    plain = {k: v for k, v in sorted(vars(generator).items())
+             if isinstance(v, (str, int, float, bool, type(None), list, tuple, dict))
+             and k not in ("last_nfe", "batch_size")}
+    plain.update({k: dataclasses.asdict(v) for k, v in vars(generator).items()
+                  if dataclasses.is_dataclass(v) and not isinstance(v, type)})  # e.g. a sampling schedule's options
+    digest.update(json.dumps(plain, sort_keys=True, default=str).encode())
+    for attr in ("scheduler", "pipe"):  # the scheduler options (class and config) decide the images too
+        sched = getattr(generator, attr, None)
+        sched = getattr(sched, "scheduler", sched) if attr == "pipe" else sched
+        if sched is not None and hasattr(sched, "config"):
+            digest.update(f"{type(sched).__name__}:{json.dumps(dict(sched.config), sort_keys=True, default=str)}".encode())
+    digest.update(_tensor_digest(_modules_of(generator)).encode())
+    return digest.hexdigest()
+
+
+def image_cache_key(generator: Any, num_steps: int, *, seed: int, condition_rule: str, guidance: float | None,
+                    extra: dict[str, Any] | None = None, fingerprint: str | None = None) -> dict[str, Any]:
+    """Everything that decides a cached image: the weights and settings (fingerprint), the seeds (image i has seed
+    ``seed + i``), the conditions, the steps, the guidance, the sampler and the precision."""
+    return {"weights": fingerprint or generator_fingerprint(generator), "seed": int(seed), "conditions": condition_rule,
+            "steps": int(num_steps), "guidance": guidance, "sampler": getattr(generator, "sampler", None),
+            "precision": getattr(generator, "precision", None), "resolution": getattr(generator, "resolution", None),
+            **(extra or {})}
+
+
+def prepare_cache(folder: Path, key: dict[str, Any], *, label: str, note: Callable[[str], None] | None = None) -> int:
+    """Make ``folder`` hold only images made under ``key``: PNGs cached under another key (or none) are deleted, and
+    the key is written before any new image. Returns how many images are reused (and says so)."""
+    from distill_common.checkpoint import write_json
+
+    folder.mkdir(parents=True, exist_ok=True)
+    say = note or (lambda msg: print(f"note: {msg}"))
+    pngs = sorted(folder.glob("[0-9][0-9][0-9][0-9][0-9].png"))
+    path = folder / CACHE_KEY_FILE
+    try:
+        old = json.loads(path.read_text()) if path.is_file() else None
+    except (OSError, ValueError):
+        old = None
+    if old == key:
+        if pngs:
+            say(f"{label}: reusing {len(pngs)} cached image(s) in {folder} (same weights, seeds, conditions, steps, "
+                "guidance, sampler and precision)")
+        return len(pngs)
+    if pngs:
+        changed = sorted(k for k in set(key) | set(old or {}) if (old or {}).get(k) != key.get(k))
+        why = f"{', '.join(changed)} changed" if old else "they carry no cache key"
+        say(f"{label}: {len(pngs)} cached image(s) in {folder} were made with other settings ({why}); regenerating")
+        for png in pngs:
+            png.unlink()
+    write_json(path, key)
+    return 0
 
 
 def generate_to_folder(
@@ -143,7 +241,8 @@ def generate_to_folder(
     progress: Progress | None = None,
     description: str = "",
 ) -> int:
-    """Generate the images whose PNG is missing (resume); returns how many were generated now."""
+    """Generate the images whose PNG is missing (resume); returns how many were generated now. The caller keys the
+    folder first (:func:`prepare_cache`), so that a PNG found here was made by this generator at these settings."""
     folder.mkdir(parents=True, exist_ok=True)
     todo = [i for i in range(len(conditions)) if not (folder / f"{i:05d}.png").is_file()]
     task = progress.add_task(description, total=len(conditions), completed=len(conditions) - len(todo)) if progress else None
@@ -151,6 +250,7 @@ def generate_to_folder(
         idx = todo[start : start + batch_size]
         with torch.inference_mode():
             images = generator.generate([conditions[i] for i in idx], num_steps, [seeds[i] for i in idx], guidance)
+        check_finite_images(images, f"{description or 'generation'} (seeds {seeds[idx[0]]}..{seeds[idx[-1]]})")
         for i, img in zip(idx, images, strict=True):
             _save_png(img, folder / f"{i:05d}.png")
         if progress is not None:
@@ -168,6 +268,7 @@ class _Config:
     generator: Any
     steps: int
     is_teacher: bool
+    version: tuple[str | None, str | None] = (None, None)  # the registry version loaded (pinned before the load)
 
     @property
     def key(self) -> str:
@@ -195,19 +296,30 @@ def run_benchmark(
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
 
+    def pin(uri: str) -> tuple[str | None, str | None]:
+        """The registry version an alias names now, read before the load: its tags get only its own numbers."""
+        if tracking_run is None or not uri.startswith("models:/"):
+            return None, None
+        from distill_common import tracking
+
+        return tracking.resolve_model_version(uri)
+
     configs: list[_Config] = []
     teacher_cfg: _Config | None = None
     if cfg.teacher:
         label, uri = parse_generator_spec(cfg.teacher)
         label = label if "=" in cfg.teacher else "teacher"
+        version = pin(uri)
         gen = load(uri)
-        teacher_cfg = _Config(label, uri, gen, cfg.teacher_steps or int(gen.default_steps), True)
+        teacher_cfg = _Config(label, uri, gen, cfg.teacher_steps or int(gen.default_steps), True, version)
         configs.append(teacher_cfg)
     for spec in cfg.generators:
         label, uri = parse_generator_spec(spec)
+        _check_label(label, spec)
+        version = pin(uri)
         gen = load(uri)
         for s in cfg.steps:
-            configs.append(_Config(label, uri, gen, int(s), False))
+            configs.append(_Config(label, uri, gen, int(s), False, version))
     kinds = {c.generator.condition_kind for c in configs}
     if len(kinds) > 1:
         raise ConfigError(f"generators mix condition kinds {sorted(kinds)}; benchmark class and prompt models separately")
@@ -217,12 +329,19 @@ def run_benchmark(
     seeds = [cfg.seed + i for i in range(cfg.num_images)]
     (out / "protocol_inputs.json").write_text(json.dumps({"seeds": [seeds[0], seeds[-1]], "conditions": conditions[:50]}, default=str))
 
-    # 1. images (resumable)
+    # 1. images (resumable; each folder keyed by what made its images, so a changed model or setting regenerates)
+    rule = _condition_rule(configs[0].generator, prompts)
+    fingerprints: dict[int, str] = {}  # one hash per loaded generator, shared by its step counts
     image_dirs: dict[str, Path] = {}
     with Progress(console=console, transient=False) as progress:
         for c in configs:
             folder = out / "images" / c.key
             image_dirs[c.key] = folder
+            fp = fingerprints.setdefault(id(c.generator), generator_fingerprint(c.generator))
+            key = image_cache_key(c.generator, c.steps, seed=cfg.seed, condition_rule=rule, guidance=cfg.guidance,
+                                  fingerprint=fp)
+            prepare_cache(folder, key, label=c.key,
+                          note=lambda msg: console.print(f"[yellow]note:[/] {msg}", highlight=False))
             generate_to_folder(c.generator, c.steps, conditions, seeds, folder, guidance=cfg.guidance,
                                batch_size=cfg.batch_size, progress=progress, description=f"generate {c.key}")
 
@@ -311,6 +430,14 @@ def finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def _condition_rule(generator: Any, prompts: Sequence[str] | None) -> str:
+    """The rule giving image i its condition (see :func:`conditions_for`), as a cache-key string."""
+    if generator.condition_kind == "class":
+        return f"class: i % {int(getattr(generator, 'num_classes', 10))}"
+    text = json.dumps(list(prompts or []))
+    return f"prompts: i % {len(prompts or [])}, sha256 {hashlib.sha256(text.encode()).hexdigest()}"
+
+
 def _grid_indices(conditions: Sequence[Any], n_rows: int) -> list[int]:
     """First index of each distinct condition (so rows show different classes/prompts), then fill."""
     seen, idx = set(), []
@@ -339,6 +466,8 @@ def _prompts(cfg: BenchmarkConfig) -> list[str]:
     from distill_common.data.prompts import coco_prompt_subset, load_prompts_file
     from distill_common.data.root import resolve_data_root
 
+    if cfg.prompts:
+        return list(cfg.prompts)
     if cfg.prompts_file is not None:
         return load_prompts_file(cfg.prompts_file)
     if cfg.coco_prompts:
@@ -441,7 +570,7 @@ def _log(run: Any, result: BenchmarkResult, configs: Sequence[_Config]) -> None:
     for c, row in zip(configs, result.rows, strict=True):
         if not c.uri.startswith("models:/"):
             continue
-        name, version = tracking.resolve_model_version(c.uri)
+        name, version = c.version
         if name is None:
             continue
         stamp = {f"eval.s{c.steps}.{k}": row[k] for k in STAMPED if finite(row.get(k))}

@@ -64,7 +64,8 @@ def _folder_images(folder: Path, limit: int | None = None, strict: bool = True,
 
     if not folder.is_dir():
         raise DataError(f"image folder {folder} does not exist; pass a folder of PNG/JPEG images")
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)[:limit]
+    # regular files only: a FIFO or device named x.png would block the read forever
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())[:limit]
     if not files:
         raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {folder}")
     files, bad = check_images(files, strict, strict_flag)

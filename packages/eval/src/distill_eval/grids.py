@@ -81,5 +81,7 @@ def comparison_grid(
                             fill="black", font=font)
     if out_path is not None:
         Path(out_path).parent.mkdir(parents=True, exist_ok=True)
-        canvas.save(out_path)
+        from distill_common.checkpoint import save_image
+
+        save_image(canvas, out_path)
     return canvas

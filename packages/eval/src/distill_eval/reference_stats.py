@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +34,7 @@ from distill_common.checkpoint import load_weights, save_weights
 from distill_common.data.cifar10 import open_cifar10
 from distill_common.data.cifar10_download import SPLIT_FILES, download_cifar10, find_batches
 from distill_common.data.root import resolve_data_root
-from distill_common.errors import ConfigError, DataError, unknown_choice
+from distill_common.errors import ConfigError, DataError, DistillError, unknown_choice
 from distill_eval.features import extract_features, feature_statistics
 from distill_eval.inception import INPUT_SIZE, RESIZE_METHODS, InceptionFeatureExtractor, default_cache_dir
 from distill_eval.protocol import MetricProtocol
@@ -233,7 +234,11 @@ def reference_stats(
     cache = (Path(cache_dir) if cache_dir is not None else default_cache_dir()) / "reference_stats"
     path = cache / f"{key}.safetensors"
     if path.is_file():
-        return _load(path)
+        try:
+            return _load(path)
+        except DistillError as exc:  # a cache is derived data: a corrupt one is recomputed, and that is said
+            print(f"note: {exc}; recomputing it", file=sys.stderr)
+            path.unlink(missing_ok=True)
 
     if source.kind == "cifar":
         total, batches = _cifar_batches(source, n, resolution, resize, batch_size, progress)
@@ -264,9 +269,14 @@ def reference_stats(
 def _load(path: Path) -> ReferenceStats:
     from safetensors import safe_open
 
-    with safe_open(str(path), framework="pt") as handle:
-        meta = json.loads((handle.metadata() or {}).get("protocol", "{}"))
-    tensors = load_weights(path)
-    if not meta or set(tensors) != {"mu", "sigma", "features"}:
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            meta = json.loads((handle.metadata() or {}).get("protocol", "{}"))
+        tensors = load_weights(path)
+    except Exception:  # noqa: BLE001 - safetensors' own error type for a garbled header, a JSON error, ...
+        raise DataError(f"reference statistics cache {path} is corrupt") from None
+    if not isinstance(meta, dict) or not meta or set(tensors) != {"mu", "sigma", "features"}:
         raise DataError(f"reference statistics cache {path} is incomplete; delete it so it is recomputed")
+    if not all(bool(torch.isfinite(t).all()) for t in tensors.values()):
+        raise DataError(f"reference statistics cache {path} holds NaN or infinite values")
     return ReferenceStats(mu=tensors["mu"], sigma=tensors["sigma"], features=tensors["features"], path=path, **meta)

@@ -132,6 +132,8 @@ class TurboConfig:
             return
         if not 0.0 < self.strength <= 1.0:
             raise ConfigError(f"--strength must be in (0, 1], got {self.strength}")
+        if Path(self.init_image).expanduser().is_dir():
+            raise ConfigError(f"--init-image {self.init_image} is a folder; pass one PNG or JPEG file inside it")
         if not Path(self.init_image).expanduser().is_file():
             raise ConfigError(f"--init-image {self.init_image} does not exist; pass a local PNG or JPEG file")
         counts = self.step_counts + ([self.baseline_steps] if self.compare_baseline else [])
@@ -267,6 +269,9 @@ class EvalConfig:
             raise ConfigError("pass either --prompt or --prompts-file, not both")
         if self.prompt is not None and not self.prompt.strip():
             raise ConfigError("--prompt is empty; pass the prompt text, e.g. --prompt \"a cat\"")
+        if self.prompt is not None and len(self.prompt.strip().splitlines()) > 1:
+            raise ConfigError("--prompt holds a line break (it would become several prompts); pass one line, or "
+                              "several prompts one a line with --prompts-file")
         self.prompts_file = resolve_prompts_file(self.prompts_file)
         if self.prompt is None and self.prompts_file is None and self.coco_prompts < 1:
             raise ConfigError("no prompts; pass --prompt TEXT, --prompts-file FILE or --coco-prompts N (N >= 1)")

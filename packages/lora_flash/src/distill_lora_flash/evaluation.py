@@ -10,7 +10,6 @@ written with the rest as ``flash_eval.{csv,json,md}``.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import hashlib
 import json
 import shutil
@@ -40,7 +39,8 @@ def _fingerprint(cfg: EvalConfig, lora_file: Path) -> dict[str, Any]:
     return {"base_model": cfg.base_model, "lora": digest, "lora_scale": cfg.lora_scale, "seed": cfg.seed,
             "prompt": cfg.prompt, "prompts_file": str(cfg.prompts_file), "coco_prompts": cfg.coco_prompts, "num_images": cfg.num_images,
             "guidance_scale": cfg.guidance_scale, "baseline_steps": cfg.baseline_steps,
-            "baseline_guidance": cfg.baseline_guidance, "precision": cfg.precision, "device": cfg.device}
+            "baseline_guidance": cfg.baseline_guidance, "precision": cfg.precision, "device": cfg.device,
+            "lcm_original_steps": cfg.lcm_original_steps, "steps": sorted(cfg.steps)}
 
 
 def _reset_stale_images(out: Path, fingerprint: dict[str, Any]) -> None:
@@ -87,15 +87,15 @@ def run_eval(cfg: EvalConfig, tracking_run: Any = None, console: Any = None) -> 
     baseline, student, lora = build_eval_generators(cfg)
     out = Path(cfg.output_dir)
     _reset_stale_images(out, _fingerprint(cfg, lora.file))
-    if cfg.prompt is not None:  # the benchmark reads prompts from a file: write the one prompt next to the report
+    if cfg.prompt is not None:  # given to the benchmark verbatim ('# a cat' is a prompt, not a comment); kept on disk
         (out / "prompt.txt").write_text(cfg.prompt.strip() + "\n", encoding="utf-8")
-        cfg = dataclasses.replace(cfg, prompts_file=out / "prompt.txt")
     n = cfg.num_images * _num_prompts(cfg)
     bench_cfg = BenchmarkConfig(
         generators=[f"{STUDENT_LABEL}=student"], teacher=f"{BASELINE_LABEL}=baseline",
         teacher_steps=cfg.baseline_steps, steps=list(cfg.steps), num_images=n, seed=cfg.seed, guidance=None,
         reference=cfg.fid_reference if cfg.fid else "none", reference_n=cfg.reference_n,
-        prompts_file=cfg.prompts_file, coco_prompts=0 if cfg.prompts_file else cfg.coco_prompts,
+        prompts_file=cfg.prompts_file, coco_prompts=0 if cfg.prompts_file or cfg.prompt else cfg.coco_prompts,
+        prompts=[cfg.prompt.strip()] if cfg.prompt is not None else [],
         clip_model=None, lpips_net=cfg.lpips_net, batch_size=cfg.batch_size, timing_repeats=cfg.timing_repeats,
         grid_rows=cfg.grid_rows, output_dir=out, data_root=cfg.data_root, track=tracking_run is not None,
         device=cfg.device,
@@ -118,8 +118,8 @@ def run_eval(cfg: EvalConfig, tracking_run: Any = None, console: Any = None) -> 
                 base_clip = row["clip_score"]
     for row in rows:
         row["quality_retention"] = row["clip_score"] / base_clip if row["clip_score"] is not None and base_clip else None
-    meta = {"base_model": cfg.base_model, "lora": lora.label, "images": n, "prompts": str(cfg.prompts_file or
-            f"{cfg.coco_prompts} COCO val2017 captions"), "seeds": f"{cfg.seed}..{cfg.seed + n - 1}",
+    meta = {"base_model": cfg.base_model, "lora": lora.label, "images": n, "prompts": repr(cfg.prompt) if cfg.prompt is not None else
+            str(cfg.prompts_file or f"{cfg.coco_prompts} COCO val2017 captions"), "seeds": f"{cfg.seed}..{cfg.seed + n - 1}",
             "clip_model": cfg.clip_model if scorer is not None else "n/a", "protocol": result.protocol,
             "timing": f"batch {cfg.batch_size}, 1 warm-up + {cfg.timing_repeats} timed batches, device-synchronised"}
     report = write_report(rows, out, "flash_eval", columns=REPORT_COLUMNS, meta=meta)
@@ -136,6 +136,8 @@ def run_eval(cfg: EvalConfig, tracking_run: Any = None, console: Any = None) -> 
 
 
 def _num_prompts(cfg: EvalConfig) -> int:
+    if cfg.prompt is not None:
+        return 1
     if cfg.prompts_file is not None:
         from distill_common.data.prompts import load_prompts_file
 
@@ -145,7 +147,9 @@ def _num_prompts(cfg: EvalConfig) -> int:
 
 def _conditions(cfg: EvalConfig, recorded: list[str], n: int) -> list[str]:
     """The prompt of each of the n images (the benchmark cycles the prompt list)."""
-    if cfg.prompts_file is not None:
+    if cfg.prompt is not None:
+        prompts = [cfg.prompt.strip()]
+    elif cfg.prompts_file is not None:
         from distill_common.data.prompts import load_prompts_file
 
         prompts = load_prompts_file(cfg.prompts_file)

@@ -72,8 +72,9 @@ def save_png(image: torch.Tensor, path: Path) -> Path:
     """(3, H, W) in [0, 1] -> PNG."""
     arr = (image.clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(arr).save(path)
-    return path
+    from distill_common.checkpoint import save_image
+
+    return save_image(Image.fromarray(arr), path)
 
 
 @dataclass

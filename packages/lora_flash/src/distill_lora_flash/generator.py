@@ -6,6 +6,7 @@ Each image's initial latent and LCM re-noising come from its own ``torch.Generat
 
 from __future__ import annotations
 
+import math
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -13,7 +14,7 @@ from typing import Any
 
 import torch
 
-from distill_common.errors import ConfigError, ModelLoadError
+from distill_common.errors import ConfigError, ModelLoadError, check_finite_images
 from distill_common.generator import read_generator_manifest, write_generator_manifest
 from distill_common.models.lora import LORA_WEIGHT_NAME
 from distill_lora_flash.loading import LoraSource, apply_lora, image_resolution, load_base_pipeline
@@ -62,6 +63,8 @@ class FlashGenerator:
             raise ConfigError(f"the number of sampling steps must be positive, got {num_steps}")
         self.pipe.scheduler = self.scheduler
         scale = self.default_guidance if guidance is None else float(guidance)
+        if not math.isfinite(scale):
+            raise ConfigError(f"--guidance must be a finite number, got {scale}; pass e.g. --guidance 1")
         generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
         with torch.inference_mode():
             out = self.pipe(
@@ -73,7 +76,9 @@ class FlashGenerator:
                 width=self.resolution,
                 output_type="pt",
             )
-        return out.images.float().clamp(0, 1).cpu()  # (N, 3, H, W)
+        images = out.images.float()
+        check_finite_images(images, f"LCM-LoRA sampling ({num_steps} steps, guidance {scale:g})")
+        return images.clamp(0, 1).cpu()  # (N, 3, H, W)
 
     def unet_evaluations(self, num_steps: int, guidance: float | None = None) -> tuple[int, int]:
         """(UNet calls, UNet batch rows) per image: CFG (guidance > 1) doubles the rows, not the calls."""

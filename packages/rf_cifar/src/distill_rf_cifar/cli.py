@@ -74,6 +74,7 @@ def sample_cmd(cfg: SampleConfig) -> None:
 
 
 @config_command(app, "sds", SDSConfig)
+@claims_output_dir(lambda cfg: cfg.output_dir)  # before torch is imported: a refused run exits at once
 def sds_cmd(cfg: SDSConfig) -> None:
     """Score distillation sampling (Poole et al. 2022): optimise images of one class from noise with the teacher's
     score for each --guidance-scales value; trajectory grids and the diversity (LPIPS) of SDS vs teacher samples."""
@@ -109,6 +110,7 @@ def pipeline_cmd(cfg: PipelineConfig) -> None:
 
 
 @config_command(app, "compare", CompareConfig, presets=COMPARE_PRESETS, default_preset="smoke")
+@claims_output_dir(lambda cfg: cfg.folder)  # one compare per folder: a second one is refused at once
 def compare_cmd(cfg: CompareConfig) -> None:
     """Every distillation recipe (one_step, four_step, reflow, progressive, adversarial, consistency, ...) from one
     --teacher under one budget of optimizer steps: one table (FID with interval at 1/2/4 steps, LPIPS to the teacher,

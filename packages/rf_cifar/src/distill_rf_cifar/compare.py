@@ -26,6 +26,7 @@ from rich.console import Console
 from distill_common import checkpoint as ckpt
 from distill_common import tracking
 from distill_common.errors import ConfigError, DistillError, unknown_choice
+from distill_common.output_dir import claims_output_dir
 from distill_rf_cifar.config import CompareConfig, DistillConfig, RoundsEvalConfig
 from distill_rf_cifar.stages import StageOutcome, distill_student, make_pairs
 
@@ -131,6 +132,7 @@ COLUMNS = ["method", "steps", "sampler", "guidance", "nfe", "fid", "kid", "lpips
            "train_seconds", "train_steps"]
 
 
+@claims_output_dir(lambda cfg: cfg.folder)  # re-entrant under the CLI's claim; a library call takes it too
 def run_compare(cfg: CompareConfig, *, console: Console | None = None, progress: bool = True) -> CompareResult:
     """Train (or reuse) every method, evaluate all of them with the teacher, write the table, plot and runs."""
     from distill_common.generator import read_generator_manifest

@@ -192,22 +192,28 @@ class RecipeConfig:
                                   "must be on the start's halving chain).", ge=1)
     time_sampler: str = option("uniform", "reflow recipe: how t is drawn.", choices=TIME_SAMPLER_NAMES)
     # -- adversarial (ADD, Sauer et al. 2023) and consistency (Song et al. 2023) recipes
-    adv_steps: int = option(4, "adversarial: student steps (1-4); training draws t from that many fixed Euler points.")
-    adv_weight: float = option(0.5, "adversarial: lambda of lambda * ||x_student - x_teacher||^2 (the tutorial's 0.5).")
+    adv_steps: int = option(4, "adversarial: student steps (1-4); training draws t from that many fixed Euler points.",
+                           ge=1, le=4)
+    adv_weight: float = option(0.5, "adversarial: lambda of lambda * ||x_student - x_teacher||^2 (the tutorial's 0.5).", ge=0)
     adv_d_learning_rate: float = option(1e-5, "adversarial: Adam learning rate of the discriminator heads (tutorial: "
-                                        "1e-5 for both networks; the student's is --train-learning-rate).")
+                                        "1e-5 for both networks; the student's is --train-learning-rate).", gt=0)
     adv_r1_weight: float = option(0.003, "adversarial: R1 penalty gamma on real images, gamma/2 E||grad D||^2 "
-                                  "(StyleGAN2's 2e-4 * res^2 / batch at 32 px, batch 64).")
-    adv_head_channels: int = option(32, "adversarial: hidden channels of each discriminator head.")
+                                  "(StyleGAN2's 2e-4 * res^2 / batch at 32 px, batch 64).", ge=0)
+    adv_head_channels: int = option(32, "adversarial: hidden channels of each discriminator head.", ge=1)
     cd_grid: int = option(16, "consistency: intervals of the uniform time grid (16 holds the 1-, 2-, 4- and 8-step "
-                          "sampling times; Song et al. use 18 points of EDM's grid).")
-    cd_target_decay: float = option(0.95, "consistency: EMA decay mu of the target network (Song et al., CIFAR-10 CD).")
+                          "sampling times; Song et al. use 18 points of EDM's grid).", ge=1)
+    cd_target_decay: float = option(0.95, "consistency: EMA decay mu of the target network (Song et al., CIFAR-10 CD).", ge=0, lt=1)
     cd_solver: str = option("euler", "consistency: the teacher's one ODE step between grid points (Song et al.: Heun).",
                             choices=("euler", "heun"))
-    cd_steps: int = option(2, "consistency: the student's default sampling steps (multistep consistency sampling).")
+    cd_steps: int = option(2, "consistency: the student's default sampling steps (multistep consistency sampling).", ge=1)
     # guided (Meng et al. 2023, stage one)
-    guidance_min: float = option(1.0, "guided: lowest CFG scale w the student learns (w ~ U[min, max] per sample).")
-    guidance_max: float = option(8.0, "guided: highest CFG scale w the student learns.")
+    guidance_min: float = option(1.0, "guided: lowest CFG scale w the student learns (w ~ U[min, max] per sample).", ge=0)
+    guidance_max: float = option(8.0, "guided: highest CFG scale w the student learns.", ge=0)
+
+    def validate(self, flag: FlagNamer = FlagNamer(("options",))) -> None:
+        if self.guidance_min > self.guidance_max:
+            raise ConfigError(f"{flag('guidance_min')} {self.guidance_min:g} is above {flag('guidance_max')} "
+                              f"{self.guidance_max:g}; pass a range with min <= max (e.g. 1 and 8)")
 
 
 @dataclass
@@ -215,10 +221,10 @@ class RoundsEvalConfig:
     """progressive: FID of every round's student at its own step count, and of the teacher at the same steps."""
 
     num_images: int = option(500, "Generated images per configuration (seeds 0..N-1, class = seed % 10; 0 = export "
-                             "the rounds without evaluating them).")
+                             "the rounds without evaluating them).", ge=0)
     reference: str = option("cifar10-train", "FID reference set (distill_eval.reference_stats).")
-    reference_n: int | None = option(10_000, "Reference images (default: all of the set).")
-    batch_size: int = option(250, "Generation batch size.")
+    reference_n: int | None = option(10_000, "Reference images (default: all of the set).", ge=2)
+    batch_size: int = option(250, "Generation batch size.", ge=1)
     teacher: bool = option(True, "Also evaluate the teacher (Euler) at every round's step count.")
     feature_precision: str = option("fp32", "Inception forward precision (stamped in the protocol; bf16 about 2x "
                                     "faster on CPUs with bf16 units).", choices=("fp32", "bf16"))
@@ -273,20 +279,20 @@ class SDSConfig:
     class from noise with the teacher's score, for a sweep of guidance scales, and measure their diversity."""
 
     teacher: str = option("runs/rf_cifar/teacher/generator", "Teacher generator folder or runs:/ / models:/ URI.")
-    class_label: int = option(3, "CIFAR-10 class of the images (0 airplane ... 9 truck).")
+    class_label: int = option(3, "CIFAR-10 class of the images (0 airplane ... 9 truck).", ge=0, le=9)
     seeds: int = option(8, "Images per guidance scale: seed i draws image i's initial noise and its SDS noise.")
-    guidance_scales: list[float] = option([1.0, 7.5, 30.0, 100.0], "CFG scales to sweep (DreamFusion uses 100).")
-    iterations: int = option(400, "Optimiser steps per image.")
-    learning_rate: float = option(0.03, "Adam learning rate (cosine-decayed to 0, so the last images are not noisy).")
+    guidance_scales: list[float] = option([1.0, 7.5, 30.0, 100.0], "CFG scales to sweep (DreamFusion uses 100).", ge=0)
+    iterations: int = option(400, "Optimiser steps per image.", ge=1)
+    learning_rate: float = option(0.03, "Adam learning rate (cosine-decayed to 0, so the last images are not noisy).", gt=0)
     parametrisation: str = option("pixels", "The optimised variable: the pixels themselves (clamped to [-1, 1]) or "
                                   "theta with image = tanh(theta).", choices=SDS_PARAMETRISATIONS)
     weighting: str = option("uniform", "w(t): uniform, or noise_variance (1 - t)^2 (DreamFusion's sigma_t^2).",
                             choices=SDS_WEIGHTINGS)
-    t_min: float = option(0.02, "Lowest t drawn (t = 0 is pure noise); t ~ U[t_min, t_max].")
-    t_max: float = option(0.98, "Highest t drawn (t = 1 is the image itself).")
-    snapshots: int = option(8, "Columns of the trajectory grid (evenly spaced iterations, first and last included).")
+    t_min: float = option(0.02, "Lowest t drawn (t = 0 is pure noise); t ~ U[t_min, t_max].", gt=0, lt=1)
+    t_max: float = option(0.98, "Highest t drawn (t = 1 is the image itself).", gt=0, lt=1)
+    snapshots: int = option(8, "Columns of the trajectory grid (evenly spaced iterations, first and last included).", ge=2)
     teacher_steps: int | None = option(None, "Euler steps of the teacher samples the diversity is compared with "
-                                       "(default: the teacher's own).")
+                                       "(default: the teacher's own).", ge=1)
     lpips_net: str = option("alex", "LPIPS network of the diversity measure.", choices=("alex", "vgg"))
     output_dir: Path = option(Path("runs/rf_cifar/sds"), "Grids, final images and the diversity table.")
     device: str = option("auto", "Device.", choices=DEVICES)

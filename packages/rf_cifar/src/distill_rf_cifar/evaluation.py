@@ -120,7 +120,13 @@ def run_sweep(
 
     ``entries`` replaces the configurations :func:`sweep_entries` derives from ``cfg`` (e.g. one per progressive
     round at its own step count); it must hold the teacher at its default Euler steps, the speed-up baseline."""
-    from distill_eval.benchmark import fid_row, generate_to_folder, load_png_folder
+    from distill_eval.benchmark import (
+        fid_row,
+        generate_to_folder,
+        generator_fingerprint,
+        image_cache_key,
+        load_png_folder,
+    )
     from distill_eval.fid import score_images
     from distill_eval.grids import comparison_grid
     from distill_eval.inception import InceptionFeatureExtractor
@@ -154,12 +160,38 @@ def run_sweep(
             raise ConfigError(f"{image_dirs[e.key]} holds images generated in {made_in}, this sweep generates in "
                               f"{e.generator.precision}; set the evaluation's sample precision to {made_in} "
                               "(--eval-sample-precision) or use another output folder")
+    # every folder is keyed by what made its images (weights, sampler, steps, guidance, seeds, classes, precision):
+    # a folder of another model or setting is regenerated, never scored as this one's
+    fingerprints: dict[int, str] = {}
+    keys: dict[str, dict[str, Any]] = {}
+    for e in entries:
+        fp = fingerprints.setdefault(id(e.generator), generator_fingerprint(e.generator))
+        keys[e.key] = image_cache_key(e.generator, e.steps, seed=seeds[0], condition_rule=f"class: i % {num_classes}",
+                                      guidance=None, fingerprint=fp, extra={"sampler": e.sampler})
+        folder, side = image_dirs[e.key], sidecars[e.key]
+        pngs = sorted(folder.glob("[0-9][0-9][0-9][0-9][0-9].png"))
+        if side.get("cache_key") == keys[e.key]:
+            if pngs:
+                console.print(f"[yellow]note:[/] {e.key}: reusing {len(pngs)} cached image(s) in {folder} (same "
+                              "weights, sampler, steps, guidance, seeds and precision)", highlight=False)
+            continue
+        if pngs or side:
+            old = side.get("cache_key") or {}
+            changed = sorted(k for k in set(keys[e.key]) | set(old) if old.get(k) != keys[e.key].get(k))
+            why = f"{', '.join(changed)} changed" if old else "they carry no cache key"
+            if pngs:
+                console.print(f"[yellow]note:[/] {e.key}: {len(pngs)} cached image(s) in {folder} were made with other "
+                              f"settings ({why}); regenerating", highlight=False)
+            for png in pngs:
+                png.unlink()
+            (folder / RESULT_FILE).unlink(missing_ok=True)
+            sidecars[e.key] = {}
     with Progress(console=console, disable=not progress) as bar:
         for e in entries:
             missing = [i for i in range(n) if not (image_dirs[e.key] / f"{i:05d}.png").is_file()]
-            if missing and not sidecars[e.key]:  # mark the folder's precision before its first image exists
+            if missing and not sidecars[e.key]:  # mark the folder's key before its first image exists
                 image_dirs[e.key].mkdir(parents=True, exist_ok=True)
-                sidecars[e.key] = {"sample_precision": e.generator.precision}
+                sidecars[e.key] = {"sample_precision": e.generator.precision, "cache_key": keys[e.key]}
                 ckpt.write_json(image_dirs[e.key] / RESULT_FILE, sidecars[e.key])
             if missing and id(e.generator) not in warmed:  # first-call costs (allocations, kernels) stay out of timings
                 e.generator.generate(conditions[: min(cfg.batch_size, len(missing))], 1,
@@ -172,7 +204,7 @@ def run_sweep(
                 b = bound[e.key]
                 sidecars[e.key] = {"nfe": sum(b.nfe) / len(b.nfe), "ms_per_image": 1000 * b.seconds / b.images,
                                    "images_timed": b.images, "timing": f"generation pass, batch {cfg.batch_size}",
-                                   "sample_precision": e.generator.precision}
+                                   "sample_precision": e.generator.precision, "cache_key": keys[e.key]}
 
     # 2. FID/KID against cached reference statistics (reused from the sidecar when no image changed)
     extractor = InceptionFeatureExtractor(precision=cfg.feature_precision)

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -21,7 +23,7 @@ import torch
 from distill_common import checkpoint as ckpt
 from distill_common.config import from_dict, to_dict
 from distill_common.data.transforms import to_unit_range
-from distill_common.errors import ConfigError, ModelLoadError
+from distill_common.errors import ConfigError, ModelLoadError, check_finite_images
 from distill_common.generator import (
     read_generator_manifest,
     resolve_generator_folder,
@@ -42,6 +44,44 @@ REFERENCE_TEACHER = Path(__file__).parent / "reference_teacher"  # shipped packa
 def named_generators() -> dict[str, Path]:
     """Generators shipped with this package: ``reference``, the CIFAR-10 teacher this project trained."""
     return {"reference": REFERENCE_TEACHER} if (REFERENCE_TEACHER / MODEL_FILE).is_file() else {}
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def card_sha256(folder: Path = REFERENCE_TEACHER) -> str | None:
+    """The weights' sha256 written in a shipped generator's MODEL_CARD.md (``- sha256: `HEX` ``), or None."""
+    card = folder / "MODEL_CARD.md"
+    match = re.search(r"sha256:\s*`([0-9a-f]{64})`", card.read_text()) if card.is_file() else None
+    return match.group(1) if match else None
+
+
+_verified: dict[tuple[str, int, int], str] = {}  # (path, size, mtime_ns) of a checked shipped file -> its sha256
+
+
+def verify_shipped_weights(folder: str | Path) -> None:
+    """A shipped generator's weights must match the sha256 in its model card (3 MB: milliseconds); an altered or
+    truncated file is refused in one line. Other folders pass unchecked."""
+    folder = Path(folder)
+    if folder.resolve() != REFERENCE_TEACHER.resolve():
+        return
+    path = folder / MODEL_FILE
+    want = card_sha256(folder)
+    if want is None:
+        raise ModelLoadError(f"the shipped reference teacher's MODEL_CARD.md ({folder}) names no sha256; "
+                             "reinstall distill-rf-cifar")
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    got = _verified.get(key) or _file_sha256(path)
+    if got != want:
+        raise ModelLoadError(f"the shipped reference teacher's weights {path} do not match the sha256 in its model "
+                             f"card ({got[:12]} != {want[:12]}): the file was altered; reinstall distill-rf-cifar")
+    _verified[key] = got
 
 
 class RFGenerator:
@@ -105,6 +145,8 @@ class RFGenerator:
         solve = get_sampler(name)
         steps = int(num_steps or self.default_steps)
         w = self.default_guidance if guidance is None else float(guidance)
+        if not math.isfinite(w):
+            raise ConfigError(f"--guidance must be a finite number, got {w}; pass e.g. --guidance 2")
         if self.guidance_range and not self.guidance_range[0] - 1e-6 <= w <= self.guidance_range[1] + 1e-6:
             raise ConfigError(f"this guidance-conditioned generator learned w in [{self.guidance_range[0]:g}, "
                               f"{self.guidance_range[1]:g}], got --guidance {w:g}; pass a scale inside that range")
@@ -115,6 +157,7 @@ class RFGenerator:
         with torch.autocast(self.device.type, dtype=torch_dtype(self.precision), enabled=self.precision != "fp32"):
             x = solve(fn, x0.to(self.device, self.dtype), ts, **kwargs)
         self.last_nfe = fn.calls * nfe_per_call(self.model, w)
+        check_finite_images(x, f"sampling ({name}, {steps} steps, guidance {w:g})")
         return x.float().cpu()
 
     def generate(self, conditions: Sequence[Any], num_steps: int | None = None, seeds: Sequence[int] | None = None,
@@ -173,6 +216,7 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu") -> ClassC
     cfg_path = folder / MODEL_CONFIG_FILE
     if not cfg_path.is_file():
         raise ModelLoadError(f"{folder} holds no {MODEL_CONFIG_FILE}; pass a generator folder written by 'distill rf'")
+    verify_shipped_weights(folder)
     conditioned = (folder / "generator.json").is_file() and bool(read_generator_manifest(folder).get("guidance_conditioned"))
     model = ClassConditionalUNet(from_dict(UNetConfig, json.loads(cfg_path.read_text())), guidance_embedding=conditioned)
     ckpt.load_into(model, folder / MODEL_FILE, "rf_cifar UNet")

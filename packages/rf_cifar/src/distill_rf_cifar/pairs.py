@@ -105,7 +105,12 @@ def make_pairs(cfg: PairsConfig, progress: bool = True) -> PairsResult:
                 chunk = seeds[i : i + cfg.batch_size]
                 x0 = noise_for_seeds(chunk)  # (b, 3, 32, 32)
                 labels = torch.tensor([label_for_seed(s, generator.num_classes) for s in chunk])
-                images.append(generator.sample(x0, labels, cfg.steps, cfg.guidance, cfg.sampler))
+                endpoint = generator.sample(x0, labels, cfg.steps, cfg.guidance, cfg.sampler)
+                if not bool(torch.isfinite(endpoint).all()):  # never stored as pairs of NaN images
+                    raise DataError(f"the teacher {cfg.teacher} yields NaN or infinite images (sampler {cfg.sampler}, "
+                                    f"{cfg.steps} steps, guidance {cfg.guidance:g}); check its weights or pass a smaller "
+                                    "--guidance")
+                images.append(endpoint)
                 noise.append(x0)
                 nfe = max(nfe, generator.last_nfe)
                 bar.advance(task, len(chunk))
@@ -116,10 +121,14 @@ def make_pairs(cfg: PairsConfig, progress: bool = True) -> PairsResult:
             ckpt.save_weights(tensors, out / shard_name(index), metadata={"teacher_sha256": teacher_sha})
             manifest["shards"].append({"index": index, "file": shard_name(index), "seeds": [lo, hi], "count": hi - lo,
                                        "nfe": nfe})
-            ckpt.write_json(out / MANIFEST, {**manifest, "seed_ranges": _ranges(manifest["shards"])})
+            # unfinished: the counts that exist, so a cut-off run never claims pairs it did not make
+            ckpt.write_json(out / MANIFEST, {**manifest, "seed_ranges": _ranges(manifest["shards"]),
+                                             "num_pairs": sum(sh["count"] for sh in manifest["shards"]),
+                                             "target_pairs": cfg.num_pairs, "complete": False})
             generated += 1
     manifest["seed_ranges"] = _ranges(manifest["shards"])
-    ckpt.write_json(out / MANIFEST, manifest)
+    manifest["complete"] = True
+    ckpt.write_json(out / MANIFEST, manifest)  # written last: every shard it lists exists
     return PairsResult(out, manifest, generated)
 
 
@@ -134,9 +143,20 @@ def _ranges(shards: list[dict[str, Any]]) -> list[list[int]]:
     return merged
 
 
+def check_complete(manifest: dict[str, Any], pairs_dir: str | Path) -> None:
+    """Refuse the pairs of a cut-off make-pairs (its manifest counts only the shards that exist)."""
+    have = sum(int(sh.get("count", 0)) for sh in manifest.get("shards", []))
+    if manifest.get("complete") is False or have != manifest.get("num_pairs", have):
+        target = manifest.get("target_pairs", manifest.get("num_pairs"))
+        raise DataError(f"the pairs in {pairs_dir} are unfinished ({have} of {target} made; make-pairs was cut off); "
+                        f"rerun 'distill rf make-pairs --output-dir {pairs_dir}' to finish them (it resumes)")
+
+
 def check_teacher(pairs_dir: str | Path, teacher: str | Path) -> dict[str, Any]:
-    """Refuse pairs made by another teacher than ``teacher`` (by weights sha256); returns the manifest."""
+    """Refuse unfinished pairs and pairs made by another teacher than ``teacher`` (by weights sha256); returns the
+    manifest."""
     manifest = read_manifest(pairs_dir)
+    check_complete(manifest, pairs_dir)
     sha = weights_sha256(teacher)
     if manifest.get("teacher_sha256") != sha:
         raise ConfigError(
@@ -150,6 +170,7 @@ def check_teacher(pairs_dir: str | Path, teacher: str | Path) -> dict[str, Any]:
 def load_pairs(pairs_dir: str | Path, teacher: str | Path | None = None) -> PairData:
     """All finished shards as one :class:`PairData` (checked against ``teacher`` when given)."""
     manifest = check_teacher(pairs_dir, teacher) if teacher is not None else read_manifest(pairs_dir)
+    check_complete(manifest, pairs_dir)
     want = manifest.get("teacher_sha256")
     noise, images, labels = [], [], []
     for shard in manifest["shards"]:

@@ -23,6 +23,7 @@ from rich.console import Console
 from torch import nn
 
 from distill_common import tracking
+from distill_common.checkpoint import save_image
 from distill_common.errors import ConfigError
 from distill_common.output_dir import claims_output_dir
 from distill_rf_cifar.config import SDSConfig
@@ -134,7 +135,7 @@ def run(cfg: SDSConfig, *, console: Console | None = None) -> list[dict[str, Any
             img_dir.mkdir(parents=True, exist_ok=True)
             for s, img in zip(seeds, unit[-1][1], strict=True):
                 arr = (img.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype("uint8")
-                Image.fromarray(arr).save(img_dir / f"seed{s}.png")
+                save_image(Image.fromarray(arr), img_dir / f"seed{s}.png")
             final_columns += [(f"SDS w={w:g} LPIPS {sds_div:.3f}", unit[-1][1]),
                               (f"teacher w={w:g} LPIPS {teacher_div:.3f}", ((teacher_imgs + 1) / 2).cpu())]
             console.print(f"  guidance {w:>6g}: diversity SDS {sds_div:.4f} vs teacher {teacher_div:.4f} "

@@ -21,7 +21,7 @@ from rich.console import Console
 from distill_common import checkpoint as ckpt
 from distill_common import tracking
 from distill_common.config import to_dict
-from distill_common.errors import ConfigError
+from distill_common.errors import ConfigError, DataError
 from distill_common.generator import resolve_generator_folder
 from distill_common.output_dir import claims_output_dir
 from distill_common.runtime import environment_info, is_main_process
@@ -97,7 +97,16 @@ def config_hash(cfg: Any) -> str:
 
 def _read_stage(folder: Path) -> dict[str, Any]:
     path = folder / STAGE_FILE
-    return json.loads(path.read_text()) if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    try:
+        stage = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        stage = None
+    if not isinstance(stage, dict):
+        raise DataError(f"{path} is corrupt (not a JSON object); delete it to retrain this stage from its last "
+                        f"checkpoint, or pass another --output-dir")
+    return stage
 
 
 def _check_same_config(folder: Path, stage: dict[str, Any], digest: str, what: str) -> None:
@@ -287,6 +296,9 @@ def distill_student(cfg: DistillConfig, *, console: Console | None = None, progr
     cfg = dataclasses.replace(cfg, teacher=resolve_generator_folder(cfg.teacher))  # a name such as 'reference'
     folder = cfg.folder
     teacher = load_generator(cfg.teacher, device="cpu")
+    if cfg.recipe == "guided" and teacher.info.get("guidance_conditioned"):  # refused before the folder is written
+        raise ConfigError(f"--teacher {cfg.teacher} already takes the guidance scale w as an input (a guided "
+                          "student); the guided recipe distils a CFG teacher: pass a plain rf teacher, e.g. reference")
     guidance = teacher.default_guidance if cfg.options.target_guidance is None else cfg.options.target_guidance
     phases = build_recipe(cfg.recipe, cfg.options, FlowConfig(), cfg.train.steps,
                           teacher_steps=teacher.default_steps, guidance=guidance)
@@ -390,8 +402,8 @@ def sample(cfg: SampleConfig, *, console: Console | None = None) -> Path:
     images = gen.generate(conditions, steps, seeds, cfg.guidance, **kwargs)  # (N, 3, 32, 32)
     for img, c, s in zip(images, conditions, seeds, strict=True):
         arr = (img.permute(1, 2, 0).numpy() * 255).round().astype("uint8")
-        Image.fromarray(arr).save(out / f"class{c}_seed{s}.png")
-    image_grid(images, ncols=cfg.per_class).save(out / "grid.png")
+        ckpt.save_image(Image.fromarray(arr), out / f"class{c}_seed{s}.png")
+    ckpt.save_image(image_grid(images, ncols=cfg.per_class), out / "grid.png")
     console.print(f"wrote {len(conditions)} images and {out / 'grid.png'} "
                   f"({steps} steps, NFE {getattr(gen, 'last_nfe', '?')}, {gen.precision})")
     return out / "grid.png"

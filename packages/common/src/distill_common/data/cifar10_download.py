@@ -12,6 +12,7 @@ numpy arrays and lists), so a tampered file cannot run code.
 from __future__ import annotations
 
 import codecs
+import gzip
 import hashlib
 import os
 import pickle
@@ -20,6 +21,7 @@ import tarfile
 import tempfile
 import urllib.error
 import urllib.request
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -131,6 +133,10 @@ def download_cifar10(target: Path | None = None, *, show_progress: bool = True, 
     try:
         try:
             with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310
+                kind = str(resp.headers.get("Content-Type") or "")
+                if kind.startswith(("text/html", "text/plain")):  # a login page or an error page, not the archive
+                    raise DataError(f"{url} served a web page ({kind.split(';')[0]}), not the CIFAR-10 archive; check "
+                                    f"the mirror, or {manual_fix()}")
                 total = int(resp.headers.get("Content-Length") or 0) or None
                 columns = (TextColumn("[bold]CIFAR-10"), BarColumn(), DownloadColumn(), TransferSpeedColumn())
                 with Progress(*columns, disable=not show_progress) as bar:
@@ -146,16 +152,18 @@ def download_cifar10(target: Path | None = None, *, show_progress: bool = True, 
         if actual != expected:
             raise DataError(f"the CIFAR-10 archive from {url} has md5 {actual}, not {expected}; it was not used. "
                             f"Retry later, or {manual_fix()}")
+        with open(tmp, "rb") as fh:
+            head = fh.read(2)
+        if head != b"\x1f\x8b":
+            raise DataError(f"the file from {url} is not a .tar.gz archive (it starts with {head!r}; a web page?); it "
+                            f"was not used. Check the mirror, or {manual_fix()}")
         staging = Path(tempfile.mkdtemp(prefix=".unpack-", dir=target))
         try:
-            with tarfile.open(tmp, "r:gz") as tar:
-                wanted = {f"{BATCHES_DIR}/{n}" for names in SPLIT_FILES.values() for n in names}
-                members = [m for m in tar.getmembers() if m.name in wanted and m.isfile()]
-                if {m.name for m in members} != wanted:
-                    raise DataError(f"the archive from {url} lacks {sorted(wanted - {m.name for m in members})}; "
-                                    f"{manual_fix()}")
-                for member in members:  # only the known batch files, written by name: no path tricks
-                    (staging / Path(member.name).name).write_bytes(tar.extractfile(member).read())
+            try:
+                _unpack(tmp, staging, url)
+            except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as err:  # truncated or garbled (md5 matched)
+                raise DataError(f"the CIFAR-10 archive from {url} is truncated or damaged ({type(err).__name__}: "
+                                f"{err}); it was not used. Retry the download, or {manual_fix()}") from None
             shutil.rmtree(batches, ignore_errors=True)
             staging.rename(batches)
         finally:
@@ -163,6 +171,18 @@ def download_cifar10(target: Path | None = None, *, show_progress: bool = True, 
     finally:
         tmp.unlink(missing_ok=True)
     return batches
+
+
+def _unpack(tmp: Path, staging: Path, url: str) -> None:
+    """Only the known batch files of the archive, written by name into ``staging``: no path tricks."""
+    with tarfile.open(tmp, "r:gz") as tar:
+        wanted = {f"{BATCHES_DIR}/{n}" for names in SPLIT_FILES.values() for n in names}
+        members = [m for m in tar.getmembers() if m.name in wanted and m.isfile()]
+        if {m.name for m in members} != wanted:
+            raise DataError(f"the archive from {url} lacks {sorted(wanted - {m.name for m in members})}; "
+                            f"{manual_fix()}")
+        for member in members:
+            (staging / Path(member.name).name).write_bytes(tar.extractfile(member).read())
 
 
 def find_batches(root: Path | None) -> Path | None:

@@ -27,6 +27,24 @@ from distill_common.tracking.run import TrackingRun, configure
 
 CODE_LOADER = "mlflow.pyfunc.loaders.code_model"
 INPUT_COLUMNS = ("condition", "seed", "steps", "guidance")
+MAX_REASON = 300  # characters of a refusal: a reply never echoes a large request back
+# What one request may cost, set by `distill registry serve --max-steps/--max-rows` for the model server it starts
+MAX_STEPS_ENV, MAX_ROWS_ENV = "DISTILL_SERVE_MAX_STEPS", "DISTILL_SERVE_MAX_ROWS"
+DEFAULT_MAX_STEPS, DEFAULT_MAX_ROWS = 200, 64
+
+
+def request_limits() -> tuple[int, int]:
+    """(max steps, max rows) of one request: the serve command's options (environment), else the safe defaults."""
+    import os
+
+    def read(name: str, default: int) -> int:
+        try:
+            value = int(os.environ.get(name, default))
+        except ValueError:
+            return default
+        return value if value >= 1 else default
+
+    return read(MAX_STEPS_ENV, DEFAULT_MAX_STEPS), read(MAX_ROWS_ENV, DEFAULT_MAX_ROWS)
 _log = logging.getLogger(__name__)
 
 
@@ -35,7 +53,8 @@ class RequestError(MlflowException):
     bad input, 500 otherwise): no traceback, no file paths, no dump of the request."""
 
     def __init__(self, reason: str, error_code: int = BAD_REQUEST):
-        self.reason = " ".join(str(reason).split())
+        reason = " ".join(str(reason).split())
+        self.reason = reason if len(reason) <= MAX_REASON else reason[: MAX_REASON - 1] + "…"  # never the whole body
         super().__init__(self.reason, error_code=error_code)
 
     def serialize_as_json(self) -> str:
@@ -89,9 +108,16 @@ class GeneratorPyfunc(mlflow.pyfunc.PythonModel):
                                f"got {', '.join(map(str, df.columns)) or 'none'}")
         if len(df) == 0:
             raise RequestError("input has no rows; send one row per image")
+        max_steps, max_rows = request_limits()
+        if len(df) > max_rows:
+            raise RequestError(f"{len(df)} rows is over this server's limit of {max_rows} rows per request; send at "
+                               f"most {max_rows} rows per request (the server's --max-rows)")
         params = params or {}
         raw_steps = _one(list(df["steps"]), "steps") if "steps" in df else params.get("steps", self.generator.default_steps)
         steps = _as_int(raw_steps, "steps", minimum=1)
+        if steps > max_steps:
+            raise RequestError(f"steps {steps} is over this server's limit of {max_steps}; pass steps from 1 to "
+                               f"{max_steps} (the server's --max-steps)")
         guidance = _one(list(df["guidance"]), "guidance") if "guidance" in df else params.get("guidance")
         if guidance is not None:
             try:

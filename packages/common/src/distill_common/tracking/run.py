@@ -76,6 +76,26 @@ def _sqlite_path(uri: str) -> Path | None:
     return Path(uri[len("sqlite:///"):].split("?", 1)[0])
 
 
+SQLITE_MAGIC = b"SQLite format 3\x00"
+
+
+def check_sqlite_file(uri: str) -> None:
+    """A local sqlite store that exists must be an SQLite file: a corrupt or foreign file is one line, not an
+    SQLAlchemy traceback (an empty file is what sqlite creates, and is fine)."""
+    db = _sqlite_path(uri)
+    if db is None or not db.is_file():
+        return
+    try:
+        with open(db, "rb") as fh:
+            head = fh.read(len(SQLITE_MAGIC))
+    except OSError:
+        return  # unreadable: check_store_writable and mlflow name that
+    if head and head != SQLITE_MAGIC:
+        raise TrackingError(f"the MLflow store {db} is not an SQLite database (corrupt, or another file); move it "
+                            f"away (mv {db} {db}.bad) to start a new store, or point MLFLOW_TRACKING_URI at the "
+                            "right one")
+
+
 def check_store_writable(uri: str | None = None) -> None:
     """Fail in well under a second when the embedded store cannot be written (mlflow itself would retry for
     about two minutes): the sqlite file's folder and the artifact root must take a new file. A server is
@@ -86,6 +106,7 @@ def check_store_writable(uri: str | None = None) -> None:
     if is_remote(uri):
         check_reachable(uri)
         return
+    check_sqlite_file(uri)
     targets: list[tuple[Path, str]] = []
     db = _sqlite_path(uri)
     if db is not None:
@@ -117,6 +138,7 @@ def configure(uri: str | None = None) -> str:
 
     uri = uri or tracking_uri()
     check_reachable(uri)
+    check_sqlite_file(uri)
     if is_remote(uri):  # a server that dies mid-run must cost seconds, not minutes of retries
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
