@@ -32,13 +32,20 @@ class PrepareConfig:
     """Options of ``distill prune prepare-unet``."""
 
     teacher_model: str = option(
-        DEFAULT_TEACHER, "Teacher: hub id, local diffusers folder or single-file checkpoint."
+        DEFAULT_TEACHER,
+        "Teacher (--base-model): hub id, local diffusers folder, single-file checkpoint, or 'reference' (the "
+        "shipped CIFAR-sized SD).",
+        aliases=("--base-model",),
     )
     plan: str = option("sd_small", "Block pruning plan (--arch: the seed project's name for it).",
                        choices=tuple(PRUNE_PLANS), aliases=("--arch",))
-    width: float = option(1.0, "Channel width relative to the teacher, in (0, 1].", gt=0, le=1)
+    width: float | None = option(
+        None, "Channel width relative to the teacher, in (0, 1] (default: the plan's, 1.0; narrow 0.5).", gt=0, le=1
+    )
     init: str = option("slice", "How the student inherits the teacher's weights.", choices=INIT_METHODS)
-    resolution: int = option(512, "Image resolution at which MACs are counted.", ge=8)
+    resolution: int | None = option(
+        None, "Image resolution at which MACs are counted (default: the teacher's, sample_size x VAE factor).", ge=8
+    )
     seed: int = option(0, "Seed of the random initialisation (init random).")
     output_dir: Path = option(
         Path("runs/prune/student"), "Writes OUTPUT_DIR/unet (diffusers) and prune_map.json."
@@ -54,20 +61,28 @@ def prepare_unet(cfg: PrepareConfig) -> None:
     from distill_eval.reports import print_table
     from distill_sd_prune.architecture import build_student, save_student
     from distill_sd_prune.architecture.complexity import complexity_row
+    from distill_sd_prune.architecture.pruning import plan_notes
 
     components = load_sd_components(cfg.teacher_model, include=("unet", "vae"), device="cpu")
-    latent = cfg.resolution // components.vae_scale_factor
+    resolution = cfg.resolution or int(components.unet.config.sample_size) * components.vae_scale_factor
+    latent = resolution // components.vae_scale_factor
     build = build_student(components.unet, cfg.plan, cfg.width, cfg.init, seed=cfg.seed)
     rows = [
         complexity_row("teacher", components.unet, latent),
         complexity_row(f"student ({build.budget})", build.unet, latent),
     ]
+    for row in rows:  # the student beside the teacher
+        row["params_vs_teacher"] = row["params"] / rows[0]["params"]
+        row["gmacs_vs_teacher"] = row["gmacs"] / rows[0]["gmacs"]
     save_student(
         build,
         cfg.output_dir,
-        extra={"teacher_model": cfg.teacher_model, "complexity": rows, "resolution": cfg.resolution},
+        extra={"teacher_model": cfg.teacher_model, "complexity": rows, "resolution": resolution,
+               "notes": plan_notes(components.unet.config, build.plan)},
     )
-    print_table(rows, list(rows[0]), title=f"UNet per call at {cfg.resolution}px", console=console)
+    print_table(rows, list(rows[0]), title=f"UNet per call at {resolution}px", console=console)
+    for note in plan_notes(components.unet.config, build.plan):
+        console.print(f"plan {build.plan.name}: {note}", highlight=False)
     console.print(
         f"kept {len(build.module_map)} layers, dropped {len(build.dropped)} teacher layers; "
         f"init {build.init}: {build.transfer.counts()}"
