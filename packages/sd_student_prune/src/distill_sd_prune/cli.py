@@ -15,6 +15,7 @@ from distill_common.output_dir import claims_output_dir
 from distill_common.runtime import DEVICES
 from distill_sd_prune.architecture.channel_init import INIT_METHODS
 from distill_sd_prune.architecture.pruning import PRUNE_PLANS
+from distill_sd_prune.evaluation.compare import CompareConfig
 from distill_sd_prune.evaluation.evaluate import EvaluateConfig
 from distill_sd_prune.sampling.pipeline import HEADLINE_GUIDANCE, HEADLINE_STEPS, SAMPLERS
 from distill_sd_prune.training.config import DEFAULT_TEACHER, TrainConfig
@@ -265,6 +266,30 @@ def evaluate_cmd(cfg: EvaluateConfig) -> None:
         state = "moved to" if decision.changed else "stays on"
         console.print(f"{decision.alias} {state} version {decision.version} (fid {decision.value:.4g})")
     console.print(f"report: {result['report']['md']}", highlight=False)
+
+
+@config_command(app, "compare", CompareConfig)
+@claims_output_dir(lambda cfg: cfg.output_dir)
+def compare_cmd(cfg: CompareConfig) -> None:
+    """Train V1, V2.1, V2.2, V3 and a random-init row from one teacher (default: the reference model) under one
+    step budget, score them and the teacher on one protocol (FID with 95% interval, class accuracy, LPIPS to the
+    teacher, ms per image, parameters, MACs), write the table and a grid, and promote the winner through the
+    promotion gate. A killed comparison resumes where it stopped."""
+    from distill_eval.reports import print_table
+    from distill_sd_prune.evaluation.compare import run_compare
+
+    result = run_compare(cfg, console=console)
+    cols = ["model", "setting", "params", "gmacs", "ms_per_image", "fid", "fid_ci95_low", "fid_ci95_high",
+            "class_accuracy", "lpips_to_teacher", "goal"]
+    print_table(result["rows"], [c for c in cols if any(r.get(c) is not None for r in result["rows"])],
+                title="teacher vs students", console=console)
+    for line in result["claims"]:
+        console.print(f"- {line}", highlight=False)
+    if result["decision"] is not None:
+        d = result["decision"]
+        console.print(f"promotion: {'promoted' if d.promote else 'not promoted'} v{d.chosen.version}: {d.reason}",
+                      highlight=False)
+    console.print(f"table: {result['report']['md']}  grid: {result['grid']}", highlight=False)
 
 
 @dataclass
