@@ -90,9 +90,12 @@ def test_compare_trains_scores_tabulates_and_promotes_then_resumes(
     assert by["v2.1", "recipe"]["steps"] == 2 and by["v2.1", "teacher"]["sampler"] == "pndm"
     assert by["v3", "recipe"]["budget"] == "sd_small" and by["v2.1", "recipe"]["budget"] == "none-w050"
     assert by["random", "recipe"]["init"] == "random" and by["v1", "recipe"]["init"] == "project"
-    header = (out / "comparison.md").read_text()
-    assert all(c in header for c in ("params", "gmacs", "ms_per_image", "fid_ci95_low", "class_accuracy",
-                                     "lpips_to_teacher"))
+    table = (out / "comparison.md").read_text().split("## Table")[1]
+    header = table.strip().splitlines()[0]
+    assert all(f" {c} |" in header for c in ("params", "gmacs", "ms_per_image", "fid", "class_accuracy",
+                                             "lpips_to_teacher"))
+    fid_cells = [line.split(" | ")[header.split(" | ").index("fid")] for line in table.strip().splitlines()[2:14]]
+    assert all("[" in c and "]" in c for c in fid_cells)  # each FID with its 95% interval
     assert set(COLUMNS) >= {"params", "gmacs", "ms_per_image", "fid", "class_accuracy", "lpips_to_teacher"}
     protocol = report["meta"]["protocol"]
     assert protocol["reference_set"] == "cifar10-train" and protocol["reference_n"] == 8

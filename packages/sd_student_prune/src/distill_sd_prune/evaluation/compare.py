@@ -326,14 +326,20 @@ def add_relative_columns(rows: list[dict[str, Any]]) -> None:
         r["params_vs_teacher"] = r["params"] / t["params"]
         r["gmacs_vs_teacher"] = r["gmacs"] / t["gmacs"]
         r["fid_vs_teacher"] = r["fid"] / t["fid"] if t.get("fid") else None
-        if r.get("class_accuracy") is not None and t.get("class_accuracy"):
-            r["class_accuracy_vs_teacher"] = r["class_accuracy"] / t["class_accuracy"]
-        checks = [r["params_vs_teacher"] <= GOAL_PARAMS, (r["fid_vs_teacher"] or math.inf) <= GOAL_FID]
-        if "class_accuracy_vs_teacher" in r:
-            checks.append(r["class_accuracy_vs_teacher"] >= GOAL_ACCURACY)
-        r["goal"] = "met" if all(checks) else "no"
+        accuracy, teacher_accuracy = r.get("class_accuracy"), t.get("class_accuracy")
+        if accuracy is not None and teacher_accuracy:
+            r["class_accuracy_vs_teacher"] = accuracy / teacher_accuracy
         if r["model"] == TEACHER:
             r["goal"] = ""
+        elif accuracy is None or teacher_accuracy is None:
+            r["goal"] = "n/a (no classifier)"
+        else:
+            met = (
+                r["params_vs_teacher"] <= GOAL_PARAMS
+                and r["fid"] <= GOAL_FID * t["fid"]
+                and accuracy >= GOAL_ACCURACY * teacher_accuracy
+            )
+            r["goal"] = "met" if met else "no"
 
 
 def _interval(row: dict[str, Any], metric: str) -> str:
@@ -446,7 +452,7 @@ def run_compare(cfg: CompareConfig, console: Any = None) -> dict[str, Any]:
     from distill_common import tracking
     from distill_common.checkpoint import write_json
     from distill_common.models import load_sd_components
-    from distill_eval.reports import interval_note, write_report
+    from distill_eval.reports import columns_of, interval_note, markdown_table, write_report
     from distill_sd_prune.evaluation.scoring import load_scoring_classifier
     from distill_sd_prune.sampling.generator import write_teacher_folder
 
@@ -478,9 +484,11 @@ def run_compare(cfg: CompareConfig, console: Any = None) -> dict[str, Any]:
         "settings": "; ".join(s.label() for s in settings_of(cfg)),
         "budget": f"{cfg.max_steps} optimiser steps, batch {cfg.batch_size} (V3: x4 gradient accumulation)",
         "intervals": interval_note(cfg.bootstrap_resamples) + "; class accuracy: Wilson 95%",
-        "claims": claims(rows, cfg.random_recipe),
-        "periodic": {row: d["periodic"] for row, d in done.items() if d["periodic"]},
+        "periodic evaluation (same protocol code, smaller N)": "; ".join(
+            periodic_summary(row, d["periodic"]) for row, d in done.items() if d["periodic"]
+        ) or "none",
     }
+    claim_lines = claims(rows, cfg.random_recipe)
     state = _read_json(out / STATE_FILE)
     decision = None
     with tracking.start_run(cfg.experiment, "compare", config=cfg, tags={"kind": "comparison"}, fallback_dir=out,
@@ -491,9 +499,16 @@ def run_compare(cfg: CompareConfig, console: Any = None) -> dict[str, Any]:
         if cfg.promote:
             decision = register_and_promote(cfg, run, done, rows, protocol, state)
             report_meta["promotion"] = (f"{cfg.registered_name} v{decision.chosen.version} "
-                                        f"({state['versions'] and _row_of(state, decision.chosen.version)}): "
+                                        f"({_row_of(state, decision.chosen.version)}): "
                                         f"{'promoted' if decision.promote else 'not promoted'}, {decision.reason}")
-        report = write_report(rows, out, REPORT, columns=COLUMNS, meta=report_meta)
+        report = write_report(rows, out, REPORT, columns=COLUMNS,
+                              meta={**report_meta, "claims": claim_lines,
+                                    "periodic": {row: d["periodic"] for row, d in done.items() if d["periodic"]}})
+        report["md"].write_text(
+            f"# {REPORT}\n\n" + "\n".join(f"- **{k}**: {v}" for k, v in report_meta.items())
+            + "\n\n## Claims (recipe setting; 95% intervals)\n\n" + "\n".join(f"- {c}" for c in claim_lines)
+            + "\n\n## Table\n\n" + markdown_table(rows, columns_of(rows, COLUMNS)) + "\n\n![teacher vs students](grid.png)\n"
+        )
         if cfg.track:
             for r in rows:
                 run.log_metrics({f"{r['model']}.{r['setting']}.{k}": float(r[k]) for k in
@@ -501,7 +516,20 @@ def run_compare(cfg: CompareConfig, console: Any = None) -> dict[str, Any]:
             for path in report.values():
                 run.log_artifact(path, "report")
             run.log_artifact(grid, "grids")
-    return {"rows": rows, "report": report, "grid": grid, "decision": decision, "claims": report_meta["claims"]}
+    return {"rows": rows, "report": report, "grid": grid, "decision": decision, "claims": claim_lines}
+
+
+def periodic_summary(row: str, history: list[dict[str, Any]]) -> str:
+    """The last periodic evaluation of a row, e.g. ``v2.1 @ step 500: FID 41.2 [39.0, 43.4], LPIPS 0.21 (N=200)``."""
+    last = history[-1]
+    fid = last.get("eval/fid")
+    low, high = last.get("eval/fid_ci95_low"), last.get("eval/fid_ci95_high")
+    text = f"{row} @ step {last['step']}: FID {fid:.4g}" if fid is not None else f"{row} @ step {last['step']}"
+    if low is not None and high is not None:
+        text += f" [{low:.4g}, {high:.4g}]"
+    if last.get("eval/lpips_to_teacher") is not None:
+        text += f", LPIPS {last['eval/lpips_to_teacher']:.3g}"
+    return text + f" (N={int(last.get('eval/num_images', 0))}, {len(history)} evaluations)"
 
 
 def _row_of(state: dict[str, Any], version: str) -> str:
