@@ -81,8 +81,8 @@ class CompareConfig:
     teacher_guidance: float = option(7.5, "The teacher's sampling: CFG scale (StableDiffusionPipeline's default).",
                                      ge=0)
     teacher_sampler: str = option("pndm", "The teacher's sampling: sampler (SD 1.5's own).", choices=tuple(SAMPLERS))
-    classifier: str = option("reference", "CIFAR-10 classifier of class accuracy: 'reference' (shipped) or a "
-                             "folder written by distill_eval.classifier.save_classifier.")
+    classifier: str = option("reference", "CIFAR-10 classifier of class accuracy: 'reference' (shipped), a folder "
+                             "written by distill_eval.classifier.save_classifier, or none.")
     lpips_net: str = option("alex", "LPIPS backbone.", choices=("alex", "vgg"))
     feature_precision: str = option("fp32", "Inception forward precision (part of the FID protocol).",
                                     choices=("fp32", "bf16"))

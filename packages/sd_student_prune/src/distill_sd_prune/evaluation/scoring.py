@@ -34,6 +34,7 @@ from distill_common.errors import ConfigError, unknown_choice
 
 PURPOSES = ("comparison", "periodic")
 TEMPLATE_SETS = ("held_out", "train")
+NO_CLASSIFIER = "none"
 
 
 @dataclass(frozen=True)
@@ -183,9 +184,11 @@ class ProtocolScorer:
 
 
 def load_scoring_classifier(classifier: Any) -> Any:
-    """None (no class accuracy), a module, ``reference`` (the shipped classifier) or a folder from
+    """None or ``none`` (no class accuracy), a module, ``reference`` (the shipped classifier) or a folder from
     ``distill_eval.classifier.save_classifier``."""
-    if classifier is None or isinstance(classifier, torch.nn.Module):
+    if classifier is None or str(classifier) == NO_CLASSIFIER:
+        return None
+    if isinstance(classifier, torch.nn.Module):
         return classifier
     from distill_eval.classifier import load_classifier
 

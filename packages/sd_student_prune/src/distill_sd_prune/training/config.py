@@ -113,8 +113,8 @@ class EvalOptions:
     reference_n: int = option(
         10_000, "cifar10: CIFAR-10 train images of the FID reference (the scoring protocol's).", ge=2
     )
-    classifier: str | None = option(
-        None, "cifar10: CIFAR-10 classifier for class accuracy ('reference' or a folder; default: none)."
+    classifier: str = option(
+        "none", "cifar10: CIFAR-10 classifier for class accuracy: none, 'reference' (shipped) or a folder."
     )
     steps: int = option(25, "Sampler steps for periodic evaluation.", ge=1)
     guidance: float = option(5.0, "CFG scale for periodic evaluation.", ge=0)
