@@ -45,7 +45,7 @@ def test_prepare_unet_writes_the_student_and_reports_params_and_macs(tiny_sd_pat
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["prepare-unet", "--plan", "sd_huge"], "valid choices: 'bk_small', 'none', 'sd_small', 'sd_tiny'"),
+        (["prepare-unet", "--plan", "sd_huge"], "valid choices: 'bk_small', 'narrow', 'none', 'sd_small', 'sd_tiny'"),
         (["train", "--recipe", "v4"], "valid choices: 'v1', 'v2.1', 'v2.2', 'v3'"),
         (["train", "--data-resolution", "1024"], "outside 64..512"),
     ],

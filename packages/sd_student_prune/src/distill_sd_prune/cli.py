@@ -15,6 +15,7 @@ from distill_common.output_dir import claims_output_dir
 from distill_common.runtime import DEVICES
 from distill_sd_prune.architecture.channel_init import INIT_METHODS
 from distill_sd_prune.architecture.pruning import PRUNE_PLANS
+from distill_sd_prune.evaluation.compare import CompareConfig
 from distill_sd_prune.evaluation.evaluate import EvaluateConfig
 from distill_sd_prune.sampling.pipeline import HEADLINE_GUIDANCE, HEADLINE_STEPS, SAMPLERS
 from distill_sd_prune.training.config import DEFAULT_TEACHER, TrainConfig
@@ -32,13 +33,20 @@ class PrepareConfig:
     """Options of ``distill prune prepare-unet``."""
 
     teacher_model: str = option(
-        DEFAULT_TEACHER, "Teacher: hub id, local diffusers folder or single-file checkpoint."
+        DEFAULT_TEACHER,
+        "Teacher (--base-model): hub id, local diffusers folder, single-file checkpoint, or 'reference' (the "
+        "shipped CIFAR-sized SD).",
+        aliases=("--base-model",),
     )
     plan: str = option("sd_small", "Block pruning plan (--arch: the seed project's name for it).",
                        choices=tuple(PRUNE_PLANS), aliases=("--arch",))
-    width: float = option(1.0, "Channel width relative to the teacher, in (0, 1].", gt=0, le=1)
+    width: float | None = option(
+        None, "Channel width relative to the teacher, in (0, 1] (default: the plan's, 1.0; narrow 0.5).", gt=0, le=1
+    )
     init: str = option("slice", "How the student inherits the teacher's weights.", choices=INIT_METHODS)
-    resolution: int = option(512, "Image resolution at which MACs are counted.", ge=8)
+    resolution: int | None = option(
+        None, "Image resolution at which MACs are counted (default: the teacher's, sample_size x VAE factor).", ge=8
+    )
     seed: int = option(0, "Seed of the random initialisation (init random).")
     output_dir: Path = option(
         Path("runs/prune/student"), "Writes OUTPUT_DIR/unet (diffusers) and prune_map.json."
@@ -54,20 +62,28 @@ def prepare_unet(cfg: PrepareConfig) -> None:
     from distill_eval.reports import print_table
     from distill_sd_prune.architecture import build_student, save_student
     from distill_sd_prune.architecture.complexity import complexity_row
+    from distill_sd_prune.architecture.pruning import plan_notes
 
     components = load_sd_components(cfg.teacher_model, include=("unet", "vae"), device="cpu")
-    latent = cfg.resolution // components.vae_scale_factor
+    resolution = cfg.resolution or int(components.unet.config.sample_size) * components.vae_scale_factor
+    latent = resolution // components.vae_scale_factor
     build = build_student(components.unet, cfg.plan, cfg.width, cfg.init, seed=cfg.seed)
     rows = [
         complexity_row("teacher", components.unet, latent),
         complexity_row(f"student ({build.budget})", build.unet, latent),
     ]
+    for row in rows:  # the student beside the teacher
+        row["params_vs_teacher"] = row["params"] / rows[0]["params"]
+        row["gmacs_vs_teacher"] = row["gmacs"] / rows[0]["gmacs"]
     save_student(
         build,
         cfg.output_dir,
-        extra={"teacher_model": cfg.teacher_model, "complexity": rows, "resolution": cfg.resolution},
+        extra={"teacher_model": cfg.teacher_model, "complexity": rows, "resolution": resolution,
+               "notes": plan_notes(components.unet.config, build.plan)},
     )
-    print_table(rows, list(rows[0]), title=f"UNet per call at {cfg.resolution}px", console=console)
+    print_table(rows, list(rows[0]), title=f"UNet per call at {resolution}px", console=console)
+    for note in plan_notes(components.unet.config, build.plan):
+        console.print(f"plan {build.plan.name}: {note}", highlight=False)
     console.print(
         f"kept {len(build.module_map)} layers, dropped {len(build.dropped)} teacher layers; "
         f"init {build.init}: {build.transfer.counts()}"
@@ -250,6 +266,30 @@ def evaluate_cmd(cfg: EvaluateConfig) -> None:
         state = "moved to" if decision.changed else "stays on"
         console.print(f"{decision.alias} {state} version {decision.version} (fid {decision.value:.4g})")
     console.print(f"report: {result['report']['md']}", highlight=False)
+
+
+@config_command(app, "compare", CompareConfig)
+@claims_output_dir(lambda cfg: cfg.output_dir)
+def compare_cmd(cfg: CompareConfig) -> None:
+    """Train V1, V2.1, V2.2, V3 and a random-init row from one teacher (default: the reference model) under one
+    step budget, score them and the teacher on one protocol (FID with 95% interval, class accuracy, LPIPS to the
+    teacher, ms per image, parameters, MACs), write the table and a grid, and promote the winner through the
+    promotion gate. A killed comparison resumes where it stopped."""
+    from distill_eval.reports import print_table
+    from distill_sd_prune.evaluation.compare import run_compare
+
+    result = run_compare(cfg, console=console)
+    cols = ["model", "setting", "params", "gmacs", "ms_per_image", "fid", "fid_ci95_low", "fid_ci95_high",
+            "class_accuracy", "lpips_to_teacher", "goal"]
+    print_table(result["rows"], [c for c in cols if any(r.get(c) is not None for r in result["rows"])],
+                title="teacher vs students", console=console)
+    for line in result["claims"]:
+        console.print(f"- {line}", highlight=False)
+    if result["decision"] is not None:
+        d = result["decision"]
+        console.print(f"promotion: {'promoted' if d.promote else 'not promoted'} v{d.chosen.version}: {d.reason}",
+                      highlight=False)
+    console.print(f"table: {result['report']['md']}  grid: {result['grid']}", highlight=False)
 
 
 @dataclass

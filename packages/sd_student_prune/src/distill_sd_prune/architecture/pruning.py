@@ -16,6 +16,17 @@ teacher's weights through an explicit module name map (student ``up_blocks.0.res
   (SD's fourth, attention-free one; the third then loses its downsampler) and the innermost up block (the
   first).
 - ``none``: the teacher's block structure (combine with ``width < 1`` for a channel-reduced student).
+- ``narrow``: the width-pruned plan: the teacher's blocks at a fraction of its channels (default 0.5), every
+  tensor sliced or projected from the teacher's (``channel_init``; the seed's V2.1 slicing / V1 projection).
+
+**Any SD-family UNet.** The plans are applied to the teacher's *config*, never to SD 1.5's numbers: a UNet with
+``layers_per_block`` L keeps one layer per down block and two per up block (first and last), for any L >= 1.
+When every block already holds a single layer (L = 1, as in the reference text-to-image model of
+``distill_common.reference_sd``) there is no repeated layer to remove, and diffusers ties an up block's ResNets
+to the skips of its down block (L + 1), so no up-block layer can go either. ``sd_small`` then falls back to the
+one removal BK-SDM found nearly free, the mid block (Kim et al. 2023, Sec. 3.1: BK-SDM-Small = Base without
+it), and says so in :func:`plan_notes`; ``bk_small`` coincides with it there, and ``sd_tiny`` removes the mid
+block and the innermost stage as at any L.
 
 Keeping the *last* ResNet of an up block (not the second) matters: it is the one whose skip input comes from
 the next-outer down block, so its input width is the one the student needs.
@@ -56,6 +67,7 @@ class PrunePlan:
     prune_layers: bool
     drop_mid_block: bool
     drop_innermost: bool
+    default_width: float = 1.0  # the width a plan builds when none is given (``narrow``: 0.5)
 
 
 PRUNE_PLANS: dict[str, PrunePlan] = {
@@ -79,6 +91,15 @@ PRUNE_PLANS: dict[str, PrunePlan] = {
         True,
         True,
         True,
+    ),
+    "narrow": PrunePlan(
+        "narrow",
+        "the teacher's blocks at a fraction of its channels (default 0.5, --width sets it); weights sliced or "
+        "projected from the teacher",
+        False,
+        False,
+        False,
+        0.5,
     ),
 }
 
@@ -114,8 +135,31 @@ def scale_channels(channels: int, width: float, norm_groups: int | None, heads: 
     return max(unit, int(round(channels * width / unit)) * unit)
 
 
+def single_layer_teacher(teacher_config: Mapping[str, Any]) -> bool:
+    """Every down block of the teacher holds one layer (``layers_per_block`` 1): layer pruning removes nothing."""
+    return all(x == 1 for x in teacher_layers(teacher_config))
+
+
+def drops_mid_block(teacher_config: Mapping[str, Any], plan: str | PrunePlan) -> bool:
+    """Whether ``plan`` removes the mid block of this teacher (see the module docstring for L = 1)."""
+    plan = get_plan(plan)
+    return plan.drop_mid_block or (plan.prune_layers and single_layer_teacher(teacher_config))
+
+
+def plan_notes(teacher_config: Mapping[str, Any], plan: str | PrunePlan) -> list[str]:
+    """What ``plan`` does on this teacher beyond its description (the generalisations of the module docstring)."""
+    plan = get_plan(plan)
+    notes = []
+    if plan.prune_layers and single_layer_teacher(teacher_config):
+        notes.append(
+            "the teacher has one layer per block (layers_per_block 1), so no layer is removed"
+            + ("; the mid block is removed instead (BK-SDM-Small's removal)" if not plan.drop_mid_block else "")
+        )
+    return notes
+
+
 def student_unet_config(
-    teacher_config: Mapping[str, Any], plan: str | PrunePlan, width: float = 1.0
+    teacher_config: Mapping[str, Any], plan: str | PrunePlan, width: float | None = None
 ) -> dict[str, Any]:
     """The student's UNet2DConditionModel config: the teacher's with the plan's blocks removed and widths
     scaled.
@@ -125,6 +169,7 @@ def student_unet_config(
     None removes the mid block), so the saved config always matches the student's weights.
     """
     plan = get_plan(plan)
+    width = plan.default_width if width is None else float(width)
     if not 0.0 < width <= 1.0:
         raise ConfigError(
             f"student width must lie in (0, 1], got {width}; use e.g. --width 0.5 for half the channels"
@@ -155,7 +200,7 @@ def student_unet_config(
             )
         down, up, channels, layers, heads = down[:-1], up[1:], channels[:-1], layers[:-1], heads[:-1]
         per_block = {k: v[:-1] for k, v in per_block.items()}
-    if plan.drop_mid_block:
+    if drops_mid_block(teacher_config, plan):
         cfg["mid_block_type"] = None
     if width != 1.0:
         channels = [

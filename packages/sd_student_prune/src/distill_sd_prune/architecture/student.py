@@ -69,12 +69,12 @@ class StudentBuild:
 def build_student(
     teacher_unet: Any,
     plan: str | PrunePlan = "sd_small",
-    width: float = 1.0,
+    width: float | None = None,
     init: str = "slice",
     seed: int = 0,
 ) -> StudentBuild:
     """A student ``UNet2DConditionModel`` (float32, CPU) built from ``teacher_unet`` by ``plan`` and
-    ``width``.
+    ``width`` (None: the plan's default width, 1.0 but for ``narrow``).
 
     ``init``: ``slice`` / ``project`` inherit the teacher's weights through the name map (identical copies
     where the widths agree), ``random`` keeps diffusers' random initialisation (seeded by ``seed``).
@@ -82,6 +82,7 @@ def build_student(
     from diffusers import UNet2DConditionModel
 
     plan = get_plan(plan)
+    width = plan.default_width if width is None else float(width)
     if init not in INIT_METHODS:
         from distill_common.errors import unknown_choice
 

@@ -1,5 +1,6 @@
-"""The training stream: micro-batches of VAE latents and CLIP text embeddings of COCO captions, from the
-images (encoded by the teacher's VAE and text encoder on the fly) or from a :class:`LatentCache` built once.
+"""The training stream: micro-batches of VAE latents and CLIP text embeddings of captioned images (COCO 2017
+captions, or CIFAR-10 captioned as the reference text-to-image model was trained), from the images (encoded by
+the teacher's VAE and text encoder on the fly) or from a :class:`LatentCache` built once.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from distill_common.errors import ConfigError
+from distill_common.errors import ConfigError, unknown_choice
 from distill_sd_prune.data.batches import ResumableBatchSampler
 from distill_sd_prune.data.encoding import encode_prompts, latent_moments, sample_latents
 from distill_sd_prune.data.latent_cache import (
@@ -58,6 +59,78 @@ def load_coco_captions(
         limit=limit,
         show_progress=show_progress,
     )
+
+
+# Training data sources: COCO 2017 captions, or CIFAR-10 train images captioned with the reference model's training
+# templates (distill_common.reference_sd.captions.TRAIN_TEMPLATES), its own training data.
+TRAIN_SOURCES = ("coco", "cifar10")
+CIFAR_RESOLUTION = 32
+
+
+class _CifarImage:
+    """``open_image`` of the captioned CIFAR-10 records: the decoded 32 px image as PIL (picklable for workers)."""
+
+    def __init__(self, cifar: Any) -> None:
+        self.cifar = cifar
+
+    def __call__(self, record: Any):
+        from PIL import Image
+
+        return Image.fromarray(self.cifar.image_uint8(int(record.location)).permute(1, 2, 0).numpy())
+
+
+def load_cifar10_captions(
+    data_root: str | Path | None,
+    *,
+    limit: int | None = None,
+    random_flip: bool = False,
+    seed: int = 0,
+    show_progress: bool = True,
+):
+    """CIFAR-10 train images at 32 px, one sample per (image, training caption template): the captions the
+    reference text-to-image model was trained on (``class_captions("train")``), so held-out templates stay unseen."""
+    from distill_common.data.captioned import CaptionedImageDataset, CaptionedRecord
+    from distill_common.data.cifar10 import open_cifar10
+    from distill_common.data.transforms import build_image_transform
+    from distill_common.reference_sd.captions import class_captions
+
+    cifar = open_cifar10(data_root, "train", limit=limit, show_progress=show_progress)
+    captions = class_captions("train")
+    records = [CaptionedRecord(key, i, tuple(captions[label])) for i, (key, label) in enumerate(
+        zip(cifar.keys, cifar.labels, strict=True))]
+    return CaptionedImageDataset(
+        records,
+        build_image_transform(CIFAR_RESOLUTION, center_crop=True, random_flip=random_flip),
+        open_image=_CifarImage(cifar),
+        caption_mode="all",
+        seed=seed,
+        description=f"CIFAR-10 train ({len(records)} images) x {len(captions[0])} caption templates",
+    )
+
+
+def load_training_captions(
+    source: str,
+    data_root: str | Path | None,
+    split: str,
+    resolution: int,
+    *,
+    limit: int | None = None,
+    center_crop: bool = True,
+    random_flip: bool = False,
+    seed: int = 0,
+    show_progress: bool = True,
+):
+    """The captioned training set of ``source`` (one of :data:`TRAIN_SOURCES`)."""
+    if source == "coco":
+        return load_coco_captions(
+            data_root, split, resolution, limit=limit, center_crop=center_crop, random_flip=random_flip,
+            seed=seed, show_progress=show_progress,
+        )
+    if source == "cifar10":
+        return load_cifar10_captions(
+            data_root, limit=limit, random_flip=random_flip, seed=seed, show_progress=show_progress
+        )
+    raise unknown_choice("training data source", source, TRAIN_SOURCES)
 
 
 def open_or_build_cache(

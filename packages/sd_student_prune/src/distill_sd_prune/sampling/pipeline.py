@@ -52,12 +52,12 @@ def build_pipeline(unet: Any, vae: Any, text_encoder: Any, tokenizer: Any, sched
 
 
 def check_resolution(resolution: int, vae_scale_factor: int, unet_config: Mapping[str, Any]) -> None:
-    """Refuse image sizes outside 64..512 or not divisible by the VAE factor times the UNet's downsampling."""
+    """Refuse image sizes outside 32..1024 or not divisible by the VAE factor times the UNet's downsampling."""
     downsamples = len(unet_config["down_block_types"]) - 1
     unit = vae_scale_factor * 2**downsamples
-    if not 64 <= resolution <= 512 or resolution % unit:
+    if not 32 <= resolution <= 1024 or resolution % unit:
         raise ConfigError(
-            f"resolution {resolution} must lie in 64..512 and be a multiple of {unit} "
+            f"resolution {resolution} must lie in 32..1024 and be a multiple of {unit} "
             f"(VAE factor {vae_scale_factor} x 2^{downsamples} UNet downsamplings); pass e.g. --resolution 64"
         )
 

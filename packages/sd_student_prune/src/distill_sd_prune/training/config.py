@@ -13,6 +13,7 @@ from distill_common.errors import ConfigError
 from distill_common.runtime import DEVICES, PRECISIONS
 from distill_sd_prune.architecture.channel_init import INIT_METHODS
 from distill_sd_prune.architecture.pruning import PRUNE_PLANS
+from distill_sd_prune.data.training_data import CIFAR_RESOLUTION, TRAIN_SOURCES
 from distill_sd_prune.sampling.pipeline import SAMPLERS
 from distill_sd_prune.schedules.learning_rate import LR_SCHEDULES
 from distill_sd_prune.schedules.timesteps import TIMESTEP_SAMPLERS
@@ -78,10 +79,18 @@ class ScheduleOptions:
 
 @dataclass
 class DataOptions:
-    root: Path | None = option(None, "Data root holding coco2017/ (default: $DISTILL_DATA_ROOT).")
-    split: str = option("train", "COCO 2017 split to train on.", choices=("train", "val"))
+    source: str = option(
+        "coco",
+        "Training images and captions: COCO 2017 captions, or CIFAR-10 train images captioned with the reference "
+        "model's training templates (32 px; for the reference teacher).",
+        choices=TRAIN_SOURCES,
+    )
+    root: Path | None = option(None, "Data root holding coco2017/ or cifar10/ (default: $DISTILL_DATA_ROOT).")
+    split: str = option("train", "COCO 2017 split to train on (cifar10: train only).", choices=("train", "val"))
     limit: int | None = option(None, "Use only the first N images.", ge=1)
-    resolution: int | None = option(None, "Image resolution, 64..512 (default: the recipe's).")
+    resolution: int | None = option(
+        None, "Image resolution, 64..512 for coco, 32 for cifar10 (default: the recipe's; cifar10: 32)."
+    )
     center_crop: bool = option(True, "Center (else random) square crop.")
     random_flip: bool = option(False, "Random horizontal flips.")
     cache: bool = option(False, "Cache VAE latents and text embeddings on disk (safetensors).")
@@ -93,9 +102,20 @@ class DataOptions:
 @dataclass
 class EvalOptions:
     every: int | None = option(
-        None, "Periodic FID + LPIPS every N steps on a fixed COCO val subset (0: off).", ge=0
+        None,
+        "Periodic FID + LPIPS every N steps (0: off): a fixed COCO val subset (coco), or the comparison's "
+        "scoring protocol at N = --eval-num-images (cifar10).",
+        ge=0,
     )
-    num_images: int = option(16, "Images of the fixed COCO val subset (prompts + FID reference).", ge=1)
+    num_images: int = option(
+        16, "Images per periodic evaluation (coco: the val subset, which is also the FID reference).", ge=1
+    )
+    reference_n: int = option(
+        10_000, "cifar10: CIFAR-10 train images of the FID reference (the scoring protocol's).", ge=2
+    )
+    classifier: str = option(
+        "none", "cifar10: CIFAR-10 classifier for class accuracy: none, 'reference' (shipped) or a folder."
+    )
     steps: int = option(25, "Sampler steps for periodic evaluation.", ge=1)
     guidance: float = option(5.0, "CFG scale for periodic evaluation.", ge=0)
     scheduler: str = option("ddpm", "Sampler for periodic evaluation.", choices=tuple(SAMPLERS))
@@ -147,10 +167,18 @@ class TrainConfig:
         """Fill the recipe's values into unset fields, then check ranges (resolve_config calls this)."""
         from distill_sd_prune.training.recipes import apply_recipe
 
+        cifar = self.data.source == "cifar10"
+        if cifar and self.data.resolution is None:
+            self.data.resolution = CIFAR_RESOLUTION  # before the recipe's 64 / 512 px
         apply_recipe(self)
         if self.max_steps < 1 or self.batch_size < 1 or self.gradient_accumulation < 1:
             raise ConfigError("--max-steps, --batch-size and --gradient-accumulation must be at least 1")
-        if not 64 <= self.data.resolution <= 512:
+        if cifar and (self.data.resolution != CIFAR_RESOLUTION or self.data.split != "train"):
+            raise ConfigError(
+                f"--data-source cifar10 trains on the 32 px train split; got --data-resolution "
+                f"{self.data.resolution} and --data-split {self.data.split}: drop both options"
+            )
+        if not cifar and not 64 <= self.data.resolution <= 512:
             raise ConfigError(
                 f"student resolution {self.data.resolution} is outside 64..512; pass --data-resolution 64"
             )

@@ -54,6 +54,7 @@ from distill_sd_prune.training.student_model import DistillStudent
 CHECKPOINTS = "checkpoints"
 FINAL = "final"
 CHECKPOINT_INFO = "checkpoint.json"
+PERIODIC_PROTOCOL = "periodic_eval_protocol.json"  # the stamp of the periodic evaluation's protocol (cifar10)
 
 
 class Reporter(Protocol):
@@ -148,7 +149,11 @@ def train(
         seed_everything,
         torch_dtype,
     )
-    from distill_sd_prune.data.training_data import TrainingStream, load_coco_captions, open_or_build_cache
+    from distill_sd_prune.data.training_data import (
+        TrainingStream,
+        load_training_captions,
+        open_or_build_cache,
+    )
     from distill_sd_prune.sampling.pipeline import check_resolution, make_scheduler
 
     cfg = cfg.resolved()
@@ -190,7 +195,8 @@ def train(
     teacher_recorder = FeatureRecorder(teacher, list(pairs.values()), detach=True) if pairs else None
 
     # -- data ------------------------------------------------------------------------------------------------
-    dataset = load_coco_captions(
+    dataset = load_training_captions(
+        cfg.data.source,
         cfg.data.root,
         cfg.data.split,
         cfg.data.resolution,
@@ -290,7 +296,32 @@ def train(
         resumed_from = step
 
     evaluator = None
-    if cfg.eval.every and main:
+    if cfg.eval.every and main and cfg.data.source == "cifar10":
+        from distill_sd_prune.evaluation.scoring import (
+            PeriodicProtocolEvaluator,
+            SamplingSetting,
+            ScoringProtocol,
+        )
+
+        # the comparison's scoring protocol at a smaller N, stamped as periodic (evaluation/scoring.py)
+        evaluator = PeriodicProtocolEvaluator(
+            components,
+            protocol=ScoringProtocol(
+                cfg.eval.num_images, reference_n=cfg.eval.reference_n, seed=cfg.seed, purpose="periodic"
+            ),
+            setting=SamplingSetting("periodic", cfg.eval.steps, cfg.eval.guidance, cfg.eval.scheduler),
+            resolution=cfg.data.resolution,
+            classifier=cfg.eval.classifier,
+            lpips_net=cfg.eval.lpips_net,
+            batch_size=cfg.eval.batch_size,
+            data_root=cfg.data.root,
+            device=device,
+            autocast_dtype=None if weight_dtype == torch.float32 else weight_dtype,
+        )
+        write_json(out / PERIODIC_PROTOCOL, evaluator.protocol)
+        if reporter is not None and hasattr(reporter, "set_tags"):
+            reporter.set_tags({"periodic_eval.protocol": evaluator.protocol_json()})
+    elif cfg.eval.every and main:
         from distill_sd_prune.evaluation.periodic import PeriodicEvaluator
 
         evaluator = PeriodicEvaluator(

@@ -1,0 +1,154 @@
+"""``distill prune compare`` end to end on a tiny teacher of the reference model's shape (one layer per block,
+32 px images): every row trains a few steps on captioned CIFAR-10, every model is scored on one protocol under
+two sampling settings, the table / grid are written, the winner goes through the promotion gate, V2.1's periodic
+evaluation uses the same protocol code stamped as periodic, and a rerun resumes instead of retraining. No number
+is checked: only that each one exists, has its interval and comes from the stated protocol."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from test_reference_plans import TINY_REFERENCE_SPEC
+from typer.testing import CliRunner
+
+from distill_common.errors import ConfigError
+from distill_common.models.tiny_sd import tiny_sd_folder
+from distill_sd_prune.cli import app
+from distill_sd_prune.evaluation.compare import COLUMNS, ROWS
+
+
+@pytest.fixture(scope="module")
+def tiny_reference(tmp_path_factory):
+    return tiny_sd_folder(tmp_path_factory.mktemp("tiny_reference"), spec=TINY_REFERENCE_SPEC)
+
+
+@pytest.fixture(scope="module")
+def tiny_classifier(tmp_path_factory):
+    from distill_eval.classifier import CifarClassifier, save_classifier
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("classifier")
+    save_classifier(CifarClassifier(width=4), folder)
+    return folder
+
+
+def compare_args(teacher, classifier, data_root, out, **overrides):
+    options = {
+        "--base-model": str(teacher),
+        "--output-dir": str(out),
+        "--max-steps": "2",
+        "--batch-size": "2",
+        "--data-root": str(data_root),
+        "--data-limit": "4",
+        "--no-data-cache": None,
+        "--checkpoint-every": "1",
+        "--eval-every": "2",
+        "--eval-num-images": "2",
+        "--num-images": "4",
+        "--reference-n": "8",
+        "--recipe-steps": "2",
+        "--teacher-steps": "2",
+        "--bootstrap-resamples": "10",
+        "--eval-batch-size": "4",
+        "--timing-repeats": "1",
+        "--grid-rows": "3",
+        "--classifier": str(classifier),
+        "--device": "cpu",
+        **overrides,
+    }
+    args = ["compare"]
+    for flag, value in options.items():
+        args += [flag] if value is None else [flag, value]
+    return args
+
+
+@pytest.mark.slow
+def test_compare_trains_scores_tabulates_and_promotes_then_resumes(
+    tiny_reference, tiny_classifier, data_root, tmp_path, mlflow_uri, monkeypatch
+):
+    from distill_common import tracking
+
+    out = tmp_path / "compare"
+    args = compare_args(tiny_reference, tiny_classifier, data_root, out)
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output + repr(result.exception)
+
+    report = json.loads((out / "comparison.json").read_text())
+    rows = report["rows"]
+    assert {(r["model"], r["setting"]) for r in rows} == {
+        (m, s) for m in ("teacher", *ROWS) for s in ("recipe", "teacher")
+    }
+    for r in rows:
+        for column in ("params", "gmacs", "ms_per_image", "fid", "fid_ci95_low", "fid_ci95_high",
+                       "class_accuracy", "class_accuracy_ci95_low", "lpips_to_teacher"):
+            assert r[column] is not None and r[column] >= 0, (r["model"], column)
+        assert r["fid_ci95_low"] <= r["fid_ci95_high"]
+    by = {(r["model"], r["setting"]): r for r in rows}
+    assert by["teacher", "recipe"]["lpips_to_teacher"] == 0.0
+    assert by["v2.1", "recipe"]["steps"] == 2 and by["v2.1", "teacher"]["sampler"] == "pndm"
+    assert by["v3", "recipe"]["budget"] == "sd_small" and by["v2.1", "recipe"]["budget"] == "none-w050"
+    assert by["random", "recipe"]["init"] == "random" and by["v1", "recipe"]["init"] == "project"
+    table = (out / "comparison.md").read_text().split("## Table")[1]
+    header = table.strip().splitlines()[0]
+    assert all(f" {c} |" in header for c in ("params", "gmacs", "ms_per_image", "fid", "class_accuracy",
+                                             "lpips_to_teacher"))
+    fid_cells = [line.split(" | ")[header.split(" | ").index("fid")] for line in table.strip().splitlines()[2:14]]
+    assert all("[" in c and "]" in c for c in fid_cells)  # each FID with its 95% interval
+    assert set(COLUMNS) >= {"params", "gmacs", "ms_per_image", "fid", "class_accuracy", "lpips_to_teacher"}
+    protocol = report["meta"]["protocol"]
+    assert protocol["reference_set"] == "cifar10-train" and protocol["reference_n"] == 8
+    assert protocol["generated_n"] == 4 and protocol["resolution"] == 32
+    assert any("V2.2 beats V2.1" in c for c in report["meta"]["claims"])
+    assert (out / "grid.png").is_file()
+
+    # periodic evaluation of V2.1: the same protocol code at a smaller N, stamped as such
+    periodic = json.loads((out / "students" / "v2.1" / "periodic_eval_protocol.json").read_text())
+    assert periodic["scoring_purpose"] == "periodic" and periodic["generated_n"] == 2
+    assert periodic["reference_set"] == "cifar10-train" and periodic["scoring_templates"] == "held_out"
+    history = report["meta"]["periodic"]["v2.1"]
+    assert history and {"eval/fid", "eval/lpips_to_teacher", "eval/class_accuracy"} <= set(history[-1])
+    assert "v1" not in report["meta"]["periodic"]
+
+    # registry: every student registered and stamped under one protocol; the gate crowned one of them
+    versions = tracking.list_versions("sd_student_prune_reference")
+    assert len(versions) == len(ROWS)
+    champion = tracking.version_by_alias("sd_student_prune_reference", tracking.CHAMPION)
+    assert champion is not None and "promotion.reason" in champion.tags
+    assert len({v.tags["eval.protocol"] for v in versions}) == 1
+
+    # a rerun resumes: nothing is retrained, rescored or registered twice
+    import distill_sd_prune.training.loop as loop
+
+    monkeypatch.setattr(loop, "train", lambda *a, **k: pytest.fail("a finished row was retrained"))
+    (out / "comparison.json").unlink()
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    assert json.loads((out / "comparison.json").read_text())["rows"] == rows
+    assert len(tracking.list_versions("sd_student_prune_reference")) == len(ROWS)
+
+    # the same folder with other options is refused in one line
+    result = CliRunner().invoke(app, compare_args(tiny_reference, tiny_classifier, data_root, out,
+                                                  **{"--max-steps": "3"}))
+    assert isinstance(result.exception, ConfigError) and "max_steps" in str(result.exception)
+    assert "\n" not in str(result.exception)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"--rows": "v1,v4"}, "valid choices: 'random', 'v1', 'v2.1', 'v2.2', 'v3'"),
+        ({"--rows": "v1,v1"}, "names a row twice"),
+        ({"--v3-plan": "none"}, "valid choices: 'bk_small', 'sd_small', 'sd_tiny'"),
+        ({"--num-images": "1"}, "--num-images"),
+        ({"--no-track": None}, "--promote needs MLflow tracking"),
+    ],
+)
+def test_bad_compare_options_fail_in_one_line_before_anything_is_written(tmp_path, overrides, message):
+    out = tmp_path / "never"
+    args = compare_args(tmp_path / "teacher", tmp_path / "classifier", tmp_path, out, **overrides)
+    result = CliRunner().invoke(app, args)
+    assert isinstance(result.exception, ConfigError), result.output + repr(result.exception)
+    assert message in str(result.exception) and "\n" not in str(result.exception)
+    assert not out.exists()
