@@ -468,6 +468,58 @@ def card(card_dir: Path = typer.Option(Path("~/distill-work/reference_sd/card").
               "card)."]
     atomic_write_bytes(REFERENCE_SD_ROOT / "MODEL_CARD.md", ("\n".join(lines) + "\n").encode())
     console.print(f"wrote {REFERENCE_SD_ROOT / 'MODEL_CARD.md'}")
+    _classifier_card()
+
+
+def _classifier_card() -> None:
+    import json
+
+    from distill_common.checkpoint import atomic_write_bytes
+    from distill_common.data.cifar10 import CIFAR10_CLASSES
+    from distill_common.reference_sd import read_sha256sums
+    from distill_eval.classifier import CLASSIFIER_DIR
+
+    t = json.loads((CLASSIFIER_DIR / "training.json").read_text())
+    acc = t["test_accuracy"]
+    cfg = t["config"]
+    config = json.loads((CLASSIFIER_DIR / "config.json").read_text())
+    from distill_eval.classifier import CifarClassifier
+
+    params = sum(p.numel() for p in CifarClassifier(config["width"]).parameters())
+    lines = [
+        "# Reference CIFAR-10 classifier (the class-accuracy metric)",
+        "",
+        "Labels generated images for **class accuracy**: the share of images assigned to the class named in their",
+        "caption (text-to-image) or to their class label (rf_cifar). It stands in for CLIPScore's text-image",
+        "alignment where no CLIP weights exist. Load it with `distill_eval.classifier.load_classifier()`",
+        "(sha256-checked against `SHA256SUMS`); `class_accuracy(images, labels)` gives the share and its 95% Wilson "
+        "interval.",
+        "",
+        f"- Architecture: ResNet-9 (Page 2018) at base width {config['width']} (channels {config['width']}-"
+        f"{8 * config['width']}), {params:,} parameters, fp32 safetensors.",
+        f"- Training: `{t['command']}` at commit `{t['commit']}`; {t['steps']:,} AdamW steps of batch "
+        f"{cfg['batch_size']} ({t['images_seen']:,} images, {t['images_seen'] / 50000:.1f} epochs), peak lr "
+        f"{cfg['learning_rate']:g} with warm-up and cosine decay to 0, weight decay {cfg['weight_decay']:g}, label "
+        f"smoothing 0.1, random 4 px crops and flips, bf16 autocast; {t['wall_time_s'] / 60:.1f} min on 2 CPU cores; "
+        f"MLflow run `{t['mlflow_run_id']}`.",
+        "- Data: CIFAR-10 train, 50,000 images (the shared WebDataset shards: JPEG q~75 re-encodings).",
+        "",
+        f"**CIFAR-10 test accuracy: {100 * acc['accuracy']:.2f}% [{100 * acc['low']:.2f}, {100 * acc['high']:.2f}]** "
+        f"on all {acc['n']:,} test images (goal >= 85%: met).",
+        "",
+        "| class | " + " | ".join(CIFAR10_CLASSES) + " |",
+        "|---|" + "---:|" * len(CIFAR10_CLASSES),
+        "| accuracy | " + " | ".join(f"{100 * a:.1f}%" for a in acc["per_class"]) + " |",
+        "",
+        "A generated image counts as adherent only when this classifier agrees; its own error rate (14%, highest on",
+        "cats and dogs) bounds what a perfect generator can score, so compare class accuracies between models, not",
+        "with 100%.",
+        "",
+        "| file | sha256 |",
+        "|---|---|",
+    ]
+    lines += [f"| `{n}` | `{d}` |" for n, d in read_sha256sums(CLASSIFIER_DIR / "SHA256SUMS").items()]
+    atomic_write_bytes(CLASSIFIER_DIR / "MODEL_CARD.md", ("\n".join(lines) + "\n").encode())
 
 
 @app.command("grid")
