@@ -9,7 +9,6 @@ import shlex
 from pathlib import Path
 
 import pytest
-import typer
 import yaml
 
 from distill_common import cli
@@ -26,8 +25,7 @@ SCRIPT_PREFIX = {"distill": [], "distill-rf": ["rf"], "distill-flash": ["flash"]
 
 @functools.cache
 def _root():
-    cli._register_subcommands()
-    return typer.main.get_command(cli.app)
+    return cli.build()
 
 
 def _command_line(text: str) -> list[str] | None:
@@ -174,3 +172,47 @@ def test_no_option_repeats_its_section(path):
             words = section.split("_")
             hits = sum(shown[i : i + len(words)] == words for i in range(len(shown)))
             assert hits <= 1, f"distill {' '.join(path)} {p.opts[0]} repeats its section '{section}'"
+
+
+def _all_paths(cmd, path=()):
+    yield path
+    for name, sub in getattr(cmd, "commands", {}).items():
+        yield from _all_paths(sub, (*path, name))
+
+
+def _help(path, *flags: str) -> str:
+    """What ``distill PATH --help`` prints in an 80-column terminal."""
+    import contextlib
+    import io
+    import os
+    from unittest import mock
+
+    out = io.StringIO()
+    with mock.patch.dict(os.environ, {"COLUMNS": "80"}), contextlib.redirect_stdout(out):
+        code = _root().main([*path, *(flags or ("--help",))], prog_name="distill", standalone_mode=False)
+    assert code in (0, None), out.getvalue()
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("path", list(_all_paths(_root())), ids=lambda p: " ".join(p) or "distill")
+def test_help_fits_80_columns_without_type_noise_or_underscore_spellings(path):
+    text = _help(path)
+    assert "<bool>" not in text
+    wide = [line for line in text.splitlines() if len(line) > 80]
+    assert not wide, wide
+    assert not re.findall(r"--[a-z0-9]+_[a-z0-9_]+", text), "underscore spellings are accepted, not shown"
+    cmd = resolve(_root(), list(path))[1]
+    for name in getattr(cmd, "commands", {}):  # a group lists every one of its commands
+        assert re.search(rf"^\s+{re.escape(name)}\s", text, re.M), (path, name)
+
+
+def test_the_pipeline_help_is_short_and_help_all_shows_every_option():
+    short, full = _help(("rf", "pipeline")), _help(("rf", "pipeline"), "--help-all")
+    assert len(short.splitlines()) <= 200 < len(full.splitlines())
+    assert "--teacher-learning-rate" not in short and "--teacher-learning-rate" in full
+    assert "learning-rate" in short and "--teacher-*" in short  # folded, still named
+    assert "--data-root" in short and "--teacher-source" in short  # the options a first run needs
+    root = _root()
+    _, cmd, _ = resolve(root, ["rf", "pipeline"])
+    ctx = cmd.make_context("distill rf pipeline", ["--teacher_learning_rate", "0.1", "--data_root", "/x"])
+    assert ctx.params["teacher__learning_rate"] == 0.1  # the hidden underscore spelling still parses

@@ -7,6 +7,7 @@ when their package is installed.
 
 from __future__ import annotations
 
+import inspect
 import sys
 from importlib.metadata import entry_points
 
@@ -66,11 +67,30 @@ def _register_subcommands() -> None:
         app.add_typer(sub, name=ep.name)
 
 
+def plain_help(command):
+    """Give every command of a click tree click's plain help layout (fits 80 columns: no boxes, no type column
+    with ``<bool>``); returns the command."""
+    command.rich_markup_mode = None
+    for sub in getattr(command, "commands", {}).values():
+        if not sub.short_help and sub.help:  # the whole first paragraph, wrapped, never cut at 45 characters
+            sub.short_help = " ".join(inspect.cleandoc(sub.help).split("\n\n")[0].split())
+        plain_help(sub)
+    return command
+
+
+def build(typer_app: typer.Typer | None = None):
+    """The click command of ``typer_app`` (default: ``distill`` with every sub-app), as ``main`` runs it."""
+    if typer_app is None:
+        _register_subcommands()
+        typer_app = app
+    return plain_help(typer.main.get_command(typer_app))
+
+
 def run_app(typer_app: typer.Typer, argv: list[str] | None = None) -> None:
     """Run a Typer app, turning DistillError and OSError (disk full, read-only, a file for a folder) into one
     red line and exit code 2."""
     try:
-        typer_app(args=argv, standalone_mode=True)
+        build(typer_app).main(args=argv, standalone_mode=True)
     except DistillError as exc:
         err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         sys.exit(exc.exit_code)

@@ -12,8 +12,9 @@ A config is a (possibly nested) dataclass whose fields are declared with :func:`
 the fields (help text, types, choices), plus ``--config FILE`` (YAML or JSON, overridden by flags),
 ``--preset NAME`` (named defaults, overridden by the file and flags) and ``--dry-run`` (print the
 resolved config and exit). Every multi-word option also accepts the underscore spelling
-(``--num-images`` and ``--num_images``), and list options accept ``--steps 2 4 8``,
-``--steps 2,4,8`` or a repeated flag.
+(``--num-images`` and ``--num_images``; only the first is shown in ``--help``), and list options accept
+``--steps 2 4 8``, ``--steps 2,4,8`` or a repeated flag. A command with many options shows its top-level options
+in full and one line per section in ``--help``; ``--help-all`` shows every option.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import dataclasses
 import functools
 import inspect
 import json
+import textwrap
 import types
 import typing
 from collections.abc import Callable, Mapping, Sequence
@@ -333,9 +335,9 @@ def _cli_fields(cls: type, instance: Any = None, prefix: tuple[str, ...] = ()) -
         dash = cli_flag(path)
         flags = [dash]
         under = "--" + dash[2:].replace("-", "_")
-        if under != dash:
-            flags.append(under)
-        flags += [a for a in f.metadata.get("aliases", ()) if a not in flags]
+        aliases = f.metadata.get("aliases", ())
+        flags += [a for a in aliases if a not in flags and "_" not in a]  # underscore spellings: accepted, not shown
+        hidden = [h for h in [under, *_legacy_flags(path), *aliases] if h != dash and h not in flags]
         choices = f.metadata.get("choices")
         help_text = f.metadata.get("help", "")
         if choices:
@@ -351,7 +353,7 @@ def _cli_fields(cls: type, instance: Any = None, prefix: tuple[str, ...] = ()) -
                 choices=choices,
                 is_list=_list_item_type(base) is not None,
                 is_bool=base is bool,
-                hidden_flags=[h for h in _legacy_flags(path) if h not in flags],
+                hidden_flags=list(dict.fromkeys(hidden)),
             )
         )
     if prefix == ():
@@ -365,11 +367,59 @@ def _cli_fields(cls: type, instance: Any = None, prefix: tuple[str, ...] = ()) -
     return out
 
 
+BRIEF_HELP_MAX_OPTIONS = 30  # above this many options, --help shows sections as one line each (--help-all: all)
+
+
 class _ConfigCommand(typer.core.TyperCommand):
-    """Accepts ``--steps 2 4 8`` for list options by joining the values before click parses them."""
+    """Accepts ``--steps 2 4 8`` for list options by joining the values before click parses them; plain help that
+    fits 80 columns (no type column for flags, no underscore spellings), sections folded to one line each when
+    the command has many options (``--help-all`` unfolds them)."""
 
     list_flags: frozenset[str] = frozenset()
     renamed_flags: Mapping[str, str] = types.MappingProxyType({})  # hidden earlier spelling -> shown flag
+    sections: Mapping[str, str] = types.MappingProxyType({})  # section name -> its help text
+    brief: frozenset[str] = frozenset()  # params of a section that --help still shows in full
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.rich_markup_mode = None  # click's plain layout: one column of flags, help wrapped beside it
+
+    def _folded(self, ctx: Any, param: Any) -> str | None:
+        """The section a param is folded into in plain --help, or None when it is shown in full."""
+        if ctx.meta.get("distill.help_all") or "__" not in (param.name or ""):
+            return None
+        options = [p for p in self.params if p.param_type_name == "option"]
+        if len(options) <= BRIEF_HELP_MAX_OPTIONS or param.name in self.brief:
+            return None
+        return param.name.split("__")[0]
+
+    def format_options(self, ctx: Any, formatter: Any) -> None:
+        full, folded = [], {}
+        for param in self.get_params(ctx):
+            record = param.get_help_record(ctx)
+            if record is None:
+                continue
+            section = self._folded(ctx, param) if param.param_type_name == "option" else None
+            if section is None:
+                full.append(record)
+            else:
+                flag = param.opts[0]
+                prefix = "--" + section.replace("_", "-") + "-"
+                folded.setdefault(section, []).append(flag[len(prefix):] if flag.startswith(prefix) else flag)
+        if full:
+            with formatter.section("Options"):
+                formatter.write_dl(full)
+        if folded:
+            rows = [(f"--{s.replace('_', '-')}-*", f"{self.sections.get(s, '').rstrip('.')}: {', '.join(names)}")
+                    for s, names in folded.items()]
+            first = max(len(name) for name, _ in rows) + 2
+            width = max(formatter.width - formatter.current_indent - 2 - first, 30)
+            with formatter.section("More options by section (each in full: --help-all)"):
+                for name, text in rows:  # flag names are never split at their hyphens
+                    lines = textwrap.wrap(text, width, break_on_hyphens=False, break_long_words=False)
+                    for i, line in enumerate(lines):
+                        lead = name.ljust(first) if i == 0 else " " * first
+                        formatter.write(f"{'':>{formatter.current_indent}}{lead}{line}\n")
 
     def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
         out: list[str] = []
@@ -399,6 +449,13 @@ class _ConfigCommand(typer.core.TyperCommand):
         return super().parse_args(ctx, out)
 
 
+def _print_help_all(ctx: typer.Context, value: bool) -> None:
+    if value and not ctx.resilient_parsing:
+        ctx.meta["distill.help_all"] = True
+        typer.echo(ctx.get_help(), color=ctx.color)
+        raise typer.Exit(0)
+
+
 def _explicit(ctx: Any, name: str) -> bool:
     """True when the user set the option (flag, env var), not when it holds its default.
 
@@ -424,12 +481,14 @@ def config_command(
     presets: Mapping[str, Callable[[], C] | C] | None = None,
     default_preset: str | None = None,
     help: str | None = None,
+    brief: Sequence[str] = (),
 ) -> Callable[[Callable[[C], Any]], Callable[[C], Any]]:
     """Register ``fn(cfg)`` as the Typer command ``name`` with one option per config field.
 
     Precedence, lowest first: dataclass defaults, ``--preset``, ``--config FILE``, explicit flags. ``--help``
     shows the values a bare command runs with (the ``default_preset``'s, after ``validate`` filled what it
-    fills), and names the preset.
+    fills), and names the preset. ``brief`` names section fields (``"eval.num_images"``) that a folded ``--help``
+    still shows in full; a field whose flag drops its section's name (``--data-root``, ``--num-pairs``) always is.
     """
     fields = _cli_fields(config_cls, _bare_config(config_cls, presets, default_preset))
     preset_names = tuple(presets or ())
@@ -483,6 +542,15 @@ def config_command(
             )
         params.append(
             inspect.Parameter(
+                "help_all",
+                inspect.Parameter.KEYWORD_ONLY,
+                default=typer.Option(False, "--help-all", is_eager=True, callback=_print_help_all,
+                                     help="Show every option, each section's too, and exit."),
+                annotation=bool,
+            )
+        )
+        params.append(
+            inspect.Parameter(
                 "dry_run",
                 inspect.Parameter.KEYWORD_ONLY,
                 default=typer.Option(False, "--dry-run", help="Print the resolved config and exit."),
@@ -492,6 +560,7 @@ def config_command(
 
         @functools.wraps(fn)
         def command(ctx: typer.Context, **kwargs: Any) -> Any:
+            kwargs.pop("help_all", None)
             cfg = resolve_config(
                 config_cls,
                 presets=presets,
@@ -514,8 +583,11 @@ def config_command(
         cmd_cls = type(f"{config_cls.__name__}Command", (_ConfigCommand,), {
             "list_flags": frozenset(f for cf in fields if cf.is_list for f in cf.flags),
             "renamed_flags": types.MappingProxyType(renamed),
+            "sections": types.MappingProxyType(_section_help(config_cls)),
+            "brief": frozenset(cf.param for cf in fields if ".".join(cf.path) in brief
+                               or cf.flags[0] != "--" + "-".join(cf.path).replace("_", "-")),
         })
-        text = help or (fn.__doc__ or "").strip()
+        text = help or inspect.cleandoc(fn.__doc__ or "")
         if default_preset is not None:
             others = ", ".join(p for p in preset_names if p != default_preset)
             text += (f"\n\nDefaults shown are the '{default_preset}' preset's, which a bare command runs"
@@ -524,6 +596,11 @@ def config_command(
         return fn
 
     return decorator
+
+
+def _section_help(cls: type) -> dict[str, str]:
+    return {f.name: f.metadata.get("help", "") or f.name for f in dataclasses.fields(cls)
+            if f.metadata.get("nested") or (dataclasses.is_dataclass(f.type) if isinstance(f.type, type) else False)}
 
 
 def _bare_config(config_cls: type[C], presets: Mapping[str, Callable[[], C] | C] | None, preset: str | None) -> C:
