@@ -126,7 +126,7 @@ def run_sweep(
     from distill_eval.inception import InceptionFeatureExtractor
     from distill_eval.plots import plot_quality_vs_latency, plot_quality_vs_steps
     from distill_eval.reference_stats import reference_stats
-    from distill_eval.reports import interval_note, mark_separability, write_report
+    from distill_eval.reports import compact_fid, interval_note, mark_separability, write_report
     from distill_eval.timing import measure_latency
 
     console = console or Console()
@@ -206,9 +206,8 @@ def run_sweep(
                      **{k: side[k] for k in ("fid_ci95_low", "fid_ci95_high") if k in side},
                      "kid": side["kid"], "kid_std": side["kid_std"], "ms_per_image": side["ms_per_image"],
                      "images_per_second": 1000.0 / side["ms_per_image"], "key": e.key})
-        interval = f" [{side['fid_ci95_low']:.2f}, {side['fid_ci95_high']:.2f}]" if "fid_ci95_low" in side else ""
-        console.print(f"  {e.key:>18}: FID {side['fid']:8.2f}{interval}  NFE {side['nfe']:6.1f}  "
-                      f"{side['ms_per_image']:8.2f} ms/image", highlight=False)
+        console.print(f"  {e.key:>16}  FID {compact_fid(side, 2):>14}  NFE {side['nfe']:4.0f}  "
+                      f"{side['ms_per_image']:7.1f} ms per image", highlight=False)  # 62 columns: never wraps
     teacher_label, teacher_gen = teacher
     base = next(r for r in rows if r["model"] == teacher_label and r["sampler"] == "euler"
                 and r["steps"] == teacher_gen.default_steps)

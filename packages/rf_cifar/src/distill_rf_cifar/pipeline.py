@@ -198,43 +198,38 @@ def run_pipeline(cfg: PipelineConfig, *, console: Console | None = None, progres
     return result
 
 
-def _fid_cell(row: dict) -> str:
-    """``FID [low, high]`` plus distill_eval.reports' markers: ``best`` / ``≈ best`` (interval overlaps the best
-    row's), and for students ``<`` / ``>`` / ``≈`` against the teacher at equal steps and guidance
-    (``teacher@4st``) and at equal network evaluations (``teacher@4NFE``)."""
-    if "fid_ci95_low" not in row:
-        return f"{row['fid']:.1f}"
-    text = f"{row['fid']:.1f} [{row['fid_ci95_low']:.1f}, {row['fid_ci95_high']:.1f}]"
-    if row.get("fid_vs_best") in ("best", "≈ best"):
-        text += f" {row['fid_vs_best']}"
-    versus = {"better": "<", "worse": ">", "≈": "≈"}
-    if row.get("fid_vs_teacher") in versus:
-        text += f" {versus[row['fid_vs_teacher']]} teacher@{row['steps']}st"
-    if row.get("fid_vs_teacher_nfe") in versus:
-        text += f" {versus[row['fid_vs_teacher_nfe']]} teacher@{row['nfe']:.0f}NFE"
-    return text
+def summary_table(result: PipelineResult, cfg: PipelineConfig) -> Table:
+    """The main job's table, 80 columns wide: model (with its registry version, ★ the champion), steps, NFE,
+    ``FID ±half-width`` of the 95% interval, ms per image, speed-up vs the teacher at its default steps, and the
+    verdict of distill_eval.reports (``−9.1% vs teacher@4, disjoint``)."""
+    from distill_eval.reports import compact_fid, compact_table, verdict
+
+    protocol = result.protocol or {}
+    table = compact_table(f"FID of {protocol.get('generated_n', '?'):,} generated vs "
+                          f"{protocol.get('reference_n', '?'):,} {protocol.get('reference_set', '')} images")
+    for col, justify in (("model", "left"), ("steps", "right"), ("NFE", "right"), ("FID ±95%", "right"),
+                         ("ms/img", "right"), ("speed", "right"), ("verdict", "left")):
+        table.add_column(col, justify=justify, no_wrap=True)
+    champions = dict(result.champion_versions)
+    for r in result.rows:
+        name, version = result.versions.get(r["model"], ("", ""))
+        model = r["model"] + (f" v{version}" if name else "") + (" ★" if name and champions.get(name) == version else "")
+        if r["sampler"] not in ("euler", "consistency"):
+            model += f" {r['sampler']}"
+        gated = r["role"] == "student" and r["steps"] is not None and r["steps"] <= cfg.registry.max_steps
+        table.add_row(model, "-" if r["steps"] is None else str(r["steps"]), f"{r['nfe']:.0f}", compact_fid(r),
+                      f"{r['ms_per_image']:.1f}", f"{r['speedup_vs_teacher']:.1f}×", verdict(r, result.rows),
+                      style="bold" if gated else None)
+    return table
 
 
 def print_summary(result: PipelineResult, cfg: PipelineConfig, console: Console) -> None:
-    """The main job's table: model, steps, FID, ms/image, speed-up vs the teacher at its default steps."""
-    teacher_steps = cfg.sampling.steps
-    table = Table(title=f"rf_cifar pipeline '{cfg.run_name}': FID ({result.protocol['generated_n']} generated vs "
-                        f"{result.protocol['reference_n']} {result.protocol['reference_set']}) and latency "
-                        f"(speed-up vs teacher at {teacher_steps} Euler steps)")
-    for col, justify in (("model", "left"), ("version", "left"), ("sampler", "left"), ("steps", "right"),
-                         ("NFE", "right"), ("FID [95% CI]", "right"), ("ms/image", "right"), ("speed-up", "right")):
-        table.add_column(col, justify=justify)
-    champions = {name: v for name, v in result.champion_versions.items()}
-    for r in result.rows:
-        name, version = result.versions.get(r["model"], ("", ""))
-        mark = " ★" if name and champions.get(name) == version else ""
-        gated = r["role"] == "student" and r["steps"] is not None and r["steps"] <= cfg.registry.max_steps
-        table.add_row(r["model"], f"v{version}{mark}" if name else "-", r["sampler"],
-                      "-" if r["steps"] is None else str(r["steps"]), f"{r['nfe']:.0f}", _fid_cell(r),
-                      f"{r['ms_per_image']:.2f}", f"{r['speedup_vs_teacher']:.1f}×", style="bold" if gated else None)
+    """The main job's table (:func:`summary_table`), what its cells mean, the champions, and where everything is."""
+    table = summary_table(result, cfg)
     console.print(table)
-    console.print("FID [95% interval]: ± 1.96 bootstrap SE over the generated images; ≈ marks a difference inside the "
-                  "intervals (not established)", highlight=False)
+    console.print(f"FID ±95%: half-width of the bootstrap interval. speed: vs the teacher at {cfg.sampling.steps} steps. "
+                  "verdict: FID change vs the teacher at the same steps; 'disjoint' intervals establish it, 'overlap' "
+                  "does not. A CFG step costs 2 NFE.", highlight=False)
     for name, reason in result.champions.items():
         version = result.champion_versions.get(name)
         console.print(f"champion (★) of [bold]{name}[/]: {f'v{version}' if version else 'none'} — {reason}",
