@@ -15,7 +15,7 @@ from distill_common import cli
 from distill_common.errors import DistillError
 
 REPO = Path(__file__).resolve().parents[2]
-READMES = [REPO / "README.md", *sorted((REPO / "packages").glob("*/README.md"))]
+READMES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")), *sorted((REPO / "packages").glob("*/README.md"))]
 # `python -m MODULE` forms of the same commands (accelerate launch ... -m MODULE ARGS).
 MODULE_PREFIX = {"distill_common.cli": [], "distill_rf_cifar.cli": ["rf"], "distill_lora_flash.cli": ["flash"],
                  "distill_sd_prune.cli": ["prune"], "distill_eval.cli": ["eval"]}
@@ -216,3 +216,19 @@ def test_the_pipeline_help_is_short_and_help_all_shows_every_option():
     _, cmd, _ = resolve(root, ["rf", "pipeline"])
     ctx = cmd.make_context("distill rf pipeline", ["--teacher_learning_rate", "0.1", "--data_root", "/x"])
     assert ctx.params["teacher__learning_rate"] == 0.1  # the hidden underscore spelling still parses
+
+
+def test_the_readme_is_short_and_says_how_to_get_commands_on_path():
+    text = (REPO / "README.md").read_text()
+    assert len(text.splitlines()) <= 200
+    assert "source .venv/bin/activate" in text and "make demo" in text and "make test" in text
+    assert "## Stable Diffusion students" in text and "## How to read the numbers" in text
+    box = [line for line in text.split("## How to read the numbers")[1].split("##")[0].splitlines()
+           if line.startswith(">")]
+    assert len(box) == 5 and "JPEG" in "".join(box)
+    for doc in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]:  # written for a reader who was not there
+        words = doc.read_text()
+        assert not re.search(r"\bissue\b|#\d+\b|this session|was lent", words, re.I), doc
+    for image in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text):
+        assert (REPO / image).is_file(), image
+    assert len(re.findall(r"!\[", text)) >= 2

@@ -54,6 +54,15 @@ def ui_cmd(
     raise typer.Exit(serve(host, port))
 
 
+@app.command("env")
+def env_cmd() -> None:
+    """Check this machine: versions, device and bf16 support, data root, tracking store, caches; each line OK or
+    what to fix (like accelerate env). Creates nothing."""
+    from distill_common.env_check import report
+
+    raise typer.Exit(report())
+
+
 def _register_subcommands() -> None:
     from distill_common.registry_cli import app as registry_app
 

@@ -78,7 +78,24 @@ def ui_hint() -> str:
     uri = tracking.tracking_uri()
     if tracking.is_remote(uri):
         return f"{uri}/#/models"
-    return f"mlflow ui --backend-store-uri {uri} --port 5000   (then open http://127.0.0.1:5000/#/models)"
+    return f"{mlflow_executable()} ui --backend-store-uri {uri} --port 5000   (then open http://127.0.0.1:5000/#/models)"
+
+
+def mlflow_executable() -> str:
+    """``mlflow`` when it is on PATH, else the one installed beside this Python (``.venv/bin/mlflow``), so the
+    printed command runs in a shell where the environment is not activated."""
+    import shutil
+    import sys
+
+    if shutil.which("mlflow"):
+        return "mlflow"
+    exe = Path(sys.executable).parent / "mlflow"
+    if not exe.exists():
+        return "mlflow"
+    try:
+        return str(exe.relative_to(Path.cwd()))
+    except ValueError:
+        return str(exe)
 
 
 @app.command("promote")
