@@ -232,3 +232,16 @@ def test_the_readme_is_short_and_says_how_to_get_commands_on_path():
     for image in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text):
         assert (REPO / image).is_file(), image
     assert len(re.findall(r"!\[", text)) >= 2
+
+
+@pytest.mark.parametrize("path,field", [(("rf", "sample"), "generator"), (("rf", "sds"), "teacher"),
+                                        (("rf", "evaluate"), "teacher"), (("eval", "benchmark"), "teacher")])
+def test_bare_commands_default_to_the_shipped_generators(path, field, capsys):
+    """What a bare command would load resolves to a generator shipped with the package (no run needed first)."""
+    from distill_common.generator import resolve_generator_folder
+
+    _, cmd, _ = resolve(_root(), list(path))
+    assert cmd.main(["--dry-run"], prog_name="distill", standalone_mode=False) in (0, None)
+    source = yaml.safe_load(capsys.readouterr().out)[field]
+    folder = resolve_generator_folder(source)
+    assert source == "reference" and (folder / "generator.json").is_file() and (folder / "model.safetensors").is_file()

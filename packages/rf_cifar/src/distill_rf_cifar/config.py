@@ -250,7 +250,8 @@ class DistillConfig:
 class SampleConfig:
     """``distill rf sample``: PNGs and a grid from a generator."""
 
-    generator: str = option("runs/rf_cifar/teacher/generator", "Generator folder, runs:/ID/PATH or models:/NAME@ALIAS.")
+    generator: str = option("reference", "Generator: 'reference' (the shipped CIFAR-10 teacher), a generator folder, "
+                            "runs:/ID/PATH or models:/NAME@ALIAS.")
     classes: list[int] = option(list(range(10)), "Class labels to draw.", ge=0)
     per_class: int = option(8, "Images per class (seeds seed, seed+1, ...).", ge=1)
     steps: int | None = option(None, "Steps (default: the generator's own).", ge=1)
@@ -272,7 +273,8 @@ class SDSConfig:
     """``distill rf sds``: score distillation sampling (Poole et al. 2022), the 2D exercise: optimise images of one
     class from noise with the teacher's score, for a sweep of guidance scales, and measure their diversity."""
 
-    teacher: str = option("runs/rf_cifar/teacher/generator", "Teacher generator folder or runs:/ / models:/ URI.")
+    teacher: str = option("reference", "Teacher: 'reference' (the shipped CIFAR-10 teacher), a generator folder or a "
+                          "runs:/ / models:/ URI.")
     class_label: int = option(3, "CIFAR-10 class of the images (0 airplane ... 9 truck).")
     seeds: int = option(8, "Images per guidance scale: seed i draws image i's initial noise and its SDS noise.")
     guidance_scales: list[float] = option([1.0, 7.5, 30.0, 100.0], "CFG scales to sweep (DreamFusion uses 100).")
@@ -333,7 +335,8 @@ class EvalConfig:
 class EvaluateConfig:
     """``distill rf evaluate``: teacher and students on one protocol."""
 
-    teacher: str = option("runs/rf_cifar/teacher/generator", "Teacher generator (folder or URI).")
+    teacher: str = option("reference", "Teacher: 'reference' (the shipped CIFAR-10 teacher), a generator folder or "
+                          "a runs:/ / models:/ URI.")
     students: list[str] = option([], "Students as LABEL=FOLDER_OR_URI (e.g. four_step=runs/rf_cifar/students/four_step/generator).")
     eval: EvalConfig = nested(EvalConfig, "Sweep.")
     output_dir: Path = option(Path("runs/rf_cifar/eval"), "Images, report, grid and plots.")
