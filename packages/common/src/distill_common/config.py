@@ -26,7 +26,7 @@ import json
 import textwrap
 import types
 import typing
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -46,6 +46,7 @@ def option(
     help: str,
     *,
     choices: Sequence[Any] | None = None,
+    renamed: Mapping[Any, Any] | None = None,
     aliases: Sequence[str] = (),
     cli: bool = True,
     ge: float | None = None,
@@ -56,10 +57,11 @@ def option(
     """Declare a config field with its help text, optional valid choices, its valid range and extra CLI spellings.
 
     ``ge`` / ``gt`` / ``le`` / ``lt`` bound a number (every item of a list); None values are not checked.
+    ``renamed`` maps deprecated values to their new names: still accepted, replaced with a one-line note.
     """
     bounds = {k: v for k, v in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt)) if v is not None}
     metadata = {"help": help, "choices": tuple(choices) if choices else None, "aliases": tuple(aliases), "cli": cli,
-                "range": bounds or None}
+                "range": bounds or None, "renamed": dict(renamed) if renamed else None}
     if isinstance(default, (list, dict, set)):
         return dataclasses.field(default_factory=lambda d=default: type(d)(d), metadata=metadata)
     if dataclasses.is_dataclass(default) and not isinstance(default, type):
@@ -187,6 +189,13 @@ def _walk_checks(cfg: Any, prefix: tuple[str, ...] = ()) -> None:
         if value is None:
             continue
         values = value if isinstance(value, list) else [value]
+        renamed = f.metadata.get("renamed") or {}
+        old = [v for v in values if isinstance(v, Hashable) and v in renamed]
+        if old:  # a deprecated name: accepted, replaced, and said once
+            values = [renamed.get(v, v) if isinstance(v, Hashable) else v for v in values]
+            setattr(cfg, f.name, values if isinstance(value, list) else values[0])
+            for v in dict.fromkeys(old):
+                _note(f"{cli_flag(path)} {v} is now called {renamed[v]}; the old name still works for now")
         choices = f.metadata.get("choices")
         if choices:
             for v in values:
@@ -200,6 +209,12 @@ def _walk_checks(cfg: Any, prefix: tuple[str, ...] = ()) -> None:
                                       f"pass {cli_flag(path)} with a value {_range_text(bounds)}")
                 if isinstance(v, float) and v != v:
                     raise ConfigError(f"{cli_flag(path)} is NaN; pass a number {_range_text(bounds)}")
+
+
+def _note(text: str) -> None:
+    import sys
+
+    print(f"note: {text}", file=sys.stderr)
 
 
 def _validate_tree(cfg: Any, prefix: tuple[str, ...] = (), root: bool = True) -> None:
@@ -342,6 +357,8 @@ def _cli_fields(cls: type, instance: Any = None, prefix: tuple[str, ...] = ()) -
         help_text = f.metadata.get("help", "")
         if choices:
             help_text += f" (choices: {', '.join(map(str, choices))})"
+        if f.metadata.get("renamed"):
+            help_text += " (old names: " + ", ".join(f"{k} = {v}" for k, v in f.metadata["renamed"].items()) + ")"
         out.append(
             _CliField(
                 path=path,
@@ -553,7 +570,7 @@ def config_command(
             inspect.Parameter(
                 "dry_run",
                 inspect.Parameter.KEYWORD_ONLY,
-                default=typer.Option(False, "--dry-run", help="Print the resolved config and exit."),
+                default=typer.Option(False, "--dry-run", help="Print the configuration that will run, and exit."),
                 annotation=bool,
             )
         )
@@ -572,8 +589,8 @@ def config_command(
                     if _explicit(ctx, cf.param)
                 },
             )
-            if kwargs.pop("dry_run", False):
-                typer.echo(format_config(cfg))
+            if kwargs.pop("dry_run", False):  # a config may say what will really run (``dry_run_text``)
+                typer.echo(cfg.dry_run_text() if callable(getattr(cfg, "dry_run_text", None)) else format_config(cfg))
                 raise typer.Exit(0)
             return fn(cfg)
 

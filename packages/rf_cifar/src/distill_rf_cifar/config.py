@@ -20,8 +20,11 @@ PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 SAMPLER_NAMES = ("euler", "heun", "rk45", "consistency")
 SAMPLE_PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # of generation (distill_common.runtime.resolve_precision)
 TIME_SAMPLER_NAMES = ("uniform", "logit_normal")
-RECIPE_NAMES = ("teacher", "one_step", "four_step", "reflow", "progressive",
+RECIPE_NAMES = ("teacher", "one_step", "k_step", "reflow", "progressive",
                 "adversarial", "consistency", "guided")
+# Old recipe names, still accepted with a note: "four_step" was the k-step recipe, which made "four-step" mean two
+# things (the recipe, and the pipeline's four-step student, which is progressive by default).
+RENAMED_RECIPES = {"four_step": "k_step"}
 DISTANCES = ("l2", "lpips")
 DATA_SOURCES = ("shards", "folder", "hub")
 LR_SCHEDULES = ("constant_with_warmup", "linear", "cosine")
@@ -78,6 +81,11 @@ class DataConfig:
     limit: int | None = option(None, "Use only the first N training images (default: all 50,000).", ge=1)
     random_flip: bool = option(True, "Random horizontal flips (Ho et al. 2020, App. B).")
     strict: bool = option(False, "Refuse unreadable images of a folder source (default: skip and count them).")
+
+    def validate(self, flag: FlagNamer) -> None:
+        if self.data_root is not None and not Path(self.data_root).expanduser().is_dir():
+            raise ConfigError(f"{flag('data_root')} {self.data_root} does not exist; pass the folder that holds "
+                              "cifar10/ (or leave it out: $DISTILL_DATA_ROOT, then ../shared/data)")
 
     def resolved_root(self) -> Path | None:
         if self.data_root is not None:
@@ -228,7 +236,7 @@ class RoundsEvalConfig:
 class DistillConfig:
     """``distill rf distill``: a student from the teacher's weights by a named recipe."""
 
-    recipe: str = option("four_step", "Student recipe.", choices=RECIPE_NAMES[1:])
+    recipe: str = option("k_step", "Student recipe.", choices=RECIPE_NAMES[1:], renamed=RENAMED_RECIPES)
     teacher: Path = option(Path("runs/rf_cifar/teacher/generator"), "Teacher generator folder (its weights start "
                            "the student; progressive also queries it).")
     pairs: Path = option(Path("runs/rf_cifar/pairs"), "Pair folder (one_step, four_step, reflow).")
@@ -367,16 +375,17 @@ class PipelineConfig:
                                  "and --model-*), or a generator folder / runs:/ / models:/ URI.",
                                  aliases=("--teacher",))
     data: DataConfig = nested(DataConfig, "CIFAR-10.")
-    model: UNetConfig = nested(UNetConfig, "The UNet (students share it).")
+    model: UNetConfig = nested(UNetConfig, "The UNet of --teacher scratch (other teachers bring theirs; students "
+                               "take the teacher's).")
     flow: FlowConfig = nested(FlowConfig, "Rectified flow.")
-    teacher: LoopConfig = nested(LoopConfig, "Teacher training.")
-    sampling: SamplingConfig = nested(SamplingConfig, "Teacher default sampling.")
+    teacher: LoopConfig = nested(LoopConfig, "Teacher training (--teacher scratch only).")
+    sampling: SamplingConfig = nested(SamplingConfig, "Default sampling of a --teacher scratch teacher.")
     pairs: PairsConfig = nested(PairsConfig, "Pair generation (teacher/output_dir are set by the pipeline).")
-    four_step_recipe: str = option("four_step", "How the four-step student is distilled: 'four_step' (k-step "
+    four_step_recipe: str = option("k_step", "How the four-step student is distilled: 'k_step' (k-step "
                                    "distillation on the pairs, Liu et al. 2023) or 'progressive' (Salimans & Ho 2022: "
                                    "rounds on CIFAR-10 images from --options-progressive-start, the teacher's default "
                                    "steps, halving down to --options-progressive-end = --options-k).",
-                                   choices=("four_step", "progressive"))
+                                   choices=("k_step", "progressive"), renamed=RENAMED_RECIPES)
     four_step: LoopConfig = nested(LoopConfig, "Four-step student training.")
     one_step: LoopConfig = nested(LoopConfig, "One-step student training.")
     options: RecipeConfig = nested(RecipeConfig, "Recipe options.")
@@ -389,6 +398,34 @@ class PipelineConfig:
     @property
     def folder(self) -> Path:
         return self.output_dir or Path("runs/rf_cifar") / self.run_name
+
+    def dry_run_text(self) -> str:
+        """The configuration that will run: with a given teacher (not ``scratch``) the sections that only build and
+        train a teacher (model, teacher, sampling) are left out and the teacher's own UNet is named instead."""
+        import json
+
+        import yaml
+
+        from distill_common.config import to_dict
+
+        data = to_dict(self)
+        if self.teacher_source == "scratch":
+            return yaml.safe_dump(data, sort_keys=False)
+        for unused in ("model", "teacher", "sampling"):
+            data.pop(unused)
+        lines = [f"# teacher: {self.teacher_source}, not trained in this run; --model-*, --teacher-* and --sampling-* "
+                 "apply only to --teacher scratch"]
+        if "://" not in self.teacher_source:
+            from distill_common.generator import resolve_generator_folder
+
+            folder = resolve_generator_folder(self.teacher_source)
+            info = json.loads((folder / "generator.json").read_text())
+            unet = (folder / "model_config.json")
+            arch = json.loads(unet.read_text()) if unet.is_file() else {}
+            lines.append(f"# the teacher's (and students') UNet: {folder}: {info.get('parameters', '?'):,} parameters, "
+                         f"{json.dumps(arch)}; default sampling {info.get('sampler')} {info.get('default_steps')} "
+                         f"steps at guidance {info.get('default_guidance')}")
+        return "\n".join(lines) + "\n" + yaml.safe_dump(data, sort_keys=False)
 
     def validate(self) -> None:
         if self.four_step_recipe == "progressive" and self.options.progressive_end != self.options.k:
@@ -428,7 +465,7 @@ def smoke_pipeline() -> PipelineConfig:
                         checkpoint_every=200, log_every=50, sample_every=200)
     cfg.sampling = SamplingConfig(sampler="euler", steps=16, guidance=1.0)
     cfg.pairs = PairsConfig(num_pairs=640, shard_size=320, steps=8, guidance=DEMO_GUIDANCE, batch_size=64)
-    cfg.four_step_recipe = "progressive"  # 92.7 vs four_step's 101.0 at 4 steps under one budget (distill rf compare)
+    cfg.four_step_recipe = "progressive"  # 92.7 vs k_step's 101.0 at 4 steps under one budget (distill rf compare)
     cfg.four_step = _loop(steps=150, batch_size=32, learning_rate=5e-4, warmup_steps=10, ema_decay=0.99,
                           checkpoint_every=75, log_every=25)
     cfg.one_step = _loop(steps=100, batch_size=64, learning_rate=5e-4, warmup_steps=20, ema_decay=0.99,
@@ -528,7 +565,7 @@ def evaluate_config(p: PipelineConfig) -> EvaluateConfig:
 PIPELINE_PRESETS = SCALES
 TEACHER_PRESETS = {name: (lambda f=f: teacher_config(f())) for name, f in SCALES.items()}
 PAIRS_PRESETS = {name: (lambda f=f: pairs_config(f())) for name, f in SCALES.items()}
-DISTILL_PRESETS = {name: (lambda f=f: distill_config(f(), "four_step")) for name, f in SCALES.items()}
+DISTILL_PRESETS = {name: (lambda f=f: distill_config(f(), "k_step")) for name, f in SCALES.items()}
 EVALUATE_PRESETS = {name: (lambda f=f: evaluate_config(f())) for name, f in SCALES.items()}
 
 
@@ -541,7 +578,8 @@ class CompareConfig:
 
     teacher: str = option("reference", "Teacher: a generator folder, a models:/ or runs:/ URI, or 'reference' "
                           "(the teacher shipped with distill-rf-cifar).")
-    methods: list[str] = option([], "Recipes to compare (default: every registered student recipe).")
+    methods: list[str] = option([], "Recipes to compare (default: every registered student recipe).",
+                                renamed=RENAMED_RECIPES)
     run_name: str = option("smoke", "Name of this comparison (default folder runs/rf_cifar/compare/<run-name>).")
     output_dir: Path | None = option(None, "Output folder (default: runs/rf_cifar/compare/<run-name>).")
     train: LoopConfig = nested(LoopConfig, "The budget every method gets: the same optimizer steps, batch and "

@@ -27,6 +27,7 @@ from distill_common import tracking
 from distill_common.config import save_config
 from distill_common.errors import DistillError
 from distill_common.generator import resolve_generator_folder
+from distill_common.generator_folder import read_generator_manifest
 from distill_common.output_dir import claims_output_dir
 from distill_rf_cifar.config import (
     PipelineConfig,
@@ -93,7 +94,16 @@ def _register(name: str, outcome: StageOutcome, tags: dict[str, Any]) -> str:
         raise DistillError(f"{outcome.folder} was trained without tracking, so it has no logged model to register; "
                            "rerun with --track or delete the folder")
     return tracking.register_model(outcome.model_uri, name, tags={**tags, "generator.sha256": sha},
-                                   description=f"rf_cifar {tags.get('role')} from {outcome.folder}")
+                                   description=version_description(tags, outcome.folder))
+
+
+def version_description(tags: dict[str, Any], folder: Path, protocol: dict[str, Any] | None = None) -> str:
+    """What a registry version is, in one line: role, recipe, steps, where it came from and how it was measured."""
+    from distill_common.registry_cli import describe_protocol
+
+    what = f"rf_cifar {tags.get('role')}: {tags.get('recipe')} recipe, {tags.get('steps')} steps"
+    measured = f"; FID measured on {describe_protocol(protocol)}" if protocol else ""
+    return f"{what}, from {folder}{measured}"
 
 
 def _promote(name: str, max_steps: int | None) -> str:
@@ -114,8 +124,10 @@ def run_pipeline(cfg: PipelineConfig, *, console: Console | None = None, progres
     """Run (or resume) every stage; see the module docstring."""
     from distill_common.registry_cli import ui_hint
     from distill_rf_cifar.evaluation import registry_tags
+    from distill_rf_cifar.training.data import check_training_data
 
     console = console or Console()
+    check_training_data(cfg.data.data_root, cfg.data.source)  # a wrong data root fails now, not after two stages
     if cfg.teacher_source != SCRATCH:
         resolve_generator_folder(cfg.teacher_source)  # a wrong name or path fails before any folder or run exists
     start = time.perf_counter()
@@ -166,12 +178,15 @@ def run_pipeline(cfg: PipelineConfig, *, console: Console | None = None, progres
             names = {"teacher": cfg.registry.teacher_name, **{r: cfg.registry.student_name for r in STUDENTS}}
             for label, name in names.items():
                 outcome = result.outcomes[label]
+                steps = read_generator_manifest(outcome.generator_dir).get("default_steps")
                 tags = {"role": "teacher" if label == "teacher" else "student", "recipe": recipes.get(label, label),
-                        "pipeline.run_name": cfg.run_name, "pipeline.output_dir": str(out.resolve()),
+                        "steps": steps, "pipeline.run_name": cfg.run_name, "pipeline.output_dir": str(out.resolve()),
                         "params": outcome.info.get("parameters")}
                 version = _register(name, outcome, tags)
                 tracking.set_version_tags(name, version, {**registry_tags(sweep.rows, label, sweep.protocol),
-                                                          "eval.run_id": eval_run})
+                                                          "eval.run_id": eval_run, "recipe": tags["recipe"],
+                                                          "steps": steps},
+                                          description=version_description(tags, outcome.folder, sweep.protocol))
                 result.versions[label] = (name, version)
             for name, gate in ((cfg.registry.student_name, cfg.registry.max_steps), (cfg.registry.teacher_name, None)):
                 result.champions[name] = _promote(name, gate)
@@ -227,7 +242,9 @@ def print_summary(result: PipelineResult, cfg: PipelineConfig, console: Console)
     """The main job's table (:func:`summary_table`), what its cells mean, the champions, and where everything is."""
     table = summary_table(result, cfg)
     console.print(table)
-    console.print(f"FID ±95%: half-width of the bootstrap interval. speed: vs the teacher at {cfg.sampling.steps} steps. "
+    base = next((r for r in result.rows if r.get("role") == "teacher" and r.get("speedup_vs_teacher") == 1.0), None)
+    console.print(f"FID ±95%: half-width of the bootstrap interval. speed: vs the teacher at "
+                  f"{base['steps'] if base else 'its default'} steps. "
                   "verdict: FID change vs the teacher at the same steps; 'disjoint' intervals establish it, 'overlap' "
                   "does not. A CFG step costs 2 NFE.", highlight=False)
     for name, reason in result.champions.items():
