@@ -231,8 +231,8 @@ def run_sweep(
     grid_columns = []
     for e, r in zip(entries, rows, strict=True):
         imgs = load_png_folder(image_dirs[e.key], max(grid_rows) + 1)[grid_rows]
-        steps = "RK45" if e.sampler == RK45 else f"{e.steps}st"
-        title = f"{e.label} {steps} FID {r['fid']:.0f} {r['ms_per_image']:.1f}ms"  # wraps to 2-3 short lines
+        steps = "RK45" if e.sampler == RK45 else f"{e.steps} step{'' if e.steps == 1 else 's'}"
+        title = f"{e.label} {steps} FID {r['fid']:.0f} {r['ms_per_image']:.1f} ms"  # wraps to 2-3 short lines
         grid_columns.append((title, imgs))
     grid_path = out / "grid.png"
     comparison_grid(grid_columns, [CIFAR10_CLASSES[c] if num_classes == 10 else str(c) for c in grid_rows], grid_path,
