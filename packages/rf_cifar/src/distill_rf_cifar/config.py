@@ -462,14 +462,14 @@ def smoke_pipeline() -> PipelineConfig:
     cfg.flow = FlowConfig(time_sampler="logit_normal", label_dropout=0.1)
     cfg.data = DataConfig(limit=None)
     cfg.teacher = _loop(steps=600, batch_size=64, learning_rate=2e-3, warmup_steps=50, ema_decay=0.999,
-                        checkpoint_every=200, log_every=50, sample_every=200)
+                        checkpoint_every=200, log_every=10, sample_every=200)
     cfg.sampling = SamplingConfig(sampler="euler", steps=16, guidance=1.0)
     cfg.pairs = PairsConfig(num_pairs=640, shard_size=320, steps=8, guidance=DEMO_GUIDANCE, batch_size=64)
     cfg.four_step_recipe = "progressive"  # 92.7 vs k_step's 101.0 at 4 steps under one budget (distill rf compare)
     cfg.four_step = _loop(steps=150, batch_size=32, learning_rate=5e-4, warmup_steps=10, ema_decay=0.99,
-                          checkpoint_every=75, log_every=25)
+                          checkpoint_every=75, log_every=5)
     cfg.one_step = _loop(steps=100, batch_size=64, learning_rate=5e-4, warmup_steps=20, ema_decay=0.99,
-                         checkpoint_every=50, log_every=20, seed=1)
+                         checkpoint_every=50, log_every=5, seed=1)
     cfg.options = RecipeConfig(k=4, distance="l2", progressive_start=16, progressive_end=4)
     cfg.eval = EvalConfig(teacher_steps=[1, 2, 4], teacher_rk45=False, student_steps=[1, 2, 4],
                           students_at_own_steps=True, num_images=360, reference="cifar10-train", reference_n=1000,
@@ -486,13 +486,13 @@ def cpu_pipeline() -> PipelineConfig:
     cfg.model = UNetConfig(base_channels=32, channel_mults=[1, 2, 2], res_blocks=1, attention_resolutions=[],
                            mid_attention=True, dropout=0.0, norm_groups=8)
     cfg.teacher = _loop(steps=2000, batch_size=64, learning_rate=1e-3, warmup_steps=100, ema_decay=0.999,
-                        checkpoint_every=250, log_every=50, sample_every=500)
+                        checkpoint_every=250, log_every=10, sample_every=500)
     cfg.sampling = SamplingConfig(sampler="euler", steps=16, guidance=1.0)
     cfg.pairs = PairsConfig(num_pairs=4096, shard_size=1024, steps=16, guidance=1.0, batch_size=64)  # bf16 autocast is fastest at 64 on 2 cores
     cfg.four_step = _loop(steps=400, batch_size=64, learning_rate=5e-4, warmup_steps=20, ema_decay=0.99,
-                          checkpoint_every=200, log_every=50)
+                          checkpoint_every=200, log_every=10)
     cfg.one_step = _loop(steps=400, batch_size=64, learning_rate=5e-4, warmup_steps=20, ema_decay=0.99,
-                         checkpoint_every=200, log_every=50, seed=1)
+                         checkpoint_every=200, log_every=10, seed=1)
     cfg.eval = EvalConfig(teacher_steps=[1, 2, 4, 8, 16, 32], teacher_rk45=True, student_steps=[1, 2, 4],
                           num_images=250, reference="cifar10-train", reference_n=2000, batch_size=64,
                           timing_batch=64, timing_repeats=3)

@@ -194,13 +194,19 @@ def combine_data(phases: list[Phase], data: dict[str, TrainingData]) -> dict[str
 
 
 class _PhaseCallback(TrainingCallback):
-    """Forward a phase's reports with its global step offset (and a metric prefix when there are several phases)."""
+    """Forward a phase's reports with its global step offset. With several phases (progressive rounds, reflow's two
+    parts) every metric is reported twice: under its own key, one curve across all phases on the global step (with
+    ``phase``, the 1-based phase number, beside it), and under ``<phase>/<key>`` for each phase alone."""
 
-    def __init__(self, inner: TrainingCallback, offset: int, prefix: str) -> None:
-        self.inner, self.offset, self.prefix = inner, offset, prefix
+    def __init__(self, inner: TrainingCallback, offset: int, prefix: str, index: int = 0) -> None:
+        self.inner, self.offset, self.prefix, self.index = inner, offset, prefix, index
 
     def on_metrics(self, step: int, metrics: dict[str, float]) -> None:
-        self.inner.on_metrics(self.offset + step, {f"{self.prefix}{k}": v for k, v in metrics.items()})
+        out = dict(metrics)
+        if self.prefix:
+            out.update({f"{self.prefix}{k}": v for k, v in metrics.items()})
+            out["phase"] = float(self.index + 1)
+        self.inner.on_metrics(self.offset + step, out)
 
     def on_samples(self, step: int, images: torch.Tensor) -> None:
         self.inner.on_samples(self.offset + step, images)
@@ -255,7 +261,7 @@ def run_recipe(
             raise ConfigError(f"phase {phase.name!r} needs {phase.data} data, which was not provided")
         loss = phase.make_loss(start_model if phase.student is not None else model)
         result, model, ema = train(cfg, model, loss, data[phase.data], folder,
-                                   callback=_PhaseCallback(callback, offset, f"{phase.name}/" if len(phases) > 1 else ""),
+                                   callback=_PhaseCallback(callback, offset, f"{phase.name}/" if len(phases) > 1 else "", i),
                                    sample_fn=sample_fn(phase) if sample_fn else None, progress=progress,
                                    description=phase.name)
         results.append(result)
