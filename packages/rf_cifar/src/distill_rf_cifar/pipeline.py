@@ -81,6 +81,12 @@ class PipelineResult:
         return now
 
 
+def _elapsed(start: float) -> str:
+    """" · 3:12 elapsed" for a stage's heading (each stage's own bar shows its time remaining)."""
+    seconds = int(time.perf_counter() - start)
+    return f" · {seconds // 60}:{seconds % 60:02d} elapsed" if seconds else ""
+
+
 def _register(name: str, outcome: StageOutcome, tags: dict[str, Any]) -> str:
     """Register the stage's logged model, or reuse the version already holding these exact weights."""
     sha = weights_sha256(outcome.generator_dir)
@@ -137,7 +143,7 @@ def run_pipeline(cfg: PipelineConfig, *, console: Console | None = None, progres
     result = PipelineResult(out, False, 0.0)
     with tracking.start_run(cfg.experiment, f"pipeline-{cfg.run_name}", config=cfg, tags={"stage": "pipeline"},
                             fallback_dir=out, enabled=cfg.track) as parent:
-        console.rule(f"[bold]1/5 teacher[/] ({cfg.teacher_source}) → {out / 'teacher'}")
+        console.rule(f"[bold]1/5 teacher[/] ({cfg.teacher_source}) → {out / 'teacher'}{_elapsed(start)}")
         if cfg.teacher_source == SCRATCH:
             teacher = train_teacher(teacher_config(cfg, out / "teacher"), console=console, progress=progress,
                                     nested=True)
@@ -149,13 +155,14 @@ def run_pipeline(cfg: PipelineConfig, *, console: Console | None = None, progres
         if not teacher.finished:
             result.seconds = time.perf_counter() - start
             return result
-        console.rule(f"[bold]2/5 pairs[/] → {out / 'pairs'}")
+        console.rule(f"[bold]2/5 pairs[/] → {out / 'pairs'}{_elapsed(start)}")
         result.outcomes["pairs"] = make_pairs(pairs_config(cfg, teacher.generator_dir, out / "pairs"), console=console,
                                               progress=progress, nested=True)
         lap = result.lap("pairs", lap)
         recipes = student_recipes(cfg)
         for i, label in enumerate(STUDENTS):
-            console.rule(f"[bold]{3 + i}/5 student {label}[/] ({recipes[label]}) → {out / 'students' / label}")
+            console.rule(f"[bold]{3 + i}/5 student {label}[/] ({recipes[label]}) → {out / 'students' / label}"
+                         f"{_elapsed(start)}")
             dcfg = distill_config(cfg, recipes[label], teacher.generator_dir, out / "pairs", out / "students" / label)
             dcfg.rounds = RoundsEvalConfig(num_images=0)  # the pipeline's own evaluation scores the final student
             student = distill_student(dcfg, console=console, progress=progress, nested=True)
@@ -165,7 +172,7 @@ def run_pipeline(cfg: PipelineConfig, *, console: Console | None = None, progres
                 result.seconds = time.perf_counter() - start
                 return result
 
-        console.rule(f"[bold]5/5 FID vs NFE and latency[/] → {out / 'eval'}")
+        console.rule(f"[bold]5/5 FID vs NFE and latency[/] → {out / 'eval'}{_elapsed(start)}")
         eval_cfg = dataclasses.replace(evaluate_config(cfg), teacher=str(teacher.generator_dir),
                                        students=[f"{r}={result.outcomes[r].generator_dir}" for r in STUDENTS],
                                        output_dir=out / "eval")
