@@ -47,9 +47,15 @@ def _root(
 def ui_cmd(
     port: int = typer.Option(8501, "--port", help="Port of the page."),
     host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind (loopback by default)."),
+    tracking_uri: str | None = typer.Option(None, "--tracking-uri", envvar="MLFLOW_TRACKING_URI", show_envvar=False,
+                                            help="MLflow store to read (default: $MLFLOW_TRACKING_URI, else "
+                                                 "./mlflow.db); never created by reading."),
 ) -> None:
     """Web page to try registered teachers and students side by side, with their metrics and plots."""
+    from distill_common.registry_cli import use_tracking_uri
     from distill_common.ui import serve
+
+    use_tracking_uri(tracking_uri)  # the page's server process inherits it
 
     raise typer.Exit(serve(host, port))
 
