@@ -25,7 +25,10 @@ def point_label(model: Any, steps_key: str, value: Any) -> str:
     """"teacher, 4 steps" / "student, NFE 8": what a plotted point is, in words."""
     if value is None:
         return str(model)
-    n = f"{float(value):g}"
+    try:
+        n = f"{float(value):g}"
+    except (TypeError, ValueError):
+        return f"{model}, {value}"
     if steps_key == "nfe":
         return f"{model}, NFE {n}"
     return f"{model}, {n} step{'' if n == '1' else 's'}"
