@@ -93,8 +93,8 @@ def test_registry_reads_take_a_tracking_uri_and_never_create_a_store(three_versi
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
-    monkeypatch.delenv("MLFLOW_TRACKING_URI")
     for args in (["list"], ["compare", "rf"], ["promote", "rf", "--dry-run"]):
+        monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # --tracking-uri below sets it for the process
         out = runner.invoke(app, args)
         assert out.exit_code != 0 and "no MLflow store" in str(out.exception), args
         assert not (elsewhere / "mlflow.db").exists() and list(elsewhere.iterdir()) == [], args

@@ -79,7 +79,7 @@ def list_cmd(tracking_uri: str | None = tracking_uri_option()) -> None:
     for name in tracking.list_models():
         for v in tracking.list_versions(name):
             evals = promotion.step_metrics(v)
-            summary = ", ".join(f"{s} steps: {_fmt(m.get('fid'))} / {_fmt(m.get('ms_per_image'))}"
+            summary = ", ".join(f"{s} step{'' if s == 1 else 's'}: {_fmt(m.get('fid'))} / {_fmt(m.get('ms_per_image'))}"
                                 for s, m in sorted(evals.items()))
             aliases = "".join(f" @{a}" for a in v.aliases)
             table.add_row(name, f"v{v.version}{aliases}", version_summary(v), summary or "not evaluated")
