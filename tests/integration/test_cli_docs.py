@@ -9,14 +9,13 @@ import shlex
 from pathlib import Path
 
 import pytest
-import typer
 import yaml
 
 from distill_common import cli
 from distill_common.errors import DistillError
 
 REPO = Path(__file__).resolve().parents[2]
-READMES = [REPO / "README.md", *sorted((REPO / "packages").glob("*/README.md"))]
+READMES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")), *sorted((REPO / "packages").glob("*/README.md"))]
 # `python -m MODULE` forms of the same commands (accelerate launch ... -m MODULE ARGS).
 MODULE_PREFIX = {"distill_common.cli": [], "distill_rf_cifar.cli": ["rf"], "distill_lora_flash.cli": ["flash"],
                  "distill_sd_prune.cli": ["prune"], "distill_eval.cli": ["eval"]}
@@ -26,8 +25,7 @@ SCRIPT_PREFIX = {"distill": [], "distill-rf": ["rf"], "distill-flash": ["flash"]
 
 @functools.cache
 def _root():
-    cli._register_subcommands()
-    return typer.main.get_command(cli.app)
+    return cli.build()
 
 
 def _command_line(text: str) -> list[str] | None:
@@ -174,3 +172,76 @@ def test_no_option_repeats_its_section(path):
             words = section.split("_")
             hits = sum(shown[i : i + len(words)] == words for i in range(len(shown)))
             assert hits <= 1, f"distill {' '.join(path)} {p.opts[0]} repeats its section '{section}'"
+
+
+def _all_paths(cmd, path=()):
+    yield path
+    for name, sub in getattr(cmd, "commands", {}).items():
+        yield from _all_paths(sub, (*path, name))
+
+
+def _help(path, *flags: str) -> str:
+    """What ``distill PATH --help`` prints in an 80-column terminal."""
+    import contextlib
+    import io
+    import os
+    from unittest import mock
+
+    out = io.StringIO()
+    with mock.patch.dict(os.environ, {"COLUMNS": "80"}), contextlib.redirect_stdout(out):
+        code = _root().main([*path, *(flags or ("--help",))], prog_name="distill", standalone_mode=False)
+    assert code in (0, None), out.getvalue()
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("path", list(_all_paths(_root())), ids=lambda p: " ".join(p) or "distill")
+def test_help_fits_80_columns_without_type_noise_or_underscore_spellings(path):
+    text = _help(path)
+    assert "<bool>" not in text
+    wide = [line for line in text.splitlines() if len(line) > 80]
+    assert not wide, wide
+    assert not re.findall(r"--[a-z0-9]+_[a-z0-9_]+", text), "underscore spellings are accepted, not shown"
+    cmd = resolve(_root(), list(path))[1]
+    for name in getattr(cmd, "commands", {}):  # a group lists every one of its commands
+        assert re.search(rf"^\s+{re.escape(name)}\s", text, re.M), (path, name)
+
+
+def test_the_pipeline_help_is_short_and_help_all_shows_every_option():
+    short, full = _help(("rf", "pipeline")), _help(("rf", "pipeline"), "--help-all")
+    assert len(short.splitlines()) <= 200 < len(full.splitlines())
+    assert "--teacher-learning-rate" not in short and "--teacher-learning-rate" in full
+    assert "learning-rate" in short and "--teacher-*" in short  # folded, still named
+    assert "--data-root" in short and "--teacher-source" in short  # the options a first run needs
+    root = _root()
+    _, cmd, _ = resolve(root, ["rf", "pipeline"])
+    ctx = cmd.make_context("distill rf pipeline", ["--teacher_learning_rate", "0.1", "--data_root", "/x"])
+    assert ctx.params["teacher__learning_rate"] == 0.1  # the hidden underscore spelling still parses
+
+
+def test_the_readme_is_short_and_says_how_to_get_commands_on_path():
+    text = (REPO / "README.md").read_text()
+    assert len(text.splitlines()) <= 200
+    assert "source .venv/bin/activate" in text and "make demo" in text and "make test" in text
+    assert "## Stable Diffusion students" in text and "## How to read the numbers" in text
+    box = [line for line in text.split("## How to read the numbers")[1].split("##")[0].splitlines()
+           if line.startswith(">")]
+    assert len(box) == 5 and "JPEG" in "".join(box)
+    for doc in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]:  # written for a reader who was not there
+        words = doc.read_text()
+        assert not re.search(r"\bissue\b|#\d+\b|this session|was lent", words, re.I), doc
+    for image in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text):
+        assert (REPO / image).is_file(), image
+    assert len(re.findall(r"!\[", text)) >= 2
+
+
+@pytest.mark.parametrize("path,field", [(("rf", "sample"), "generator"), (("rf", "sds"), "teacher"),
+                                        (("rf", "evaluate"), "teacher"), (("eval", "benchmark"), "teacher")])
+def test_bare_commands_default_to_the_shipped_generators(path, field, capsys):
+    """What a bare command would load resolves to a generator shipped with the package (no run needed first)."""
+    from distill_common.generator import resolve_generator_folder
+
+    _, cmd, _ = resolve(_root(), list(path))
+    assert cmd.main(["--dry-run"], prog_name="distill", standalone_mode=False) in (0, None)
+    source = yaml.safe_load(capsys.readouterr().out)[field]
+    folder = resolve_generator_folder(source)
+    assert source == "reference" and (folder / "generator.json").is_file() and (folder / "model.safetensors").is_file()

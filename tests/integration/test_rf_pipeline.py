@@ -78,7 +78,7 @@ def test_pipeline_end_to_end_and_rerun(tmp_path, mlflow_uri, data_root):
 
     # the table, the grid path and the UI command
     text = result.output
-    for needle in ("four_step", "one_step", "ms/image", "speed-up", "★", "eval/grid.png",
+    for needle in ("four_step", "one_step", "ms/img", "speed", "verdict", "★", "eval/grid.png",
                    f"mlflow ui --backend-store-uri {mlflow_uri}", "pipeline finished in"):
         assert needle in text, needle
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import yaml
 from typer.testing import CliRunner
 
 from distill_common.errors import ConfigError
@@ -18,12 +19,20 @@ TINY = ["--model-base-channels", "8", "--model-channel-mults", "1", "2", "--mode
 
 
 def test_presets_dry_run_and_unknown_recipe():
-    result = runner.invoke(app, ["pipeline", "--preset", "paper", "--dry-run"])
+    result = runner.invoke(app, ["pipeline", "--preset", "paper", "--teacher", "scratch", "--dry-run"])
     assert result.exit_code == 0 and "base_channels: 128" in result.output and "steps: 800000" in result.output
+    # a given teacher: the dry run shows its UNet, not the scratch-teacher sections that would not run
+    result = runner.invoke(app, ["pipeline", "--dry-run"])
+    assert result.exit_code == 0 and "1,541,891 parameters" in result.output and '"base_channels": 32' in result.output
+    shown = yaml.safe_load(result.output)
+    assert "model" not in shown and "teacher" not in shown and shown["teacher_source"] == "reference"
     result = runner.invoke(app, ["distill", "--recipe", "lcm", "--dry-run"])
     assert isinstance(result.exception, ConfigError)
-    assert ("valid choices: 'adversarial', 'consistency', 'four_step', 'guided', 'one_step', 'progressive', 'reflow'"
+    assert ("valid choices: 'adversarial', 'consistency', 'guided', 'k_step', 'one_step', 'progressive', 'reflow'"
             in str(result.exception))
+    result = runner.invoke(app, ["distill", "--recipe", "four_step", "--dry-run"])  # the k-step recipe's old name
+    assert result.exit_code == 0 and yaml.safe_load(result.output)["recipe"] == "k_step"
+    assert "four_step is now called k_step" in result.stderr
     result = runner.invoke(app, ["train-teacher", "--preset", "huge", "--dry-run"])
     assert isinstance(result.exception, ConfigError) and "'cpu', 'paper', 'smoke'" in str(result.exception)
 

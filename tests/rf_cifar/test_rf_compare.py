@@ -17,10 +17,11 @@ from distill_rf_cifar.recipes import RECIPES
 
 def test_methods_are_the_registered_student_recipes():
     assert compare_methods() == [r for r in RECIPES if r != "teacher"]
-    assert {"one_step", "four_step", "reflow", "progressive", "adversarial", "consistency", "guided"} <= set(
+    assert {"one_step", "k_step", "reflow", "progressive", "adversarial", "consistency", "guided"} <= set(
         compare_methods())
     assert select_methods([]) == compare_methods()
-    assert select_methods(["consistency", "four_step", "consistency"]) == ["consistency", "four_step"]
+    assert select_methods(["consistency", "k_step", "consistency"]) == ["consistency", "k_step"]
+    assert select_methods(["four_step"]) == ["k_step"]  # the old name of the k-step recipe
     with pytest.raises(ConfigError, match="unknown compare method 'lcm'; valid choices: .*'adversarial'"):
         select_methods(["lcm"])
 
@@ -77,7 +78,7 @@ def test_compare_on_a_tiny_teacher_writes_table_plot_and_parent_with_child_runs(
 
     out = tmp_path / "cmp"
     # progressive: its per-round evaluation once opened a second top-level MLflow run inside the parent and crashed
-    methods = ["four_step", "adversarial", "consistency", "guided", "progressive"]
+    methods = ["k_step", "adversarial", "consistency", "guided", "progressive"]
     result = CliRunner().invoke(app, ["compare", "--preset", "tiny", "--teacher", str(teacher_dir), "--methods",
                                       *methods, "--output-dir", str(out), "--data-root", str(data_root),
                                       "--device", "cpu", "--train-device", "cpu", "--eval-num-images", "4",
@@ -91,7 +92,7 @@ def test_compare_on_a_tiny_teacher_writes_table_plot_and_parent_with_child_runs(
     by = {(r["method"], r["steps"]): r for r in rows}
     assert by[("teacher", 2)]["lpips_to_teacher"] == pytest.approx(0.0, abs=1e-6)  # the reference itself
     assert by[("teacher", 1)]["lpips_to_teacher"] > 0
-    assert by[("consistency", 2)]["sampler"] == "consistency" and by[("four_step", 2)]["sampler"] == "euler"
+    assert by[("consistency", 2)]["sampler"] == "consistency" and by[("k_step", 2)]["sampler"] == "euler"
     # the guided student is loaded with its w-embedding and sampled at its own default guidance, one call per step
     assert by[("guided", 2)]["guidance"] == by[("teacher", 2)]["guidance"] == 1.0 and by[("guided", 2)]["nfe"] == 2
     for m in methods:

@@ -115,7 +115,7 @@ def _changed(a: torch.nn.Module, b: torch.nn.Module) -> bool:
     return any(not torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
 
 
-@pytest.mark.parametrize("recipe", ["one_step", "four_step", "reflow", "progressive"])
+@pytest.mark.parametrize("recipe", ["one_step", "k_step", "reflow", "progressive"])
 def test_each_student_recipe_trains_a_few_steps_from_the_teacher(recipe, tmp_path, teacher_dir, pairs_dir,
                                                                   cifar_images):
     opts = RecipeConfig(progressive_start=8, progressive_end=2)
@@ -128,7 +128,7 @@ def test_each_student_recipe_trains_a_few_steps_from_the_teacher(recipe, tmp_pat
     assert _changed(run.model, load_model(teacher_dir))
     for phase in phases:
         assert (tmp_path / phase.name / "final" / "model.safetensors").is_file()
-    expected_steps = {"one_step": 1, "four_step": 4, "reflow": 1, "progressive": 2}[recipe]
+    expected_steps = {"one_step": 1, "k_step": 4, "reflow": 1, "progressive": 2}[recipe]
     assert phases[-1].sample_steps == expected_steps
     if recipe == "progressive":
         assert [p.name for p in phases] == ["round1_8to4", "round2_4to2"]
@@ -136,7 +136,7 @@ def test_each_student_recipe_trains_a_few_steps_from_the_teacher(recipe, tmp_pat
 
 
 def test_teacher_recipe_and_unknown_recipe(tmp_path, cifar_images):
-    assert set(RECIPES) == {"teacher", "one_step", "four_step", "reflow", "progressive", "adversarial", "consistency",
+    assert set(RECIPES) == {"teacher", "one_step", "k_step", "reflow", "progressive", "adversarial", "consistency",
                             "guided"}
     phases = build_recipe("teacher", RecipeConfig(), FlowConfig(), steps=2)
     model = _fresh_model()
@@ -144,8 +144,9 @@ def test_teacher_recipe_and_unknown_recipe(tmp_path, cifar_images):
     run = run_recipe(phases, model, tiny_loop(steps=2), {"images": cifar_images}, tmp_path, progress=False)
     assert run.finished and any(not torch.equal(before[k], v) for k, v in run.model.state_dict().items())
     with pytest.raises(ConfigError, match="unknown recipe 'lcm'; valid choices: 'adversarial', 'consistency', "
-                       "'four_step', 'guided', 'one_step'"):
+                       "'guided', 'k_step', 'one_step'"):
         build_recipe("lcm", RecipeConfig(), FlowConfig(), steps=2)
+    assert [p.name for p in build_recipe("four_step", RecipeConfig(), FlowConfig(), steps=2)] == ["k_step"]  # old name
 
 
 def test_k_step_loss_draws_t_from_the_k_fixed_points_and_is_zero_on_straight_pairs():

@@ -7,6 +7,7 @@ when their package is installed.
 
 from __future__ import annotations
 
+import inspect
 import signal
 import sys
 from importlib.metadata import entry_points
@@ -47,13 +48,28 @@ def _root(
 def ui_cmd(
     port: int = typer.Option(8501, "--port", help="Port of the page."),
     host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind (loopback by default)."),
+    tracking_uri: str | None = typer.Option(None, "--tracking-uri", envvar="MLFLOW_TRACKING_URI", show_envvar=False,
+                                            help="MLflow store to read (default: $MLFLOW_TRACKING_URI, else "
+                                                 "./mlflow.db); never created by reading."),
 ) -> None:
     """Web page to try registered teachers and students side by side, with their metrics and plots."""
     from distill_common.foreground import check_port_free
+    from distill_common.registry_cli import use_tracking_uri
     from distill_common.ui import serve
 
     check_port_free(host, port)
+    use_tracking_uri(tracking_uri)  # the page's server process inherits it
+
     raise typer.Exit(serve(host, port))
+
+
+@app.command("env")
+def env_cmd() -> None:
+    """Check this machine: versions, device and bf16 support, data root, tracking store, caches; each line OK or
+    what to fix (like accelerate env). Creates nothing."""
+    from distill_common.env_check import report
+
+    raise typer.Exit(report())
 
 
 def _register_subcommands() -> None:
@@ -82,6 +98,25 @@ def _on_sigterm(signum: int, frame: object) -> None:
     raise Terminated()
 
 
+def plain_help(command):
+    """Give every command of a click tree click's plain help layout (fits 80 columns: no boxes, no type column
+    with ``<bool>``); returns the command."""
+    command.rich_markup_mode = None
+    for sub in getattr(command, "commands", {}).values():
+        if not sub.short_help and sub.help:  # the whole first paragraph, wrapped, never cut at 45 characters
+            sub.short_help = " ".join(inspect.cleandoc(sub.help).split("\n\n")[0].split())
+        plain_help(sub)
+    return command
+
+
+def build(typer_app: typer.Typer | None = None):
+    """The click command of ``typer_app`` (default: ``distill`` with every sub-app), as ``main`` runs it."""
+    if typer_app is None:
+        _register_subcommands()
+        typer_app = app
+    return plain_help(typer.main.get_command(typer_app))
+
+
 def run_app(typer_app: typer.Typer, argv: list[str] | None = None) -> None:
     """Run a Typer app, turning DistillError and OSError (disk full, read-only, a file for a folder) into one
     red line and exit code 2, and SIGTERM into an orderly stop (exit 143)."""
@@ -91,7 +126,7 @@ def run_app(typer_app: typer.Typer, argv: list[str] | None = None) -> None:
     except ValueError:  # not the main thread: leave signals alone
         previous = None
     try:
-        typer_app(args=argv, standalone_mode=True)
+        build(typer_app).main(args=argv, standalone_mode=True)
     except DistillError as exc:
         err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         sys.exit(exc.exit_code)

@@ -12,8 +12,9 @@ A config is a (possibly nested) dataclass whose fields are declared with :func:`
 the fields (help text, types, choices), plus ``--config FILE`` (YAML or JSON, overridden by flags),
 ``--preset NAME`` (named defaults, overridden by the file and flags) and ``--dry-run`` (print the
 resolved config and exit). Every multi-word option also accepts the underscore spelling
-(``--num-images`` and ``--num_images``), and list options accept ``--steps 2 4 8``,
-``--steps 2,4,8`` or a repeated flag.
+(``--num-images`` and ``--num_images``; only the first is shown in ``--help``), and list options accept
+``--steps 2 4 8``, ``--steps 2,4,8`` or a repeated flag. A command with many options shows its top-level options
+in full and one line per section in ``--help``; ``--help-all`` shows every option.
 """
 
 from __future__ import annotations
@@ -23,9 +24,10 @@ import functools
 import inspect
 import json
 import math
+import textwrap
 import types
 import typing
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -45,6 +47,7 @@ def option(
     help: str,
     *,
     choices: Sequence[Any] | None = None,
+    renamed: Mapping[Any, Any] | None = None,
     aliases: Sequence[str] = (),
     cli: bool = True,
     ge: float | None = None,
@@ -55,10 +58,11 @@ def option(
     """Declare a config field with its help text, optional valid choices, its valid range and extra CLI spellings.
 
     ``ge`` / ``gt`` / ``le`` / ``lt`` bound a number (every item of a list); None values are not checked.
+    ``renamed`` maps deprecated values to their new names: still accepted, replaced with a one-line note.
     """
     bounds = {k: v for k, v in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt)) if v is not None}
     metadata = {"help": help, "choices": tuple(choices) if choices else None, "aliases": tuple(aliases), "cli": cli,
-                "range": bounds or None}
+                "range": bounds or None, "renamed": dict(renamed) if renamed else None}
     if isinstance(default, (list, dict, set)):
         return dataclasses.field(default_factory=lambda d=default: type(d)(d), metadata=metadata)
     if dataclasses.is_dataclass(default) and not isinstance(default, type):
@@ -187,6 +191,13 @@ def _walk_checks(cfg: Any, prefix: tuple[str, ...] = ()) -> None:
         if value is None:
             continue
         values = value if isinstance(value, list) else [value]
+        renamed = f.metadata.get("renamed") or {}
+        old = [v for v in values if isinstance(v, Hashable) and v in renamed]
+        if old:  # a deprecated name: accepted, replaced, and said once
+            values = [renamed.get(v, v) if isinstance(v, Hashable) else v for v in values]
+            setattr(cfg, f.name, values if isinstance(value, list) else values[0])
+            for v in dict.fromkeys(old):
+                _note(f"{cli_flag(path)} {v} is now called {renamed[v]}; the old name still works for now")
         choices = f.metadata.get("choices")
         if choices:
             for v in values:
@@ -208,6 +219,12 @@ def _walk_checks(cfg: Any, prefix: tuple[str, ...] = ()) -> None:
                                       f"pass {cli_flag(path)} with a value {_range_text(bounds)}")
                 if isinstance(v, float) and v != v:
                     raise ConfigError(f"{cli_flag(path)} is NaN; pass a number {_range_text(bounds)}")
+
+
+def _note(text: str) -> None:
+    import sys
+
+    print(f"note: {text}", file=sys.stderr)
 
 
 def _validate_tree(cfg: Any, prefix: tuple[str, ...] = (), root: bool = True) -> None:
@@ -343,13 +360,15 @@ def _cli_fields(cls: type, instance: Any = None, prefix: tuple[str, ...] = ()) -
         dash = cli_flag(path)
         flags = [dash]
         under = "--" + dash[2:].replace("-", "_")
-        if under != dash:
-            flags.append(under)
-        flags += [a for a in f.metadata.get("aliases", ()) if a not in flags]
+        aliases = f.metadata.get("aliases", ())
+        flags += [a for a in aliases if a not in flags and "_" not in a]  # underscore spellings: accepted, not shown
+        hidden = [h for h in [under, *_legacy_flags(path), *aliases] if h != dash and h not in flags]
         choices = f.metadata.get("choices")
         help_text = f.metadata.get("help", "")
         if choices:
             help_text += f" (choices: {', '.join(map(str, choices))})"
+        if f.metadata.get("renamed"):
+            help_text += " (old names: " + ", ".join(f"{k} = {v}" for k, v in f.metadata["renamed"].items()) + ")"
         out.append(
             _CliField(
                 path=path,
@@ -361,7 +380,7 @@ def _cli_fields(cls: type, instance: Any = None, prefix: tuple[str, ...] = ()) -
                 choices=choices,
                 is_list=_list_item_type(base) is not None,
                 is_bool=base is bool,
-                hidden_flags=[h for h in _legacy_flags(path) if h not in flags],
+                hidden_flags=list(dict.fromkeys(hidden)),
             )
         )
     if prefix == ():
@@ -375,11 +394,59 @@ def _cli_fields(cls: type, instance: Any = None, prefix: tuple[str, ...] = ()) -
     return out
 
 
+BRIEF_HELP_MAX_OPTIONS = 30  # above this many options, --help shows sections as one line each (--help-all: all)
+
+
 class _ConfigCommand(typer.core.TyperCommand):
-    """Accepts ``--steps 2 4 8`` for list options by joining the values before click parses them."""
+    """Accepts ``--steps 2 4 8`` for list options by joining the values before click parses them; plain help that
+    fits 80 columns (no type column for flags, no underscore spellings), sections folded to one line each when
+    the command has many options (``--help-all`` unfolds them)."""
 
     list_flags: frozenset[str] = frozenset()
     renamed_flags: Mapping[str, str] = types.MappingProxyType({})  # hidden earlier spelling -> shown flag
+    sections: Mapping[str, str] = types.MappingProxyType({})  # section name -> its help text
+    brief: frozenset[str] = frozenset()  # params of a section that --help still shows in full
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.rich_markup_mode = None  # click's plain layout: one column of flags, help wrapped beside it
+
+    def _folded(self, ctx: Any, param: Any) -> str | None:
+        """The section a param is folded into in plain --help, or None when it is shown in full."""
+        if ctx.meta.get("distill.help_all") or "__" not in (param.name or ""):
+            return None
+        options = [p for p in self.params if p.param_type_name == "option"]
+        if len(options) <= BRIEF_HELP_MAX_OPTIONS or param.name in self.brief:
+            return None
+        return param.name.split("__")[0]
+
+    def format_options(self, ctx: Any, formatter: Any) -> None:
+        full, folded = [], {}
+        for param in self.get_params(ctx):
+            record = param.get_help_record(ctx)
+            if record is None:
+                continue
+            section = self._folded(ctx, param) if param.param_type_name == "option" else None
+            if section is None:
+                full.append(record)
+            else:
+                flag = param.opts[0]
+                prefix = "--" + section.replace("_", "-") + "-"
+                folded.setdefault(section, []).append(flag[len(prefix):] if flag.startswith(prefix) else flag)
+        if full:
+            with formatter.section("Options"):
+                formatter.write_dl(full)
+        if folded:
+            rows = [(f"--{s.replace('_', '-')}-*", f"{self.sections.get(s, '').rstrip('.')}: {', '.join(names)}")
+                    for s, names in folded.items()]
+            first = max(len(name) for name, _ in rows) + 2
+            width = max(formatter.width - formatter.current_indent - 2 - first, 30)
+            with formatter.section("More options by section (each in full: --help-all)"):
+                for name, text in rows:  # flag names are never split at their hyphens
+                    lines = textwrap.wrap(text, width, break_on_hyphens=False, break_long_words=False)
+                    for i, line in enumerate(lines):
+                        lead = name.ljust(first) if i == 0 else " " * first
+                        formatter.write(f"{'':>{formatter.current_indent}}{lead}{line}\n")
 
     def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
         out: list[str] = []
@@ -409,6 +476,13 @@ class _ConfigCommand(typer.core.TyperCommand):
         return super().parse_args(ctx, out)
 
 
+def _print_help_all(ctx: typer.Context, value: bool) -> None:
+    if value and not ctx.resilient_parsing:
+        ctx.meta["distill.help_all"] = True
+        typer.echo(ctx.get_help(), color=ctx.color)
+        raise typer.Exit(0)
+
+
 def _explicit(ctx: Any, name: str) -> bool:
     """True when the user set the option (flag, env var), not when it holds its default.
 
@@ -434,12 +508,14 @@ def config_command(
     presets: Mapping[str, Callable[[], C] | C] | None = None,
     default_preset: str | None = None,
     help: str | None = None,
+    brief: Sequence[str] = (),
 ) -> Callable[[Callable[[C], Any]], Callable[[C], Any]]:
     """Register ``fn(cfg)`` as the Typer command ``name`` with one option per config field.
 
     Precedence, lowest first: dataclass defaults, ``--preset``, ``--config FILE``, explicit flags. ``--help``
     shows the values a bare command runs with (the ``default_preset``'s, after ``validate`` filled what it
-    fills), and names the preset.
+    fills), and names the preset. ``brief`` names section fields (``"eval.num_images"``) that a folded ``--help``
+    still shows in full; a field whose flag drops its section's name (``--data-root``, ``--num-pairs``) always is.
     """
     fields = _cli_fields(config_cls, _bare_config(config_cls, presets, default_preset))
     preset_names = tuple(presets or ())
@@ -493,15 +569,25 @@ def config_command(
             )
         params.append(
             inspect.Parameter(
+                "help_all",
+                inspect.Parameter.KEYWORD_ONLY,
+                default=typer.Option(False, "--help-all", is_eager=True, callback=_print_help_all,
+                                     help="Show every option, each section's too, and exit."),
+                annotation=bool,
+            )
+        )
+        params.append(
+            inspect.Parameter(
                 "dry_run",
                 inspect.Parameter.KEYWORD_ONLY,
-                default=typer.Option(False, "--dry-run", help="Print the resolved config and exit."),
+                default=typer.Option(False, "--dry-run", help="Print the configuration that will run, and exit."),
                 annotation=bool,
             )
         )
 
         @functools.wraps(fn)
         def command(ctx: typer.Context, **kwargs: Any) -> Any:
+            kwargs.pop("help_all", None)
             cfg = resolve_config(
                 config_cls,
                 presets=presets,
@@ -513,8 +599,8 @@ def config_command(
                     if _explicit(ctx, cf.param)
                 },
             )
-            if kwargs.pop("dry_run", False):
-                typer.echo(format_config(cfg))
+            if kwargs.pop("dry_run", False):  # a config may say what will really run (``dry_run_text``)
+                typer.echo(cfg.dry_run_text() if callable(getattr(cfg, "dry_run_text", None)) else format_config(cfg))
                 raise typer.Exit(0)
             return fn(cfg)
 
@@ -524,8 +610,11 @@ def config_command(
         cmd_cls = type(f"{config_cls.__name__}Command", (_ConfigCommand,), {
             "list_flags": frozenset(f for cf in fields if cf.is_list for f in cf.flags),
             "renamed_flags": types.MappingProxyType(renamed),
+            "sections": types.MappingProxyType(_section_help(config_cls)),
+            "brief": frozenset(cf.param for cf in fields if ".".join(cf.path) in brief
+                               or cf.flags[0] != "--" + "-".join(cf.path).replace("_", "-")),
         })
-        text = help or (fn.__doc__ or "").strip()
+        text = help or inspect.cleandoc(fn.__doc__ or "")
         if default_preset is not None:
             others = ", ".join(p for p in preset_names if p != default_preset)
             text += (f"\n\nDefaults shown are the '{default_preset}' preset's, which a bare command runs"
@@ -534,6 +623,11 @@ def config_command(
         return fn
 
     return decorator
+
+
+def _section_help(cls: type) -> dict[str, str]:
+    return {f.name: f.metadata.get("help", "") or f.name for f in dataclasses.fields(cls)
+            if f.metadata.get("nested") or (dataclasses.is_dataclass(f.type) if isinstance(f.type, type) else False)}
 
 
 def _bare_config(config_cls: type[C], presets: Mapping[str, Callable[[], C] | C] | None, preset: str | None) -> C:

@@ -71,12 +71,15 @@ def resolve_generator_folder(source: str | Path) -> Path:
             return named[src]
     if folder.exists():
         return folder
+    named = named_generators()
+    hint = f"a shipped name ({', '.join(sorted(named))}), " if named else ""
     if "/" not in src and "\\" not in src:
         named = named_generators()
         hint = f"a shipped name ({', '.join(sorted(named))}), " if named else ""
         raise ModelLoadError(f"generator {src!r} is neither a folder nor a shipped generator; pass {hint}"
                              "a generator folder, a runs:/ID/PATH or a models:/NAME@ALIAS URI")
-    raise ModelLoadError(f"generator path {src!r} does not exist; pass a checkpoint folder or a models:/ URI")
+    raise ModelLoadError(f"generator path {src!r} does not exist; pass {hint}a generator folder, a runs:/ID/PATH or "
+                         "a models:/NAME@ALIAS URI")
 
 
 def load_generator(source: str | Path, device: str = "auto", **kwargs: Any) -> Generator:

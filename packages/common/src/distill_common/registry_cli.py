@@ -8,12 +8,14 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from distill_common import promotion, tracking
+from distill_common.errors import DistillError
 
 app = typer.Typer(help="MLflow model-registry helpers: list, compare, promote, serve, relog.", no_args_is_help=True)
 
@@ -31,28 +33,77 @@ def _fmt(v) -> str:
     return str(v)
 
 
+TRACKING_URI_HELP = ("MLflow store to read (default: $MLFLOW_TRACKING_URI, else ./mlflow.db); a local store that "
+                     "does not exist is an error, never created.")
+
+
+def tracking_uri_option() -> Any:
+    return typer.Option(None, "--tracking-uri", envvar="MLFLOW_TRACKING_URI", help=TRACKING_URI_HELP,
+                        show_envvar=False)
+
+
+def use_tracking_uri(uri: str | None) -> None:
+    """Point this process (and the servers it starts) at ``uri``; None keeps MLFLOW_TRACKING_URI or ./mlflow.db."""
+    if uri:
+        os.environ["MLFLOW_TRACKING_URI"] = uri
+
+
+def describe_protocol(protocol: dict[str, Any] | None) -> str:
+    """A protocol in a few words: "360 vs 1,000 cifar10-train, bf16 features"."""
+    if not protocol:
+        return "not evaluated"
+    gen, ref = protocol.get("generated_n"), protocol.get("reference_n")
+    n = f"{gen:,}" if isinstance(gen, int) else "?"
+    r = f"{ref:,}" if isinstance(ref, int) else "all"
+    return f"{n} vs {r} {protocol.get('reference_set', '?')}, {protocol.get('feature_precision', 'fp32')} features"
+
+
+def version_summary(v: tracking.ModelVersionInfo) -> str:
+    """What a version is: its recipe (or role) and step count, e.g. "progressive, 4 steps"."""
+    what = v.tags.get("recipe") or v.tags.get("role") or "model"
+    steps = v.tags.get("steps")
+    return f"{what}, {steps} steps" if steps else what
+
+
 @app.command("list")
-def list_cmd() -> None:
-    """Registered models, their versions, aliases and latest evaluation metrics."""
-    table = Table(title=f"registry at {tracking.tracking_uri()}")
-    for col in ("model", "version", "aliases", "role", "evaluated (steps: fid / ms per image)"):
+def list_cmd(tracking_uri: str | None = tracking_uri_option()) -> None:
+    """Registered models and their versions: recipe and steps, aliases, FID and ms per image at each evaluated
+    step count, and the protocol they were measured under."""
+    use_tracking_uri(tracking_uri)
+    console = _console()
+    table = Table(title=f"registry at {tracking.tracking_uri()}", box=None, padding=(0, 1, 0, 0),
+                  header_style="bold underline")
+    for col in ("model", "version", "what", "FID / ms per image"):
         table.add_column(col)
+    protocols: dict[str, list[str]] = {}
     for name in tracking.list_models():
         for v in tracking.list_versions(name):
             evals = promotion.step_metrics(v)
-            summary = ", ".join(f"s{s}: {_fmt(m.get('fid'))} / {_fmt(m.get('ms_per_image'))}" for s, m in sorted(evals.items()))
-            table.add_row(name, v.version, ", ".join(v.aliases), v.tags.get("role", ""), summary or "not evaluated")
-    _console().print(table)
+            summary = ", ".join(f"{s} step{'' if s == 1 else 's'}: {_fmt(m.get('fid'))} / {_fmt(m.get('ms_per_image'))}"
+                                for s, m in sorted(evals.items()))
+            aliases = "".join(f" @{a}" for a in v.aliases)
+            table.add_row(name, f"v{v.version}{aliases}", version_summary(v), summary or "not evaluated")
+            try:
+                proto = describe_protocol(promotion.read_protocol(v))
+            except DistillError:
+                proto = "protocol unreadable"
+            if evals:
+                protocols.setdefault(proto, []).append(f"{name} v{v.version}")
+    console.print(table)
+    for proto, members in protocols.items():
+        console.print(f"protocol {proto}: {', '.join(members)}", highlight=False)
 
 
 @app.command("compare")
 def compare_cmd(
     name: str = typer.Argument(..., help="Registered model name."),
     versions: list[str] = typer.Argument(None, help="Versions to compare (default: all)."),
+    tracking_uri: str | None = tracking_uri_option(),
 ) -> None:
-    """Side-by-side table of evaluated versions, with the metric protocol and the MLflow UI link."""
+    """Side-by-side table of evaluated versions (recipe, steps, metrics), with the protocol and the MLflow UI link."""
     from distill_common.errors import unknown_choice
 
+    use_tracking_uri(tracking_uri)
     every = tracking.list_versions(name)
     if not every:
         raise unknown_choice("registered model", name, tracking.list_models())
@@ -60,18 +111,20 @@ def compare_cmd(
     if missing:
         raise unknown_choice(f"version of {name!r}", missing[0], [x.version for x in every])
     infos = [v for v in every if not versions or v.version in versions]
-    table = Table(title=f"{name}: evaluated versions")
-    for col in ("version", "aliases", "steps", "FID", "KID", "CLIPScore", "LPIPS to teacher", "ms/image", "params"):
-        table.add_column(col, justify="right")
+    table = Table(title=f"{name}: evaluated versions", box=None, padding=(0, 1, 0, 0), header_style="bold underline")
+    for col in ("version", "what", "steps", "FID", "KID", "CLIP", "LPIPS", "ms/img", "params"):
+        table.add_column(col, justify="left" if col in ("version", "what") else "right")
     for v in infos:
+        aliases = "".join(f" @{a}" for a in v.aliases)
         for steps, m in sorted(promotion.step_metrics(v).items()) or [(None, {})]:
-            table.add_row(v.version, ", ".join(v.aliases), _fmt(steps), _fmt(m.get("fid")), _fmt(m.get("kid")),
-                          _fmt(m.get("clip_score")), _fmt(m.get("lpips_to_teacher")), _fmt(m.get("ms_per_image")),
-                          v.tags.get("params", "n/a"))
+            table.add_row(f"v{v.version}{aliases}", version_summary(v), _fmt(steps), _fmt(m.get("fid")),
+                          _fmt(m.get("kid")), _fmt(m.get("clip_score")), _fmt(m.get("lpips_to_teacher")),
+                          _fmt(m.get("ms_per_image")), v.tags.get("params", "n/a"))
     _console().print(table)
     groups, unreadable = promotion.protocol_groups(infos)
     for p, members in groups.items():
-        _console().print(f"protocol ({', '.join(members)}): {p}", highlight=False, soft_wrap=True)
+        _console().print(f"protocol ({', '.join(members)}): {describe_protocol(json.loads(p))}; {p}",
+                         highlight=False, soft_wrap=True)
     for member in unreadable:
         _console().print(f"{member}: protocol unreadable (malformed eval.protocol tag; re-evaluate it)", highlight=False)
     if len(groups) > 1:
@@ -86,7 +139,24 @@ def ui_hint() -> str:
     uri = tracking.tracking_uri()
     if tracking.is_remote(uri):
         return f"{uri}/#/models"
-    return f"mlflow ui --backend-store-uri {uri} --port 5000   (then open http://127.0.0.1:5000/#/models)"
+    return f"{mlflow_executable()} ui --backend-store-uri {uri} --port 5000   (then open http://127.0.0.1:5000/#/models)"
+
+
+def mlflow_executable() -> str:
+    """``mlflow`` when it is on PATH, else the one installed beside this Python (``.venv/bin/mlflow``), so the
+    printed command runs in a shell where the environment is not activated."""
+    import shutil
+    import sys
+
+    if shutil.which("mlflow"):
+        return "mlflow"
+    exe = Path(sys.executable).parent / "mlflow"
+    if not exe.exists():
+        return "mlflow"
+    try:
+        return str(exe.relative_to(Path.cwd()))
+    except ValueError:
+        return str(exe)
 
 
 @app.command("promote")
@@ -100,9 +170,11 @@ def promote_cmd(
                                                "rule when either lacks a 95% interval; with intervals, they must "
                                                "not overlap as well)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Show the decision only."),
+    tracking_uri: str | None = tracking_uri_option(),
 ) -> None:
     """Move the champion alias to the best gated version when it beats the current champion (non-overlapping
     95% intervals when both carry them, else --min-improvement)."""
+    use_tracking_uri(tracking_uri)
     decision = promotion.decide(name, metric, max_steps=max_steps, max_latency_ms=max_latency_ms,
                                 min_improvement=min_improvement)
     table = Table(title=f"{name}: candidates ({metric}, steps <= {max_steps})")
@@ -152,6 +224,7 @@ def serve_cmd(
                                   "a request over it gets a one-line 400 at once."),
     max_rows: int = typer.Option(64, "--max-rows", help="Most rows (images) in one request (1-10000); a request "
                                  "over it gets a one-line 400 at once."),
+    tracking_uri: str | None = tracking_uri_option(),
 ) -> None:
     """Serve a registered generator with MLflow's model server; POST /invocations returns base64 PNGs.
 
@@ -169,7 +242,9 @@ def serve_cmd(
     from distill_common.foreground import check_port_free
 
     check_port_free(host, port)
+    use_tracking_uri(tracking_uri)
     uri = model if model.startswith("models:/") else f"models:/{model}"
+    tracking.require_store()
     tracking.configure()
     staging = Path(tempfile.mkdtemp(prefix="distill-serve-"))
     try:

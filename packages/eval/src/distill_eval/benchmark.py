@@ -25,6 +25,7 @@ from rich.progress import Progress
 from distill_common.config import option
 from distill_common.errors import ConfigError, DistillError, check_finite_images
 from distill_eval.classifier import class_accuracy
+from distill_eval.protocol import DEFAULT_PROTOCOL
 
 STAMPED = ("fid", "fid_ci95_low", "fid_ci95_high", "kid", "kid_std", "lpips_to_teacher", "clip_score",
            "class_accuracy", "ms_per_image")
@@ -37,21 +38,24 @@ class BenchmarkConfig:
 
     generators: list[str] = option([], "Generators to evaluate: models:/NAME@ALIAS, runs:/ID/PATH or a local "
                                    "folder; prefix LABEL= to name one (e.g. student=models:/rf_cifar@champion).")
-    teacher: str | None = option(None, "The teacher generator (same forms); LPIPS to teacher and speed-ups use it.")
+    teacher: str | None = option("reference", "The teacher generator (same forms; default: the shipped CIFAR-10 "
+                                 "teacher; 'none' for no teacher); LPIPS to teacher and speed-ups use it.")
     teacher_steps: int | None = option(None, "Teacher step count (default: the teacher's default_steps).", ge=1)
     steps: list[int] = option([1, 2, 4], "Student step counts to evaluate.", ge=1)
-    num_images: int = option(256, "Generated images per (generator, steps); the seeds are seed..seed+N-1.", ge=1)
+    num_images: int = option(DEFAULT_PROTOCOL["generated_n"], "Generated images per (generator, steps); the seeds are seed..seed+N-1.", ge=1)
     seed: int = option(0, "First seed.")
     guidance: float | None = option(None, "Guidance scale (default: each generator's own).", ge=0)
-    reference: str = option("cifar10-test", "FID reference set: cifar10-train, cifar10-test, coco-val2017, an "
+    reference: str = option(DEFAULT_PROTOCOL["reference_set"], "FID reference set: cifar10-train, cifar10-test, coco-val2017, an "
                             "image folder, or none.")
-    reference_n: int | None = option(None, "Reference images used (default: all of the set).", ge=2)
+    reference_n: int | None = option(DEFAULT_PROTOCOL["reference_n"], "Reference images used (none: all of the "
+                                     "set).", ge=2)
     resize: str = option("auto", "How images reach the Inception input: auto (from the reference set: none for "
                          "32 px CIFAR-10, bicubic for COCO and folders), none (torch-fidelity's own resize; square "
                          "sets only) or an antialiased bilinear/bicubic resize.",
                          choices=("auto", "none", "bilinear", "bicubic"))
-    feature_precision: str = option("fp32", "Inception forward precision: fp32, or bf16 (about 2x faster on CPUs "
-                                    "with bf16 units; part of the protocol, never ranked against fp32).",
+    feature_precision: str = option(DEFAULT_PROTOCOL["feature_precision"], "Inception forward precision: bf16 "
+                                    "(about 2x faster on CPUs with bf16 units) or fp32; part of the protocol, never "
+                                    "ranked against each other.",
                                     choices=("fp32", "bf16"))
     bootstrap_resamples: int = option(200, "Bootstrap resamples of the generated images for each FID's 95% "
                                       "interval (FID ± 1.96 bootstrap SE, seeded by --seed; 0 = no interval).", ge=0)
@@ -74,6 +78,8 @@ class BenchmarkConfig:
     device: str = option("auto", "Device.", choices=("auto", "cuda", "mps", "cpu"))
 
     def validate(self) -> None:
+        if self.teacher in ("", "none"):
+            self.teacher = None
         if not self.generators and not self.teacher:
             raise ConfigError("nothing to evaluate; pass --generators (and usually --teacher)")
         if self.num_images < 1:
@@ -322,6 +328,9 @@ def run_benchmark(
             configs.append(_Config(label, uri, gen, int(s), False, version))
     kinds = {c.generator.condition_kind for c in configs}
     if len(kinds) > 1:
+        if cfg.teacher == "reference":
+            raise ConfigError("the default --teacher 'reference' is the CIFAR-10 class teacher and these generators "
+                              "take prompts; pass --teacher with their own teacher, or --teacher none")
         raise ConfigError(f"generators mix condition kinds {sorted(kinds)}; benchmark class and prompt models separately")
 
     prompts = _prompts(cfg) if "prompt" in kinds else None

@@ -13,6 +13,7 @@ from distill_common.config import config_command, save_config
 from distill_common.errors import DataError, unknown_choice
 from distill_common.output_dir import claims_output_dir
 from distill_eval.benchmark import BenchmarkConfig, run_benchmark
+from distill_eval.protocol import DEFAULT_PROTOCOL
 from distill_eval.reports import interval_note, print_table
 
 app = typer.Typer(help="Unified evaluation: FID/KID, LPIPS, CLIPScore, timing, reports, grids, plots.",
@@ -42,6 +43,8 @@ def benchmark(cfg: BenchmarkConfig) -> None:
     if result.protocol:
         console.print(f"protocol: {result.protocol}", highlight=False)
         console.print(interval_note(cfg.bootstrap_resamples), highlight=False)
+        _protocol_notes(console, generated_n=cfg.num_images, reference_set=cfg.reference,
+                        reference_n=cfg.reference_n, feature_precision=cfg.feature_precision)
     console.print(f"report: {result.report_paths['md']}\ngrid: {result.grid_path}", highlight=False)
     for p in result.plot_paths:
         console.print(f"plot: {p}", highlight=False)
@@ -87,46 +90,88 @@ def _folder_images(folder: Path, limit: int | None = None, strict: bool = True,
     return torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2).contiguous()
 
 
+def _protocol_notes(console: Console, **protocol) -> None:
+    """Say where a measurement's protocol differs from the default one (the demo's), and warn below 2,048 images."""
+    from distill_eval.protocol import protocol_differences, small_n_warning
+
+    diffs = protocol_differences(**protocol)
+    if diffs:
+        console.print(f"note: protocol differs from the default (the demo's): {', '.join(diffs)}; FIDs are comparable "
+                      "only under one protocol", highlight=False)
+    counts = [n for n in (protocol.get("generated_n"), protocol.get("reference_n")) if isinstance(n, int)]
+    warning = small_n_warning(*counts) if counts else None
+    if warning:
+        console.print(f"[yellow]warning:[/] {warning}", highlight=False)
+
+
 @app.command("fid")
 def fid_cmd(
     dir_a: Path = typer.Argument(..., help="Folder of generated images."),
     dir_b: Path = typer.Argument(..., help="Folder of reference images (or another generated set)."),
     batch_size: int = typer.Option(64, "--batch-size", help="Feature-extraction batch size.", min=1),
-    feature_precision: str = typer.Option("fp32", "--feature-precision",
-                                          help="Inception forward precision: fp32 or bf16 (about 2x faster on CPUs "
-                                               "with bf16 units; FID drifts ~0.2%)."),
+    feature_precision: str = typer.Option(DEFAULT_PROTOCOL["feature_precision"], "--feature-precision",
+                                          help="Inception forward precision: bf16 (the default protocol's; about 2x "
+                                               "faster on CPUs with bf16 units) or fp32 (FID drifts ~0.2%)."),
     bootstrap_resamples: int = typer.Option(200, "--bootstrap-resamples",
                                             help="Resamples of DIR_A for the FID's 95% interval (0 = none).", min=0),
     kid_subsets: int = typer.Option(100, "--kid-subsets", help="KID subsets (std over them is reported).", min=1),
     seed: int = typer.Option(0, "--seed", help="Seed of the bootstrap and the KID subsets."),
     strict: bool = typer.Option(False, "--strict", help="Refuse unreadable images (default: skip and count them)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as one JSON object instead of a table."),
+    report: Path | None = typer.Option(None, "--report", help="Where to save the JSON report (default: "
+                                       "fid_<A>_vs_<B>.json beside DIR_A)."),
 ) -> None:
     """FID with a 95% bootstrap interval over DIR_A (DIR_B's statistics fixed), and KID mean ± std over subsets
-    of half the smaller set (at most 1,000), between two folders of images (Inception-v3 pool features)."""
+    of half the smaller set (at most 1,000), between two folders of images (Inception-v3 pool features).
+
+    Saves a JSON report beside DIR_A and warns below 2,048 images, where FID is biased upward.
+    """
+    import json
+
     from distill_eval.features import extract_features, feature_statistics
     from distill_eval.fid import capped_kid_subset_size, fid_from_features, kid_from_features
     from distill_eval.inception import FEATURE_PRECISIONS, InceptionFeatureExtractor
     from distill_eval.intervals import FidBootstrap
-    from distill_eval.reports import interval_note, print_table
+    from distill_eval.reports import compact_fid, interval_note
 
     if feature_precision not in FEATURE_PRECISIONS:
         raise unknown_choice("feature precision", feature_precision, FEATURE_PRECISIONS)
-    extractor = InceptionFeatureExtractor(precision=feature_precision)
+    for d in (dir_a, dir_b):  # before Inception loads (seconds): a typo costs nothing
+        if not d.is_dir():
+            raise DataError(f"image folder {d} does not exist; pass a folder of PNG/JPEG images")
+    report = report or dir_a.resolve().parent / f"fid_{dir_a.resolve().name}_vs_{dir_b.resolve().name}.json"
     images_a, images_b = (_folder_images(d, strict=strict, strict_flag="--strict") for d in (dir_a, dir_b))
+    extractor = InceptionFeatureExtractor(precision=feature_precision)
     fa = extract_features(images_a, extractor, batch_size)
     fb = extract_features(images_b, extractor, batch_size)
     size = capped_kid_subset_size(fa.shape[0], fb.shape[0])
     kid_mean, kid_std = kid_from_features(fa, fb, kid_subsets, size, seed=seed)
     row = {"fid": fid_from_features(fa, fb), "kid": kid_mean, "kid_std": kid_std, "kid_subset_size": size,
            "n_a": fa.shape[0], "n_b": fb.shape[0], "extractor": extractor.extractor_hash,
-           "feature_precision": feature_precision}
+           "feature_precision": feature_precision, "dir_a": str(dir_a), "dir_b": str(dir_b)}
     if bootstrap_resamples:
         mu, sigma = feature_statistics(fb)
         interval = FidBootstrap(fa, mu, sigma).interval(resamples=bootstrap_resamples, seed=seed)
         row.update(fid_ci95_low=interval.low, fid_ci95_high=interval.high,
                    bootstrap_seconds=round(interval.seconds, 1))
-    print_table([row], list(row), title=f"{dir_a} vs {dir_b}")
-    Console().print(interval_note(bootstrap_resamples), highlight=False)
+    report.parent.mkdir(parents=True, exist_ok=True)
+    report.write_text(json.dumps({**row, "intervals": interval_note(bootstrap_resamples)}, indent=2))
+    if as_json:  # stdout holds the JSON only; notes go to stderr
+        typer.echo(json.dumps(row))
+        _protocol_notes(Console(stderr=True), generated_n=row["n_a"], reference_n=row["n_b"],
+                        feature_precision=feature_precision)
+        return
+    console = Console()
+    interval = (f"  95% interval [{row['fid_ci95_low']:.2f}, {row['fid_ci95_high']:.2f}]"
+                if "fid_ci95_low" in row else "")
+    console.print(f"{dir_a} vs {dir_b}\n"
+                  f"  FID  {compact_fid(row, 2)}{interval}\n"
+                  f"  KID  {kid_mean:.4f} ± {kid_std:.4f} (std over {kid_subsets} subsets of {size})\n"
+                  f"  N    {row['n_a']:,} vs {row['n_b']:,} images; Inception {extractor.extractor_hash}, "
+                  f"{feature_precision} features\n"
+                  f"report: {report}", highlight=False)
+    console.print(interval_note(bootstrap_resamples), highlight=False)
+    _protocol_notes(console, generated_n=row["n_a"], reference_n=row["n_b"], feature_precision=feature_precision)
 
 
 @app.command("lpips")

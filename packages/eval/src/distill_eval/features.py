@@ -7,6 +7,7 @@ Mean/covariance come from torch-fidelity's ``fid_features_to_statistics``; extra
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Iterator
 
 import numpy as np
@@ -68,11 +69,17 @@ def extract_features(
         total = images.shape[0]
     chunks: list[torch.Tensor] = []
     columns = (TextColumn("Inception features"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    start = time.perf_counter()
     with Progress(*columns, transient=True, disable=not progress) as bar, torch.inference_mode():
         task = bar.add_task("features", total=total)
         for batch in _batches(images, batch_size):
             chunks.append(extractor(batch).float().cpu())
             bar.advance(task, batch.shape[0])
+        seconds = time.perf_counter() - start
+        if progress and seconds > 2:  # the bar goes; one line saying what it did stays on screen
+            n = sum(c.shape[0] for c in chunks)
+            bar.console.print(f"Inception features: {n:,} images in {seconds:.1f} s ({n / seconds:.1f} images/s)",
+                              highlight=False)
     if not chunks:
         raise ConfigError("no images were given to the feature extractor; check the image source is not empty")
     return torch.cat(chunks)

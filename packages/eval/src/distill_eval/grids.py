@@ -56,9 +56,12 @@ def comparison_grid(
         assert imgs.shape[0] == rows, f"column {label!r} has {imgs.shape[0]} images, expected {rows} (one per row)"
     h, w = columns[0][1].shape[-2:]
     cell = cell_size or max(96, min(256, max(h, w)))
-    font = _font(max(10, cell // 10))
+    font_size = max(10, cell // 10)
+    font = _font(font_size)
     label_w = max(100, cell)
-    head_h = max(28, cell // 4) + (24 if title else 0)
+    wrapped = ["\n".join(textwrap.wrap(label, width=max(8, cell // 7))) for label, _ in columns]  # never cut short
+    label_h = max(28, max(text.count("\n") + 1 for text in wrapped) * (font_size + 3) + 4)
+    head_h = label_h + (24 if title else 0)
     pad = 4
     width = label_w + len(columns) * (cell + pad) + pad
     height = head_h + rows * (cell + pad) + pad
@@ -66,11 +69,10 @@ def comparison_grid(
     draw = ImageDraw.Draw(canvas)
     if title:
         draw.text((pad, 4), title, fill="black", font=font)
-    top = head_h - max(28, cell // 4)
-    for j, (label, imgs) in enumerate(columns):
+    top = head_h - label_h
+    for j, (_label, imgs) in enumerate(columns):
         x = label_w + j * (cell + pad)
-        draw.multiline_text((x, top + 2), "\n".join(textwrap.wrap(label, width=max(8, cell // 7))[:3]),
-                            fill="black", font=font)
+        draw.multiline_text((x, top + 2), wrapped[j], fill="black", font=font)
         arr = _to_uint8(imgs)
         for i in range(rows):
             tile = Image.fromarray(arr[i]).resize((cell, cell), Image.Resampling.NEAREST if h <= 64 else Image.Resampling.BICUBIC)

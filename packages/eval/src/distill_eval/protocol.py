@@ -22,6 +22,28 @@ if TYPE_CHECKING:
 TAG_PREFIX = "fid_protocol."
 RANK_KEYS = ("fid", "kid_mean")
 
+# The one default protocol: `make demo` (rf pipeline --preset smoke), `distill eval benchmark` and `distill eval fid`
+# all measure with it unless told otherwise, so a quick check reproduces the demo's numbers; where a command differs
+# (other N, another reference), its output says so (:func:`protocol_differences`).
+DEFAULT_PROTOCOL = {"generated_n": 360, "reference_set": "cifar10-train", "reference_n": 1000,
+                    "feature_precision": "bf16"}
+RELIABLE_N = 2048  # Inception pool features: below this many images the covariance is singular and FID biased
+
+
+def protocol_differences(**values: object) -> list[str]:
+    """The fields of ``values`` (``generated_n=...``, ``reference_set=...``) that differ from DEFAULT_PROTOCOL,
+    as "generated_n 256 (default 360)"; None values are skipped."""
+    return [f"{k} {v} (default {DEFAULT_PROTOCOL[k]})" for k, v in values.items()
+            if k in DEFAULT_PROTOCOL and v is not None and v != DEFAULT_PROTOCOL[k]]
+
+
+def small_n_warning(*counts: int) -> str | None:
+    """A warning when any image count is below RELIABLE_N, else None."""
+    if min(counts) >= RELIABLE_N:
+        return None
+    return (f"N = {' vs '.join(f'{n:,}' for n in counts)} is below {RELIABLE_N:,}, the Inception feature dimension: "
+            "FID is biased upward there and only comparable with other results at the same N")
+
 
 @dataclass(frozen=True)
 class MetricProtocol:

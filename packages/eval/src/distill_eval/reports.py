@@ -61,9 +61,6 @@ def mark_separability(rows: list[dict[str, Any]], *, metric: str = "fid", teache
         r[f"{metric}_vs_best"] = "best" if r is best else (f"{APPROX} best" if low <= b_high else "worse")
     teachers = [r for r in scored if r.get("role") == teacher_role]
 
-    def guidance(row: Mapping[str, Any]) -> Any:
-        return row.get("effective_guidance", row.get("guidance"))
-
     def versus(r: Mapping[str, Any], t: Mapping[str, Any]) -> str:
         (t_low, t_high), (low, high) = _interval(t), _interval(r)
         return "better" if high < t_low else ("worse" if low > t_high else APPROX)
@@ -71,13 +68,62 @@ def mark_separability(rows: list[dict[str, Any]], *, metric: str = "fid", teache
     for r in scored:
         if r.get("role") == teacher_role:
             continue
-        same = [t for t in teachers if t.get("steps") == r.get("steps") and t.get("sampler") == r.get("sampler")
-                and guidance(t) == guidance(r)]
+        same, equal_nfe = teacher_matches(r, teachers)
         if same:
-            r[f"{metric}_vs_teacher"] = versus(r, same[0])
-        equal_nfe = [t for t in teachers if r.get("nfe") is not None and t.get("nfe") == r.get("nfe")]
+            r[f"{metric}_vs_teacher"] = versus(r, same)
         if equal_nfe:
-            r[f"{metric}_vs_teacher_nfe"] = versus(r, equal_nfe[0])
+            r[f"{metric}_vs_teacher_nfe"] = versus(r, equal_nfe)
+
+
+def teacher_matches(row: Mapping[str, Any], teachers: Sequence[Mapping[str, Any]]
+                    ) -> tuple[Mapping[str, Any] | None, Mapping[str, Any] | None]:
+    """The teacher row a student row is compared with at the same steps, sampler and guidance (a row's
+    ``effective_guidance`` when it has one), and the one with the same network evaluations per image."""
+    def guidance(r: Mapping[str, Any]) -> Any:
+        return r.get("effective_guidance", r.get("guidance"))
+
+    same = [t for t in teachers if t.get("steps") == row.get("steps") and t.get("sampler") == row.get("sampler")
+            and guidance(t) == guidance(row)]
+    equal_nfe = [t for t in teachers if row.get("nfe") is not None and t.get("nfe") == row.get("nfe")]
+    return (same[0] if same else None), (equal_nfe[0] if equal_nfe else None)
+
+
+MINUS = "\u2212"  # a real minus sign: "−9.1%"
+
+
+def compact_fid(row: Mapping[str, Any], digits: int = 1) -> str:
+    """``FID ±half-width`` of its 95% interval ("101.2 ±3.8"), or the FID alone without an interval."""
+    value = row.get("fid")
+    if not isinstance(value, (int, float)) or not math.isfinite(value):
+        return "n/a"
+    ci = _interval(row)
+    return f"{value:.{digits}f}" + (f" ±{(ci[1] - ci[0]) / 2:.{digits}f}" if ci else "")
+
+
+def verdict(row: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], *, teacher_role: str = "teacher") -> str:
+    """One short cell saying what the row's FID establishes.
+
+    A student: its FID change against the teacher at the same steps and guidance ("−9.1% vs teacher@4, disjoint";
+    ``overlap`` when the 95% intervals overlap, so the difference is not established); without such a teacher row,
+    against the teacher with the same network evaluations ("vs teacher@2 (=NFE)"). A teacher row: ``best``, or
+    ``≈ best`` when its interval overlaps the best row's. Empty when nothing is established.
+    """
+    if row.get("role") == teacher_role or not isinstance(row.get("fid"), (int, float)):
+        mark = row.get("fid_vs_best")
+        return mark if mark in ("best", f"{APPROX} best") else ""
+    teachers = [t for t in rows if t.get("role") == teacher_role and isinstance(t.get("fid"), (int, float))]
+    same, equal_nfe = teacher_matches(row, teachers)
+    t = same or equal_nfe
+    if t is None or not t["fid"]:
+        return row.get("fid_vs_best", "") if row.get("fid_vs_best") == "best" else ""
+    change = f"{100 * (row['fid'] - t['fid']) / t['fid']:+.1f}%".replace("-", MINUS)
+    steps = t.get("steps") if t.get("steps") is not None else t.get("sampler")
+    where = f"teacher@{steps}" + ("" if same else " (=NFE)")
+    ci, t_ci = _interval(row), _interval(t)
+    if ci is None or t_ci is None:
+        return f"{change} vs {where}"
+    disjoint = ci[1] < t_ci[0] or ci[0] > t_ci[1]
+    return f"{change} vs {where}, {'disjoint' if disjoint else 'overlap'}"
 
 
 def cell(row: Mapping[str, Any], column: str) -> str:
@@ -142,13 +188,40 @@ def write_report(rows: Sequence[Mapping[str, Any]], out_dir: str | Path, name: s
     return paths
 
 
+HEADERS = {"fid": "FID", "kid": "KID ±std", "kid_mean": "KID ±std", "nfe": "NFE", "ms_per_image": "ms/img",
+           "speedup_vs_teacher": "speed", "images_per_second": "img/s", "lpips_to_teacher": "LPIPS",
+           "teacher_same_steps": "teacher FID", "teacher_steps": "from", "n": "N", "clip_score": "CLIPScore",
+           "lpips_mean": "LPIPS", "lpips_std": "±std", "num_images": "N", "generated_n": "N generated",
+           "reference_n": "N reference", "kid_subset_size": "KID subset", "train_seconds": "train s"}
+VERDICT_SOURCES = ("fid_vs_best", "fid_vs_teacher", "fid_vs_teacher_nfe")
+
+
+def header(column: str) -> str:
+    """The terminal header of a report column: a short human name ("ms/img", "NFE"), else the key with spaces."""
+    return HEADERS.get(column, column.replace("_", " "))
+
+
+def compact_table(title: str | None = None) -> Table:
+    """A borderless table with one space between columns: the most that fits in 80 columns."""
+    return Table(title=title, box=None, padding=(0, 1, 0, 0), pad_edge=False, header_style="bold underline")
+
+
 def print_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str], title: str | None = None,
                 console: Console | None = None) -> Table:
-    table = Table(title=title)
+    """The terminal form of a report: readable headers, ``FID ±half-width`` cells, and the three separability
+    columns replaced by one ``verdict`` (:func:`verdict`); CSV, JSON and Markdown keep every column."""
+    table = compact_table(title)
     columns = shown_columns(rows, columns)
+    with_interval = any(_interval(r) is not None for r in rows)
+    if any(c in VERDICT_SOURCES for c in columns):
+        first = next(i for i, c in enumerate(columns) if c in VERDICT_SOURCES)
+        columns = [c for c in columns if c not in VERDICT_SOURCES]
+        columns.insert(first, "verdict")
     for c in columns:
-        table.add_column(c, justify="right" if rows and isinstance(rows[0].get(c), (int, float)) else "left")
+        name = "FID ±95%" if c == "fid" and with_interval else header(c)
+        table.add_column(name, justify="right" if rows and isinstance(rows[0].get(c), (int, float)) else "left")
     for r in rows:
-        table.add_row(*(cell(r, c) for c in columns))
+        table.add_row(*(verdict(r, rows) if c == "verdict" else compact_fid(r) if c == "fid" and with_interval
+                        else cell(r, c) for c in columns))
     (console or Console()).print(table)
     return table

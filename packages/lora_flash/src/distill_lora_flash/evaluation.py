@@ -98,7 +98,7 @@ def run_eval(cfg: EvalConfig, tracking_run: Any = None, console: Any = None) -> 
         prompts=[cfg.prompt.strip()] if cfg.prompt is not None else [],
         clip_model=None, lpips_net=cfg.lpips_net, batch_size=cfg.batch_size, timing_repeats=cfg.timing_repeats,
         grid_rows=cfg.grid_rows, output_dir=out, data_root=cfg.data_root, track=tracking_run is not None,
-        device=cfg.device,
+        device=cfg.device, feature_precision="fp32",  # this package's protocol (eval benchmark's default is bf16)
     )
     generators = {"baseline": baseline, "student": student}
     result = run_benchmark(bench_cfg, loader=generators.__getitem__, tracking_run=tracking_run, console=console)

@@ -25,8 +25,9 @@ from distill_rf_cifar.config import (
     TeacherConfig,
 )
 
-app = typer.Typer(help="CIFAR-10 rectified flow: teacher, noise→image pairs, one-step / four-step / reflow / "
-                       "progressive students, FID-vs-NFE, and the main-job pipeline.", no_args_is_help=True)
+app = typer.Typer(help="CIFAR-10 rectified flow: teacher, noise→image pairs, students by recipe (one_step, k_step, "
+                       "reflow, progressive, adversarial, consistency, guided), sampling, SDS, FID-vs-NFE, the "
+                       "main-job pipeline and the comparison of every recipe.", no_args_is_help=True)
 console = Console()
 
 
@@ -55,8 +56,8 @@ def make_pairs_cmd(cfg: PairsConfig) -> None:
 @config_command(app, "distill", DistillConfig, presets=DISTILL_PRESETS, default_preset="smoke")
 @claims_output_dir(lambda cfg: cfg.folder)  # before torch is imported: a refused run exits at once
 def distill_cmd(cfg: DistillConfig) -> None:
-    """Train a student from the teacher's weights with --recipe one_step | four_step | reflow | progressive |
-    adversarial | consistency | guided."""
+    """Train a student from the teacher's weights with --recipe one_step | k_step | reflow | progressive |
+    adversarial | consistency | guided ('four_step' is the old name of k_step)."""
     from distill_rf_cifar.stages import distill_student
 
     outcome = distill_student(cfg, console=console)
@@ -91,8 +92,8 @@ def evaluate_cmd(cfg: EvaluateConfig) -> None:
     from distill_rf_cifar.stages import evaluate
 
     result, _ = evaluate(cfg, console=console)
-    print_table(result.rows, ["model", "sampler", "steps", "nfe", "fid", "fid_vs_best", "fid_vs_teacher", "fid_vs_teacher_nfe", "kid",
-                              "ms_per_image", "speedup_vs_teacher"],
+    print_table(result.rows, ["model", "sampler", "steps", "nfe", "fid", "ms_per_image", "speedup_vs_teacher",
+                              "fid_vs_best", "fid_vs_teacher", "fid_vs_teacher_nfe"],  # KID: in the report
                 title=f"FID vs NFE ({result.protocol['reference_set']}, N={result.protocol['generated_n']})",
                 console=console)
     console.print(interval_note(cfg.eval.bootstrap_resamples), highlight=False)
@@ -112,7 +113,7 @@ def pipeline_cmd(cfg: PipelineConfig) -> None:
 @config_command(app, "compare", CompareConfig, presets=COMPARE_PRESETS, default_preset="smoke")
 @claims_output_dir(lambda cfg: cfg.folder)  # one compare per folder: a second one is refused at once
 def compare_cmd(cfg: CompareConfig) -> None:
-    """Every distillation recipe (one_step, four_step, reflow, progressive, adversarial, consistency, ...) from one
+    """Every distillation recipe (one_step, k_step, reflow, progressive, adversarial, consistency, guided) from one
     --teacher under one budget of optimizer steps: one table (FID with interval at 1/2/4 steps, LPIPS to the teacher,
     ms/image, training time), one plot, an MLflow parent run with a child per method."""
     from distill_rf_cifar.compare import print_compare, run_compare

@@ -41,7 +41,10 @@ def compare_methods() -> list[str]:
 
 
 def select_methods(requested: list[str]) -> list[str]:
+    from distill_rf_cifar.config import RENAMED_RECIPES
+
     available = compare_methods()
+    requested = [RENAMED_RECIPES.get(name, name) for name in requested]  # "four_step": the old name of k_step
     for name in requested:
         if name not in available:
             raise unknown_choice("compare method", name, available)

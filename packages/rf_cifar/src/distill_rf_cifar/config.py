@@ -20,8 +20,11 @@ PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 SAMPLER_NAMES = ("euler", "heun", "rk45", "consistency")
 SAMPLE_PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # of generation (distill_common.runtime.resolve_precision)
 TIME_SAMPLER_NAMES = ("uniform", "logit_normal")
-RECIPE_NAMES = ("teacher", "one_step", "four_step", "reflow", "progressive",
+RECIPE_NAMES = ("teacher", "one_step", "k_step", "reflow", "progressive",
                 "adversarial", "consistency", "guided")
+# Old recipe names, still accepted with a note: "four_step" was the k-step recipe, which made "four-step" mean two
+# things (the recipe, and the pipeline's four-step student, which is progressive by default).
+RENAMED_RECIPES = {"four_step": "k_step"}
 DISTANCES = ("l2", "lpips")
 DATA_SOURCES = ("shards", "folder", "hub")
 LR_SCHEDULES = ("constant_with_warmup", "linear", "cosine")
@@ -78,6 +81,11 @@ class DataConfig:
     limit: int | None = option(None, "Use only the first N training images (default: all 50,000).", ge=1)
     random_flip: bool = option(True, "Random horizontal flips (Ho et al. 2020, App. B).")
     strict: bool = option(False, "Refuse unreadable images of a folder source (default: skip and count them).")
+
+    def validate(self, flag: FlagNamer) -> None:
+        if self.data_root is not None and not Path(self.data_root).expanduser().is_dir():
+            raise ConfigError(f"{flag('data_root')} {self.data_root} does not exist; pass the folder that holds "
+                              "cifar10/ (or leave it out: $DISTILL_DATA_ROOT, then ../shared/data)")
 
     def resolved_root(self) -> Path | None:
         if self.data_root is not None:
@@ -234,7 +242,7 @@ class RoundsEvalConfig:
 class DistillConfig:
     """``distill rf distill``: a student from the teacher's weights by a named recipe."""
 
-    recipe: str = option("four_step", "Student recipe.", choices=RECIPE_NAMES[1:])
+    recipe: str = option("k_step", "Student recipe.", choices=RECIPE_NAMES[1:], renamed=RENAMED_RECIPES)
     teacher: Path = option(Path("runs/rf_cifar/teacher/generator"), "Teacher generator folder (its weights start "
                            "the student; progressive also queries it).")
     pairs: Path = option(Path("runs/rf_cifar/pairs"), "Pair folder (one_step, four_step, reflow).")
@@ -256,7 +264,8 @@ class DistillConfig:
 class SampleConfig:
     """``distill rf sample``: PNGs and a grid from a generator."""
 
-    generator: str = option("runs/rf_cifar/teacher/generator", "Generator folder, runs:/ID/PATH or models:/NAME@ALIAS.")
+    generator: str = option("reference", "Generator: 'reference' (the shipped CIFAR-10 teacher), a generator folder, "
+                            "runs:/ID/PATH or models:/NAME@ALIAS.")
     classes: list[int] = option(list(range(10)), "Class labels to draw.", ge=0)
     per_class: int = option(8, "Images per class (seeds seed, seed+1, ...).", ge=1)
     steps: int | None = option(None, "Steps (default: the generator's own).", ge=1)
@@ -278,7 +287,8 @@ class SDSConfig:
     """``distill rf sds``: score distillation sampling (Poole et al. 2022), the 2D exercise: optimise images of one
     class from noise with the teacher's score, for a sweep of guidance scales, and measure their diversity."""
 
-    teacher: str = option("runs/rf_cifar/teacher/generator", "Teacher generator folder or runs:/ / models:/ URI.")
+    teacher: str = option("reference", "Teacher: 'reference' (the shipped CIFAR-10 teacher), a generator folder or a "
+                          "runs:/ / models:/ URI.")
     class_label: int = option(3, "CIFAR-10 class of the images (0 airplane ... 9 truck).", ge=0, le=9)
     seeds: int = option(8, "Images per guidance scale: seed i draws image i's initial noise and its SDS noise.")
     guidance_scales: list[float] = option([1.0, 7.5, 30.0, 100.0], "CFG scales to sweep (DreamFusion uses 100).", ge=0)
@@ -339,7 +349,8 @@ class EvalConfig:
 class EvaluateConfig:
     """``distill rf evaluate``: teacher and students on one protocol."""
 
-    teacher: str = option("runs/rf_cifar/teacher/generator", "Teacher generator (folder or URI).")
+    teacher: str = option("reference", "Teacher: 'reference' (the shipped CIFAR-10 teacher), a generator folder or "
+                          "a runs:/ / models:/ URI.")
     students: list[str] = option([], "Students as LABEL=FOLDER_OR_URI (e.g. four_step=runs/rf_cifar/students/four_step/generator).")
     eval: EvalConfig = nested(EvalConfig, "Sweep.")
     output_dir: Path = option(Path("runs/rf_cifar/eval"), "Images, report, grid and plots.")
@@ -370,16 +381,17 @@ class PipelineConfig:
                                  "and --model-*), or a generator folder / runs:/ / models:/ URI.",
                                  aliases=("--teacher",))
     data: DataConfig = nested(DataConfig, "CIFAR-10.")
-    model: UNetConfig = nested(UNetConfig, "The UNet (students share it).")
+    model: UNetConfig = nested(UNetConfig, "The UNet of --teacher scratch (other teachers bring theirs; students "
+                               "take the teacher's).")
     flow: FlowConfig = nested(FlowConfig, "Rectified flow.")
-    teacher: LoopConfig = nested(LoopConfig, "Teacher training.")
-    sampling: SamplingConfig = nested(SamplingConfig, "Teacher default sampling.")
+    teacher: LoopConfig = nested(LoopConfig, "Teacher training (--teacher scratch only).")
+    sampling: SamplingConfig = nested(SamplingConfig, "Default sampling of a --teacher scratch teacher.")
     pairs: PairsConfig = nested(PairsConfig, "Pair generation (teacher/output_dir are set by the pipeline).")
-    four_step_recipe: str = option("four_step", "How the four-step student is distilled: 'four_step' (k-step "
+    four_step_recipe: str = option("k_step", "How the four-step student is distilled: 'k_step' (k-step "
                                    "distillation on the pairs, Liu et al. 2023) or 'progressive' (Salimans & Ho 2022: "
                                    "rounds on CIFAR-10 images from --options-progressive-start, the teacher's default "
                                    "steps, halving down to --options-progressive-end = --options-k).",
-                                   choices=("four_step", "progressive"))
+                                   choices=("k_step", "progressive"), renamed=RENAMED_RECIPES)
     four_step: LoopConfig = nested(LoopConfig, "Four-step student training.")
     one_step: LoopConfig = nested(LoopConfig, "One-step student training.")
     options: RecipeConfig = nested(RecipeConfig, "Recipe options.")
@@ -392,6 +404,34 @@ class PipelineConfig:
     @property
     def folder(self) -> Path:
         return self.output_dir or Path("runs/rf_cifar") / self.run_name
+
+    def dry_run_text(self) -> str:
+        """The configuration that will run: with a given teacher (not ``scratch``) the sections that only build and
+        train a teacher (model, teacher, sampling) are left out and the teacher's own UNet is named instead."""
+        import json
+
+        import yaml
+
+        from distill_common.config import to_dict
+
+        data = to_dict(self)
+        if self.teacher_source == "scratch":
+            return yaml.safe_dump(data, sort_keys=False)
+        for unused in ("model", "teacher", "sampling"):
+            data.pop(unused)
+        lines = [f"# teacher: {self.teacher_source}, not trained in this run; --model-*, --teacher-* and --sampling-* "
+                 "apply only to --teacher scratch"]
+        if "://" not in self.teacher_source:
+            from distill_common.generator import resolve_generator_folder
+
+            folder = resolve_generator_folder(self.teacher_source)
+            info = json.loads((folder / "generator.json").read_text())
+            unet = (folder / "model_config.json")
+            arch = json.loads(unet.read_text()) if unet.is_file() else {}
+            lines.append(f"# the teacher's (and students') UNet: {folder}: {info.get('parameters', '?'):,} parameters, "
+                         f"{json.dumps(arch)}; default sampling {info.get('sampler')} {info.get('default_steps')} "
+                         f"steps at guidance {info.get('default_guidance')}")
+        return "\n".join(lines) + "\n" + yaml.safe_dump(data, sort_keys=False)
 
     def validate(self) -> None:
         if self.four_step_recipe == "progressive" and self.options.progressive_end != self.options.k:
@@ -428,14 +468,14 @@ def smoke_pipeline() -> PipelineConfig:
     cfg.flow = FlowConfig(time_sampler="logit_normal", label_dropout=0.1)
     cfg.data = DataConfig(limit=None)
     cfg.teacher = _loop(steps=600, batch_size=64, learning_rate=2e-3, warmup_steps=50, ema_decay=0.999,
-                        checkpoint_every=200, log_every=50, sample_every=200)
+                        checkpoint_every=200, log_every=10, sample_every=200)
     cfg.sampling = SamplingConfig(sampler="euler", steps=16, guidance=1.0)
     cfg.pairs = PairsConfig(num_pairs=640, shard_size=320, steps=8, guidance=DEMO_GUIDANCE, batch_size=64)
-    cfg.four_step_recipe = "progressive"  # 92.7 vs four_step's 101.0 at 4 steps under one budget (distill rf compare)
+    cfg.four_step_recipe = "progressive"  # 92.7 vs k_step's 101.0 at 4 steps under one budget (distill rf compare)
     cfg.four_step = _loop(steps=150, batch_size=32, learning_rate=5e-4, warmup_steps=10, ema_decay=0.99,
-                          checkpoint_every=75, log_every=25)
+                          checkpoint_every=75, log_every=5)
     cfg.one_step = _loop(steps=100, batch_size=64, learning_rate=5e-4, warmup_steps=20, ema_decay=0.99,
-                         checkpoint_every=50, log_every=20, seed=1)
+                         checkpoint_every=50, log_every=5, seed=1)
     cfg.options = RecipeConfig(k=4, distance="l2", progressive_start=16, progressive_end=4)
     cfg.eval = EvalConfig(teacher_steps=[1, 2, 4], teacher_rk45=False, student_steps=[1, 2, 4],
                           students_at_own_steps=True, num_images=360, reference="cifar10-train", reference_n=1000,
@@ -452,13 +492,13 @@ def cpu_pipeline() -> PipelineConfig:
     cfg.model = UNetConfig(base_channels=32, channel_mults=[1, 2, 2], res_blocks=1, attention_resolutions=[],
                            mid_attention=True, dropout=0.0, norm_groups=8)
     cfg.teacher = _loop(steps=2000, batch_size=64, learning_rate=1e-3, warmup_steps=100, ema_decay=0.999,
-                        checkpoint_every=250, log_every=50, sample_every=500)
+                        checkpoint_every=250, log_every=10, sample_every=500)
     cfg.sampling = SamplingConfig(sampler="euler", steps=16, guidance=1.0)
     cfg.pairs = PairsConfig(num_pairs=4096, shard_size=1024, steps=16, guidance=1.0, batch_size=64)  # bf16 autocast is fastest at 64 on 2 cores
     cfg.four_step = _loop(steps=400, batch_size=64, learning_rate=5e-4, warmup_steps=20, ema_decay=0.99,
-                          checkpoint_every=200, log_every=50)
+                          checkpoint_every=200, log_every=10)
     cfg.one_step = _loop(steps=400, batch_size=64, learning_rate=5e-4, warmup_steps=20, ema_decay=0.99,
-                         checkpoint_every=200, log_every=50, seed=1)
+                         checkpoint_every=200, log_every=10, seed=1)
     cfg.eval = EvalConfig(teacher_steps=[1, 2, 4, 8, 16, 32], teacher_rk45=True, student_steps=[1, 2, 4],
                           num_images=250, reference="cifar10-train", reference_n=2000, batch_size=64,
                           timing_batch=64, timing_repeats=3)
@@ -531,7 +571,7 @@ def evaluate_config(p: PipelineConfig) -> EvaluateConfig:
 PIPELINE_PRESETS = SCALES
 TEACHER_PRESETS = {name: (lambda f=f: teacher_config(f())) for name, f in SCALES.items()}
 PAIRS_PRESETS = {name: (lambda f=f: pairs_config(f())) for name, f in SCALES.items()}
-DISTILL_PRESETS = {name: (lambda f=f: distill_config(f(), "four_step")) for name, f in SCALES.items()}
+DISTILL_PRESETS = {name: (lambda f=f: distill_config(f(), "k_step")) for name, f in SCALES.items()}
 EVALUATE_PRESETS = {name: (lambda f=f: evaluate_config(f())) for name, f in SCALES.items()}
 
 
@@ -544,7 +584,8 @@ class CompareConfig:
 
     teacher: str = option("reference", "Teacher: a generator folder, a models:/ or runs:/ URI, or 'reference' "
                           "(the teacher shipped with distill-rf-cifar).")
-    methods: list[str] = option([], "Recipes to compare (default: every registered student recipe).")
+    methods: list[str] = option([], "Recipes to compare (default: every registered student recipe).",
+                                renamed=RENAMED_RECIPES)
     run_name: str = option("smoke", "Name of this comparison (default folder runs/rf_cifar/compare/<run-name>).")
     output_dir: Path | None = option(None, "Output folder (default: runs/rf_cifar/compare/<run-name>).")
     train: LoopConfig = nested(LoopConfig, "The budget every method gets: the same optimizer steps, batch and "

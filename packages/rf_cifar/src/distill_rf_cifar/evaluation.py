@@ -132,7 +132,7 @@ def run_sweep(
     from distill_eval.inception import InceptionFeatureExtractor
     from distill_eval.plots import plot_quality_vs_latency, plot_quality_vs_steps
     from distill_eval.reference_stats import reference_stats
-    from distill_eval.reports import interval_note, mark_separability, write_report
+    from distill_eval.reports import compact_fid, interval_note, mark_separability, write_report
     from distill_eval.timing import measure_latency
 
     console = console or Console()
@@ -238,9 +238,8 @@ def run_sweep(
                      **{k: side[k] for k in ("fid_ci95_low", "fid_ci95_high") if k in side},
                      "kid": side["kid"], "kid_std": side["kid_std"], "ms_per_image": side["ms_per_image"],
                      "images_per_second": 1000.0 / side["ms_per_image"], "key": e.key})
-        interval = f" [{side['fid_ci95_low']:.2f}, {side['fid_ci95_high']:.2f}]" if "fid_ci95_low" in side else ""
-        console.print(f"  {e.key:>18}: FID {side['fid']:8.2f}{interval}  NFE {side['nfe']:6.1f}  "
-                      f"{side['ms_per_image']:8.2f} ms/image", highlight=False)
+        console.print(f"  {e.key:>16}  FID {compact_fid(side, 2):>14}  NFE {side['nfe']:4.0f}  "
+                      f"{side['ms_per_image']:7.1f} ms per image", highlight=False)  # 62 columns: never wraps
     teacher_label, teacher_gen = teacher
     base = next(r for r in rows if r["model"] == teacher_label and r["sampler"] == "euler"
                 and r["steps"] == teacher_gen.default_steps)
@@ -264,8 +263,8 @@ def run_sweep(
     grid_columns = []
     for e, r in zip(entries, rows, strict=True):
         imgs = load_png_folder(image_dirs[e.key], max(grid_rows) + 1)[grid_rows]
-        steps = "RK45" if e.sampler == RK45 else f"{e.steps}st"
-        title = f"{e.label} {steps} FID {r['fid']:.0f} {r['ms_per_image']:.1f}ms"  # wraps to 2-3 short lines
+        steps = "RK45" if e.sampler == RK45 else f"{e.steps} step{'' if e.steps == 1 else 's'}"
+        title = f"{e.label} {steps} FID {r['fid']:.0f} {r['ms_per_image']:.1f} ms"  # wraps to 2-3 short lines
         grid_columns.append((title, imgs))
     grid_path = out / "grid.png"
     comparison_grid(grid_columns, [CIFAR10_CLASSES[c] if num_classes == 10 else str(c) for c in grid_rows], grid_path,

@@ -27,6 +27,7 @@ from distill_common import tracking
 from distill_common.config import save_config
 from distill_common.errors import DistillError
 from distill_common.generator import resolve_generator_folder
+from distill_common.generator_folder import read_generator_manifest
 from distill_common.output_dir import claims_output_dir
 from distill_rf_cifar.config import (
     PipelineConfig,
@@ -80,6 +81,12 @@ class PipelineResult:
         return now
 
 
+def _elapsed(start: float) -> str:
+    """" · 3:12 elapsed" for a stage's heading (each stage's own bar shows its time remaining)."""
+    seconds = int(time.perf_counter() - start)
+    return f" · {seconds // 60}:{seconds % 60:02d} elapsed" if seconds else ""
+
+
 def _register(name: str, outcome: StageOutcome, tags: dict[str, Any]) -> str:
     """Register the stage's logged model, or reuse the version already holding these exact weights."""
     sha = weights_sha256(outcome.generator_dir)
@@ -93,7 +100,16 @@ def _register(name: str, outcome: StageOutcome, tags: dict[str, Any]) -> str:
         raise DistillError(f"{outcome.folder} was trained without tracking, so it has no logged model to register; "
                            "rerun with --track or delete the folder")
     return tracking.register_model(outcome.model_uri, name, tags={**tags, "generator.sha256": sha},
-                                   description=f"rf_cifar {tags.get('role')} from {outcome.folder}")
+                                   description=version_description(tags, outcome.folder))
+
+
+def version_description(tags: dict[str, Any], folder: Path, protocol: dict[str, Any] | None = None) -> str:
+    """What a registry version is, in one line: role, recipe, steps, where it came from and how it was measured."""
+    from distill_common.registry_cli import describe_protocol
+
+    what = f"rf_cifar {tags.get('role')}: {tags.get('recipe')} recipe, {tags.get('steps')} steps"
+    measured = f"; FID measured on {describe_protocol(protocol)}" if protocol else ""
+    return f"{what}, from {folder}{measured}"
 
 
 def _promote(name: str, max_steps: int | None) -> str:
@@ -114,8 +130,10 @@ def run_pipeline(cfg: PipelineConfig, *, console: Console | None = None, progres
     """Run (or resume) every stage; see the module docstring."""
     from distill_common.registry_cli import ui_hint
     from distill_rf_cifar.evaluation import registry_tags
+    from distill_rf_cifar.training.data import check_training_data
 
     console = console or Console()
+    check_training_data(cfg.data.data_root, cfg.data.source)  # a wrong data root fails now, not after two stages
     if cfg.teacher_source != SCRATCH:
         resolve_generator_folder(cfg.teacher_source)  # a wrong name or path fails before any folder or run exists
     start = time.perf_counter()
@@ -125,7 +143,7 @@ def run_pipeline(cfg: PipelineConfig, *, console: Console | None = None, progres
     result = PipelineResult(out, False, 0.0)
     with tracking.start_run(cfg.experiment, f"pipeline-{cfg.run_name}", config=cfg, tags={"stage": "pipeline"},
                             fallback_dir=out, enabled=cfg.track) as parent:
-        console.rule(f"[bold]1/5 teacher[/] ({cfg.teacher_source}) → {out / 'teacher'}")
+        console.rule(f"[bold]1/5 teacher[/] ({cfg.teacher_source}) → {out / 'teacher'}{_elapsed(start)}")
         if cfg.teacher_source == SCRATCH:
             teacher = train_teacher(teacher_config(cfg, out / "teacher"), console=console, progress=progress,
                                     nested=True)
@@ -137,13 +155,14 @@ def run_pipeline(cfg: PipelineConfig, *, console: Console | None = None, progres
         if not teacher.finished:
             result.seconds = time.perf_counter() - start
             return result
-        console.rule(f"[bold]2/5 pairs[/] → {out / 'pairs'}")
+        console.rule(f"[bold]2/5 pairs[/] → {out / 'pairs'}{_elapsed(start)}")
         result.outcomes["pairs"] = make_pairs(pairs_config(cfg, teacher.generator_dir, out / "pairs"), console=console,
                                               progress=progress, nested=True)
         lap = result.lap("pairs", lap)
         recipes = student_recipes(cfg)
         for i, label in enumerate(STUDENTS):
-            console.rule(f"[bold]{3 + i}/5 student {label}[/] ({recipes[label]}) → {out / 'students' / label}")
+            console.rule(f"[bold]{3 + i}/5 student {label}[/] ({recipes[label]}) → {out / 'students' / label}"
+                         f"{_elapsed(start)}")
             dcfg = distill_config(cfg, recipes[label], teacher.generator_dir, out / "pairs", out / "students" / label)
             dcfg.rounds = RoundsEvalConfig(num_images=0)  # the pipeline's own evaluation scores the final student
             student = distill_student(dcfg, console=console, progress=progress, nested=True)
@@ -153,7 +172,7 @@ def run_pipeline(cfg: PipelineConfig, *, console: Console | None = None, progres
                 result.seconds = time.perf_counter() - start
                 return result
 
-        console.rule(f"[bold]5/5 FID vs NFE and latency[/] → {out / 'eval'}")
+        console.rule(f"[bold]5/5 FID vs NFE and latency[/] → {out / 'eval'}{_elapsed(start)}")
         eval_cfg = dataclasses.replace(evaluate_config(cfg), teacher=str(teacher.generator_dir),
                                        students=[f"{r}={result.outcomes[r].generator_dir}" for r in STUDENTS],
                                        output_dir=out / "eval")
@@ -166,12 +185,15 @@ def run_pipeline(cfg: PipelineConfig, *, console: Console | None = None, progres
             names = {"teacher": cfg.registry.teacher_name, **{r: cfg.registry.student_name for r in STUDENTS}}
             for label, name in names.items():
                 outcome = result.outcomes[label]
+                steps = read_generator_manifest(outcome.generator_dir).get("default_steps")
                 tags = {"role": "teacher" if label == "teacher" else "student", "recipe": recipes.get(label, label),
-                        "pipeline.run_name": cfg.run_name, "pipeline.output_dir": str(out.resolve()),
+                        "steps": steps, "pipeline.run_name": cfg.run_name, "pipeline.output_dir": str(out.resolve()),
                         "params": outcome.info.get("parameters")}
                 version = _register(name, outcome, tags)
                 tracking.set_version_tags(name, version, {**registry_tags(sweep.rows, label, sweep.protocol),
-                                                          "eval.run_id": eval_run})
+                                                          "eval.run_id": eval_run, "recipe": tags["recipe"],
+                                                          "steps": steps},
+                                          description=version_description(tags, outcome.folder, sweep.protocol))
                 result.versions[label] = (name, version)
             for name, gate in ((cfg.registry.student_name, cfg.registry.max_steps), (cfg.registry.teacher_name, None)):
                 result.champions[name] = _promote(name, gate)
@@ -198,43 +220,40 @@ def run_pipeline(cfg: PipelineConfig, *, console: Console | None = None, progres
     return result
 
 
-def _fid_cell(row: dict) -> str:
-    """``FID [low, high]`` plus distill_eval.reports' markers: ``best`` / ``≈ best`` (interval overlaps the best
-    row's), and for students ``<`` / ``>`` / ``≈`` against the teacher at equal steps and guidance
-    (``teacher@4st``) and at equal network evaluations (``teacher@4NFE``)."""
-    if "fid_ci95_low" not in row:
-        return f"{row['fid']:.1f}"
-    text = f"{row['fid']:.1f} [{row['fid_ci95_low']:.1f}, {row['fid_ci95_high']:.1f}]"
-    if row.get("fid_vs_best") in ("best", "≈ best"):
-        text += f" {row['fid_vs_best']}"
-    versus = {"better": "<", "worse": ">", "≈": "≈"}
-    if row.get("fid_vs_teacher") in versus:
-        text += f" {versus[row['fid_vs_teacher']]} teacher@{row['steps']}st"
-    if row.get("fid_vs_teacher_nfe") in versus:
-        text += f" {versus[row['fid_vs_teacher_nfe']]} teacher@{row['nfe']:.0f}NFE"
-    return text
+def summary_table(result: PipelineResult, cfg: PipelineConfig) -> Table:
+    """The main job's table, 80 columns wide: model (with its registry version, ★ the champion), steps, NFE,
+    ``FID ±half-width`` of the 95% interval, ms per image, speed-up vs the teacher at its default steps, and the
+    verdict of distill_eval.reports (``−9.1% vs teacher@4, disjoint``)."""
+    from distill_eval.reports import compact_fid, compact_table, verdict
+
+    protocol = result.protocol or {}
+    table = compact_table(f"FID of {protocol.get('generated_n', '?'):,} generated vs "
+                          f"{protocol.get('reference_n', '?'):,} {protocol.get('reference_set', '')} images")
+    for col, justify in (("model", "left"), ("steps", "right"), ("NFE", "right"), ("FID ±95%", "right"),
+                         ("ms/img", "right"), ("speed", "right"), ("verdict", "left")):
+        table.add_column(col, justify=justify, no_wrap=True)
+    champions = dict(result.champion_versions)
+    for r in result.rows:
+        name, version = result.versions.get(r["model"], ("", ""))
+        model = r["model"] + (f" v{version}" if name else "") + (" ★" if name and champions.get(name) == version else "")
+        if r["sampler"] not in ("euler", "consistency"):
+            model += f" {r['sampler']}"
+        gated = r["role"] == "student" and r["steps"] is not None and r["steps"] <= cfg.registry.max_steps
+        table.add_row(model, "-" if r["steps"] is None else str(r["steps"]), f"{r['nfe']:.0f}", compact_fid(r),
+                      f"{r['ms_per_image']:.1f}", f"{r['speedup_vs_teacher']:.1f}×", verdict(r, result.rows),
+                      style="bold" if gated else None)
+    return table
 
 
 def print_summary(result: PipelineResult, cfg: PipelineConfig, console: Console) -> None:
-    """The main job's table: model, steps, FID, ms/image, speed-up vs the teacher at its default steps."""
-    teacher_steps = cfg.sampling.steps
-    table = Table(title=f"rf_cifar pipeline '{cfg.run_name}': FID ({result.protocol['generated_n']} generated vs "
-                        f"{result.protocol['reference_n']} {result.protocol['reference_set']}) and latency "
-                        f"(speed-up vs teacher at {teacher_steps} Euler steps)")
-    for col, justify in (("model", "left"), ("version", "left"), ("sampler", "left"), ("steps", "right"),
-                         ("NFE", "right"), ("FID [95% CI]", "right"), ("ms/image", "right"), ("speed-up", "right")):
-        table.add_column(col, justify=justify)
-    champions = {name: v for name, v in result.champion_versions.items()}
-    for r in result.rows:
-        name, version = result.versions.get(r["model"], ("", ""))
-        mark = " ★" if name and champions.get(name) == version else ""
-        gated = r["role"] == "student" and r["steps"] is not None and r["steps"] <= cfg.registry.max_steps
-        table.add_row(r["model"], f"v{version}{mark}" if name else "-", r["sampler"],
-                      "-" if r["steps"] is None else str(r["steps"]), f"{r['nfe']:.0f}", _fid_cell(r),
-                      f"{r['ms_per_image']:.2f}", f"{r['speedup_vs_teacher']:.1f}×", style="bold" if gated else None)
+    """The main job's table (:func:`summary_table`), what its cells mean, the champions, and where everything is."""
+    table = summary_table(result, cfg)
     console.print(table)
-    console.print("FID [95% interval]: ± 1.96 bootstrap SE over the generated images; ≈ marks a difference inside the "
-                  "intervals (not established)", highlight=False)
+    base = next((r for r in result.rows if r.get("role") == "teacher" and r.get("speedup_vs_teacher") == 1.0), None)
+    console.print(f"FID ±95%: half-width of the bootstrap interval. speed: vs the teacher at "
+                  f"{base['steps'] if base else 'its default'} steps. "
+                  "verdict: FID change vs the teacher at the same steps; 'disjoint' intervals establish it, 'overlap' "
+                  "does not. A CFG step costs 2 NFE.", highlight=False)
     for name, reason in result.champions.items():
         version = result.champion_versions.get(name)
         console.print(f"champion (★) of [bold]{name}[/]: {f'v{version}' if version else 'none'} — {reason}",

@@ -5,7 +5,7 @@ recipe         data       phases                                                
 =============  =========  ===========================================================================  =======
 teacher        images     RectifiedFlowLoss (random init)                                              N
 one_step       pairs      PairDistillationLoss: t = 0, L2 or LPIPS (Liu et al. 2023)                   1
-four_step      pairs      KStepDistillationLoss: t on the k fixed points of k-step Euler (k = 4)       k
+k_step         pairs      KStepDistillationLoss: t on the k fixed points of k-step Euler (k = 4)       k
 reflow         pairs      ReflowLoss (2-RF, Liu et al. 2023), then PairDistillationLoss on the pairs   1
 progressive    images     ProgressiveDistillationLoss rounds 32 -> 16 -> 8 -> 4 (Salimans & Ho 2022)   end
 adversarial    pairs+     AdversarialDistillationLoss (ADD, Sauer et al. 2023): -D(fake) + 0.5 L2 to   1-4
@@ -38,7 +38,7 @@ from torch import nn
 
 from distill_common import checkpoint as ckpt
 from distill_common.errors import ConfigError, unknown_choice
-from distill_rf_cifar.config import FlowConfig, LoopConfig, RecipeConfig
+from distill_rf_cifar.config import RENAMED_RECIPES, FlowConfig, LoopConfig, RecipeConfig
 from distill_rf_cifar.losses import (
     AdversarialDistillationLoss,
     ConsistencyDistillationLoss,
@@ -79,8 +79,8 @@ def _one_step(opts: RecipeConfig, flow: FlowConfig, steps: int, teacher_steps: i
     return [Phase("one_step", "pairs", lambda _: PairDistillationLoss(opts.distance, opts.lpips_resize), steps, 1)]
 
 
-def _four_step(opts: RecipeConfig, flow: FlowConfig, steps: int, teacher_steps: int, guidance: float) -> list[Phase]:
-    return [Phase("four_step", "pairs", lambda _: KStepDistillationLoss(opts.k, opts.distance, opts.lpips_resize,
+def _k_step(opts: RecipeConfig, flow: FlowConfig, steps: int, teacher_steps: int, guidance: float) -> list[Phase]:
+    return [Phase("k_step", "pairs", lambda _: KStepDistillationLoss(opts.k, opts.distance, opts.lpips_resize,
                                                                          opts.k_rollout),
                   steps, opts.k)]
 
@@ -159,7 +159,7 @@ def _consistency(opts: RecipeConfig, flow: FlowConfig, steps: int, teacher_steps
 RECIPES: dict[str, Callable[..., list[Phase]]] = {
     "teacher": _teacher,
     "one_step": _one_step,
-    "four_step": _four_step,
+    "k_step": _k_step,
     "reflow": _reflow,
     "progressive": _progressive,
     "adversarial": _adversarial,
@@ -171,6 +171,7 @@ RECIPES: dict[str, Callable[..., list[Phase]]] = {
 def build_recipe(name: str, options: RecipeConfig, flow: FlowConfig, steps: int, *, teacher_steps: int = 32,
                  guidance: float = 1.0) -> list[Phase]:
     """The phases of recipe ``name`` splitting ``steps`` optimiser steps."""
+    name = RENAMED_RECIPES.get(name, name)  # "four_step" is the old name of k_step
     if name not in RECIPES:
         raise unknown_choice("recipe", name, RECIPES)
     return RECIPES[name](options, flow, steps, teacher_steps, guidance)
@@ -193,13 +194,19 @@ def combine_data(phases: list[Phase], data: dict[str, TrainingData]) -> dict[str
 
 
 class _PhaseCallback(TrainingCallback):
-    """Forward a phase's reports with its global step offset (and a metric prefix when there are several phases)."""
+    """Forward a phase's reports with its global step offset. With several phases (progressive rounds, reflow's two
+    parts) every metric is reported twice: under its own key, one curve across all phases on the global step (with
+    ``phase``, the 1-based phase number, beside it), and under ``<phase>/<key>`` for each phase alone."""
 
-    def __init__(self, inner: TrainingCallback, offset: int, prefix: str) -> None:
-        self.inner, self.offset, self.prefix = inner, offset, prefix
+    def __init__(self, inner: TrainingCallback, offset: int, prefix: str, index: int = 0) -> None:
+        self.inner, self.offset, self.prefix, self.index = inner, offset, prefix, index
 
     def on_metrics(self, step: int, metrics: dict[str, float]) -> None:
-        self.inner.on_metrics(self.offset + step, {f"{self.prefix}{k}": v for k, v in metrics.items()})
+        out = dict(metrics)
+        if self.prefix:
+            out.update({f"{self.prefix}{k}": v for k, v in metrics.items()})
+            out["phase"] = float(self.index + 1)
+        self.inner.on_metrics(self.offset + step, out)
 
     def on_samples(self, step: int, images: torch.Tensor) -> None:
         self.inner.on_samples(self.offset + step, images)
@@ -254,7 +261,7 @@ def run_recipe(
             raise ConfigError(f"phase {phase.name!r} needs {phase.data} data, which was not provided")
         loss = phase.make_loss(start_model if phase.student is not None else model)
         result, model, ema = train(cfg, model, loss, data[phase.data], folder,
-                                   callback=_PhaseCallback(callback, offset, f"{phase.name}/" if len(phases) > 1 else ""),
+                                   callback=_PhaseCallback(callback, offset, f"{phase.name}/" if len(phases) > 1 else "", i),
                                    sample_fn=sample_fn(phase) if sample_fn else None, progress=progress,
                                    description=phase.name)
         results.append(result)

@@ -384,12 +384,15 @@ def evaluate_rounds(cfg: DistillConfig, phases: list[Phase], *, console: Console
 
 
 @claims_output_dir(lambda cfg: cfg.output_dir)
-def sample(cfg: SampleConfig, *, console: Console | None = None) -> Path:
-    """PNG per image (``class{c}_seed{s}.png``) and ``grid.png`` (rows = classes, columns = seeds)."""
+def sample(cfg: SampleConfig, *, console: Console | None = None, progress: bool = True) -> Path:
+    """PNG per image (``class{c}_seed{s}.png``) and ``grid.png``: one row per class, labelled with the class name,
+    one column per seed, 64 px tiles."""
     from PIL import Image
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+    from distill_common.data.cifar10 import CIFAR10_CLASSES
     from distill_common.generator import load_generator
-    from distill_eval.grids import image_grid
+    from distill_eval.grids import comparison_grid
 
     console = console or Console()
     gen = load_generator(cfg.generator, device=cfg.device, precision=cfg.precision)
@@ -399,13 +402,24 @@ def sample(cfg: SampleConfig, *, console: Console | None = None) -> Path:
     seeds = [cfg.seed + j for _ in cfg.classes for j in range(cfg.per_class)]
     kwargs = {"sampler": cfg.sampler} if cfg.sampler else {}
     steps = cfg.steps if cfg.steps is not None else gen.default_steps  # steps >= 1 is checked by the config
-    images = gen.generate(conditions, steps, seeds, cfg.guidance, **kwargs)  # (N, 3, 32, 32)
+    start, batch, chunks = time.perf_counter(), max(cfg.per_class, 16), []
+    columns = (TextColumn(f"sampling {steps} steps"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=True, disable=not progress) as bar:
+        task = bar.add_task("sample", total=len(conditions))
+        for i in range(0, len(conditions), batch):  # every image has its own seed: batching changes nothing
+            chunks.append(gen.generate(conditions[i:i + batch], steps, seeds[i:i + batch], cfg.guidance, **kwargs))
+            bar.advance(task, len(chunks[-1]))
+    images = torch.cat(chunks)  # (N, 3, 32, 32)
     for img, c, s in zip(images, conditions, seeds, strict=True):
         arr = (img.permute(1, 2, 0).numpy() * 255).round().astype("uint8")
         ckpt.save_image(Image.fromarray(arr), out / f"class{c}_seed{s}.png")
-    ckpt.save_image(image_grid(images, ncols=cfg.per_class), out / "grid.png")
-    console.print(f"wrote {len(conditions)} images and {out / 'grid.png'} "
-                  f"({steps} steps, NFE {getattr(gen, 'last_nfe', '?')}, {gen.precision})")
+    names = [CIFAR10_CLASSES[c] if gen.num_classes == 10 and c < 10 else f"class {c}" for c in cfg.classes]
+    guidance = cfg.guidance if cfg.guidance is not None else gen.default_guidance
+    grid_columns = [(f"seed {cfg.seed + j}", images[j::cfg.per_class]) for j in range(cfg.per_class)]
+    comparison_grid(grid_columns, names, out / "grid.png", cell_size=64,
+                    title=f"{cfg.generator}: {steps} steps, guidance {guidance:g}")
+    console.print(f"wrote {len(conditions)} images and {out / 'grid.png'} in {time.perf_counter() - start:.0f} s "
+                  f"({steps} steps, NFE {getattr(gen, 'last_nfe', '?')}, {gen.precision})", highlight=False)
     return out / "grid.png"
 
 

@@ -343,26 +343,40 @@ def open_cifar10(
 ) -> Cifar10Shards | Cifar10Batches:
     """CIFAR-10 from wherever it is: the data root's shards, else its (or the cache's) python batches, else -- when
     no data root is configured at all -- the official archive downloaded once into the user cache."""
-    from distill_common.data.cifar10_download import download_cifar10, find_batches, manual_fix
+    from distill_common.data.cifar10_download import download_cifar10
+
+    kind, folder = locate_cifar10(root, split)
+    if kind == "shards":
+        return Cifar10Shards(folder, split, transform, limit, preload=preload, show_progress=show_progress)
+    if kind == "batches":
+        return Cifar10Batches(folder, split, transform, limit)
+    return Cifar10Batches(download_cifar10(show_progress=show_progress), split, transform, limit)
+
+
+def locate_cifar10(root: str | Path | None = None, split: str = "train") -> tuple[str, Path | None]:
+    """Where :func:`open_cifar10` will read CIFAR-10 from, without reading it: ``("shards", folder)``,
+    ``("batches", folder)`` or ``("download", None)`` (no data root configured at all). A configured root without
+    CIFAR-10 is a one-line DataError, so commands can check it before any stage or model load."""
+    from distill_common.data.cifar10_download import find_batches, manual_fix
 
     _check_split(split)
     try:
         base = resolve_data_root(root)
     except DataError:
-        if root is not None and str(root) != "":
+        if (root is not None and str(root) != "") or os.environ.get("DISTILL_DATA_ROOT"):
             raise
         base = None  # no data root anywhere: the cache, or a download
     if base is not None:
         for folder in (base, base / "cifar10"):
             if folder.is_dir() and any(folder.glob(f"{split}-*.tar")):
-                return Cifar10Shards(folder, split, transform, limit, preload=preload, show_progress=show_progress)
+                return "shards", folder
     batches = find_batches(base)
     if batches is not None:
-        return Cifar10Batches(batches, split, transform, limit)
+        return "batches", batches
     if base is not None:
         raise DataError(f"no CIFAR-10 in {base} (looked for cifar10/{split}-*.tar and cifar10/cifar-10-batches-py); "
                         f"{manual_fix()}")
-    return Cifar10Batches(download_cifar10(show_progress=show_progress), split, transform, limit)
+    return "download", None
 
 
 class Cifar10ImageFolder(ImageFolder):

@@ -10,6 +10,7 @@ from distill_common.tracking.registry import (
     list_models,
     list_versions,
     register_model,
+    require_store,
     resolve_model_version,
     set_alias,
     set_version_tags,
@@ -63,6 +64,6 @@ __all__ = [
     "CHALLENGER", "CHAMPION", "ModelVersionInfo", "RelogReport", "TrackingRun", "artifact_root", "best_version",
     "check_reachable", "check_store_writable", "configure", "decode_image", "is_remote", "delete_alias",
     "download_generator", "download_run_artifacts", "fetch_servable_model", "list_models", "list_run_artifacts",
-    "list_versions", "log_generator_model", "register_model", "relog", "resolve_model_version", "set_alias", "set_version_tags",
+    "list_versions", "log_generator_model", "register_model", "relog", "require_store", "resolve_model_version", "set_alias", "set_version_tags",
     "run_start_time", "start_run", "tracking_uri", "verify_logged_generator", "version_by_alias",
 ]

@@ -8,10 +8,11 @@ import numbers
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from distill_common.errors import TrackingError
-from distill_common.tracking.run import configure, tracking_uri
+from distill_common.tracking.run import _sqlite_path, configure, tracking_uri
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
@@ -28,9 +29,24 @@ class ModelVersionInfo:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
-def _client():
+def require_store(uri: str | None = None) -> str:
+    """Refuse to read a local store that does not exist (opening it would create an empty one); returns the URI."""
+    uri = uri or tracking_uri()
+    path = _sqlite_path(uri)
+    if path is None and (uri.startswith("file:") or "://" not in uri):
+        path = Path(uri.removeprefix("file://").removeprefix("file:"))
+    if path is not None and not path.exists():
+        raise TrackingError(f"no MLflow store at {uri}: nothing was tracked from this folder; run from the folder "
+                            "that holds mlflow.db, or pass --tracking-uri (or set MLFLOW_TRACKING_URI) to the store")
+    return uri
+
+
+def _client(read: bool = False):
+    """The registry client; ``read``: a read-only use, which never creates a local store (:func:`require_store`)."""
     from mlflow import MlflowClient
 
+    if read:
+        require_store()
     configure()
     # A failing sqlite store logs a full SQLAlchemy traceback before raising; the raised error is reported as
     # one line (_read_error), so the log's duplicate is silenced.
@@ -78,8 +94,14 @@ def register_model(model_uri: str, name: str, *, tags: Mapping[str, Any] | None 
         client.create_registered_model(name)
     except Exception:  # already exists (possibly created concurrently)
         pass
-    mv = mlflow.register_model(model_uri, name, tags={k: str(v) for k, v in (tags or {}).items()},
-                               await_registration_for=60)
+    fluent = logging.getLogger("mlflow.tracking._model_registry.fluent")
+    level = fluent.level
+    fluent.setLevel(logging.WARNING)  # "Registered model ... already exists": true, since it was created just above
+    try:
+        mv = mlflow.register_model(model_uri, name, tags={k: str(v) for k, v in (tags or {}).items()},
+                                   await_registration_for=60)
+    finally:
+        fluent.setLevel(level)
     if description:
         client.update_model_version(name, mv.version, description=description)
     return str(mv.version)
@@ -113,7 +135,7 @@ def version_by_alias(name: str, alias: str) -> ModelVersionInfo | None:
     Any other failure (server down, broken store) raises a one-line TrackingError: an outage must
     never read as "no champion yet".
     """
-    client = _client()
+    client = _client(read=True)
     try:
         aliases = client.get_registered_model(name).aliases or {}
     except Exception as exc:
@@ -160,7 +182,7 @@ def resolve_model_version(uri: str) -> tuple[str | None, str | None]:
 
 
 def list_versions(name: str) -> list[ModelVersionInfo]:
-    client = _client()
+    client = _client(read=True)
     try:
         versions = client.search_model_versions(f"name='{name}'")
     except Exception as exc:
@@ -179,7 +201,7 @@ def list_versions(name: str) -> list[ModelVersionInfo]:
 
 
 def list_models() -> list[str]:
-    client = _client()
+    client = _client(read=True)
     try:
         return sorted(rm.name for rm in client.search_registered_models())
     except Exception as exc:

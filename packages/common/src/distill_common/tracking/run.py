@@ -354,6 +354,16 @@ class TrackingRun:
 
 
 @contextmanager
+def run_link(experiment_id: str, run_id: str) -> str:
+    """Where a run is seen: its page on the tracking server, or for a local store the page ``mlflow ui`` serves
+    (started with the command that follows)."""
+    uri = tracking_uri()
+    if is_remote(uri):
+        return f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+    return (f"http://127.0.0.1:5000/#/experiments/{experiment_id}/runs/{run_id} "
+            f"(after: mlflow ui --backend-store-uri {uri} --port 5000)")
+
+
 def start_run(
     experiment: str,
     run_name: str | None = None,
@@ -384,6 +394,11 @@ def start_run(
     active = mlflow.start_run(run_id=run_id, experiment_id=None if run_id else experiment_id,
                               run_name=None if run_id else run_name, nested=nested)
     run = TrackingRun(active.info.run_id, fallback_dir)
+    if not nested:  # one line to follow the run live (its curves fill in while it trains)
+        from rich.console import Console
+
+        Console(stderr=True).print(f"MLflow run {run_name or run.run_id}: {run_link(experiment_id, run.run_id)}",
+                                   highlight=False, soft_wrap=True)
     status = "FINISHED"
     try:
         if run_id is None:

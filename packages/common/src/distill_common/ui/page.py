@@ -182,6 +182,7 @@ def show_results(results: list) -> None:
             col.error(f"{res[0]} failed: {res[1]}")
         else:
             col.markdown(f"**{res.label}**  \n{res.summary}")
+            col.caption(res.timing_note)
     rows = max((len(r.images) for r in results if isinstance(r, Sample)), default=0)
     for i in range(rows):
         for col, res in zip(st.columns(len(results)), results, strict=True):

@@ -30,6 +30,12 @@ class Sample:
     def summary(self) -> str:
         return f"{self.steps} step{'s' if self.steps != 1 else ''} · {self.ms_per_image:.1f} ms/image"
 
+    @property
+    def timing_note(self) -> str:
+        """What the ms/image measured, so it is not read as the evaluation's number (other batch size)."""
+        return (f"timed on this page: one batch of {len(self.images)}, warm (after a 1-step warm-up call); "
+                "the Metrics tab's ms/image come from the evaluation's larger batches")
+
     def caption(self, i: int) -> str:
         return f"{self.label} · {self.summary} · {self.conditions[i]}"
 

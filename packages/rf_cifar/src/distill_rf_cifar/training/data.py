@@ -115,6 +115,18 @@ class EpochOrder:
         self.epoch, self.index = int(state["epoch"]), int(state["index"])
 
 
+def check_training_data(data_root: Path | str | None, source: str = "shards") -> None:
+    """Fail in one line, before any stage or model load, when the configured CIFAR-10 is not there (nothing is
+    read: the data root and the shard or batch files are looked up only)."""
+    from distill_common.data.cifar10 import locate_cifar10
+    from distill_common.data.root import resolve_data_root
+
+    if source == "shards":
+        locate_cifar10(data_root, "train")
+    elif source == "folder":
+        resolve_data_root(data_root)
+
+
 def load_cifar_training_data(data_root: Path | str | None, source: str = "shards", limit: int | None = None,
                              random_flip: bool = True, show_progress: bool = True,
                              strict: bool = False) -> ImageLabelData:
