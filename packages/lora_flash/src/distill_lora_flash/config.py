@@ -23,6 +23,7 @@ DEFAULT_VALIDATION_PROMPTS = [
     "a red vintage car parked by the sea at sunset",
     "a bowl of fruit on a wooden table, studio lighting",
 ]
+TRAIN_METHODS = ("noise_matching", "lcm")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
 PROMPTS_FILE_HELP = (f"Text file with one prompt per line; '{DEMO_PROMPTS_NAME}' is the packaged list of 20 varied "
                      "prompts unless such a file exists here.")
@@ -148,9 +149,14 @@ class TurboConfig:
 
 @dataclass
 class TrainConfig:
-    """``distill flash train``: distil the CFG teacher (base UNet) into a LoRA student for few-step sampling."""
+    """``distill flash train``: distil the CFG teacher (base UNet) into a LoRA student for few-step sampling, by
+    per-timestep noise matching (``--method noise_matching``) or latent consistency distillation (``--method lcm``,
+    LCM-LoRA: Luo et al. 2023)."""
 
-    base_model: str = option(DEFAULT_BASE_MODEL, "Teacher SD 1.5 model: hub id or local diffusers folder.")
+    base_model: str = option(DEFAULT_BASE_MODEL, "Teacher model: SD 1.5 or SDXL, hub id, local diffusers folder or "
+                             "'reference'.")
+    method: str = option("noise_matching", "Distillation recipe: noise_matching (per-timestep MSE to the CFG teacher) "
+                         "or lcm (latent consistency distillation, LCM-LoRA).", choices=TRAIN_METHODS)
     output_dir: Path = option(Path("checkpoints"), "Root of the training outputs (RUN_NAME/lora/checkpoint-N inside).")
     run_name: str = option("flash-lora", "Run folder under --output-dir; rerunning it resumes from its last checkpoint.")
     resume: str = option("latest", "'latest' resumes from the newest checkpoint if any, 'never' refuses to reuse a "
@@ -180,6 +186,14 @@ class TrainConfig:
     use_discrete_timesteps: bool = option(False, "Draw t only from the LCM inference timesteps of --discrete-steps.")
     discrete_steps: list[int] = option([2, 4, 8], "Step counts whose LCM timesteps form the discrete grid.")
     lcm_original_steps: int = option(DEFAULT_ORIGINAL_STEPS, "LCMScheduler original_inference_steps (grid size).")
+    # --method lcm (Luo et al. 2023)
+    lcm_skip: int = option(20, "LCM: skipping interval k of the teacher's DDIM solver (grid of 1000 // k timesteps).",
+                           ge=1, le=500)
+    lcm_guidance_min: float = option(4.0, "LCM: lowest teacher CFG scale w (eps_u + w (eps_c - eps_u)); w is drawn "
+                                     "uniformly per sample from [min, max]; equal values fix it.", ge=0, le=100)
+    lcm_guidance_max: float = option(16.0, "LCM: highest teacher CFG scale w.", ge=0, le=100)
+    lcm_loss: str = option("huber", "LCM: consistency loss, pseudo-Huber or L2.", choices=("huber", "l2"))
+    lcm_huber_c: float = option(0.001, "LCM: pseudo-Huber constant c.", gt=0, le=1)
     # optimisation
     learning_rate: float = option(1e-4, "AdamW learning rate.", gt=0)
     lr_scheduler: str = option("constant", "Learning-rate schedule.", choices=LR_SCHEDULERS)
@@ -223,6 +237,11 @@ class TrainConfig:
         _steps("validation-step-counts", self.validation_step_counts)
         if self.dataset_name and self.data_dir:
             raise ConfigError("pass either --dataset-name or --data-dir, not both")
+        if self.method not in TRAIN_METHODS:
+            raise ConfigError(f"--method must be one of {', '.join(TRAIN_METHODS)}, got {self.method!r}")
+        if self.lcm_guidance_min > self.lcm_guidance_max:
+            raise ConfigError(f"--lcm-guidance-min {self.lcm_guidance_min:g} is above --lcm-guidance-max "
+                              f"{self.lcm_guidance_max:g}; pass min <= max (equal values fix w)")
 
 
 @dataclass

@@ -1,5 +1,10 @@
-"""The LoRA student training loop (noise matching to a CFG teacher, optional Min-SNR weighting and discrete
-LCM timesteps), with atomic checkpoints, exact resume and validation images.
+"""The LoRA student training loop, one loop for every recipe: ``--method noise_matching`` (noise matching to a CFG
+teacher, optional Min-SNR weighting and discrete LCM timesteps, :mod:`distill_lora_flash.losses`) and
+``--method lcm`` (latent consistency distillation, LCM-LoRA, :mod:`distill_lora_flash.lcm`), on SD 1.5 or SDXL
+(:mod:`distill_lora_flash.conditioning`), with atomic checkpoints, exact resume and validation images.
+
+A recipe is a small component ``method(unet, latents, cond, uncond) -> (loss, logs)``; the loop around it (data,
+VAE encoding, text conditioning, accumulation, checkpoints, validation) is shared.
 
 Layout of a run: ``{output_dir}/{run_name}/``
     ``train_config.yaml``                        the resolved options
@@ -35,14 +40,21 @@ from distill_common.checkpoint import (
 from distill_common.config import save_config, to_dict
 from distill_common.errors import ConfigError, ModelLoadError
 from distill_common.models.lora import LORA_WEIGHT_NAME, add_lora, lora_parameters, save_lora
+from distill_lora_flash.conditioning import (
+    SDTextEncoder,
+    SDXLTextEncoder,
+    check_pipeline_class,
+    expand_conditioning,
+)
 from distill_lora_flash.config import TrainConfig
 from distill_lora_flash.generator import FlashGenerator, write_generator_folder
-from distill_lora_flash.losses import NoiseMatchingLoss
+from distill_lora_flash.lcm import LCMMethod
+from distill_lora_flash.losses import NoiseMatchingLoss, NoiseMatchingMethod
 from distill_lora_flash.schedule import FlashSchedule
 
 CONFIG_FILE = "train_config.yaml"
 # Options that must not change between a run and its resumption.
-RESUME_INVARIANTS = ("base_model", "lora_rank", "lora_alpha", "lora_targets", "resolution", "batch_size",
+RESUME_INVARIANTS = ("base_model", "method", "lcm_skip", "data_shards", "lora_rank", "lora_alpha", "lora_targets", "resolution", "batch_size",
                      "gradient_accumulation_steps", "seed", "use_discrete_timesteps", "discrete_steps")
 
 
@@ -124,9 +136,57 @@ def _resume_checkpoint(cfg: TrainConfig) -> Path | None:
 
 def encode_prompts(tokenizer: Any, text_encoder: Any, prompts: Sequence[str], device: torch.device) -> torch.Tensor:
     """CLIP text embeddings (B, 77, D) as SD 1.5 conditions on them (last hidden state, padded to 77)."""
-    ids = tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                    return_tensors="pt").input_ids.to(device)
-    return text_encoder(ids)[0]
+    return SDTextEncoder(tokenizer, text_encoder, device)(prompts)
+
+
+@dataclass
+class TrainingModel:
+    """What the loop needs of the teacher: UNet (gets the LoRA), VAE, scheduler, the caption encoder and a pipeline
+    on the same UNet for validation images. ``kind`` is the diffusers pipeline class."""
+
+    kind: str
+    unet: Any
+    vae: Any
+    scheduler: Any
+    encode: Callable[[Sequence[str]], Any]
+    pipeline: Any
+
+
+def load_training_model(model: str, dtype: torch.dtype, device: torch.device, resolution: int) -> TrainingModel:
+    """SD 1.5 through ``load_sd_components``; SDXL through ``StableDiffusionXLPipeline`` (two text encoders, pooled
+    embeddings, time ids); any other pipeline class is refused with one line naming the supported ones."""
+    from distill_common.models.sd_loading import load_sd_components, load_sd_pipeline, pipeline_class_name
+
+    kind = check_pipeline_class(pipeline_class_name(model), model)
+    if kind == "StableDiffusionXLPipeline":
+        from diffusers import StableDiffusionXLPipeline
+
+        pipe = load_sd_pipeline(model, dtype=dtype, device=device, pipeline_cls=StableDiffusionXLPipeline)
+        for module in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
+            module.requires_grad_(False)
+        return TrainingModel(kind, pipe.unet, pipe.vae, pipe.scheduler, SDXLTextEncoder(pipe, resolution, device), pipe)
+    from diffusers import StableDiffusionPipeline
+
+    parts = load_sd_components(model, dtype=dtype, device=device)
+    for module in (parts.vae, parts.text_encoder):
+        module.requires_grad_(False)
+    pipe = StableDiffusionPipeline(
+        vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer, unet=parts.unet,
+        scheduler=parts.scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    return TrainingModel(kind, parts.unet, parts.vae, parts.scheduler,
+                         SDTextEncoder(parts.tokenizer, parts.text_encoder, device), pipe)
+
+
+def build_method(cfg: TrainConfig, schedule: FlashSchedule, noise_scheduler: Any, device: torch.device,
+                 discrete: list[int] | None) -> Any:
+    """The recipe component ``method(unet, latents, cond, uncond) -> (loss, logs)`` that ``cfg.method`` names."""
+    alphas_cumprod = noise_scheduler.alphas_cumprod.to(device)
+    if cfg.method == "lcm":
+        return LCMMethod(alphas_cumprod, skip=cfg.lcm_skip, guidance_min=cfg.lcm_guidance_min,
+                         guidance_max=cfg.lcm_guidance_max, loss=cfg.lcm_loss, huber_c=cfg.lcm_huber_c,
+                         prediction_type=schedule.prediction_type)
+    loss_fn = NoiseMatchingLoss(alphas_cumprod, cfg.teacher_guidance, cfg.snr_gamma or None, schedule.prediction_type)
+    return NoiseMatchingMethod(loss_fn, noise_scheduler, schedule.timestep_sampler(discrete))
 
 
 def _prompts(cfg: TrainConfig) -> list[str]:
@@ -143,15 +203,10 @@ class Validator:
     The teacher is frozen, so its column is generated once. RNG streams of training are left untouched.
     """
 
-    def __init__(self, components: Any, unet: Any, schedule: FlashSchedule, cfg: TrainConfig, prompts: list[str],
+    def __init__(self, pipe: Any, unet: Any, schedule: FlashSchedule, cfg: TrainConfig, prompts: list[str],
                  autocast: Callable[[], Any]) -> None:
-        from diffusers import StableDiffusionPipeline
-
         self.unet = unet
-        self.pipe = StableDiffusionPipeline(
-            vae=components.vae, text_encoder=components.text_encoder, tokenizer=components.tokenizer, unet=unet,
-            scheduler=components.scheduler, safety_checker=None, feature_extractor=None,
-            requires_safety_checker=False)
+        self.pipe = pipe  # its UNet is ``unet`` (the LoRA student; the teacher with adapters off)
         self.pipe.set_progress_bar_config(disable=True)
         self.student = FlashGenerator(self.pipe, schedule, default_steps=min(cfg.validation_step_counts))
         self.teacher = FlashGenerator(self.pipe, None, default_steps=cfg.validation_teacher_steps,
@@ -232,7 +287,6 @@ def _train(cfg: TrainConfig, hooks: TrainHooks, console: Any, accelerator: Any, 
     from diffusers.training_utils import cast_training_params
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from distill_common.models.sd_loading import load_sd_components
     from distill_common.runtime import seed_everything
     from distill_lora_flash.data import EpochShuffleSampler, collate_captioned, training_dataset
 
@@ -241,10 +295,8 @@ def _train(cfg: TrainConfig, hooks: TrainHooks, console: Any, accelerator: Any, 
     seed_everything(cfg.seed)
 
     # models: frozen VAE / text encoder / UNet in the weight dtype, trainable LoRA in fp32
-    parts = load_sd_components(cfg.base_model, dtype=weight_dtype, device=accelerator.device)
+    parts = load_training_model(cfg.base_model, weight_dtype, accelerator.device, cfg.resolution)
     unet = parts.unet
-    for module in (parts.vae, parts.text_encoder):
-        module.requires_grad_(False)
     add_lora(unet, rank=cfg.lora_rank, alpha=cfg.lora_alpha, target_modules=cfg.lora_targets)
     if weight_dtype != torch.float32:
         cast_training_params(unet, dtype=torch.float32)
@@ -256,10 +308,8 @@ def _train(cfg: TrainConfig, hooks: TrainHooks, console: Any, accelerator: Any, 
     schedule = FlashSchedule.from_scheduler(parts.scheduler, cfg.lcm_original_steps)
     noise_scheduler = DDPMScheduler.from_config(parts.scheduler.config)
     schedule.verify_noise_schedule(noise_scheduler)
-    discrete = list(cfg.discrete_steps) if cfg.use_discrete_timesteps else None
-    timestep_sampler = schedule.timestep_sampler(discrete)
-    alphas_cumprod = noise_scheduler.alphas_cumprod.to(accelerator.device)
-    loss_fn = NoiseMatchingLoss(alphas_cumprod, cfg.teacher_guidance, cfg.snr_gamma or None, schedule.prediction_type)
+    discrete = list(cfg.discrete_steps) if cfg.use_discrete_timesteps and cfg.method == "noise_matching" else None
+    method = build_method(cfg, schedule, noise_scheduler, accelerator.device, discrete)
 
     dataset = training_dataset(cfg)
     sampler = EpochShuffleSampler(len(dataset), cfg.seed)
@@ -286,10 +336,10 @@ def _train(cfg: TrainConfig, hooks: TrainHooks, console: Any, accelerator: Any, 
         save_config(cfg, folder / CONFIG_FILE)
 
     with torch.no_grad():
-        uncond_embed = encode_prompts(parts.tokenizer, parts.text_encoder, [""], accelerator.device)  # (1, 77, D)
+        uncond_embed = parts.encode([""])  # (1, 77, D), or SDXL's Conditioning
     validator = None
     if accelerator.is_main_process:
-        validator = Validator(parts, base_unet, schedule, cfg, _prompts(cfg), accelerator.autocast)
+        validator = Validator(parts.pipeline, base_unet, schedule, cfg, _prompts(cfg), accelerator.autocast)
         validator.student.schedule.verify(validator.student.scheduler, discrete or cfg.validation_step_counts)
 
     def save_checkpoint(step: int) -> Path:
@@ -324,11 +374,8 @@ def _train(cfg: TrainConfig, hooks: TrainHooks, console: Any, accelerator: Any, 
                         latents = parts.vae.encode(pixels).latent_dist.sample() * parts.vae.config.scaling_factor
                         drop = (torch.rand(bsz) < cfg.empty_prompt_prob).tolist()
                         captions = ["" if d else c for d, c in zip(drop, batch["caption"], strict=True)]
-                        cond = encode_prompts(parts.tokenizer, parts.text_encoder, captions, accelerator.device)
-                    noise = torch.randn_like(latents)  # (B, 4, h, w)
-                    t = timestep_sampler(bsz, accelerator.device)  # (B,)
-                    x_t = noise_scheduler.add_noise(latents, noise, t)
-                    loss, logs = loss_fn(unet, x_t, t, cond, uncond_embed.expand(bsz, -1, -1))
+                        cond = parts.encode(captions)
+                    loss, logs = method(unet, latents, cond, expand_conditioning(uncond_embed, bsz))
                     accelerator.backward(loss)
                     if accelerator.sync_gradients:
                         accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
@@ -366,7 +413,8 @@ def _train(cfg: TrainConfig, hooks: TrainHooks, console: Any, accelerator: Any, 
         write_generator_folder(generator_dir, base_model=_portable_model_id(cfg.base_model),
                                lora_file=final_dir / LORA_WEIGHT_NAME, schedule=schedule, discrete_steps=discrete,
                                default_steps=4 if 4 in cfg.validation_step_counts else min(cfg.validation_step_counts),
-                               guidance=0.0, teacher_guidance=cfg.teacher_guidance, trained_steps=global_step)
+                               guidance=0.0, teacher_guidance=cfg.teacher_guidance, trained_steps=global_step,
+                               method=cfg.method, pipeline=parts.kind)
         validate(global_step)
     accelerator.end_training()
     return TrainResult(folder, final_dir, generator_dir, global_step, resume_from, metrics)
