@@ -1,0 +1,87 @@
+"""SDXL in ``flash train`` / ``flash eval`` (two text encoders, pooled embeddings, time ids) on the tiny SDXL; the
+supported pipeline classes; the default base model id and the hint for the removed one."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from test_flash_train import tiny_config
+
+from distill_common.errors import ConfigError, ModelLoadError
+
+
+def test_default_base_model_is_the_new_sd15_id_and_the_removed_one_names_it(monkeypatch):
+    from distill_common.models.sd_loading import resolve_model_source
+    from distill_lora_flash.config import EvalConfig, GenerateConfig, TrainConfig
+
+    for cls in (GenerateConfig, TrainConfig, EvalConfig):
+        assert cls().base_model == "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelLoadError) as info:
+        resolve_model_source("runwayml/stable-diffusion-v1-5", cache_dir="/nonexistent-cache")
+    message = str(info.value)
+    assert "\n" not in message and "--base-model stable-diffusion-v1-5/stable-diffusion-v1-5" in message
+
+
+def test_unsupported_pipeline_class_is_one_line(tiny_sd_path, tmp_path, data_root):
+    from distill_lora_flash.loading import load_base_pipeline
+    from distill_lora_flash.training import train
+
+    folder = tmp_path / "kandinsky"
+    shutil.copytree(tiny_sd_path, folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    index["_class_name"] = "KandinskyPipeline"
+    (folder / "model_index.json").write_text(json.dumps(index))
+    for call in (lambda: load_base_pipeline(folder),
+                 lambda: train(tiny_config(folder, data_root, tmp_path / "out"))):
+        with pytest.raises(ConfigError) as info:
+            call()
+        text = str(info.value)
+        assert "KandinskyPipeline" in text and "StableDiffusionPipeline and StableDiffusionXLPipeline" in text
+        assert "\n" not in text
+
+
+@pytest.fixture(scope="module")
+def tiny_sdxl_path(tmp_path_factory):
+    from distill_common.models.tiny_sdxl import save_tiny_sdxl
+
+    return save_tiny_sdxl(tmp_path_factory.mktemp("tiny_sdxl") / "model")
+
+
+@pytest.mark.parametrize("method", ["noise_matching", "lcm"])
+def test_sdxl_training_and_eval(tiny_sdxl_path, data_root, tmp_path, method, monkeypatch):
+    from diffusers import StableDiffusionXLPipeline
+
+    from distill_lora_flash import conditioning
+    from distill_lora_flash.config import EvalConfig
+    from distill_lora_flash.evaluation import build_eval_generators
+    from distill_lora_flash.training import train
+
+    seen: list[dict] = []
+    original = conditioning.unet_forward
+
+    def spy(unet, x, t, cond):
+        seen.append(conditioning.as_conditioning(cond).unet_kwargs())
+        return original(unet, x, t, cond)
+
+    monkeypatch.setattr(conditioning, "unet_forward", spy)
+    monkeypatch.setattr("distill_lora_flash.losses.unet_forward", spy)
+    monkeypatch.setattr("distill_lora_flash.lcm.unet_forward", spy)
+    cfg = tiny_config(tiny_sdxl_path, data_root, tmp_path, method=method, max_steps=2, checkpointing_steps=2,
+                      gradient_accumulation_steps=1, max_train_samples=2)
+    result = train(cfg)
+    assert result.global_step == 2
+    added = seen[0]["added_cond_kwargs"]
+    assert added["time_ids"].tolist()[0] == [64, 64, 0, 0, 64, 64]
+    assert added["text_embeds"].shape[-1] == 32 and seen[0]["encoder_hidden_states"].shape[-1] == 64
+    manifest = json.loads((result.generator_dir / "generator.json").read_text())
+    assert manifest["pipeline"] == "StableDiffusionXLPipeline"
+
+    baseline, student, _ = build_eval_generators(EvalConfig(base_model=str(tiny_sdxl_path),
+                                                            lora_path=result.final_dir, device="cpu", track=False))
+    assert isinstance(student.pipe, StableDiffusionXLPipeline) and student.pipe.unet is not baseline.pipe.unet
+    images = student.generate(["a cat"], 2, [0])
+    assert images.shape == (1, 3, 64, 64)
+    assert baseline.generate(["a cat"], 2, [0]).shape == (1, 3, 64, 64)
