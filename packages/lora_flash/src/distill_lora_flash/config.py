@@ -23,6 +23,7 @@ DEFAULT_VALIDATION_PROMPTS = [
     "a red vintage car parked by the sea at sunset",
     "a bowl of fruit on a wooden table, studio lighting",
 ]
+EXPORT_FORMATS = ("diffusers", "peft", "kohya")
 TRAIN_METHODS = ("noise_matching", "lcm")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
 PROMPTS_FILE_HELP = (f"Text file with one prompt per line; '{DEMO_PROMPTS_NAME}' is the packaged list of 20 varied "
@@ -289,6 +290,25 @@ class EvalConfig:
         self.prompts_file = resolve_prompts_file(self.prompts_file)
         if self.prompt is None and self.prompts_file is None and self.coco_prompts < 1:
             raise ConfigError("no prompts; pass --prompt TEXT, --prompts-file FILE or --coco-prompts N (N >= 1)")
+
+
+@dataclass
+class ExportConfig:
+    """``distill flash export``: a trained LoRA in the diffusers, peft or kohya (ComfyUI / A1111) format."""
+
+    lora_path: Path = option(Path("checkpoints/flash-lora/lora/final"), "The LoRA to export: a diffusers-format "
+                             ".safetensors file or its folder (e.g. RUN/lora/final or RUN/lora/checkpoint-N).")
+    format: str = option("diffusers", "diffusers (pytorch_lora_weights.safetensors, peft config in metadata), peft "
+                         "(adapter_model.safetensors + adapter_config.json) or kohya (lora_unet_* keys with .alpha "
+                         "tensors, for ComfyUI / AUTOMATIC1111).", choices=EXPORT_FORMATS)
+    output: Path | None = option(None, "Output .safetensors file (diffusers, kohya) or folder (peft). Default: "
+                                 "export/ next to the input (export/lora_kohya.safetensors, export/peft/, ...).")
+
+    def validate(self) -> None:
+        if self.format not in EXPORT_FORMATS:
+            raise ConfigError(f"--format must be one of {', '.join(EXPORT_FORMATS)}, got {self.format!r}")
+        if self.output is not None and self.format != "peft" and Path(self.output).suffix != ".safetensors":
+            raise ConfigError(f"--output {self.output} must end in .safetensors for --format {self.format}")
 
 
 def demo_eval_preset() -> EvalConfig:
