@@ -171,6 +171,9 @@ class TrainConfig:
                                    "metadata.jsonl.")
     data_root: Path | None = option(None, "Data root holding coco2017/ (default $DISTILL_DATA_ROOT); used when "
                                     "neither --dataset-name nor --data-dir is given.")
+    data_shards: str | None = option(None, "Stream WebDataset caption shards instead: a brace pattern such as "
+                                     "'data/{00000..00099}.tar' (image + .txt or .json caption per sample); split by "
+                                     "process rank, the shard position is saved in every checkpoint.")
     coco_split: str = option("train", "COCO 2017 split of the default data.", choices=("train", "val"))
     max_train_samples: int | None = option(None, "Use only the first N images.", ge=1)
     resolution: int = option(512, "Training image side (pixels).")
@@ -238,6 +241,17 @@ class TrainConfig:
         _steps("validation-step-counts", self.validation_step_counts)
         if self.dataset_name and self.data_dir:
             raise ConfigError("pass either --dataset-name or --data-dir, not both")
+        if self.data_shards is not None:
+            if self.dataset_name or self.data_dir:
+                raise ConfigError("pass either --data-shards or --dataset-name/--data-dir, not both")
+            if self.dataloader_num_workers:
+                raise ConfigError("--data-shards streams in the training process (its position is checkpointed); "
+                                  "pass --dataloader-num-workers 0")
+            if self.max_train_samples is not None:
+                raise ConfigError("--max-train-samples does not apply to --data-shards; pass fewer shards instead")
+            from distill_common.data.shards import expand_shards
+
+            expand_shards(self.data_shards)
         if self.method not in TRAIN_METHODS:
             raise ConfigError(f"--method must be one of {', '.join(TRAIN_METHODS)}, got {self.method!r}")
         if self.lcm_guidance_min > self.lcm_guidance_max:

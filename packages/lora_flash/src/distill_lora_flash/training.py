@@ -287,8 +287,14 @@ def _train(cfg: TrainConfig, hooks: TrainHooks, console: Any, accelerator: Any, 
     from diffusers.training_utils import cast_training_params
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+    from distill_common.data.shards import iter_batches
     from distill_common.runtime import seed_everything
-    from distill_lora_flash.data import EpochShuffleSampler, collate_captioned, training_dataset
+    from distill_lora_flash.data import (
+        EpochShuffleSampler,
+        collate_captioned,
+        training_dataset,
+        training_stream,
+    )
 
     final_dir = lora_dir(cfg) / "final"
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
@@ -311,16 +317,21 @@ def _train(cfg: TrainConfig, hooks: TrainHooks, console: Any, accelerator: Any, 
     discrete = list(cfg.discrete_steps) if cfg.use_discrete_timesteps and cfg.method == "noise_matching" else None
     method = build_method(cfg, schedule, noise_scheduler, accelerator.device, discrete)
 
-    dataset = training_dataset(cfg)
-    sampler = EpochShuffleSampler(len(dataset), cfg.seed)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, drop_last=False,
-                                         collate_fn=collate_captioned, num_workers=cfg.dataloader_num_workers,
-                                         generator=torch.Generator().manual_seed(cfg.seed))
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.adam_weight_decay)
     lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer,
                                  num_warmup_steps=cfg.lr_warmup_steps * accelerator.num_processes,
                                  num_training_steps=cfg.max_steps * accelerator.num_processes)
-    unet, optimizer, loader, lr_scheduler = accelerator.prepare(unet, optimizer, loader, lr_scheduler)
+    stream, loader = None, None
+    if cfg.data_shards:  # streamed, split by rank here (so not handed to accelerate's loader sharding)
+        stream = training_stream(cfg, accelerator.process_index, accelerator.num_processes)
+        unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
+    else:
+        dataset = training_dataset(cfg)
+        sampler = EpochShuffleSampler(len(dataset), cfg.seed)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, drop_last=False,
+                                             collate_fn=collate_captioned, num_workers=cfg.dataloader_num_workers,
+                                             generator=torch.Generator().manual_seed(cfg.seed))
+        unet, optimizer, loader, lr_scheduler = accelerator.prepare(unet, optimizer, loader, lr_scheduler)
     base_unet = accelerator.unwrap_model(unet)
 
     global_step, epoch, batch_in_epoch = 0, 0, 0
@@ -331,6 +342,12 @@ def _train(cfg: TrainConfig, hooks: TrainHooks, console: Any, accelerator: Any, 
         lr_scheduler.load_state_dict(state["lr_scheduler"])
         global_step, epoch, batch_in_epoch = int(state["step"]), int(state["epoch"]), int(state["batch_in_epoch"])
         set_rng_state(state["rng"])
+        if stream is not None:
+            positions = state.get("data") or []
+            if len(positions) != accelerator.num_processes:
+                raise ConfigError(f"{resume_from} holds no shard position for {accelerator.num_processes} "
+                                  "process(es); resume with the data and process count it was written with")
+            stream.load_state_dict(positions[accelerator.process_index])
         console.print(f"resuming {folder} from {resume_from.name} (step {global_step})", highlight=False)
     if accelerator.is_main_process:
         save_config(cfg, folder / CONFIG_FILE)
@@ -342,13 +359,21 @@ def _train(cfg: TrainConfig, hooks: TrainHooks, console: Any, accelerator: Any, 
         validator = Validator(parts.pipeline, base_unet, schedule, cfg, _prompts(cfg), accelerator.autocast)
         validator.student.schedule.verify(validator.student.scheduler, discrete or cfg.validation_step_counts)
 
-    def save_checkpoint(step: int) -> Path:
+    def data_positions() -> list[dict[str, Any]] | None:
+        """Every process's shard position (a collective call: all ranks run it)."""
+        if stream is None:
+            return None
+        from accelerate.utils import gather_object
+
+        return list(gather_object([stream.state_dict()]))
+
+    def save_checkpoint(step: int, positions: list[dict[str, Any]] | None) -> Path:
         target = checkpoint_dir(lora_dir(cfg), step)
         with atomic_dir(target) as tmp:
             save_lora(base_unet, tmp)
             save_training_state(tmp, {"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
                                       "optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
-                                      "rng": rng_state()})
+                                      "rng": rng_state(), "data": positions})
         prune_checkpoints(lora_dir(cfg), cfg.checkpoints_total_limit)
         return target
 
@@ -364,8 +389,11 @@ def _train(cfg: TrainConfig, hooks: TrainHooks, console: Any, accelerator: Any, 
     with progress:
         task = progress.add_task("train", total=cfg.max_steps, completed=global_step, info="")
         while global_step < cfg.max_steps:
-            loader.set_epoch(epoch)  # accelerate's loader forwards it to the sampler and the data set on __iter__
-            epoch_loader = accelerator.skip_first_batches(loader, batch_in_epoch) if batch_in_epoch else loader
+            if stream is not None:  # endless; resumes at the checkpointed shard position
+                epoch_loader = map(collate_captioned, iter_batches(stream, cfg.batch_size))
+            else:
+                loader.set_epoch(epoch)  # accelerate's loader forwards it to the sampler and the data set on __iter__
+                epoch_loader = accelerator.skip_first_batches(loader, batch_in_epoch) if batch_in_epoch else loader
             for batch in epoch_loader:
                 with accelerator.accumulate(unet), accelerator.autocast():
                     pixels = batch["pixel_values"].to(accelerator.device, weight_dtype)  # (B, 3, R, R)
@@ -389,13 +417,17 @@ def _train(cfg: TrainConfig, hooks: TrainHooks, console: Any, accelerator: Any, 
                 global_step += 1
                 metrics = {k: float(np.mean([w[k] for w in window])) for k in window[0]}
                 metrics["lr"] = float(lr_scheduler.get_last_lr()[0])
-                metrics["epoch"] = float(epoch)
+                metrics["epoch"] = float(epoch if stream is None else stream.epoch)
+                if stream is not None:
+                    metrics["data_corrupt"] = float(stream.num_corrupt)
                 window = []
                 progress.update(task, advance=1, info=f"loss {metrics['loss']:.4g}")
                 if hooks.metrics is not None and (global_step % cfg.log_every == 0 or global_step == cfg.max_steps):
                     hooks.metrics(global_step, metrics)
-                if global_step % cfg.checkpointing_steps == 0 and accelerator.is_main_process:
-                    save_checkpoint(global_step)
+                if global_step % cfg.checkpointing_steps == 0:
+                    positions = data_positions()
+                    if accelerator.is_main_process:
+                        save_checkpoint(global_step, positions)
                 if cfg.validation_steps and global_step % cfg.validation_steps == 0 and global_step < cfg.max_steps:
                     validate(global_step)
                 if global_step >= cfg.max_steps:
