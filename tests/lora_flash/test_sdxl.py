@@ -57,7 +57,7 @@ def test_sdxl_training_and_eval(tiny_sdxl_path, data_root, tmp_path, method, mon
     from distill_lora_flash import conditioning
     from distill_lora_flash.config import EvalConfig
     from distill_lora_flash.evaluation import build_eval_generators
-    from distill_lora_flash.training import train
+    from distill_lora_flash.training import TrainHooks, train
 
     seen: list[dict] = []
     original = conditioning.unet_forward
@@ -71,8 +71,10 @@ def test_sdxl_training_and_eval(tiny_sdxl_path, data_root, tmp_path, method, mon
     monkeypatch.setattr("distill_lora_flash.lcm.unet_forward", spy)
     cfg = tiny_config(tiny_sdxl_path, data_root, tmp_path, method=method, max_steps=2, checkpointing_steps=2,
                       gradient_accumulation_steps=1, max_train_samples=2)
-    result = train(cfg)
+    shown: dict = {}
+    result = train(cfg, TrainHooks(images=lambda step, images: shown.update(images)))
     assert result.global_step == 2
+    assert shown["student_s2"].shape == (1, 3, 64, 64) and shown["teacher"].shape == (1, 3, 64, 64)
     added = seen[0]["added_cond_kwargs"]
     assert added["time_ids"].tolist()[0] == [64, 64, 0, 0, 64, 64]
     assert added["text_embeds"].shape[-1] == 32 and seen[0]["encoder_hidden_states"].shape[-1] == 64
@@ -85,3 +87,39 @@ def test_sdxl_training_and_eval(tiny_sdxl_path, data_root, tmp_path, method, mon
     images = student.generate(["a cat"], 2, [0])
     assert images.shape == (1, 3, 64, 64)
     assert baseline.generate(["a cat"], 2, [0]).shape == (1, 3, 64, 64)
+
+
+@pytest.mark.slow
+def test_cli_lcm_on_sdxl_logs_registers_and_evaluates(tiny_sdxl_path, data_root, tmp_path, mlflow_uri, capsys,
+                                                      monkeypatch, prompts_file):
+    from flash_helpers import run_cli
+    from mlflow import MlflowClient
+
+    from distill_common.tracking import list_versions
+
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_cli(["train", "--method", "lcm", "--base-model", str(tiny_sdxl_path), "--output-dir",
+                              str(tmp_path / "runs"), "--run-name", "lcm", "--resolution", "64", "--max-steps", "2",
+                              "--gradient-accumulation-steps", "1", "--checkpointing-steps", "1",
+                              "--validation-steps", "0", "--validation-teacher-steps", "2",
+                              "--validation-step-counts", "2", "--max-train-samples", "2", "--data-root",
+                              str(data_root), "--register-name", "flash_lcm_xl", "--lcm-guidance-min", "5",
+                              "--lcm-guidance-max", "5"], capsys)
+    assert code == 0, err
+    assert "registered flash_lcm_xl version 1" in out
+    (version,) = list_versions("flash_lcm_xl")
+    client = MlflowClient(mlflow_uri)
+    run_id = (tmp_path / "runs" / "lcm" / "mlflow_run_id").read_text().strip()
+    metrics = client.get_run(run_id).data.metrics
+    assert metrics["train.guidance"] == 5.0 and "train.lcm_loss" in metrics
+    assert client.get_model_version("flash_lcm_xl", "1").tags["method"] == "lcm"
+
+    out_dir = tmp_path / "eval"
+    code, out, err = run_cli(["eval", "--base-model", str(tiny_sdxl_path), "--lora-path",
+                              str(tmp_path / "runs" / "lcm" / "lora" / "final"), "--prompts-file", str(prompts_file),
+                              "--steps", "2", "--baseline-steps", "2", "--num-images", "1", "--batch-size", "2",
+                              "--timing-repeats", "1", "--clip-model", "none", "--output-dir", str(out_dir),
+                              "--device", "cpu", "--no-track"], capsys)
+    assert code == 0, err
+    rows = {(r["model"], r["steps"]) for r in json.loads((out_dir / "flash_eval.json").read_text())["rows"]}
+    assert rows == {("baseline", 2), ("flash", 2)}

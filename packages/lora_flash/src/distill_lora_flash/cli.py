@@ -113,8 +113,9 @@ def train(cfg: TrainConfig) -> None:
             console.print(f"generator model: {uri}", highlight=False)
             if cfg.register_name:
                 version = tracking.register_model(uri, cfg.register_name,
-                                                  tags={"family": "lora_flash", "steps": result.global_step},
-                                                  description=f"Flash LoRA student of {cfg.base_model}")
+                                                  tags={"family": "lora_flash", "steps": result.global_step,
+                                                        "method": cfg.method},
+                                                  description=f"Flash LoRA student ({cfg.method}) of {cfg.base_model}")
                 console.print(f"registered {cfg.register_name} version {version}", highlight=False)
 
 
