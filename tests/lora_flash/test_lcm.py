@@ -123,6 +123,8 @@ def test_lcm_training_run_layout_resume_and_config_errors(tiny_sd_path, data_roo
     (["--lcm-huber-c", "nan"], "--lcm-huber-c"),
     (["--lcm-guidance-max", "inf"], "--lcm-guidance-max"),
     (["--lcm-loss", "l1"], "--lcm-loss"),
+    (["--method", "lcm", "--use-discrete-timesteps"], "--use-discrete-timesteps"),
+    (["--teacher-guidance", "inf"], "--teacher-guidance"),
 ])
 def test_lcm_options_fail_in_one_line(args, needle, capsys, tmp_path):
     code, out, err = run_cli(["train", "--output-dir", str(tmp_path), *args], capsys)

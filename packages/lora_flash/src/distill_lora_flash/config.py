@@ -185,9 +185,11 @@ class TrainConfig:
     lora_rank: int = option(4, "LoRA rank.")
     lora_alpha: float = option(32.0, "LoRA alpha (scale alpha / rank).", gt=0)
     lora_targets: list[str] = option(list(DEFAULT_TARGET_MODULES), "UNet modules that get a LoRA.")
-    teacher_guidance: float = option(7.5, "Classifier-free guidance scale of the teacher target.", ge=0)
-    snr_gamma: float = option(5.0, "Min-SNR-gamma weighting (Hang et al. 2023); 0 turns it off.")
-    use_discrete_timesteps: bool = option(False, "Draw t only from the LCM inference timesteps of --discrete-steps.")
+    teacher_guidance: float = option(7.5, "Classifier-free guidance scale of the teacher target (noise_matching) and of the "
+                                    "teacher column of validation grids.", ge=0, le=100)
+    snr_gamma: float = option(5.0, "Min-SNR-gamma weighting (Hang et al. 2023); 0 turns it off (noise_matching).")
+    use_discrete_timesteps: bool = option(False, "Draw t only from the LCM inference timesteps of --discrete-steps "
+                                         "(noise_matching).")
     discrete_steps: list[int] = option([2, 4, 8], "Step counts whose LCM timesteps form the discrete grid.")
     lcm_original_steps: int = option(DEFAULT_ORIGINAL_STEPS, "LCMScheduler original_inference_steps (grid size).")
     # --method lcm (Luo et al. 2023)
@@ -254,6 +256,9 @@ class TrainConfig:
             expand_shards(self.data_shards)
         if self.method not in TRAIN_METHODS:
             raise ConfigError(f"--method must be one of {', '.join(TRAIN_METHODS)}, got {self.method!r}")
+        if self.method == "lcm" and self.use_discrete_timesteps:
+            raise ConfigError("--use-discrete-timesteps is for --method noise_matching; --method lcm draws t on its "
+                              "own skipping-step grid (--lcm-skip)")
         if self.lcm_guidance_min > self.lcm_guidance_max:
             raise ConfigError(f"--lcm-guidance-min {self.lcm_guidance_min:g} is above --lcm-guidance-max "
                               f"{self.lcm_guidance_max:g}; pass min <= max (equal values fix w)")

@@ -164,6 +164,8 @@ def load_training_model(model: str, dtype: torch.dtype, device: torch.device, re
         pipe = load_sd_pipeline(model, dtype=dtype, device=device, pipeline_cls=StableDiffusionXLPipeline)
         for module in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
             module.requires_grad_(False)
+        if dtype == torch.float16 and getattr(pipe.vae.config, "force_upcast", False):
+            pipe.vae.to(torch.float32)  # SDXL's VAE overflows in fp16 (as diffusers' SDXL scripts, keep it fp32)
         return TrainingModel(kind, pipe.unet, pipe.vae, pipe.scheduler, SDXLTextEncoder(pipe, resolution, device), pipe)
     from diffusers import StableDiffusionPipeline
 
@@ -175,6 +177,19 @@ def load_training_model(model: str, dtype: torch.dtype, device: torch.device, re
         scheduler=parts.scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     return TrainingModel(kind, parts.unet, parts.vae, parts.scheduler,
                          SDTextEncoder(parts.tokenizer, parts.text_encoder, device), pipe)
+
+
+def encode_latents(vae: Any, pixels: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """VAE posterior sample times the scaling factor, in ``dtype``; a VAE kept in fp32 (SDXL's under fp16) runs
+    outside autocast, so mixed precision cannot push it back to fp16."""
+    import contextlib
+
+    vae_dtype = next(vae.parameters()).dtype
+    upcast = vae_dtype == torch.float32 and dtype != torch.float32
+    guard = torch.autocast(pixels.device.type, enabled=False) if upcast else contextlib.nullcontext()
+    with guard:
+        latents = vae.encode(pixels.to(vae_dtype)).latent_dist.sample() * vae.config.scaling_factor
+    return latents.to(dtype)
 
 
 def build_method(cfg: TrainConfig, schedule: FlashSchedule, noise_scheduler: Any, device: torch.device,
@@ -399,7 +414,7 @@ def _train(cfg: TrainConfig, hooks: TrainHooks, console: Any, accelerator: Any, 
                     pixels = batch["pixel_values"].to(accelerator.device, weight_dtype)  # (B, 3, R, R)
                     bsz = pixels.shape[0]
                     with torch.no_grad():
-                        latents = parts.vae.encode(pixels).latent_dist.sample() * parts.vae.config.scaling_factor
+                        latents = encode_latents(parts.vae, pixels, weight_dtype)  # (B, 4, h, w)
                         drop = (torch.rand(bsz) < cfg.empty_prompt_prob).tolist()
                         captions = ["" if d else c for d, c in zip(drop, batch["caption"], strict=True)]
                         cond = parts.encode(captions)
