@@ -78,6 +78,11 @@ def test_sdxl_training_and_eval(tiny_sdxl_path, data_root, tmp_path, method, mon
     added = seen[0]["added_cond_kwargs"]
     assert added["time_ids"].tolist()[0] == [64, 64, 0, 0, 64, 64]
     assert added["text_embeds"].shape[-1] == 32 and seen[0]["encoder_hidden_states"].shape[-1] == 64
+    # the teacher's CFG batch (uncond, cond): SDXL's force_zeros_for_empty_prompt gives a zero unconditional branch
+    teacher_calls = [k for k in seen if k["encoder_hidden_states"].shape[0] == 2]
+    assert teacher_calls and all(k["encoder_hidden_states"][0].abs().sum() == 0
+                                 and k["added_cond_kwargs"]["text_embeds"][0].abs().sum() == 0
+                                 and k["encoder_hidden_states"][1].abs().sum() > 0 for k in teacher_calls)
     manifest = json.loads((result.generator_dir / "generator.json").read_text())
     assert manifest["pipeline"] == "StableDiffusionXLPipeline"
 

@@ -93,3 +93,12 @@ class SDXLTextEncoder:
                                                        do_classifier_free_guidance=False)
         time_ids = self.time_ids.to(self.device, hidden.dtype).expand(hidden.shape[0], -1)
         return Conditioning(hidden, {"text_embeds": pooled, "time_ids": time_ids})
+
+    def unconditional(self) -> Conditioning:
+        """The teacher's unconditional branch: zeros when the model sets ``force_zeros_for_empty_prompt`` (SDXL
+        base does, and its pipeline samples CFG against zeros), else the encoded empty prompt."""
+        empty = self([""])
+        if getattr(self.pipe.config, "force_zeros_for_empty_prompt", False):
+            return Conditioning(torch.zeros_like(empty.hidden), {"text_embeds": torch.zeros_like(empty.added["text_embeds"]),
+                                                                 "time_ids": empty.added["time_ids"]})
+        return empty

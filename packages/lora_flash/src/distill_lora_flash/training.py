@@ -150,6 +150,7 @@ class TrainingModel:
     scheduler: Any
     encode: Callable[[Sequence[str]], Any]
     pipeline: Any
+    unconditional: Callable[[], Any]
 
 
 def load_training_model(model: str, dtype: torch.dtype, device: torch.device, resolution: int) -> TrainingModel:
@@ -166,7 +167,8 @@ def load_training_model(model: str, dtype: torch.dtype, device: torch.device, re
             module.requires_grad_(False)
         if dtype == torch.float16 and getattr(pipe.vae.config, "force_upcast", False):
             pipe.vae.to(torch.float32)  # SDXL's VAE overflows in fp16 (as diffusers' SDXL scripts, keep it fp32)
-        return TrainingModel(kind, pipe.unet, pipe.vae, pipe.scheduler, SDXLTextEncoder(pipe, resolution, device), pipe)
+        encoder = SDXLTextEncoder(pipe, resolution, device)
+        return TrainingModel(kind, pipe.unet, pipe.vae, pipe.scheduler, encoder, pipe, encoder.unconditional)
     from diffusers import StableDiffusionPipeline
 
     parts = load_sd_components(model, dtype=dtype, device=device)
@@ -175,8 +177,8 @@ def load_training_model(model: str, dtype: torch.dtype, device: torch.device, re
     pipe = StableDiffusionPipeline(
         vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer, unet=parts.unet,
         scheduler=parts.scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    return TrainingModel(kind, parts.unet, parts.vae, parts.scheduler,
-                         SDTextEncoder(parts.tokenizer, parts.text_encoder, device), pipe)
+    encoder = SDTextEncoder(parts.tokenizer, parts.text_encoder, device)
+    return TrainingModel(kind, parts.unet, parts.vae, parts.scheduler, encoder, pipe, lambda: encoder([""]))
 
 
 def encode_latents(vae: Any, pixels: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -368,7 +370,7 @@ def _train(cfg: TrainConfig, hooks: TrainHooks, console: Any, accelerator: Any, 
         save_config(cfg, folder / CONFIG_FILE)
 
     with torch.no_grad():
-        uncond_embed = parts.encode([""])  # (1, 77, D), or SDXL's Conditioning
+        uncond_embed = parts.unconditional()  # (1, 77, D), or SDXL's Conditioning
     validator = None
     if accelerator.is_main_process:
         validator = Validator(parts.pipeline, base_unet, schedule, cfg, _prompts(cfg), accelerator.autocast)
