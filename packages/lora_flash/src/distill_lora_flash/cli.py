@@ -11,10 +11,18 @@ from rich.console import Console
 
 from distill_common.config import config_command
 from distill_common.output_dir import claims_output_dir
-from distill_lora_flash.config import EVAL_PRESETS, EvalConfig, GenerateConfig, TrainConfig, TurboConfig
+from distill_lora_flash.config import (
+    EVAL_PRESETS,
+    EvalConfig,
+    ExportConfig,
+    GenerateConfig,
+    TrainConfig,
+    TurboConfig,
+)
 
 app = typer.Typer(help="Flash LoRA: 2/4/8-step SD 1.5 generation, SD-Turbo / SDXL-Turbo few-step generation "
-                  "(text and image to image), LoRA student distillation from a CFG teacher, and baseline-vs-student "
+                  "(text and image to image), LoRA student distillation from a CFG teacher (noise matching or "
+                  "LCM-LoRA, SD 1.5 and SDXL), LoRA export (diffusers, peft, kohya) and baseline-vs-student "
                   "evaluation.", no_args_is_help=True)
 RUN_ID_FILE = "mlflow_run_id"
 
@@ -82,7 +90,8 @@ def _tracking_run(cfg: TrainConfig, folder: Path):
 @config_command(app, "train", TrainConfig)
 @claims_output_dir(lambda cfg: _run_dir(cfg), flag="--run-name")
 def train(cfg: TrainConfig) -> None:
-    """Distil the base model's CFG predictions into a LoRA (noise matching, Min-SNR, optional discrete LCM timesteps).
+    """Distil the base model (SD 1.5 or SDXL) into a LoRA: --method noise_matching (CFG noise matching, Min-SNR,
+    optional discrete LCM timesteps) or --method lcm (LCM-LoRA consistency distillation, Luo et al. 2023).
 
     Writes OUTPUT_DIR/RUN_NAME/lora/checkpoint-N/ and lora/final/ (diffusers LoRA files), resumes after a kill,
     logs losses and validation grids (teacher next to the 2/4/8-step student) to MLflow, and registers the final
@@ -104,9 +113,21 @@ def train(cfg: TrainConfig) -> None:
             console.print(f"generator model: {uri}", highlight=False)
             if cfg.register_name:
                 version = tracking.register_model(uri, cfg.register_name,
-                                                  tags={"family": "lora_flash", "steps": result.global_step},
-                                                  description=f"Flash LoRA student of {cfg.base_model}")
+                                                  tags={"family": "lora_flash", "steps": result.global_step,
+                                                        "method": cfg.method},
+                                                  description=f"Flash LoRA student ({cfg.method}) of {cfg.base_model}")
                 console.print(f"registered {cfg.register_name} version {version}", highlight=False)
+
+
+@config_command(app, "export", ExportConfig)
+def export(cfg: ExportConfig) -> None:
+    """Write a trained LoRA as --format diffusers (default), peft or kohya (lora_unet_* keys with .alpha tensors,
+    loaded by ComfyUI, AUTOMATIC1111, SD.Next, InvokeAI and diffusers' load_lora_weights); rank and alpha are kept.
+    """
+    from distill_lora_flash.export import export_lora
+
+    path = export_lora(cfg.lora_path, cfg.format, cfg.output)
+    Console().print(f"{cfg.format} LoRA: {path}", highlight=False)
 
 
 def _log_validation(run: Any, folder: Path, step: int, images: dict[str, Any]) -> None:

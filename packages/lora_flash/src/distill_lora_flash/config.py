@@ -23,6 +23,8 @@ DEFAULT_VALIDATION_PROMPTS = [
     "a red vintage car parked by the sea at sunset",
     "a bowl of fruit on a wooden table, studio lighting",
 ]
+EXPORT_FORMATS = ("diffusers", "peft", "kohya")
+TRAIN_METHODS = ("noise_matching", "lcm")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
 PROMPTS_FILE_HELP = (f"Text file with one prompt per line; '{DEMO_PROMPTS_NAME}' is the packaged list of 20 varied "
                      "prompts unless such a file exists here.")
@@ -150,9 +152,14 @@ class TurboConfig:
 
 @dataclass
 class TrainConfig:
-    """``distill flash train``: distil the CFG teacher (base UNet) into a LoRA student for few-step sampling."""
+    """``distill flash train``: distil the CFG teacher (base UNet) into a LoRA student for few-step sampling, by
+    per-timestep noise matching (``--method noise_matching``) or latent consistency distillation (``--method lcm``,
+    LCM-LoRA: Luo et al. 2023)."""
 
-    base_model: str = option(DEFAULT_BASE_MODEL, "Teacher SD 1.5 model: hub id or local diffusers folder.")
+    base_model: str = option(DEFAULT_BASE_MODEL, "Teacher model: SD 1.5 or SDXL, hub id, local diffusers folder or "
+                             "'reference'.")
+    method: str = option("noise_matching", "Distillation recipe: noise_matching (per-timestep MSE to the CFG teacher) "
+                         "or lcm (latent consistency distillation, LCM-LoRA).", choices=TRAIN_METHODS)
     output_dir: Path = option(Path("checkpoints"), "Root of the training outputs (RUN_NAME/lora/checkpoint-N inside).")
     run_name: str = option("flash-lora", "Run folder under --output-dir; rerunning it resumes from its last checkpoint.")
     resume: str = option("latest", "'latest' resumes from the newest checkpoint if any, 'never' refuses to reuse a "
@@ -166,6 +173,9 @@ class TrainConfig:
                                    "metadata.jsonl.")
     data_root: Path | None = option(None, "Data root holding coco2017/ (default $DISTILL_DATA_ROOT); used when "
                                     "neither --dataset-name nor --data-dir is given.")
+    data_shards: str | None = option(None, "Stream WebDataset caption shards instead: a brace pattern such as "
+                                     "'data/{00000..00099}.tar' (image + .txt or .json caption per sample); split by "
+                                     "process rank, the shard position is saved in every checkpoint.")
     coco_split: str = option("train", "COCO 2017 split of the default data.", choices=("train", "val"))
     max_train_samples: int | None = option(None, "Use only the first N images.", ge=1)
     resolution: int = option(512, "Training image side (pixels).")
@@ -177,11 +187,21 @@ class TrainConfig:
     lora_rank: int = option(4, "LoRA rank.")
     lora_alpha: float = option(32.0, "LoRA alpha (scale alpha / rank).", gt=0)
     lora_targets: list[str] = option(list(DEFAULT_TARGET_MODULES), "UNet modules that get a LoRA.")
-    teacher_guidance: float = option(7.5, "Classifier-free guidance scale of the teacher target.", ge=0)
-    snr_gamma: float = option(5.0, "Min-SNR-gamma weighting (Hang et al. 2023); 0 turns it off.")
-    use_discrete_timesteps: bool = option(False, "Draw t only from the LCM inference timesteps of --discrete-steps.")
+    teacher_guidance: float = option(7.5, "Classifier-free guidance scale of the teacher target (noise_matching) and of the "
+                                    "teacher column of validation grids.", ge=0, le=100)
+    snr_gamma: float = option(5.0, "Min-SNR-gamma weighting (Hang et al. 2023); 0 turns it off (noise_matching).")
+    use_discrete_timesteps: bool = option(False, "Draw t only from the LCM inference timesteps of --discrete-steps "
+                                         "(noise_matching).")
     discrete_steps: list[int] = option([2, 4, 8], "Step counts whose LCM timesteps form the discrete grid.")
     lcm_original_steps: int = option(DEFAULT_ORIGINAL_STEPS, "LCMScheduler original_inference_steps (grid size).")
+    # --method lcm (Luo et al. 2023)
+    lcm_skip: int = option(20, "LCM: skipping interval k of the teacher's DDIM solver (grid of 1000 // k timesteps).",
+                           ge=1, le=500)
+    lcm_guidance_min: float = option(4.0, "LCM: lowest teacher CFG scale w (eps_u + w (eps_c - eps_u)); w is drawn "
+                                     "uniformly per sample from [min, max]; equal values fix it.", ge=0, le=100)
+    lcm_guidance_max: float = option(16.0, "LCM: highest teacher CFG scale w.", ge=0, le=100)
+    lcm_loss: str = option("huber", "LCM: consistency loss, pseudo-Huber or L2.", choices=("huber", "l2"))
+    lcm_huber_c: float = option(0.001, "LCM: pseudo-Huber constant c.", gt=0, le=1)
     # optimisation
     learning_rate: float = option(1e-4, "AdamW learning rate.", gt=0)
     lr_scheduler: str = option("constant", "Learning-rate schedule.", choices=LR_SCHEDULERS)
@@ -225,6 +245,25 @@ class TrainConfig:
         _steps("validation-step-counts", self.validation_step_counts)
         if self.dataset_name and self.data_dir:
             raise ConfigError("pass either --dataset-name or --data-dir, not both")
+        if self.data_shards is not None:
+            if self.dataset_name or self.data_dir:
+                raise ConfigError("pass either --data-shards or --dataset-name/--data-dir, not both")
+            if self.dataloader_num_workers:
+                raise ConfigError("--data-shards streams in the training process (its position is checkpointed); "
+                                  "pass --dataloader-num-workers 0")
+            if self.max_train_samples is not None:
+                raise ConfigError("--max-train-samples does not apply to --data-shards; pass fewer shards instead")
+            from distill_common.data.shards import expand_shards
+
+            expand_shards(self.data_shards)
+        if self.method not in TRAIN_METHODS:
+            raise ConfigError(f"--method must be one of {', '.join(TRAIN_METHODS)}, got {self.method!r}")
+        if self.method == "lcm" and self.use_discrete_timesteps:
+            raise ConfigError("--use-discrete-timesteps is for --method noise_matching; --method lcm draws t on its "
+                              "own skipping-step grid (--lcm-skip)")
+        if self.lcm_guidance_min > self.lcm_guidance_max:
+            raise ConfigError(f"--lcm-guidance-min {self.lcm_guidance_min:g} is above --lcm-guidance-max "
+                              f"{self.lcm_guidance_max:g}; pass min <= max (equal values fix w)")
 
 
 @dataclass
@@ -275,6 +314,25 @@ class EvalConfig:
         self.prompts_file = resolve_prompts_file(self.prompts_file)
         if self.prompt is None and self.prompts_file is None and self.coco_prompts < 1:
             raise ConfigError("no prompts; pass --prompt TEXT, --prompts-file FILE or --coco-prompts N (N >= 1)")
+
+
+@dataclass
+class ExportConfig:
+    """``distill flash export``: a trained LoRA in the diffusers, peft or kohya (ComfyUI / A1111) format."""
+
+    lora_path: Path = option(Path("checkpoints/flash-lora/lora/final"), "The LoRA to export: a diffusers-format "
+                             ".safetensors file or its folder (e.g. RUN/lora/final or RUN/lora/checkpoint-N).")
+    format: str = option("diffusers", "diffusers (pytorch_lora_weights.safetensors, peft config in metadata), peft "
+                         "(adapter_model.safetensors + adapter_config.json) or kohya (lora_unet_* keys with .alpha "
+                         "tensors, for ComfyUI / AUTOMATIC1111).", choices=EXPORT_FORMATS)
+    output: Path | None = option(None, "Output .safetensors file (diffusers, kohya) or folder (peft). Default: "
+                                 "export/ next to the input (export/lora_kohya.safetensors, export/peft/, ...).")
+
+    def validate(self) -> None:
+        if self.format not in EXPORT_FORMATS:
+            raise ConfigError(f"--format must be one of {', '.join(EXPORT_FORMATS)}, got {self.format!r}")
+        if self.output is not None and self.format != "peft" and Path(self.output).suffix != ".safetensors":
+            raise ConfigError(f"--output {self.output} must end in .safetensors for --format {self.format}")
 
 
 def demo_eval_preset() -> EvalConfig:

@@ -1,4 +1,5 @@
-"""Training data: a Hugging Face data set, a local captioned folder, or COCO 2017 captions (the default).
+"""Training data: a Hugging Face data set, a local captioned folder, COCO 2017 captions (the default), or streamed
+WebDataset caption shards (``--data-shards``, :class:`distill_common.data.shards.CaptionShardStream`).
 
 Shuffling and augmentation (random crop, flip) depend only on (seed, epoch, index) and never touch the global
 RNG, so a run resumed from a checkpoint sees exactly the batches, crops and noise of an uninterrupted run.
@@ -19,6 +20,15 @@ from distill_lora_flash.config import TrainConfig
 def training_dataset(cfg: TrainConfig) -> SeededAugmentation:
     """The captioned images ``cfg`` names, resized/cropped to ``cfg.resolution`` in [-1, 1], optionally flipped."""
     return SeededAugmentation(_captioned(cfg), cfg.seed)
+
+
+def training_stream(cfg: TrainConfig, rank: int = 0, world_size: int = 1) -> Any:
+    """The ``--data-shards`` stream of process ``rank`` (shards split by rank; resumable position)."""
+    from distill_common.data.shards import CaptionShardStream
+
+    return CaptionShardStream(cfg.data_shards, resolution=cfg.resolution, center_crop=cfg.center_crop,
+                              random_flip=cfg.random_flip, seed=cfg.seed, rank=rank, world_size=world_size,
+                              caption_key=cfg.caption_column)
 
 
 def _captioned(cfg: TrainConfig) -> CaptionedImageDataset:

@@ -63,9 +63,12 @@ def build_eval_generators(cfg: EvalConfig) -> tuple[Any, Any, Any]:
     lora = resolve_lora_source(cfg.lora_path, cfg.lora_id)
     device = resolve_device(cfg.device)
     base = load_base_pipeline(cfg.base_model, device, torch_dtype(resolve_precision(cfg.precision, device, mixed=False)))
-    student_pipe = StableDiffusionPipeline(**{**base.components, "unet": copy.deepcopy(base.unet),
-                                              "text_encoder": copy.deepcopy(base.text_encoder)},
-                                           requires_safety_checker=False)
+    parts = {**base.components, "unet": copy.deepcopy(base.unet), "text_encoder": copy.deepcopy(base.text_encoder)}
+    if isinstance(base, StableDiffusionPipeline):
+        student_pipe = StableDiffusionPipeline(**parts, requires_safety_checker=False)
+    else:  # SDXL: both text encoders are copied (a LoRA may carry text-encoder layers)
+        parts["text_encoder_2"] = copy.deepcopy(base.text_encoder_2)
+        student_pipe = type(base)(**parts)
     student_pipe.set_progress_bar_config(disable=True)
     apply_lora(student_pipe, lora, scale=cfg.lora_scale, fuse=True)
     baseline = FlashGenerator(base, None, default_steps=cfg.baseline_steps, default_guidance=cfg.baseline_guidance,

@@ -19,8 +19,9 @@ import torch
 
 from distill_common.errors import ModelLoadError
 from distill_common.models.lora import LORA_WEIGHT_NAME
+from distill_common.models.sd_loading import SD15_MODEL_ID
 
-DEFAULT_BASE_MODEL = "runwayml/stable-diffusion-v1-5"
+DEFAULT_BASE_MODEL = SD15_MODEL_ID
 DEFAULT_LORA_ID = "jasperai/flash-sd"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -98,10 +99,15 @@ def _hub_lora(lora_id: str, weight_name: str, probe_timeout_s: float) -> LoraSou
 
 def load_base_pipeline(base_model: str | os.PathLike, device: torch.device | str = "cpu",
                        dtype: torch.dtype = torch.float32):
-    """The base ``StableDiffusionPipeline`` (safety checker off, progress bar off) on ``device`` in ``dtype``."""
-    from distill_common.models.sd_loading import load_sd_pipeline
+    """The base ``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline`` (as the model's index names it; safety
+    checker off, progress bar off) on ``device`` in ``dtype``; another pipeline class is refused in one line."""
+    import diffusers
 
-    return load_sd_pipeline(base_model, dtype=dtype, device=device)
+    from distill_common.models.sd_loading import load_sd_pipeline, pipeline_class_name
+    from distill_lora_flash.conditioning import check_pipeline_class
+
+    kind = check_pipeline_class(pipeline_class_name(base_model), os.fspath(base_model))
+    return load_sd_pipeline(base_model, dtype=dtype, device=device, pipeline_cls=getattr(diffusers, kind))
 
 
 def apply_lora(pipe: Any, lora: LoraSource, scale: float = 1.0, fuse: bool = True) -> Any:

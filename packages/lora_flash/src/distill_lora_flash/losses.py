@@ -16,11 +16,13 @@ import torch
 import torch.nn.functional as F
 
 from distill_common.errors import ConfigError, TrainingDivergedError
+from distill_lora_flash.conditioning import Conditioning, cat_conditioning, unet_forward
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
-def classifier_free_guidance(eps_uncond: torch.Tensor, eps_cond: torch.Tensor, scale: float) -> torch.Tensor:
+def classifier_free_guidance(eps_uncond: torch.Tensor, eps_cond: torch.Tensor,
+                             scale: float | torch.Tensor) -> torch.Tensor:
     """``eps_u + w (eps_c - eps_u)`` (Ho & Salimans 2022, eq. 6 with w = 1 + their w)."""
     return eps_uncond + scale * (eps_cond - eps_uncond)
 
@@ -63,19 +65,24 @@ class CFGTeacher:
         self.guidance = float(guidance)
 
     @torch.no_grad()
-    def __call__(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor) -> torch.Tensor:
-        """x_t (B, 4, h, w), t (B,), cond / uncond (B, L, D) -> eps_cfg (B, 4, h, w)."""
+    def __call__(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | Conditioning,
+                 uncond: torch.Tensor | Conditioning, guidance: float | torch.Tensor | None = None) -> torch.Tensor:
+        """x_t (B, 4, h, w), t (B,), cond / uncond (B, L, D) or SDXL conditionings -> the guided prediction
+        (B, 4, h, w); ``guidance`` (a float or per-sample (B,)) overrides the scale given at construction."""
         base = _base(self.unet)
         has_adapters = bool(getattr(base, "peft_config", None))
         if has_adapters:
             base.disable_adapters()
         try:
-            out = base(torch.cat([x_t, x_t]), torch.cat([t, t]), encoder_hidden_states=torch.cat([uncond, cond])).sample
+            out = unet_forward(base, torch.cat([x_t, x_t]), torch.cat([t, t]), cat_conditioning(uncond, cond))
         finally:
             if has_adapters:
                 base.enable_adapters()
         eps_uncond, eps_cond = out.chunk(2)  # (B, 4, h, w) each
-        return classifier_free_guidance(eps_uncond, eps_cond, self.guidance)
+        scale = self.guidance if guidance is None else guidance
+        if isinstance(scale, torch.Tensor):
+            scale = scale.to(out).view(-1, *([1] * (out.dim() - 1)))
+        return classifier_free_guidance(eps_uncond, eps_cond, scale)
 
 
 class NoiseMatchingLoss:
@@ -88,10 +95,10 @@ class NoiseMatchingLoss:
         self.snr_gamma = snr_gamma
         self.prediction_type = prediction_type
 
-    def __call__(self, unet: Any, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor,
-                 uncond: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    def __call__(self, unet: Any, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | Conditioning,
+                 uncond: torch.Tensor | Conditioning) -> tuple[torch.Tensor, dict[str, float]]:
         target = CFGTeacher(unet, self.teacher_guidance)(x_t, t, cond, uncond)  # (B, 4, h, w)
-        student = unet(x_t, t, encoder_hidden_states=cond).sample  # (B, 4, h, w)
+        student = unet_forward(unet, x_t, t, cond)  # (B, 4, h, w)
         per_sample = F.mse_loss(student.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))  # (B,)
         weights = min_snr_weights(self.alphas_cumprod, t, self.snr_gamma, self.prediction_type).to(per_sample)
         loss = (per_sample * weights).mean()
@@ -101,3 +108,22 @@ class NoiseMatchingLoss:
                 "use --precision fp32/bf16"
             )
         return loss, {"mse": float(per_sample.mean().detach()), "snr_weight": float(weights.mean())}
+
+
+class NoiseMatchingMethod:
+    """The training step of ``--method noise_matching``: draw noise and t, noise the latents, :class:`NoiseMatchingLoss`.
+
+    ``method(unet, latents, cond, uncond) -> (loss, logs)`` is the one interface the training loop calls.
+    """
+
+    name = "noise_matching"
+
+    def __init__(self, loss: NoiseMatchingLoss, noise_scheduler: Any, timestep_sampler: Any) -> None:
+        self.loss, self.noise_scheduler, self.timestep_sampler = loss, noise_scheduler, timestep_sampler
+
+    def __call__(self, unet: Any, latents: torch.Tensor, cond: torch.Tensor | Conditioning,
+                 uncond: torch.Tensor | Conditioning) -> tuple[torch.Tensor, dict[str, float]]:
+        noise = torch.randn_like(latents)  # (B, 4, h, w)
+        t = self.timestep_sampler(latents.shape[0], latents.device)  # (B,)
+        x_t = self.noise_scheduler.add_noise(latents, noise, t)
+        return self.loss(unet, x_t, t, cond, uncond)

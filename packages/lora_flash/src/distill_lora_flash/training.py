@@ -1,5 +1,10 @@
-"""The LoRA student training loop (noise matching to a CFG teacher, optional Min-SNR weighting and discrete
-LCM timesteps), with atomic checkpoints, exact resume and validation images.
+"""The LoRA student training loop, one loop for every recipe: ``--method noise_matching`` (noise matching to a CFG
+teacher, optional Min-SNR weighting and discrete LCM timesteps, :mod:`distill_lora_flash.losses`) and
+``--method lcm`` (latent consistency distillation, LCM-LoRA, :mod:`distill_lora_flash.lcm`), on SD 1.5 or SDXL
+(:mod:`distill_lora_flash.conditioning`), with atomic checkpoints, exact resume and validation images.
+
+A recipe is a small component ``method(unet, latents, cond, uncond) -> (loss, logs)``; the loop around it (data,
+VAE encoding, text conditioning, accumulation, checkpoints, validation) is shared.
 
 Layout of a run: ``{output_dir}/{run_name}/``
     ``train_config.yaml``                        the resolved options
@@ -35,14 +40,21 @@ from distill_common.checkpoint import (
 from distill_common.config import save_config, to_dict
 from distill_common.errors import ConfigError, ModelLoadError
 from distill_common.models.lora import LORA_WEIGHT_NAME, add_lora, lora_parameters, save_lora
+from distill_lora_flash.conditioning import (
+    SDTextEncoder,
+    SDXLTextEncoder,
+    check_pipeline_class,
+    expand_conditioning,
+)
 from distill_lora_flash.config import TrainConfig
 from distill_lora_flash.generator import FlashGenerator, write_generator_folder
-from distill_lora_flash.losses import NoiseMatchingLoss
+from distill_lora_flash.lcm import LCMMethod
+from distill_lora_flash.losses import NoiseMatchingLoss, NoiseMatchingMethod
 from distill_lora_flash.schedule import FlashSchedule
 
 CONFIG_FILE = "train_config.yaml"
 # Options that must not change between a run and its resumption.
-RESUME_INVARIANTS = ("base_model", "lora_rank", "lora_alpha", "lora_targets", "resolution", "batch_size",
+RESUME_INVARIANTS = ("base_model", "method", "lcm_skip", "data_shards", "lora_rank", "lora_alpha", "lora_targets", "resolution", "batch_size",
                      "gradient_accumulation_steps", "seed", "use_discrete_timesteps", "discrete_steps")
 
 
@@ -124,9 +136,74 @@ def _resume_checkpoint(cfg: TrainConfig) -> Path | None:
 
 def encode_prompts(tokenizer: Any, text_encoder: Any, prompts: Sequence[str], device: torch.device) -> torch.Tensor:
     """CLIP text embeddings (B, 77, D) as SD 1.5 conditions on them (last hidden state, padded to 77)."""
-    ids = tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                    return_tensors="pt").input_ids.to(device)
-    return text_encoder(ids)[0]
+    return SDTextEncoder(tokenizer, text_encoder, device)(prompts)
+
+
+@dataclass
+class TrainingModel:
+    """What the loop needs of the teacher: UNet (gets the LoRA), VAE, scheduler, the caption encoder and a pipeline
+    on the same UNet for validation images. ``kind`` is the diffusers pipeline class."""
+
+    kind: str
+    unet: Any
+    vae: Any
+    scheduler: Any
+    encode: Callable[[Sequence[str]], Any]
+    pipeline: Any
+    unconditional: Callable[[], Any]
+
+
+def load_training_model(model: str, dtype: torch.dtype, device: torch.device, resolution: int) -> TrainingModel:
+    """SD 1.5 through ``load_sd_components``; SDXL through ``StableDiffusionXLPipeline`` (two text encoders, pooled
+    embeddings, time ids); any other pipeline class is refused with one line naming the supported ones."""
+    from distill_common.models.sd_loading import load_sd_components, load_sd_pipeline, pipeline_class_name
+
+    kind = check_pipeline_class(pipeline_class_name(model), model)
+    if kind == "StableDiffusionXLPipeline":
+        from diffusers import StableDiffusionXLPipeline
+
+        pipe = load_sd_pipeline(model, dtype=dtype, device=device, pipeline_cls=StableDiffusionXLPipeline)
+        for module in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
+            module.requires_grad_(False)
+        if dtype == torch.float16 and getattr(pipe.vae.config, "force_upcast", False):
+            pipe.vae.to(torch.float32)  # SDXL's VAE overflows in fp16 (as diffusers' SDXL scripts, keep it fp32)
+        encoder = SDXLTextEncoder(pipe, resolution, device)
+        return TrainingModel(kind, pipe.unet, pipe.vae, pipe.scheduler, encoder, pipe, encoder.unconditional)
+    from diffusers import StableDiffusionPipeline
+
+    parts = load_sd_components(model, dtype=dtype, device=device)
+    for module in (parts.vae, parts.text_encoder):
+        module.requires_grad_(False)
+    pipe = StableDiffusionPipeline(
+        vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer, unet=parts.unet,
+        scheduler=parts.scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    encoder = SDTextEncoder(parts.tokenizer, parts.text_encoder, device)
+    return TrainingModel(kind, parts.unet, parts.vae, parts.scheduler, encoder, pipe, lambda: encoder([""]))
+
+
+def encode_latents(vae: Any, pixels: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """VAE posterior sample times the scaling factor, in ``dtype``; a VAE kept in fp32 (SDXL's under fp16) runs
+    outside autocast, so mixed precision cannot push it back to fp16."""
+    import contextlib
+
+    vae_dtype = next(vae.parameters()).dtype
+    upcast = vae_dtype == torch.float32 and dtype != torch.float32
+    guard = torch.autocast(pixels.device.type, enabled=False) if upcast else contextlib.nullcontext()
+    with guard:
+        latents = vae.encode(pixels.to(vae_dtype)).latent_dist.sample() * vae.config.scaling_factor
+    return latents.to(dtype)
+
+
+def build_method(cfg: TrainConfig, schedule: FlashSchedule, noise_scheduler: Any, device: torch.device,
+                 discrete: list[int] | None) -> Any:
+    """The recipe component ``method(unet, latents, cond, uncond) -> (loss, logs)`` that ``cfg.method`` names."""
+    alphas_cumprod = noise_scheduler.alphas_cumprod.to(device)
+    if cfg.method == "lcm":
+        return LCMMethod(alphas_cumprod, skip=cfg.lcm_skip, guidance_min=cfg.lcm_guidance_min,
+                         guidance_max=cfg.lcm_guidance_max, loss=cfg.lcm_loss, huber_c=cfg.lcm_huber_c,
+                         prediction_type=schedule.prediction_type)
+    loss_fn = NoiseMatchingLoss(alphas_cumprod, cfg.teacher_guidance, cfg.snr_gamma or None, schedule.prediction_type)
+    return NoiseMatchingMethod(loss_fn, noise_scheduler, schedule.timestep_sampler(discrete))
 
 
 def _prompts(cfg: TrainConfig) -> list[str]:
@@ -143,15 +220,10 @@ class Validator:
     The teacher is frozen, so its column is generated once. RNG streams of training are left untouched.
     """
 
-    def __init__(self, components: Any, unet: Any, schedule: FlashSchedule, cfg: TrainConfig, prompts: list[str],
+    def __init__(self, pipe: Any, unet: Any, schedule: FlashSchedule, cfg: TrainConfig, prompts: list[str],
                  autocast: Callable[[], Any]) -> None:
-        from diffusers import StableDiffusionPipeline
-
         self.unet = unet
-        self.pipe = StableDiffusionPipeline(
-            vae=components.vae, text_encoder=components.text_encoder, tokenizer=components.tokenizer, unet=unet,
-            scheduler=components.scheduler, safety_checker=None, feature_extractor=None,
-            requires_safety_checker=False)
+        self.pipe = pipe  # its UNet is ``unet`` (the LoRA student; the teacher with adapters off)
         self.pipe.set_progress_bar_config(disable=True)
         self.student = FlashGenerator(self.pipe, schedule, default_steps=min(cfg.validation_step_counts))
         self.teacher = FlashGenerator(self.pipe, None, default_steps=cfg.validation_teacher_steps,
@@ -232,19 +304,22 @@ def _train(cfg: TrainConfig, hooks: TrainHooks, console: Any, accelerator: Any, 
     from diffusers.training_utils import cast_training_params
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from distill_common.models.sd_loading import load_sd_components
+    from distill_common.data.shards import iter_batches
     from distill_common.runtime import seed_everything
-    from distill_lora_flash.data import EpochShuffleSampler, collate_captioned, training_dataset
+    from distill_lora_flash.data import (
+        EpochShuffleSampler,
+        collate_captioned,
+        training_dataset,
+        training_stream,
+    )
 
     final_dir = lora_dir(cfg) / "final"
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
     seed_everything(cfg.seed)
 
     # models: frozen VAE / text encoder / UNet in the weight dtype, trainable LoRA in fp32
-    parts = load_sd_components(cfg.base_model, dtype=weight_dtype, device=accelerator.device)
+    parts = load_training_model(cfg.base_model, weight_dtype, accelerator.device, cfg.resolution)
     unet = parts.unet
-    for module in (parts.vae, parts.text_encoder):
-        module.requires_grad_(False)
     add_lora(unet, rank=cfg.lora_rank, alpha=cfg.lora_alpha, target_modules=cfg.lora_targets)
     if weight_dtype != torch.float32:
         cast_training_params(unet, dtype=torch.float32)
@@ -256,21 +331,24 @@ def _train(cfg: TrainConfig, hooks: TrainHooks, console: Any, accelerator: Any, 
     schedule = FlashSchedule.from_scheduler(parts.scheduler, cfg.lcm_original_steps)
     noise_scheduler = DDPMScheduler.from_config(parts.scheduler.config)
     schedule.verify_noise_schedule(noise_scheduler)
-    discrete = list(cfg.discrete_steps) if cfg.use_discrete_timesteps else None
-    timestep_sampler = schedule.timestep_sampler(discrete)
-    alphas_cumprod = noise_scheduler.alphas_cumprod.to(accelerator.device)
-    loss_fn = NoiseMatchingLoss(alphas_cumprod, cfg.teacher_guidance, cfg.snr_gamma or None, schedule.prediction_type)
+    discrete = list(cfg.discrete_steps) if cfg.use_discrete_timesteps and cfg.method == "noise_matching" else None
+    method = build_method(cfg, schedule, noise_scheduler, accelerator.device, discrete)
 
-    dataset = training_dataset(cfg)
-    sampler = EpochShuffleSampler(len(dataset), cfg.seed)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, drop_last=False,
-                                         collate_fn=collate_captioned, num_workers=cfg.dataloader_num_workers,
-                                         generator=torch.Generator().manual_seed(cfg.seed))
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.adam_weight_decay)
     lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer,
                                  num_warmup_steps=cfg.lr_warmup_steps * accelerator.num_processes,
                                  num_training_steps=cfg.max_steps * accelerator.num_processes)
-    unet, optimizer, loader, lr_scheduler = accelerator.prepare(unet, optimizer, loader, lr_scheduler)
+    stream, loader = None, None
+    if cfg.data_shards:  # streamed, split by rank here (so not handed to accelerate's loader sharding)
+        stream = training_stream(cfg, accelerator.process_index, accelerator.num_processes)
+        unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
+    else:
+        dataset = training_dataset(cfg)
+        sampler = EpochShuffleSampler(len(dataset), cfg.seed)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, drop_last=False,
+                                             collate_fn=collate_captioned, num_workers=cfg.dataloader_num_workers,
+                                             generator=torch.Generator().manual_seed(cfg.seed))
+        unet, optimizer, loader, lr_scheduler = accelerator.prepare(unet, optimizer, loader, lr_scheduler)
     base_unet = accelerator.unwrap_model(unet)
 
     global_step, epoch, batch_in_epoch = 0, 0, 0
@@ -281,24 +359,38 @@ def _train(cfg: TrainConfig, hooks: TrainHooks, console: Any, accelerator: Any, 
         lr_scheduler.load_state_dict(state["lr_scheduler"])
         global_step, epoch, batch_in_epoch = int(state["step"]), int(state["epoch"]), int(state["batch_in_epoch"])
         set_rng_state(state["rng"])
+        if stream is not None:
+            positions = state.get("data") or []
+            if len(positions) != accelerator.num_processes:
+                raise ConfigError(f"{resume_from} holds no shard position for {accelerator.num_processes} "
+                                  "process(es); resume with the data and process count it was written with")
+            stream.load_state_dict(positions[accelerator.process_index])
         console.print(f"resuming {folder} from {resume_from.name} (step {global_step})", highlight=False)
     if accelerator.is_main_process:
         save_config(cfg, folder / CONFIG_FILE)
 
     with torch.no_grad():
-        uncond_embed = encode_prompts(parts.tokenizer, parts.text_encoder, [""], accelerator.device)  # (1, 77, D)
+        uncond_embed = parts.unconditional()  # (1, 77, D), or SDXL's Conditioning
     validator = None
     if accelerator.is_main_process:
-        validator = Validator(parts, base_unet, schedule, cfg, _prompts(cfg), accelerator.autocast)
+        validator = Validator(parts.pipeline, base_unet, schedule, cfg, _prompts(cfg), accelerator.autocast)
         validator.student.schedule.verify(validator.student.scheduler, discrete or cfg.validation_step_counts)
 
-    def save_checkpoint(step: int) -> Path:
+    def data_positions() -> list[dict[str, Any]] | None:
+        """Every process's shard position (a collective call: all ranks run it)."""
+        if stream is None:
+            return None
+        from accelerate.utils import gather_object
+
+        return list(gather_object([stream.state_dict()]))
+
+    def save_checkpoint(step: int, positions: list[dict[str, Any]] | None) -> Path:
         target = checkpoint_dir(lora_dir(cfg), step)
         with atomic_dir(target) as tmp:
             save_lora(base_unet, tmp)
             save_training_state(tmp, {"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
                                       "optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
-                                      "rng": rng_state()})
+                                      "rng": rng_state(), "data": positions})
         prune_checkpoints(lora_dir(cfg), cfg.checkpoints_total_limit)
         return target
 
@@ -314,21 +406,21 @@ def _train(cfg: TrainConfig, hooks: TrainHooks, console: Any, accelerator: Any, 
     with progress:
         task = progress.add_task("train", total=cfg.max_steps, completed=global_step, info="")
         while global_step < cfg.max_steps:
-            loader.set_epoch(epoch)  # accelerate's loader forwards it to the sampler and the data set on __iter__
-            epoch_loader = accelerator.skip_first_batches(loader, batch_in_epoch) if batch_in_epoch else loader
+            if stream is not None:  # endless; resumes at the checkpointed shard position
+                epoch_loader = map(collate_captioned, iter_batches(stream, cfg.batch_size))
+            else:
+                loader.set_epoch(epoch)  # accelerate's loader forwards it to the sampler and the data set on __iter__
+                epoch_loader = accelerator.skip_first_batches(loader, batch_in_epoch) if batch_in_epoch else loader
             for batch in epoch_loader:
                 with accelerator.accumulate(unet), accelerator.autocast():
                     pixels = batch["pixel_values"].to(accelerator.device, weight_dtype)  # (B, 3, R, R)
                     bsz = pixels.shape[0]
                     with torch.no_grad():
-                        latents = parts.vae.encode(pixels).latent_dist.sample() * parts.vae.config.scaling_factor
+                        latents = encode_latents(parts.vae, pixels, weight_dtype)  # (B, 4, h, w)
                         drop = (torch.rand(bsz) < cfg.empty_prompt_prob).tolist()
                         captions = ["" if d else c for d, c in zip(drop, batch["caption"], strict=True)]
-                        cond = encode_prompts(parts.tokenizer, parts.text_encoder, captions, accelerator.device)
-                    noise = torch.randn_like(latents)  # (B, 4, h, w)
-                    t = timestep_sampler(bsz, accelerator.device)  # (B,)
-                    x_t = noise_scheduler.add_noise(latents, noise, t)
-                    loss, logs = loss_fn(unet, x_t, t, cond, uncond_embed.expand(bsz, -1, -1))
+                        cond = parts.encode(captions)
+                    loss, logs = method(unet, latents, cond, expand_conditioning(uncond_embed, bsz))
                     accelerator.backward(loss)
                     if accelerator.sync_gradients:
                         accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
@@ -342,13 +434,17 @@ def _train(cfg: TrainConfig, hooks: TrainHooks, console: Any, accelerator: Any, 
                 global_step += 1
                 metrics = {k: float(np.mean([w[k] for w in window])) for k in window[0]}
                 metrics["lr"] = float(lr_scheduler.get_last_lr()[0])
-                metrics["epoch"] = float(epoch)
+                metrics["epoch"] = float(epoch if stream is None else stream.epoch)
+                if stream is not None:
+                    metrics["data_corrupt"] = float(stream.num_corrupt)
                 window = []
                 progress.update(task, advance=1, info=f"loss {metrics['loss']:.4g}")
                 if hooks.metrics is not None and (global_step % cfg.log_every == 0 or global_step == cfg.max_steps):
                     hooks.metrics(global_step, metrics)
-                if global_step % cfg.checkpointing_steps == 0 and accelerator.is_main_process:
-                    save_checkpoint(global_step)
+                if global_step % cfg.checkpointing_steps == 0:
+                    positions = data_positions()
+                    if accelerator.is_main_process:
+                        save_checkpoint(global_step, positions)
                 if cfg.validation_steps and global_step % cfg.validation_steps == 0 and global_step < cfg.max_steps:
                     validate(global_step)
                 if global_step >= cfg.max_steps:
@@ -366,7 +462,8 @@ def _train(cfg: TrainConfig, hooks: TrainHooks, console: Any, accelerator: Any, 
         write_generator_folder(generator_dir, base_model=_portable_model_id(cfg.base_model),
                                lora_file=final_dir / LORA_WEIGHT_NAME, schedule=schedule, discrete_steps=discrete,
                                default_steps=4 if 4 in cfg.validation_step_counts else min(cfg.validation_step_counts),
-                               guidance=0.0, teacher_guidance=cfg.teacher_guidance, trained_steps=global_step)
+                               guidance=0.0, teacher_guidance=cfg.teacher_guidance, trained_steps=global_step,
+                               method=cfg.method, pipeline=parts.kind)
         validate(global_step)
     accelerator.end_training()
     return TrainResult(folder, final_dir, generator_dir, global_step, resume_from, metrics)

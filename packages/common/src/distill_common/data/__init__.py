@@ -23,6 +23,7 @@ from distill_common.data.cifar10 import (
 from distill_common.data.hub import hub_offline, hub_reachable, load_hub_dataset
 from distill_common.data.prompts import coco_captions, coco_prompt_subset, load_prompts_file
 from distill_common.data.root import DATA_ROOT_ENV, default_data_root, find_dataset_dir, resolve_data_root
+from distill_common.data.shards import CaptionShardStream, expand_shards, iter_batches
 from distill_common.data.transforms import ImageTransform, build_image_transform, to_unit_range
 
 __all__ = [
@@ -35,6 +36,7 @@ __all__ = [
     "DATA_ROOT_ENV",
     "FOLDER_LAYOUTS",
     "CaptionedImageDataset",
+    "CaptionShardStream",
     "CaptionedRecord",
     "Cifar10Batches",
     "Cifar10Hub",
@@ -45,9 +47,11 @@ __all__ = [
     "coco_captions",
     "coco_prompt_subset",
     "default_data_root",
+    "expand_shards",
     "find_dataset_dir",
     "hub_offline",
     "hub_reachable",
+    "iter_batches",
     "load_captioned",
     "load_cifar10",
     "open_cifar10",

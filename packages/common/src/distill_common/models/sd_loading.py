@@ -28,6 +28,9 @@ REFERENCE_NAME = "reference"  # the shipped reference text-to-image model (disti
 # A healthy CLIP tokenizer has ~49k tokens; an offline fallback can silently produce one with 2 or 3.
 MIN_CLIP_TOKENS = 49000
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+SD15_MODEL_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+# Hub ids that were removed and the id that now holds the same weights (runwayml deleted its repo in 2024).
+RENAMED_MODELS = {"runwayml/stable-diffusion-v1-5": SD15_MODEL_ID}
 _DTYPE_NAMES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
                 "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 
@@ -59,6 +62,9 @@ class ModelSource:
 
 
 def _local_copy_hint(model: str) -> str:
+    if model in RENAMED_MODELS:
+        return (f"{model!r} was removed from the Hugging Face Hub and replaced by {RENAMED_MODELS[model]!r}: pass "
+                f"--base-model {RENAMED_MODELS[model]} (or a local diffusers folder of it)")
     return (
         f"download it on a machine with internet access (`hf download {model} --local-dir DIR`), "
         "then pass the local diffusers folder DIR instead of the hub id"
@@ -164,6 +170,9 @@ def resolve_model_source(model: str | os.PathLike, *, revision: str | None = Non
         if status == "ok":
             return ModelSource("hub", text)
         if status == "missing":
+            if text in RENAMED_MODELS and not _in_hf_cache(text, revision, cache_dir):
+                raise ModelLoadError(f"model {text!r} does not exist on the Hugging Face Hub any more; "
+                                     f"{_local_copy_hint(text)}")
             raise ModelLoadError(
                 f"model {text!r} (revision {revision or 'main'}) does not exist on the Hugging Face Hub; "
                 "check the id or pass a local diffusers folder"
@@ -174,6 +183,29 @@ def resolve_model_source(model: str | os.PathLike, *, revision: str | None = Non
     if _in_hf_cache(text, revision, cache_dir):
         return ModelSource("hub", text, local_files_only=True)
     raise ModelLoadError(f"cannot load model {text!r}: {reason} and it is not in the local cache; {_local_copy_hint(text)}")
+
+
+def pipeline_class_name(model: str | os.PathLike, *, revision: str | None = None,
+                        probe_timeout_s: float = PROBE_TIMEOUT_S, cache_dir: str | os.PathLike | None = None) -> str | None:
+    """The diffusers pipeline class a model declares in ``model_index.json`` (``StableDiffusionPipeline``,
+    ``StableDiffusionXLPipeline``, ...); a single-file checkpoint or a folder without an index counts as SD.
+    None when the hub copy's index cannot be read. Raises ModelLoadError like :func:`resolve_model_source`."""
+    source = resolve_model_source(model, revision=revision, probe_timeout_s=probe_timeout_s, cache_dir=cache_dir)
+    if source.kind == "file":
+        return "StableDiffusionPipeline"
+    if source.kind == "folder":
+        index = Path(source.location) / "model_index.json"
+        if not index.is_file():
+            return "StableDiffusionPipeline"
+        return json.loads(index.read_text()).get("_class_name")
+    from diffusers import DiffusionPipeline
+
+    try:
+        config = DiffusionPipeline.load_config(source.location, revision=revision, cache_dir=cache_dir,
+                                               local_files_only=source.local_files_only or hub_offline())
+    except Exception:  # noqa: BLE001 - the loader reports an unreadable model with its own message
+        return None
+    return config.get("_class_name")
 
 
 def _check_diffusers_folder(folder: Path, parts: Iterable[str], subfolders: Mapping[str, str]) -> None:

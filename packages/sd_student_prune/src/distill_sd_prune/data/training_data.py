@@ -225,16 +225,54 @@ class TrainingStream:
             persistent_workers=self.num_workers > 0,
             pin_memory=self.device.type == "cuda",
         )
-        text_dtype = next(self.components.text_encoder.parameters()).dtype
         for m, batch in enumerate(loader, start=start):
-            if self.cache is not None:
-                moments = batch["moments"].to(self.device, non_blocking=True)
-                text = batch["text_embeds"].to(self.device, text_dtype, non_blocking=True)
-            else:
-                moments = latent_moments(self.components.vae, batch["pixel_values"].to(self.device))
-                text = encode_prompts(
-                    self.components.tokenizer, self.components.text_encoder, batch["caption"]
-                )
-            generator = step_generator(self.seed, "latents", m, self.rank, moments.device)
-            latents = sample_latents(moments, self.scaling_factor, generator, self.shift_factor)
-            yield MicroBatch(m, latents, text, list(batch["caption"]))
+            yield self.micro_batch(m, batch)
+
+    def micro_batch(self, m: int, batch: dict[str, Any]) -> MicroBatch:
+        """Micro-batch ``m`` from a collated batch (pixels + captions, or cached moments + text embeddings)."""
+        text_dtype = next(self.components.text_encoder.parameters()).dtype
+        if self.cache is not None:
+            moments = batch["moments"].to(self.device, non_blocking=True)
+            text = batch["text_embeds"].to(self.device, text_dtype, non_blocking=True)
+        else:
+            moments = latent_moments(self.components.vae, batch["pixel_values"].to(self.device))
+            text = encode_prompts(
+                self.components.tokenizer, self.components.text_encoder, batch["caption"]
+            )
+        generator = step_generator(self.seed, "latents", m, self.rank, moments.device)
+        latents = sample_latents(moments, self.scaling_factor, generator, self.shift_factor)
+        return MicroBatch(m, latents, text, list(batch["caption"]))
+
+
+class ShardTrainingStream(TrainingStream):
+    """:class:`TrainingStream` over streamed WebDataset caption shards (``--data-shards``, split by rank); the
+    shard position (:meth:`state_dict`) goes into every checkpoint and :meth:`load_state_dict` resumes it."""
+
+    def __init__(self, shards: str, components: Any, *, resolution: int, center_crop: bool, random_flip: bool,
+                 batch_size: int, seed: int, device: torch.device, num_replicas: int = 1, rank: int = 0) -> None:
+        from distill_common.data.shards import CaptionShardStream
+
+        self.shards = CaptionShardStream(shards, resolution=resolution, center_crop=center_crop,
+                                         random_flip=random_flip, seed=seed, rank=rank, world_size=num_replicas)
+        super().__init__([], components, batch_size=batch_size, seed=seed, device=device, num_replicas=num_replicas,
+                         rank=rank)
+
+    def __len__(self) -> int:
+        return 0  # endless: samples seen so far are in stats()
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.shards.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.shards.load_state_dict(state)
+
+    def stats(self) -> dict[str, int]:
+        return self.shards.stats()
+
+    def iterate(self, start: int = 0) -> Iterator[MicroBatch]:
+        from distill_common.data.shards import iter_batches
+
+        for m, samples in enumerate(iter_batches(self.shards, self.batch_size), start=start):
+            batch = {"pixel_values": torch.stack([s["pixel_values"] for s in samples]),
+                     "caption": [s["caption"] for s in samples]}
+            yield self.micro_batch(m, batch)

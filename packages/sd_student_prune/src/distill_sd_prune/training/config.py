@@ -10,6 +10,7 @@ from pathlib import Path
 
 from distill_common.config import nested, option
 from distill_common.errors import ConfigError
+from distill_common.models.sd_loading import SD15_MODEL_ID
 from distill_common.runtime import DEVICES, PRECISIONS
 from distill_sd_prune.architecture.channel_init import INIT_METHODS
 from distill_sd_prune.architecture.pruning import PRUNE_PLANS
@@ -20,7 +21,7 @@ from distill_sd_prune.schedules.timesteps import TIMESTEP_SAMPLERS
 
 RECIPES = ("v1", "v2.1", "v2.2", "v3")
 KD_ALPHA_SCHEDULES = ("constant", "linear")
-DEFAULT_TEACHER = "runwayml/stable-diffusion-v1-5"
+DEFAULT_TEACHER = SD15_MODEL_ID
 
 
 @dataclass
@@ -97,6 +98,9 @@ class DataOptions:
     cache_dir: Path | None = option(None, "Cache root (default: OUTPUT_DIR/../latent_cache).")
     cache_dtype: str = option("fp16", "Storage dtype of the cache.", choices=("fp16", "bf16", "fp32"))
     num_workers: int = option(0, "DataLoader worker processes.", ge=0)
+    shards: str | None = option(None, "Stream WebDataset caption shards instead of COCO, e.g. "
+                                "'data/{00000..00099}.tar' (image + .txt or .json caption); split by process rank, "
+                                "the shard position is saved in every checkpoint.")
 
 
 @dataclass
@@ -188,6 +192,15 @@ class TrainConfig:
             )
         if self.checkpoint_every < 1 or self.log_every < 1:
             raise ConfigError("--checkpoint-every and --log-every must be at least 1")
+        if self.data.shards is not None:
+            from distill_common.data.shards import expand_shards
+
+            for flag, on in (("--data-cache", self.data.cache), ("--data-limit", self.data.limit is not None),
+                             ("--data-num-workers", bool(self.data.num_workers))):
+                if on:
+                    raise ConfigError(f"{flag} does not apply to --data-shards (streamed in the training process); "
+                                      f"drop {flag}")
+            expand_shards(self.data.shards)
 
     def resolved(self) -> TrainConfig:
         """A copy with every recipe field filled in and validated."""

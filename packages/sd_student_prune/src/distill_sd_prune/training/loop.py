@@ -26,7 +26,7 @@ from distill_common.checkpoint import (
     write_json,
 )
 from distill_common.config import to_dict
-from distill_common.errors import ModelLoadError, TrainingDivergedError
+from distill_common.errors import ConfigError, ModelLoadError, TrainingDivergedError
 from distill_sd_prune.architecture.complexity import count_parameters, unet_macs
 from distill_sd_prune.architecture.pruning import plain_config
 from distill_sd_prune.architecture.student import (
@@ -150,6 +150,7 @@ def train(
         torch_dtype,
     )
     from distill_sd_prune.data.training_data import (
+        ShardTrainingStream,
         TrainingStream,
         load_training_captions,
         open_or_build_cache,
@@ -195,44 +196,58 @@ def train(
     teacher_recorder = FeatureRecorder(teacher, list(pairs.values()), detach=True) if pairs else None
 
     # -- data ------------------------------------------------------------------------------------------------
-    dataset = load_training_captions(
-        cfg.data.source,
-        cfg.data.root,
-        cfg.data.split,
-        cfg.data.resolution,
-        limit=cfg.data.limit,
-        center_crop=cfg.data.center_crop,
-        random_flip=cfg.data.random_flip,
-        seed=cfg.seed,
-        show_progress=show_progress and main,
-    )
-    cache = None
-    if cfg.data.cache:
-        cache_root = Path(cfg.data.cache_dir) if cfg.data.cache_dir else out.parent / "latent_cache"
-        with accelerator.main_process_first():
-            cache = open_or_build_cache(
-                dataset,
-                components,
-                cache_root,
-                str(cfg.teacher_model),
-                cfg.data.split,
-                cfg.data.resolution,
-                cfg.data.center_crop,
-                cfg.data.random_flip,
-                torch_dtype(cfg.data.cache_dtype),
-                show_progress=show_progress and main,
-            )
-    stream = TrainingStream(
-        dataset,
-        components,
-        batch_size=cfg.batch_size,
-        seed=cfg.seed,
-        device=device,
-        cache=cache,
-        num_workers=cfg.data.num_workers,
-        num_replicas=accelerator.num_processes,
-        rank=accelerator.process_index,
-    )
+    if cfg.data.shards:  # streamed WebDataset shards, split by rank; the position is checkpointed
+        stream = ShardTrainingStream(
+            cfg.data.shards,
+            components,
+            resolution=cfg.data.resolution,
+            center_crop=cfg.data.center_crop,
+            random_flip=cfg.data.random_flip,
+            batch_size=cfg.batch_size,
+            seed=cfg.seed,
+            device=device,
+            num_replicas=accelerator.num_processes,
+            rank=accelerator.process_index,
+        )
+    else:
+        dataset = load_training_captions(
+            cfg.data.source,
+            cfg.data.root,
+            cfg.data.split,
+            cfg.data.resolution,
+            limit=cfg.data.limit,
+            center_crop=cfg.data.center_crop,
+            random_flip=cfg.data.random_flip,
+            seed=cfg.seed,
+            show_progress=show_progress and main,
+        )
+        cache = None
+        if cfg.data.cache:
+            cache_root = Path(cfg.data.cache_dir) if cfg.data.cache_dir else out.parent / "latent_cache"
+            with accelerator.main_process_first():
+                cache = open_or_build_cache(
+                    dataset,
+                    components,
+                    cache_root,
+                    str(cfg.teacher_model),
+                    cfg.data.split,
+                    cfg.data.resolution,
+                    cfg.data.center_crop,
+                    cfg.data.random_flip,
+                    torch_dtype(cfg.data.cache_dtype),
+                    show_progress=show_progress and main,
+                )
+        stream = TrainingStream(
+            dataset,
+            components,
+            batch_size=cfg.batch_size,
+            seed=cfg.seed,
+            device=device,
+            cache=cache,
+            num_workers=cfg.data.num_workers,
+            num_replicas=accelerator.num_processes,
+            rank=accelerator.process_index,
+        )
 
     # -- optimisation
     # --------------------------------------------------------------------------------------------
@@ -292,6 +307,12 @@ def train(
         if balancer is not None and state.get("balancer"):
             balancer.load_state_dict(state["balancer"])
         step, micro = int(state["step"]), int(state["micro_batch"])
+        if isinstance(stream, ShardTrainingStream):
+            positions = state.get("data") or []
+            if len(positions) != accelerator.num_processes:
+                raise ConfigError(f"checkpoint {latest} holds no shard position for {accelerator.num_processes} "
+                                  "process(es); resume with the data and process count it was written with")
+            stream.load_state_dict(positions[accelerator.process_index])
         run_id = run_id or state.get("run_id")
         resumed_from = step
 
@@ -350,7 +371,8 @@ def train(
                 "student/gmacs": macs.total / 1e9,
                 "teacher/params": student.info["teacher_params"],
                 "teacher/gmacs": student.info["teacher_macs"] / 1e9,
-                "data/num_samples": len(stream),
+                **({"data/num_shards": len(stream.shards.urls)} if isinstance(stream, ShardTrainingStream)
+                   else {"data/num_samples": len(stream)}),
             },
             0,
         )
@@ -404,6 +426,11 @@ def train(
 
     def save_checkpoint() -> None:
         accelerator.wait_for_everyone()
+        positions = None
+        if isinstance(stream, ShardTrainingStream):  # every process's shard position (a collective call)
+            from accelerate.utils import gather_object
+
+            positions = list(gather_object([stream.state_dict()]))
         if not main:
             return
         with atomic_dir(checkpoint_dir(ckpt_root, step)) as tmp:
@@ -419,6 +446,7 @@ def train(
                     "optimizer": optimizer.state_dict(),
                     "lr_scheduler": lr_scheduler.state_dict(),
                     "balancer": balancer.state_dict() if balancer is not None else {},
+                    "data": positions,
                 },
             )
             write_json(
