@@ -21,7 +21,7 @@ SAMPLER_NAMES = ("euler", "heun", "rk45", "consistency")
 SAMPLE_PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # of generation (distill_common.runtime.resolve_precision)
 TIME_SAMPLER_NAMES = ("uniform", "logit_normal")
 RECIPE_NAMES = ("teacher", "one_step", "four_step", "reflow", "progressive",
-                "adversarial", "consistency", "guided")
+                "adversarial", "consistency", "guided", "dmd", "guided_progressive")
 DISTANCES = ("l2", "lpips")
 DATA_SOURCES = ("shards", "folder", "hub")
 LR_SCHEDULES = ("constant_with_warmup", "linear", "cosine")
@@ -208,6 +208,23 @@ class RecipeConfig:
     # guided (Meng et al. 2023, stage one)
     guidance_min: float = option(1.0, "guided: lowest CFG scale w the student learns (w ~ U[min, max] per sample).")
     guidance_max: float = option(8.0, "guided: highest CFG scale w the student learns.")
+    # dmd (DMD2, Yin et al. 2024): one-step student, frozen teacher = real score, online fake score
+    dmd_fake_updates: int = option(5, "dmd: fake-score optimiser steps per student step (DMD2's two time-scale "
+                                   "update rule: 5).", ge=1, le=100)
+    dmd_fake_learning_rate: float = option(2e-4, "dmd: AdamW learning rate of the fake score network (and GAN head).",
+                                           gt=0, le=1)
+    dmd_t_min: float = option(0.02, "dmd: lowest t of the noised student sample the scores are compared at "
+                              "(t = 0 noise, t = 1 data; DMD: 0.02 T .. 0.98 T).", ge=0, lt=1)
+    dmd_t_max: float = option(0.98, "dmd: highest t of that noised sample.", gt=0, le=1)
+    dmd_gan_weight: float = option(0.0, "dmd: weight of the student's non-saturating GAN loss on real CIFAR-10 images "
+                                   "(0 = off; DMD2 uses 3e-3 with its per-pixel-mean DMD loss, as here).", ge=0, le=1000)
+    dmd_gan_d_weight: float = option(0.01, "dmd: weight of the GAN head's classification loss in each fake-score step "
+                                     "(DMD2: 1e-2).", ge=0, le=1000)
+    dmd_head_channels: int = option(32, "dmd: hidden channels of the GAN head on the fake network's bottleneck.",
+                                    ge=1, le=4096)
+    # guided_progressive (Meng et al. 2023, stage two)
+    guided_end: int = option(4, "guided_progressive: the w-conditioned student's steps after stage two (halving from "
+                             "--options-progressive-start; must be on its halving chain).", ge=1, le=4096)
 
 
 @dataclass
