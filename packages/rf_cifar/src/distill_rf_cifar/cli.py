@@ -91,7 +91,7 @@ def evaluate_cmd(cfg: EvaluateConfig) -> None:
 
     result, _ = evaluate(cfg, console=console)
     print_table(result.rows, ["model", "sampler", "steps", "nfe", "fid", "fid_vs_best", "fid_vs_teacher", "fid_vs_teacher_nfe", "kid",
-                              "ms_per_image", "speedup_vs_teacher"],
+                              "class_accuracy", "ms_per_image", "speedup_vs_teacher"],
                 title=f"FID vs NFE ({result.protocol['reference_set']}, N={result.protocol['generated_n']})",
                 console=console)
     console.print(interval_note(cfg.eval.bootstrap_resamples), highlight=False)

@@ -25,6 +25,7 @@ RECIPE_NAMES = ("teacher", "one_step", "four_step", "reflow", "progressive",
 DISTANCES = ("l2", "lpips")
 DATA_SOURCES = ("shards", "folder", "hub")
 LR_SCHEDULES = ("constant_with_warmup", "linear", "cosine")
+COMPARE_BUDGETS = ("steps", "wall_clock")
 
 
 @dataclass
@@ -344,6 +345,11 @@ class EvalConfig:
                                    "for all rows, stamped in the report.", choices=SAMPLE_PRECISIONS)
     bootstrap_resamples: int = option(200, "Bootstrap resamples of the generated images for each FID's 95% "
                                       "interval (FID ± 1.96 bootstrap SE, seed 0; 0 = no interval).", ge=0)
+    class_accuracy: bool = option(True, "Class accuracy of every configuration: the share of images that "
+                                  "distill_eval's CIFAR-10 classifier assigns to their class, with a 95% Wilson "
+                                  "interval (skipped with a note when the classifier's weights are missing).")
+    classifier: str = option("reference", "The classifier: 'reference' (shipped with distill-eval) or a folder "
+                             "written by distill_eval.classifier.save_classifier.")
 
 
 @dataclass
@@ -560,6 +566,14 @@ class CompareConfig:
     output_dir: Path | None = option(None, "Output folder (default: runs/rf_cifar/compare/<run-name>).")
     train: LoopConfig = nested(LoopConfig, "The budget every method gets: the same optimizer steps, batch and "
                                            "learning rate (multi-phase recipes split the steps).")
+    budget: str = option("steps", "What every method gets the same of: 'steps' (--train-steps optimizer steps) or "
+                         "'wall_clock' (the same training seconds, --budget-seconds, turned into a step count per "
+                         "method by a timed calibration run; never fewer than --train-steps steps).",
+                         choices=COMPARE_BUDGETS)
+    budget_seconds: float | None = option(None, "wall_clock: training seconds per method (default: the time the "
+                                          "slowest method needs for --train-steps steps).", gt=0, le=1e8)
+    calibration_steps: int = option(3, "wall_clock: timed optimizer steps per phase in each method's calibration "
+                                    "(after one untimed step).", ge=1, le=1000)
     options: RecipeConfig = nested(RecipeConfig, "Recipe options.")
     pairs: PairsConfig = nested(PairsConfig, "Teacher pairs (teacher/output_dir set by compare).")
     pairs_match_teacher: bool = option(True, "Make the pairs with the teacher's own default steps, sampler and "
@@ -622,4 +636,21 @@ def paper_compare() -> CompareConfig:
     return cfg
 
 
-COMPARE_PRESETS = {"smoke": smoke_compare, "tiny": tiny_compare, "paper": paper_compare}
+def real_compare() -> CompareConfig:
+    """The headline table (issue 23): every method gets the same training wall clock, the time the slowest method
+    needs for 1,000 optimizer steps of batch 64 (so each trains >= 1,000 steps; the step counts are calibrated per
+    method and reported), on 8,192 pairs; FID with 95% intervals and class accuracy on 2,000 images per configuration
+    (methods and teacher at 1, 2, 4 steps) against 10,000 CIFAR-10 training images, bf16 Inception features."""
+    cfg = CompareConfig(run_name="real", budget="wall_clock")
+    cfg.train = _loop(steps=1000, batch_size=64, learning_rate=5e-4, warmup_steps=50, ema_decay=0.999,
+                      checkpoint_every=250, log_every=50)
+    cfg.options = RecipeConfig(k=4, distance="l2", progressive_start=16, progressive_end=4, guided_end=4,
+                               guidance_max=4.0, adv_d_learning_rate=1e-4, dmd_fake_updates=5)
+    cfg.pairs = PairsConfig(num_pairs=8192, shard_size=1024, batch_size=64)
+    cfg.eval = EvalConfig(teacher_steps=[1, 2, 4], teacher_rk45=False, student_steps=[1, 2, 4], num_images=2000,
+                          reference="cifar10-train", reference_n=10_000, batch_size=64, timing_batch=64,
+                          timing_repeats=2, grid_classes=10, feature_precision="bf16", class_accuracy=True)
+    return cfg
+
+
+COMPARE_PRESETS = {"smoke": smoke_compare, "tiny": tiny_compare, "real": real_compare, "paper": paper_compare}
