@@ -143,6 +143,10 @@ class TeacherConfig:
     experiment: str = option("rf_cifar", "MLflow experiment.")
     run_name: str = option("teacher", "MLflow run name.")
     track: bool = option(True, "Log to MLflow.")
+    init: str = option("scratch", "Initial weights: 'scratch' (random), 'reference' (warm start from the shipped "
+                       "reference teacher) or a generator folder / runs:/ / models:/ URI; a warm start takes that "
+                       "generator's architecture (--model-* are ignored). A run folder with checkpoints resumes from "
+                       "its full state whatever --init says.")
 
 
 
