@@ -22,8 +22,8 @@ def test_presets_dry_run_and_unknown_recipe():
     assert result.exit_code == 0 and "base_channels: 128" in result.output and "steps: 800000" in result.output
     result = runner.invoke(app, ["distill", "--recipe", "lcm", "--dry-run"])
     assert isinstance(result.exception, ConfigError)
-    assert ("valid choices: 'adversarial', 'consistency', 'four_step', 'guided', 'one_step', 'progressive', 'reflow'"
-            in str(result.exception))
+    assert ("valid choices: 'adversarial', 'consistency', 'dmd', 'four_step', 'guided', 'guided_progressive', "
+            "'one_step', 'progressive', 'reflow'" in str(result.exception))
     result = runner.invoke(app, ["train-teacher", "--preset", "huge", "--dry-run"])
     assert isinstance(result.exception, ConfigError) and "'cpu', 'paper', 'smoke'" in str(result.exception)
 
