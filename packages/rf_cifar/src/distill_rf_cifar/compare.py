@@ -204,7 +204,8 @@ def wall_clock_steps(cfg: CompareConfig, methods: list[str], teacher_dir: Path, 
     measured = [m for m in methods if m in per_step]
     budget = cfg.budget_seconds or known.get("budget_seconds") or max(per_step[m] for m in measured) * train.steps
     steps = {m: max(train.steps, int(round(budget / per_step[m]))) for m in measured}
-    info = {"seconds_per_step": per_step, "budget_seconds": budget, "steps": steps,
+    over = [m for m in measured if per_step[m] * steps[m] > budget * 1.001]  # held at --train-steps, slower
+    info = {"seconds_per_step": per_step, "budget_seconds": budget, "steps": steps, "over_budget": over,
             "calibration_steps": cfg.calibration_steps}
     ckpt.write_json(path, info)
     return steps, info
@@ -252,8 +253,10 @@ def run_compare(cfg: CompareConfig, *, console: Console | None = None, progress:
             method_steps, calibration = wall_clock_steps(cfg, methods, teacher_dir, out, train, console)
             budget = (f"the same training wall clock per method, {calibration['budget_seconds'] / 60:.1f} min "
                       f"(seconds per step calibrated over {cfg.calibration_steps} timed steps per phase; steps per "
-                      f"method: {', '.join(f'{m} {n}' for m, n in method_steps.items())}; at least {train.steps}), "
-                      f"batch {cfg.train.batch_size}, lr {cfg.train.learning_rate:g}")
+                      f"method: {', '.join(f'{m} {n}' for m, n in method_steps.items())}; at least {train.steps}"
+                      + (f"; over the clock at that minimum: {', '.join(calibration['over_budget'])}"
+                         if calibration["over_budget"] else "")
+                      + f"), batch {cfg.train.batch_size}, lr {cfg.train.learning_rate:g}")
             parent.set_tags({"compare.budget": budget})
         for i, method in enumerate(methods):
             console.rule(f"[bold]{i + 1}/{len(methods)} {method}[/] → {out / 'students' / method}")
