@@ -172,7 +172,7 @@ def wall_clock_steps(cfg: CompareConfig, methods: list[str], teacher_dir: Path, 
                      console: Console) -> tuple[dict[str, int], dict[str, Any]]:
     """Steps per method for the same training wall clock (``--budget wall_clock``): calibrated seconds per step
     (kept in ``calibration.json``, so a rerun trains the same step counts), the budget (``--budget-seconds``, or the
-    slowest method's ``--train-steps`` steps), and steps = max(--train-steps, budget / seconds per step)."""
+    slowest method's ``--train-steps`` steps), and steps = max(--train-steps, floor(budget / seconds per step))."""
     from distill_rf_cifar.pairs import load_pairs
     from distill_rf_cifar.recipes import build_recipe, recipe_data_kinds
     from distill_rf_cifar.training.data import load_cifar_training_data
@@ -203,7 +203,7 @@ def wall_clock_steps(cfg: CompareConfig, methods: list[str], teacher_dir: Path, 
             ckpt.write_json(path, {**known, "seconds_per_step": per_step})
     measured = [m for m in methods if m in per_step]
     budget = cfg.budget_seconds or known.get("budget_seconds") or max(per_step[m] for m in measured) * train.steps
-    steps = {m: max(train.steps, int(round(budget / per_step[m]))) for m in measured}
+    steps = {m: max(train.steps, int(budget / per_step[m] + 1e-9)) for m in measured}  # whole steps inside the clock
     over = [m for m in measured if per_step[m] * steps[m] > budget * 1.001]  # held at --train-steps, slower
     info = {"seconds_per_step": per_step, "budget_seconds": budget, "steps": steps, "over_budget": over,
             "calibration_steps": cfg.calibration_steps}
