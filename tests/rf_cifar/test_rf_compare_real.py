@@ -31,7 +31,6 @@ def test_wall_clock_budget_calibrates_steps_and_the_table_carries_class_accuracy
                               budget="wall_clock", calibration_steps=1, track=False, lpips=False, device="cpu",
                               data=DataConfig(data_root=data_root, limit=32))
     cfg.train = dataclasses.replace(cfg.train, steps=2, device="cpu")
-    cfg.options = dataclasses.replace(cfg.options, dmd_fake_updates=2)
     cfg.eval = dataclasses.replace(cfg.eval, num_images=4, reference_n=8, student_steps=[1], teacher_steps=[1],
                                    bootstrap_resamples=0)
     result = run_compare(cfg, progress=False, classifier=classifier)

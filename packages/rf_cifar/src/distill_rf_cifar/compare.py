@@ -184,9 +184,12 @@ def wall_clock_steps(cfg: CompareConfig, methods: list[str], teacher_dir: Path, 
     if todo:
         from distill_rf_cifar.config import FlowConfig
 
-        kinds = set()
+        kinds: set[str] = set()
         for m in todo:
-            kinds |= recipe_data_kinds(build_recipe(m, cfg.options, FlowConfig(), train.steps))
+            try:
+                kinds |= recipe_data_kinds(build_recipe(m, cfg.options, FlowConfig(), train.steps))
+            except DistillError:  # refused options: reported when the method trains, the others go on
+                continue
         data: dict[str, Any] = {}
         if "pairs" in kinds:
             data["pairs"] = load_pairs(out / "pairs", teacher_dir)
@@ -202,7 +205,8 @@ def wall_clock_steps(cfg: CompareConfig, methods: list[str], teacher_dir: Path, 
             console.print(f"  calibration {m}: {per_step[m]:.3f} s per step", highlight=False)
             ckpt.write_json(path, {**known, "seconds_per_step": per_step})
     measured = [m for m in methods if m in per_step]
-    budget = cfg.budget_seconds or known.get("budget_seconds") or max(per_step[m] for m in measured) * train.steps
+    budget = (cfg.budget_seconds or known.get("budget_seconds")
+              or max((per_step[m] for m in measured), default=0.0) * train.steps)
     steps = {m: max(train.steps, int(budget / per_step[m] + 1e-9)) for m in measured}  # whole steps inside the clock
     over = [m for m in measured if per_step[m] * steps[m] > budget * 1.001]  # held at --train-steps, slower
     info = {"seconds_per_step": per_step, "budget_seconds": budget, "steps": steps, "over_budget": over,

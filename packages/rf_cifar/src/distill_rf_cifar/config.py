@@ -618,7 +618,8 @@ def tiny_compare() -> CompareConfig:
     cfg = CompareConfig(run_name="tiny")
     cfg.train = _loop(steps=4, batch_size=8, learning_rate=1e-3, warmup_steps=1, checkpoint_every=4, log_every=2,
                       log_checkpoints=False, precision="fp32")  # tiny models gain nothing from bf16 autocast
-    cfg.options = RecipeConfig(progressive_start=4, progressive_end=2, adv_head_channels=8, cd_grid=4)
+    cfg.options = RecipeConfig(progressive_start=4, progressive_end=2, guided_end=2, adv_head_channels=8, cd_grid=4,
+                               dmd_fake_updates=2, dmd_head_channels=8)
     cfg.pairs = PairsConfig(num_pairs=24, shard_size=24, batch_size=24, seed_start=100)
     cfg.data = DataConfig(limit=64)
     cfg.eval = EvalConfig(teacher_steps=[1, 2], teacher_rk45=False, student_steps=[1, 2], num_images=8,
