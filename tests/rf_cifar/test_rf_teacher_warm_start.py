@@ -36,6 +36,15 @@ def test_warm_start_takes_the_init_weights_and_a_rerun_resumes_from_the_checkpoi
     assert all(torch.allclose(still[k], v, atol=1e-6) for k, v in start.items())
     manifest = json.loads((tmp_path / "still" / "generator" / "generator.json").read_text())
     assert manifest["init"] == str(init) and len(manifest["init_sha256"]) == 64
+    assert manifest["images_seen"] is None  # the init generator does not say how many it saw
+    # a warm start from a generator that records it counts on: 1 step of batch 4 more
+    again = json.loads((tmp_path / "still" / "generator" / "generator.json").read_text())
+    (tmp_path / "still" / "generator" / "generator.json").write_text(json.dumps({**again, "images_seen": 100,
+                                                                                 "total_train_steps": 10}))
+    _run(tmp_path, tmp_path / "still" / "generator", tmp_path / "second", "--train-steps", "1",
+         "--train-learning-rate", "1e-12")
+    second = json.loads((tmp_path / "second" / "generator" / "generator.json").read_text())
+    assert second["images_seen"] == 104 and second["total_train_steps"] == 11 and second["train_batch_size"] == 4
 
     # kill after step 1, then spoil the init: the rerun must continue from the checkpoint (full state), so it ends on
     # the weights of an uninterrupted run

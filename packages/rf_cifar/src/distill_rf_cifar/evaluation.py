@@ -289,7 +289,7 @@ def _add_class_accuracy(rows: list[dict[str, Any]], entries: Sequence[SweepEntry
 
 
 def registry_tags(rows: Sequence[dict[str, Any]], label: str, protocol: dict[str, Any]) -> dict[str, Any]:
-    """``eval.s{steps}.{fid,fid_ci95_low,fid_ci95_high,kid,ms_per_image}`` (+ ``eval.rk45.*``, ``eval.protocol``)
+    """``eval.s{steps}.{fid,fid_ci95_low,fid_ci95_high,kid,ms_per_image,class_acc}`` (+ ``eval.rk45.*``, ``eval.protocol``)
     for one model's rows, the tags distill_common.promotion ranks versions by; non-finite values are left out."""
     from distill_eval.benchmark import finite
 
@@ -298,8 +298,8 @@ def registry_tags(rows: Sequence[dict[str, Any]], label: str, protocol: dict[str
         if r["model"] != label:
             continue
         prefix = f"eval.{RK45}" if r["sampler"] == RK45 else f"eval.s{r['steps']}"
-        tags.update({f"{prefix}.{k}": r[k] for k in ("fid", "fid_ci95_low", "fid_ci95_high", "kid", "ms_per_image")
-                     if finite(r.get(k))})
+        tags.update({f"{prefix}.{k}": r[k] for k in ("fid", "fid_ci95_low", "fid_ci95_high", "kid", "ms_per_image",
+                                                      "class_acc") if finite(r.get(k))})
         if r["sampler"] == RK45:
             tags[f"{prefix}.nfe"] = r["nfe"]
     return tags

@@ -213,8 +213,10 @@ def train_teacher(cfg: TeacherConfig, *, console: Console | None = None, progres
         manifest = read_generator_manifest(init_dir)
         cfg = dataclasses.replace(cfg, model=init_model.config)
         prior = manifest.get("total_train_steps", manifest.get("train_steps"))
+        seen = manifest.get("images_seen")  # recorded by warm-started teachers; unknown for older generators
         init_info = {"init": cfg.init, "init_sha256": weights_sha256(init_dir), "init_train_steps": prior,
-                     "total_train_steps": None if prior is None else int(prior) + cfg.train.steps}
+                     "total_train_steps": None if prior is None else int(prior) + cfg.train.steps,
+                     "images_seen": None if seen is None else int(seen) + cfg.train.steps * cfg.train.batch_size}
         console.print(f"teacher: warm start from {cfg.init} ({init_dir}, {prior} steps so far)", highlight=False)
     torch.manual_seed(cfg.train.seed)  # the initial weights
     model = build_unet(cfg.model)
@@ -231,7 +233,8 @@ def train_teacher(cfg: TeacherConfig, *, console: Console | None = None, progres
     export = dict(role="teacher", default_steps=cfg.sampling.steps, default_guidance=cfg.sampling.guidance,
                   sampler=cfg.sampling.sampler, rtol=cfg.sampling.rtol, atol=cfg.sampling.atol, recipe="teacher",
                   time_sampler=cfg.flow.time_sampler, label_dropout=cfg.flow.label_dropout, train_steps=cfg.train.steps,
-                  **init_info)
+                  train_batch_size=cfg.train.batch_size,
+                  **(init_info or {"images_seen": cfg.train.steps * cfg.train.batch_size}))
     return _train_recipe("teacher", phases, model, cfg.train, data, folder, cfg, cfg.run_name,
                          {"stage": "train-teacher", "recipe": "teacher"}, export, progress, console, nested)
 
