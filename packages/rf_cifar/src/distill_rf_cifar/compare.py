@@ -2,13 +2,15 @@
 
 Methods are recipe names: by default every registered student recipe (recipes.RECIPES without ``teacher``), so a
 recipe added to the registry joins the comparison by name. Budget: the same number of optimizer steps, batch size and
-learning rate for every method (``--train-*``; a multi-phase recipe splits its steps between phases), stated in the
-report. Each method is trained by ``distill rf distill``'s stage (a child MLflow run that registers its generator),
-then all of them and the teacher are scored by the rf evaluation (``evaluation.run_sweep``: same seeds and classes,
-FID with whatever interval distill_eval reports, ms per image) at 1, 2 and 4 steps, plus LPIPS to the teacher's image
-at the same seed (the teacher at its default steps). Output under ``<output-dir>``: ``compare.{md,csv,json}``,
-``compare.png`` (FID against steps, one line per method), the sweep's grid; MLflow: a parent run with the table and
-plot and, per method, its child run carrying the method's ``compare.s{steps}.*`` metrics. Reruns skip what is done.
+learning rate for every method (``--train-*``; a multi-phase recipe splits its steps between phases), or with
+``--budget wall_clock`` (``--preset real``) the same training seconds, turned into a step count per method by a timed
+calibration (:func:`wall_clock_steps`); stated in the report. Each method is trained by ``distill rf distill``'s stage
+(a child MLflow run that registers its generator), then all of them and the teacher are scored by the rf evaluation
+(``evaluation.run_sweep``: same seeds and classes, FID with whatever interval distill_eval reports, class accuracy,
+ms per image) at 1, 2 and 4 steps, plus LPIPS to the teacher's image at the same seed (the teacher at its default
+steps). Output under ``<output-dir>``: ``compare.{md,csv,json}``, ``compare.png`` (FID against steps, one line per
+method), the sweep's grid; MLflow: a parent run with the table and plot and, per method, its child run carrying the
+method's ``compare.s{steps}.*`` metrics. Reruns skip what is done.
 """
 
 from __future__ import annotations
