@@ -81,7 +81,7 @@ def _images(b=8):
     return {"x1": torch.rand(b, 3, 32, 32) * 2 - 1, "y": torch.arange(b) % 10}
 
 
-def test_two_time_scale_update_order_and_no_gradient_across_the_two_networks():
+def test_two_time_scale_update_order_and_no_gradient_across_the_two_networks(tmp_path):
     from distill_rf_cifar.models import build_unet
 
     torch.manual_seed(0)
@@ -119,7 +119,7 @@ def test_two_time_scale_update_order_and_no_gradient_across_the_two_networks():
     # through the one loop: 2 student steps, 3 fake steps after each, in that order
     events.clear()
     loss.fake_steps_done = 0
-    train(tiny_loop(steps=2), student, loss, _Data(), "/tmp/x/dmd_order", progress=False)
+    train(tiny_loop(steps=2), student, loss, _Data(), tmp_path / "order", progress=False)
     assert events == ["G", "F", "F", "F"] * 2 and loss.fake_steps_done == 6
 
 
