@@ -4,8 +4,15 @@ time per image, for the CFG teacher at 2 network evaluations per step and the w-
     python tools/bench_rf_guided.py --teacher runs/rf_cifar/teacher/generator \
         [--student DIR | --train-steps 300] --guidance 1 2 4 --steps 8 --num-images 200 --reference-n 1000
 
-Without ``--student`` it first trains one from the teacher (``distill rf distill --recipe guided``, untracked, into
-``--work-dir``). Both sample with Euler at ``--steps`` on the same seeds and classes (class = seed % 10); FID is
+Stage two (``--recipe guided_progressive``: stage one, then progressive rounds of the w-conditioned student from
+``--progressive-start`` down to ``--steps``): the student at ``--steps`` beside the CFG teacher at every
+``--teacher-steps`` count (e.g. 4 and 16), FID against w:
+
+    python tools/bench_rf_guided.py --teacher reference --recipe guided_progressive --progressive-start 16 \
+        --steps 4 --teacher-steps 4 16 --guidance 1 2 3 4 --train-steps 1200 --num-images 2000 --reference-n 10000
+
+Without ``--student`` it first trains one from the teacher (``distill rf distill --recipe guided`` or
+``guided_progressive``, untracked, into ``--work-dir``). Both sample with Euler at ``--steps`` on the same seeds and classes (class = seed % 10); FID is
 distill_eval's (TF-Inception, cached reference statistics of CIFAR-10 train); ms/image is distill_eval.timing's best
 of ``--repeats`` device-synchronised batches after a warm-up. Writes ``guided.{md,csv,json}`` and
 ``fid_vs_guidance.png`` into ``--output-dir``.
@@ -32,12 +39,14 @@ from distill_eval.timing import measure_latency  # noqa: E402
 from distill_rf_cifar.generator import load_generator  # noqa: E402
 
 
-def train_student(teacher: Path, work_dir: Path, steps: int, w_max: float, batch: int, device: str) -> Path:
+def train_student(teacher: Path, work_dir: Path, steps: int, w_max: float, batch: int, device: str,
+                  recipe: str = "guided", progressive_start: int = 16, end: int = 4) -> Path:
     from distill_rf_cifar.config import DistillConfig, LoopConfig, RecipeConfig
     from distill_rf_cifar.stages import distill_student
 
-    cfg = DistillConfig(recipe="guided", teacher=teacher, output_dir=work_dir / "guided", track=False,
-                        options=RecipeConfig(guidance_min=1.0, guidance_max=w_max),
+    cfg = DistillConfig(recipe=recipe, teacher=teacher, output_dir=work_dir / recipe, track=False,
+                        options=RecipeConfig(guidance_min=1.0, guidance_max=w_max, progressive_start=progressive_start,
+                                             guided_end=end),
                         train=LoopConfig(steps=steps, batch_size=batch, learning_rate=2e-4, warmup_steps=20,
                                          ema_decay=0.99, checkpoint_every=max(steps, 1), log_every=50,
                                          device=device, log_checkpoints=False))
@@ -51,7 +60,12 @@ def main() -> None:
     p.add_argument("--train-steps", type=int, default=300)
     p.add_argument("--train-batch-size", type=int, default=64)
     p.add_argument("--guidance", type=float, nargs="+", default=[1.0, 2.0, 4.0])
-    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--steps", type=int, default=8, help="Euler steps of the student (guided_progressive: its end)")
+    p.add_argument("--teacher-steps", type=int, nargs="+", default=None,
+                   help="Euler steps of the CFG teacher (default: --steps), e.g. 4 16")
+    p.add_argument("--recipe", default="guided", choices=("guided", "guided_progressive"),
+                   help="the student to train without --student: stage one, or stages one and two")
+    p.add_argument("--progressive-start", type=int, default=16, help="guided_progressive: stage one's steps")
     p.add_argument("--num-images", type=int, default=200)
     p.add_argument("--reference-n", type=int, default=1000)
     p.add_argument("--batch-size", type=int, default=100)
@@ -67,8 +81,12 @@ def main() -> None:
     a = p.parse_args()
     console = Console()
     out = a.output_dir or a.work_dir
+    from distill_common.generator import resolve_generator_folder
+
+    a.teacher = resolve_generator_folder(str(a.teacher))  # a folder, a URI or a shipped name ('reference')
     student_dir = a.student or train_student(a.teacher, a.work_dir, a.train_steps, max(a.guidance), a.train_batch_size,
-                                             a.device)
+                                             a.device, a.recipe, a.progressive_start, a.steps)
+    teacher_steps = a.teacher_steps or [a.steps]
     teacher = load_generator(a.teacher, device=a.device, precision=a.sample_precision)
     student = load_generator(student_dir, device=a.device, batch_size=a.batch_size, precision=a.sample_precision)
     teacher.batch_size = a.batch_size
@@ -79,22 +97,24 @@ def main() -> None:
     tb = min(a.timing_batch, n)
     rows = []
     for w in a.guidance:
-        for label, gen in (("teacher (CFG)", teacher), ("guided student", student)):
-            images = gen.generate(conditions, a.steps, seeds, guidance=w)
+        for label, gen, steps in [*(("teacher (CFG)", teacher, s) for s in teacher_steps),
+                                  ("guided student", student, a.steps)]:
+            images = gen.generate(conditions, steps, seeds, guidance=w)
             nfe = gen.last_nfe
             fid = score_images(images, extractor, reference, batch_size=50, progress=False)
-            timing = measure_latency(lambda g=gen, w=w: g.generate(conditions[:tb], a.steps, seeds[:tb], guidance=w),
+            timing = measure_latency(lambda g=gen, w=w, s=steps: g.generate(conditions[:tb], s, seeds[:tb], guidance=w),
                                      label=f"{label} w={w}", batch_size=tb, device=a.device, warmup=1,
                                      repeats=a.repeats)
             ci = fid.fid_interval
-            rows.append({"model": label, "guidance": w, "steps": a.steps, "nfe": nfe, "precision": gen.precision,
+            rows.append({"model": label, "guidance": w, "steps": steps, "nfe": nfe, "precision": gen.precision,
                          "fid": fid.fid, "fid_ci95_low": ci.low if ci else None, "fid_ci95_high": ci.high if ci else None,
                          "ms_per_image": min(timing.batch_seconds) * 1000 / tb})
             interval = f" [{ci.low:.2f}, {ci.high:.2f}]" if ci else ""
-            console.print(f"w={w:g} {label:>15}: FID {fid.fid:7.2f}{interval}  NFE {nfe}  "
+            console.print(f"w={w:g} {label:>15} {steps:>3} steps: FID {fid.fid:7.2f}{interval}  NFE {nfe}  "
                           f"{rows[-1]['ms_per_image']:.2f} ms/image", highlight=False)
     for r in rows:
-        t_row = next(x for x in rows if x["model"] == "teacher (CFG)" and x["guidance"] == r["guidance"])
+        same = [x for x in rows if x["model"] == "teacher (CFG)" and x["guidance"] == r["guidance"]]
+        t_row = next((x for x in same if x["steps"] == r["steps"]), same[0])  # at the same steps where measured
         r["speedup_vs_teacher"] = t_row["ms_per_image"] / r["ms_per_image"]
     env = environment_info(torch.device(a.device))
     meta = {"teacher": str(a.teacher), "student": str(student_dir), "protocol": reference.protocol(n).as_dict(),
@@ -102,14 +122,15 @@ def main() -> None:
                       f"{env['num_threads']} threads"}
     report = write_report(rows, out, "guided", meta=meta)
     fig, ax = plt.subplots(1, 2, figsize=(10, 4), dpi=120)
-    for label in ("teacher (CFG)", "guided student"):
-        pts = [r for r in rows if r["model"] == label]
+    for label, steps in dict.fromkeys((r["model"], r["steps"]) for r in rows):
+        pts = [r for r in rows if r["model"] == label and r["steps"] == steps]
+        label = f"{label}, {steps} steps"
         errs = [[r["fid"] - (r["fid_ci95_low"] or r["fid"]) for r in pts],
                 [(r["fid_ci95_high"] or r["fid"]) - r["fid"] for r in pts]]
         ax[0].errorbar([r["guidance"] for r in pts], [r["fid"] for r in pts], yerr=errs, marker="o", capsize=3,
                        label=label)
         ax[1].plot([r["guidance"] for r in pts], [r["ms_per_image"] for r in pts], marker="o", label=label)
-    ax[0].set(xlabel="guidance scale w", ylabel="FID", title=f"FID vs w ({a.steps} Euler steps, {n} images)")
+    ax[0].set(xlabel="guidance scale w", ylabel="FID", title=f"FID vs w (Euler, {n} images)")
     ax[1].set(xlabel="guidance scale w", ylabel="ms / image", title="time per image")
     for x in ax:
         x.grid(alpha=0.3)

@@ -28,7 +28,7 @@ def test_presets_dry_run_and_unknown_recipe():
     assert "model" not in shown and "teacher" not in shown and shown["teacher_source"] == "reference"
     result = runner.invoke(app, ["distill", "--recipe", "lcm", "--dry-run"])
     assert isinstance(result.exception, ConfigError)
-    assert ("valid choices: 'adversarial', 'consistency', 'guided', 'k_step', 'one_step', 'progressive', 'reflow'"
+    assert ("valid choices: 'adversarial', 'consistency', 'dmd', 'guided', 'guided_progressive', 'k_step', 'one_step', 'progressive', 'reflow'"
             in str(result.exception))
     result = runner.invoke(app, ["distill", "--recipe", "four_step", "--dry-run"])  # the k-step recipe's old name
     assert result.exit_code == 0 and yaml.safe_load(result.output)["recipe"] == "k_step"

@@ -137,14 +137,14 @@ def test_each_student_recipe_trains_a_few_steps_from_the_teacher(recipe, tmp_pat
 
 def test_teacher_recipe_and_unknown_recipe(tmp_path, cifar_images):
     assert set(RECIPES) == {"teacher", "one_step", "k_step", "reflow", "progressive", "adversarial", "consistency",
-                            "guided"}
+                            "guided", "dmd", "guided_progressive"}
     phases = build_recipe("teacher", RecipeConfig(), FlowConfig(), steps=2)
     model = _fresh_model()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     run = run_recipe(phases, model, tiny_loop(steps=2), {"images": cifar_images}, tmp_path, progress=False)
     assert run.finished and any(not torch.equal(before[k], v) for k, v in run.model.state_dict().items())
     with pytest.raises(ConfigError, match="unknown recipe 'lcm'; valid choices: 'adversarial', 'consistency', "
-                       "'guided', 'k_step', 'one_step'"):
+                       "'dmd', 'guided', 'guided_progressive', 'k_step', 'one_step'"):
         build_recipe("lcm", RecipeConfig(), FlowConfig(), steps=2)
     assert [p.name for p in build_recipe("four_step", RecipeConfig(), FlowConfig(), steps=2)] == ["k_step"]  # old name
 

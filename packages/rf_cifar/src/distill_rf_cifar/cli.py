@@ -57,7 +57,7 @@ def make_pairs_cmd(cfg: PairsConfig) -> None:
 @claims_output_dir(lambda cfg: cfg.folder)  # before torch is imported: a refused run exits at once
 def distill_cmd(cfg: DistillConfig) -> None:
     """Train a student from the teacher's weights with --recipe one_step | k_step | reflow | progressive |
-    adversarial | consistency | guided ('four_step' is the old name of k_step)."""
+    adversarial | consistency | guided | dmd | guided_progressive ('four_step' is the old name of k_step)."""
     from distill_rf_cifar.stages import distill_student
 
     outcome = distill_student(cfg, console=console)
@@ -92,8 +92,8 @@ def evaluate_cmd(cfg: EvaluateConfig) -> None:
     from distill_rf_cifar.stages import evaluate
 
     result, _ = evaluate(cfg, console=console)
-    print_table(result.rows, ["model", "sampler", "steps", "nfe", "fid", "ms_per_image", "speedup_vs_teacher",
-                              "fid_vs_best", "fid_vs_teacher", "fid_vs_teacher_nfe"],  # KID: in the report
+    print_table(result.rows, ["model", "sampler", "steps", "nfe", "fid", "class_accuracy", "ms_per_image",
+                              "speedup_vs_teacher", "fid_vs_best", "fid_vs_teacher", "fid_vs_teacher_nfe"],  # KID: in the report
                 title=f"FID vs NFE ({result.protocol['reference_set']}, N={result.protocol['generated_n']})",
                 console=console)
     console.print(interval_note(cfg.eval.bootstrap_resamples), highlight=False)

@@ -21,13 +21,14 @@ SAMPLER_NAMES = ("euler", "heun", "rk45", "consistency")
 SAMPLE_PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # of generation (distill_common.runtime.resolve_precision)
 TIME_SAMPLER_NAMES = ("uniform", "logit_normal")
 RECIPE_NAMES = ("teacher", "one_step", "k_step", "reflow", "progressive",
-                "adversarial", "consistency", "guided")
+                "adversarial", "consistency", "guided", "dmd", "guided_progressive")
 # Old recipe names, still accepted with a note: "four_step" was the k-step recipe, which made "four-step" mean two
 # things (the recipe, and the pipeline's four-step student, which is progressive by default).
 RENAMED_RECIPES = {"four_step": "k_step"}
 DISTANCES = ("l2", "lpips")
 DATA_SOURCES = ("shards", "folder", "hub")
 LR_SCHEDULES = ("constant_with_warmup", "linear", "cosine")
+COMPARE_BUDGETS = ("steps", "wall_clock")
 
 
 @dataclass
@@ -150,6 +151,10 @@ class TeacherConfig:
     experiment: str = option("rf_cifar", "MLflow experiment.")
     run_name: str = option("teacher", "MLflow run name.")
     track: bool = option(True, "Log to MLflow.")
+    init: str = option("scratch", "Initial weights: 'scratch' (random), 'reference' (warm start from the shipped "
+                       "reference teacher) or a generator folder / runs:/ / models:/ URI; a warm start takes that "
+                       "generator's architecture (--model-* are ignored). A run folder with checkpoints resumes from "
+                       "its full state whatever --init says.")
 
 
 
@@ -217,6 +222,24 @@ class RecipeConfig:
     # guided (Meng et al. 2023, stage one)
     guidance_min: float = option(1.0, "guided: lowest CFG scale w the student learns (w ~ U[min, max] per sample).", ge=0)
     guidance_max: float = option(8.0, "guided: highest CFG scale w the student learns.", ge=0)
+
+    # dmd (DMD2, Yin et al. 2024): one-step student, frozen teacher = real score, online fake score
+    dmd_fake_updates: int = option(5, "dmd: fake-score optimiser steps per student step (DMD2's two time-scale "
+                                   "update rule: 5).", ge=1, le=100)
+    dmd_fake_learning_rate: float = option(2e-4, "dmd: AdamW learning rate of the fake score network (and GAN head).",
+                                           gt=0, le=1)
+    dmd_t_min: float = option(0.02, "dmd: lowest t of the noised student sample the scores are compared at "
+                              "(t = 0 noise, t = 1 data; DMD: 0.02 T .. 0.98 T).", ge=0, lt=1)
+    dmd_t_max: float = option(0.98, "dmd: highest t of that noised sample.", gt=0, le=1)
+    dmd_gan_weight: float = option(0.0, "dmd: weight of the student's non-saturating GAN loss on real CIFAR-10 images "
+                                   "(0 = off; DMD2 uses 3e-3 with its per-pixel-mean DMD loss, as here).", ge=0, le=1000)
+    dmd_gan_d_weight: float = option(0.01, "dmd: weight of the GAN head's classification loss in each fake-score step "
+                                     "(DMD2: 1e-2).", ge=0, le=1000)
+    dmd_head_channels: int = option(32, "dmd: hidden channels of the GAN head on the fake network's bottleneck.",
+                                    ge=1, le=4096)
+    # guided_progressive (Meng et al. 2023, stage two)
+    guided_end: int = option(4, "guided_progressive: the w-conditioned student's steps after stage two (halving from "
+                             "--options-progressive-start; must be on its halving chain).", ge=1, le=4096)
 
     def validate(self, flag: FlagNamer = FlagNamer(("options",))) -> None:
         if self.guidance_min > self.guidance_max:
@@ -343,6 +366,11 @@ class EvalConfig:
                                    "for all rows, stamped in the report.", choices=SAMPLE_PRECISIONS)
     bootstrap_resamples: int = option(200, "Bootstrap resamples of the generated images for each FID's 95% "
                                       "interval (FID ± 1.96 bootstrap SE, seed 0; 0 = no interval).", ge=0)
+    class_accuracy: bool = option(True, "Class accuracy of every configuration: the share of images that "
+                                  "distill_eval's CIFAR-10 classifier assigns to their class, with a 95% Wilson "
+                                  "interval (skipped with a note when the classifier's weights are missing).")
+    classifier: str = option("reference", "The classifier: 'reference' (shipped with distill-eval) or a folder "
+                             "written by distill_eval.classifier.save_classifier.")
 
 
 @dataclass
@@ -590,6 +618,14 @@ class CompareConfig:
     output_dir: Path | None = option(None, "Output folder (default: runs/rf_cifar/compare/<run-name>).")
     train: LoopConfig = nested(LoopConfig, "The budget every method gets: the same optimizer steps, batch and "
                                            "learning rate (multi-phase recipes split the steps).")
+    budget: str = option("steps", "What every method gets the same of: 'steps' (--train-steps optimizer steps) or "
+                         "'wall_clock' (the same training seconds, --budget-seconds, turned into a step count per "
+                         "method by a timed calibration run; never fewer than --train-steps steps).",
+                         choices=COMPARE_BUDGETS)
+    budget_seconds: float | None = option(None, "wall_clock: training seconds per method (default: the time the "
+                                          "slowest method needs for --train-steps steps).", gt=0, le=1e8)
+    calibration_steps: int = option(3, "wall_clock: timed optimizer steps per phase in each method's calibration "
+                                    "(after one untimed step).", ge=1, le=1000)
     options: RecipeConfig = nested(RecipeConfig, "Recipe options.")
     pairs: PairsConfig = nested(PairsConfig, "Teacher pairs (teacher/output_dir set by compare).")
     pairs_match_teacher: bool = option(True, "Make the pairs with the teacher's own default steps, sampler and "
@@ -630,7 +666,8 @@ def tiny_compare() -> CompareConfig:
     cfg = CompareConfig(run_name="tiny")
     cfg.train = _loop(steps=4, batch_size=8, learning_rate=1e-3, warmup_steps=1, checkpoint_every=4, log_every=2,
                       log_checkpoints=False, precision="fp32")  # tiny models gain nothing from bf16 autocast
-    cfg.options = RecipeConfig(progressive_start=4, progressive_end=2, adv_head_channels=8, cd_grid=4)
+    cfg.options = RecipeConfig(progressive_start=4, progressive_end=2, guided_end=2, adv_head_channels=8, cd_grid=4,
+                               dmd_fake_updates=2, dmd_head_channels=8)
     cfg.pairs = PairsConfig(num_pairs=24, shard_size=24, batch_size=24, seed_start=100)
     cfg.data = DataConfig(limit=64)
     cfg.eval = EvalConfig(teacher_steps=[1, 2], teacher_rk45=False, student_steps=[1, 2], num_images=8,
@@ -652,4 +689,21 @@ def paper_compare() -> CompareConfig:
     return cfg
 
 
-COMPARE_PRESETS = {"smoke": smoke_compare, "tiny": tiny_compare, "paper": paper_compare}
+def real_compare() -> CompareConfig:
+    """The headline table (issue 23): every method gets the same training wall clock, the time the slowest method
+    needs for 1,000 optimizer steps of batch 64 (so each trains >= 1,000 steps; the step counts are calibrated per
+    method and reported), on 8,192 pairs; FID with 95% intervals and class accuracy on 2,000 images per configuration
+    (methods and teacher at 1, 2, 4 steps) against 10,000 CIFAR-10 training images, bf16 Inception features."""
+    cfg = CompareConfig(run_name="real", budget="wall_clock")
+    cfg.train = _loop(steps=1000, batch_size=64, learning_rate=5e-4, warmup_steps=50, ema_decay=0.999,
+                      checkpoint_every=250, log_every=50)
+    cfg.options = RecipeConfig(k=4, distance="l2", progressive_start=16, progressive_end=4, guided_end=4,
+                               guidance_max=4.0, adv_d_learning_rate=1e-4, dmd_fake_updates=5)
+    cfg.pairs = PairsConfig(num_pairs=8192, shard_size=1024, batch_size=64)
+    cfg.eval = EvalConfig(teacher_steps=[1, 2, 4], teacher_rk45=False, student_steps=[1, 2, 4], num_images=2000,
+                          reference="cifar10-train", reference_n=10_000, batch_size=64, timing_batch=64,
+                          timing_repeats=2, grid_classes=10, feature_precision="bf16", class_accuracy=True)
+    return cfg
+
+
+COMPARE_PRESETS = {"smoke": smoke_compare, "tiny": tiny_compare, "real": real_compare, "paper": paper_compare}

@@ -115,11 +115,13 @@ def run_sweep(
     console: Console | None = None,
     progress: bool = True,
     entries: Sequence[SweepEntry] | None = None,
+    classifier: Any = None,
 ) -> SweepResult:
     """Generate, score and time every configuration; write report, grid and plots under ``output_dir``.
 
     ``entries`` replaces the configurations :func:`sweep_entries` derives from ``cfg`` (e.g. one per progressive
-    round at its own step count); it must hold the teacher at its default Euler steps, the speed-up baseline."""
+    round at its own step count); it must hold the teacher at its default Euler steps, the speed-up baseline.
+    ``classifier``: the network of the class accuracy (default: ``cfg.classifier`` loaded by distill_eval)."""
     from distill_eval.benchmark import (
         fid_row,
         generate_to_folder,
@@ -240,6 +242,7 @@ def run_sweep(
                      "images_per_second": 1000.0 / side["ms_per_image"], "key": e.key})
         console.print(f"  {e.key:>16}  FID {compact_fid(side, 2):>14}  NFE {side['nfe']:4.0f}  "
                       f"{side['ms_per_image']:7.1f} ms per image", highlight=False)  # 62 columns: never wraps
+    _add_class_accuracy(rows, entries, image_dirs, sidecars, conditions, cfg, classifier, fresh, console)
     teacher_label, teacher_gen = teacher
     base = next(r for r in rows if r["model"] == teacher_label and r["sampler"] == "euler"
                 and r["steps"] == teacher_gen.default_steps)
@@ -255,8 +258,12 @@ def run_sweep(
             "timing": f"the evaluation's generation pass (batch {cfg.batch_size}) after a warm-up call, "
                       f"device-synchronised ({teacher_gen.device}); {environment_info(teacher_gen.device)['device_name']}, "
                       f"{environment_info(teacher_gen.device)['num_threads']} threads"}
+    if any("class_acc" in r for r in rows):
+        meta["class_accuracy"] = (f"distill_eval classifier ({cfg.classifier if classifier is None else 'given'}), "
+                                  "share of images assigned to their class, 95% Wilson interval")
     columns = ["model", "role", "sampler", "steps", "nfe", "fid", "fid_ci95_low", "fid_ci95_high", "fid_vs_best",
-               "fid_vs_teacher", "fid_vs_teacher_nfe", "kid", "kid_std", "ms_per_image", "speedup_vs_teacher", "images_per_second",
+               "fid_vs_teacher", "fid_vs_teacher_nfe", "kid", "kid_std", "class_accuracy", "class_acc", "class_acc_ci95_low",
+               "class_acc_ci95_high", "ms_per_image", "speedup_vs_teacher", "images_per_second",
                "guidance", "precision"]
     report = write_report(rows, out, "fid_vs_nfe", columns=columns, meta=meta)
     grid_rows = list(range(min(cfg.grid_classes, num_classes, n)))
@@ -275,8 +282,45 @@ def run_sweep(
     return SweepResult(rows, protocol, grid_path, plots, report, image_dirs)
 
 
+def _add_class_accuracy(rows: list[dict[str, Any]], entries: Sequence[SweepEntry], image_dirs: dict[str, Path],
+                        sidecars: dict[str, dict[str, Any]], conditions: list[int], cfg: EvalConfig, classifier: Any,
+                        fresh: set[str], console: Console) -> None:
+    """``class_acc`` (+ ``class_acc_ci95_low/high``, Wilson) of every row: the share of its images that the CIFAR-10
+    classifier assigns to their class (distill_eval.classifier.class_accuracy). Cached in each sidecar per
+    classifier name; a classifier passed in is always rescored. Skipped with a note when the shipped weights are
+    missing or the model is not a 10-class one."""
+    from distill_common.errors import ModelLoadError
+    from distill_eval.benchmark import load_png_folder
+    from distill_eval.classifier import ClassAccuracy, class_accuracy, load_classifier
+
+    if not cfg.class_accuracy:
+        return
+    name = cfg.classifier if classifier is None else None
+    n = cfg.num_images
+    for e, row in zip(entries, rows, strict=True):
+        side = sidecars[e.key]
+        if name is None or e.key in fresh or side.get("classifier") != name or "class_acc" not in side:
+            if classifier is None:
+                try:
+                    classifier = load_classifier(cfg.classifier)
+                except ModelLoadError as exc:
+                    console.print(f"  class accuracy skipped: {exc}", highlight=False)
+                    return
+            if getattr(classifier, "num_classes", 10) != max(e.generator.num_classes, 1):
+                console.print(f"  class accuracy skipped: the classifier has {classifier.num_classes} classes, "
+                              f"{e.key} {e.generator.num_classes}", highlight=False)
+                return
+            acc = class_accuracy(load_png_folder(image_dirs[e.key], n) * 2 - 1, conditions, classifier)
+            side.update({"class_acc": acc.accuracy, "class_acc_ci95_low": acc.low, "class_acc_ci95_high": acc.high,
+                         "classifier": name or "given"})
+            ckpt.write_json(image_dirs[e.key] / RESULT_FILE, side)
+        row.update({k: side[k] for k in ("class_acc", "class_acc_ci95_low", "class_acc_ci95_high")})
+        row["class_accuracy"] = ClassAccuracy(side["class_acc"], side["class_acc_ci95_low"],
+                                              side["class_acc_ci95_high"], n, ()).cell()  # "91.2% [90.0, 92.3]"
+
+
 def registry_tags(rows: Sequence[dict[str, Any]], label: str, protocol: dict[str, Any]) -> dict[str, Any]:
-    """``eval.s{steps}.{fid,fid_ci95_low,fid_ci95_high,kid,ms_per_image}`` (+ ``eval.rk45.*``, ``eval.protocol``)
+    """``eval.s{steps}.{fid,fid_ci95_low,fid_ci95_high,kid,ms_per_image,class_acc}`` (+ ``eval.rk45.*``, ``eval.protocol``)
     for one model's rows, the tags distill_common.promotion ranks versions by; non-finite values are left out."""
     from distill_eval.benchmark import finite
 
@@ -285,8 +329,8 @@ def registry_tags(rows: Sequence[dict[str, Any]], label: str, protocol: dict[str
         if r["model"] != label:
             continue
         prefix = f"eval.{RK45}" if r["sampler"] == RK45 else f"eval.s{r['steps']}"
-        tags.update({f"{prefix}.{k}": r[k] for k in ("fid", "fid_ci95_low", "fid_ci95_high", "kid", "ms_per_image")
-                     if finite(r.get(k))})
+        tags.update({f"{prefix}.{k}": r[k] for k in ("fid", "fid_ci95_low", "fid_ci95_high", "kid", "ms_per_image",
+                                                      "class_acc") if finite(r.get(k))})
         if r["sampler"] == RK45:
             tags[f"{prefix}.nfe"] = r["nfe"]
     return tags

@@ -182,11 +182,28 @@ class ProgressiveDistillationLoss(nn.Module):
     (x_c^teacher - x_a) / (c - a), i.e. (v(x_a, a) + v(x_b, b)) / 2 on a uniform grid. Uniform weighting (the
     velocity parametrisation needs no SNR truncation). The frozen teacher samples with CFG scale ``guidance``;
     the student learns the guided velocity directly.
+
+    ``guidance_range`` (w_min, w_max): guided distillation's stage two (Meng et al. 2023, "On Distillation of Guided
+    Diffusion Models", Sec. 3.2): teacher and student both take the CFG scale w as an input (the teacher is the
+    stage-one or previous round's w-conditioned student); each sample draws w ~ U[w_min, w_max], the target is the
+    teacher's two steps *at that w*, and the student is trained at the same w, so it keeps sampling any w in the
+    range with one network call per step.
     """
 
-    def __init__(self, teacher: nn.Module, teacher_steps: int | Sequence[float], guidance: float = 1.0) -> None:
+    def __init__(self, teacher: nn.Module, teacher_steps: int | Sequence[float], guidance: float = 1.0,
+                 guidance_range: tuple[float, float] | None = None) -> None:
         super().__init__()
+        from distill_rf_cifar.flow import is_guidance_conditioned
         from distill_rf_cifar.samplers import halve_grid
+
+        if guidance_range is not None:
+            if not is_guidance_conditioned(teacher):
+                raise ConfigError("progressive distillation over a guidance range needs a w-conditioned teacher "
+                                  "(the stage-one student of --recipe guided)")
+            if not 0.0 <= guidance_range[0] <= guidance_range[1]:
+                raise ConfigError(f"guidance range {list(guidance_range)} is empty or negative; pass 0 <= "
+                                  "--options-guidance-min <= --options-guidance-max")
+        self.guidance_range = None if guidance_range is None else (float(guidance_range[0]), float(guidance_range[1]))
 
         n = teacher_steps
         grid = [i / n for i in range(n + 1)] if isinstance(n, int) else [float(u) for u in n]
@@ -205,8 +222,11 @@ class ProgressiveDistillationLoss(nn.Module):
         return self
 
     @torch.no_grad()
-    def target(self, xa: torch.Tensor, i: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """The velocity that takes x_a at student grid point i (B,) to the teacher's point at student point i + 1."""
+    def target(self, xa: torch.Tensor, i: torch.Tensor, y: torch.Tensor,
+               w: torch.Tensor | None = None) -> torch.Tensor:
+        """The velocity that takes x_a at student grid point i (B,) to the teacher's point at student point i + 1
+        (at per-sample CFG scales ``w`` (B,) when given, else at ``guidance``)."""
+        guidance = self.guidance if w is None else w
         a = self.student_grid[i]
         c = self.student_grid[i + 1]
         j = torch.searchsorted(self.teacher_grid, a)  # a's index on the teacher grid
@@ -214,10 +234,10 @@ class ProgressiveDistillationLoss(nn.Module):
         shape = (-1, *([1] * (xa.dim() - 1)))
         dtype = xa.dtype
         a_, b_, c_ = (v.to(xa.device, dtype) for v in (a, b, c))
-        v1 = guided_velocity(self.teacher, xa, a_, y, self.guidance)
+        v1 = guided_velocity(self.teacher, xa, a_, y, guidance)
         xb = xa + (b_ - a_).view(shape) * v1
         double = (b_ < c_).view(shape)  # two teacher steps, else the odd grid's last single step
-        v2 = guided_velocity(self.teacher, xb, b_, y, self.guidance)
+        v2 = guided_velocity(self.teacher, xb, b_, y, guidance)
         xc = torch.where(double, xb + (c_ - b_).view(shape) * v2, xb)
         return (xc - xa) / (c_ - a_).view(shape)  # (B, 3, H, W)
 
@@ -227,8 +247,12 @@ class ProgressiveDistillationLoss(nn.Module):
         i = torch.randint(0, len(self.student_grid) - 1, (x1.shape[0],))
         t = self.student_grid[i].to(x1.device, x1.dtype)
         xt = interpolate(x0, x1, t)
-        target = self.target(xt, i, y)
-        per = _mse(model(xt, t, y), target)
+        if self.guidance_range is None:
+            per = _mse(model(xt, t, y), self.target(xt, i, y))
+        else:  # stage two: the same w (B,) for the teacher's target and the student
+            lo, hi = self.guidance_range
+            w = lo + (hi - lo) * torch.rand(x1.shape[0], device=x1.device)
+            per = _mse(model(xt, t, y, w), self.target(xt, i, y, w))
         return LossOutput(per.mean(), per.detach(), t.detach())
 
 
@@ -282,17 +306,24 @@ class TeacherEncoder(nn.Module):
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         b = x.shape[0]
         t = torch.full((b,), self.time_value, device=x.device)
-        emb = self.time_embedding(self.time_proj(t).to(x.dtype))
-        emb = emb + self.class_embedding(torch.full((b,), self.null_class, device=x.device, dtype=torch.long)).to(x.dtype)
-        h = self.conv_in(x)
-        feats = []
-        for block in self.down_blocks:
-            h, _ = block(hidden_states=h, temb=emb)
-            feats.append(h)  # (B, C_l, H_l, W_l)
-        if self.mid_block is not None:
-            h = self.mid_block(h, emb)
-            feats.append(h)
-        return feats
+        return encoder_levels(self, x, t, torch.full((b,), self.null_class, device=x.device, dtype=torch.long))
+
+
+def encoder_levels(net: Any, x: torch.Tensor, timesteps: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
+    """The features of a diffusers ``UNet2DModel``'s down path and middle block at (x, timesteps, y): one (B, C_l, H_l,
+    W_l) map per level, the middle block's last. ``net`` is the UNet2DModel or anything holding its parts
+    (:class:`TeacherEncoder`); ``timesteps`` are already scaled (t * TIME_SCALE). Costs about half a forward."""
+    emb = net.time_embedding(net.time_proj(timesteps).to(x.dtype))
+    emb = emb + net.class_embedding(y).to(x.dtype)
+    h = net.conv_in(x)
+    feats = []
+    for block in net.down_blocks:
+        h, _ = block(hidden_states=h, temb=emb)
+        feats.append(h)  # (B, C_l, H_l, W_l)
+    if net.mid_block is not None:
+        h = net.mid_block(h, emb)
+        feats.append(h)
+    return feats
 
 
 class DiscriminatorHead(nn.Module):
@@ -631,3 +662,206 @@ class ScoreDistillation(nn.Module):
         grad = self.gradient(x.detach(), y, t, torch.randn_like(x))
         surrogate = (grad * x).flatten(1).sum(1)  # d/dx = grad
         return LossOutput(surrogate.sum(), grad.square().mean(dim=(1, 2, 3)), t)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# DMD2: a one-step student by distribution matching with an online fake score (issue 23).
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def unet_bottleneck(unet: nn.Module, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The middle-block features (B, C, H/2^L, W/2^L) of a :class:`~distill_rf_cifar.models.unet.ClassConditionalUNet`
+    at (x, t, y): its down path and middle block only (:func:`encoder_levels`), with gradients to its weights and x."""
+    from distill_rf_cifar.models.unet import TIME_SCALE
+
+    m = unet.module if not hasattr(unet, "net") and hasattr(unet, "module") else unet
+    if m.num_classes == 0:
+        y = torch.zeros_like(y)
+    return encoder_levels(m.net, x, t.to(x.dtype) * TIME_SCALE, y)[-1]
+
+
+def one_step_sample(model: nn.Module, x0: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The one-step student's image: one Euler step from the noise, x = x0 + v(x0, 0, y) (B, 3, H, W)."""
+    return x0 + model(x0, torch.zeros(x0.shape[0], device=x0.device, dtype=x0.dtype), y)
+
+
+class DistributionMatchingLoss(nn.Module, LossHooks):
+    """DMD2 (Yin et al. 2024, "Improved Distribution Matching Distillation for Fast Image Synthesis"), on the flow
+    teacher, for a one-step student x = x0 + v_theta(x0, 0, y) started from the teacher's weights.
+
+    Two score networks: the *real* score is the frozen teacher (queried at CFG scale ``guidance``); the *fake* score is
+    a copy of the teacher trained online on the student's samples with the flow-matching loss
+    ||v_fake(x_t, t, y) - (x - x0)||^2 (t from the teacher's time sampler), its own AdamW (gradient norm clipped to 1).
+    The two time-scale update rule (DMD2 Sec. 4.2): after every optimiser step of the student the loop calls
+    :meth:`after_step`, which takes ``fake_updates`` steps of the fake network (default 5; the first on the student's
+    batch just made, the others on fresh samples of the updated student), so the fake score tracks the generator.
+
+    Distribution-matching gradient (DMD, Yin et al. 2024 CVPR, Eq. 7-8), in this package's convention
+    x_t = t x1 + (1 - t) x0 (t = 0 noise, t = 1 data): draw t ~ U[t_min, t_max] and eps ~ N(0, I), x_t = t x +
+    (1 - t) eps, predict the clean image of each score network as the end one Euler step reaches,
+    x_hat = x_t + (1 - t) v(x_t, t, y), and take
+
+        grad = (x_hat_fake - x_hat_real) / mean_{C,H,W} |x - x_hat_real|
+
+    (the fake-minus-real score difference, normalised per image as DMD does). The student minimises
+    0.5 * mean_{C,H,W} (x - sg(x - grad))^2, whose gradient with respect to x is grad / (C H W): it moves x towards the
+    teacher's prediction and away from the fake one. Neither score network receives a gradient from this loss.
+
+    Optional GAN term (DMD2 Sec. 4.3), ``gan_weight > 0``: a small head (:class:`DiscriminatorHead`: conv, class
+    projection) on the fake network's bottleneck (:func:`unet_bottleneck`) classifies noised real CIFAR-10 images
+    against noised student samples (t ~ U[t_min, t_max] for both). Non-saturating losses (Goodfellow et al. 2014):
+    the student adds gan_weight * softplus(-D(x_t^fake)); the fake network and head add
+    gan_d_weight * [softplus(D(fake)) + softplus(-D(real))] to their flow-matching loss in each fake update.
+    Batches: CIFAR-10 images ``{"x1", "y"}``: the labels drive the student's classes, the images are the GAN's reals.
+    """
+
+    def __init__(self, teacher: nn.Module, *, fake_updates: int = 5, fake_learning_rate: float = 2e-4,
+                 guidance: float = 1.0, t_min: float = 0.02, t_max: float = 0.98,
+                 time_sampler_name: str = "logit_normal", gan_weight: float = 0.0, gan_d_weight: float = 0.01,
+                 head_channels: int = 32, seed: int = 0) -> None:
+        super().__init__()
+        import copy
+
+        if fake_updates < 1:
+            raise ConfigError(f"DMD2 updates the fake score >= 1 time per generator step, got {fake_updates}; "
+                              "pass --options-dmd-fake-updates 5")
+        if not 0.0 <= t_min < t_max <= 1.0:
+            raise ConfigError(f"DMD draws t in [t_min, t_max] inside [0, 1], got [{t_min}, {t_max}]; pass e.g. "
+                              "--options-dmd-t-min 0.02 --options-dmd-t-max 0.98")
+        if not (fake_learning_rate > 0 and gan_weight >= 0 and gan_d_weight >= 0 and guidance >= 0):
+            raise ConfigError("DMD2 needs --options-dmd-fake-learning-rate > 0, --options-dmd-gan-weight >= 0, "
+                              "--options-dmd-gan-d-weight >= 0 and a CFG scale >= 0")
+        self.real = copy.deepcopy(teacher).eval().requires_grad_(False)
+        self.fake = copy.deepcopy(teacher).train().requires_grad_(True)
+        self.fake_updates, self.guidance = int(fake_updates), float(guidance)
+        self.t_min, self.t_max = float(t_min), float(t_max)
+        self.sample_t = time_sampler(time_sampler_name)
+        self.gan_weight, self.gan_d_weight = float(gan_weight), float(gan_d_weight)
+        self.head: nn.Module | None = None
+        if self.gan_weight > 0:
+            with torch.no_grad():
+                probe = torch.zeros(1, 3, teacher.resolution, teacher.resolution)
+                channels = unet_bottleneck(self.fake, probe, torch.zeros(1), torch.zeros(1, dtype=torch.long)).shape[1]
+            with torch.random.fork_rng(devices=[]):  # the head's initial weights depend on ``seed`` only
+                torch.manual_seed(seed)
+                self.head = DiscriminatorHead(channels, head_channels, _null_class(teacher) + 1)
+        params = [*self.fake.parameters(), *(self.head.parameters() if self.head is not None else [])]
+        self.fake_optimizer = torch.optim.AdamW(params, lr=fake_learning_rate, weight_decay=0.0)
+        self.fake_steps_done = 0  # fake-network optimiser steps so far (checkpointed)
+        self._pending: tuple[torch.Tensor, ...] | None = None
+        self._autocast: tuple[str, bool, torch.dtype] | None = None
+
+    def train(self, mode: bool = True) -> DistributionMatchingLoss:
+        super().train(mode)
+        self.real.eval()
+        return self
+
+    def _draw_t(self, n: int, device: torch.device) -> torch.Tensor:
+        return self.t_min + (self.t_max - self.t_min) * torch.rand(n, device=device)
+
+    @torch.no_grad()
+    def dmd_gradient(self, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """(x_hat_fake - x_hat_real) / mean |x - x_hat_real| (B, 3, H, W), fp32, for samples x at times t (B,)."""
+        xt = interpolate(eps, x, t)
+        rest = (1 - t).view(-1, *([1] * (x.dim() - 1))).float()
+        x_real = xt.float() + rest * guided_velocity(self.real, xt, t, y, self.guidance).float()
+        was_training = self.fake.training
+        self.fake.eval()  # its prediction, not a dropout sample of it
+        try:
+            x_fake = xt.float() + rest * self.fake(xt, t, y).float()
+        finally:
+            self.fake.train(was_training)
+        norm = (x.float() - x_real).abs().mean(dim=tuple(range(1, x.dim())), keepdim=True).clamp_min(1e-6)
+        return torch.nan_to_num((x_fake - x_real) / norm)
+
+    def discriminate(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """GAN logits (B,) of images x: noised to t ~ U[t_min, t_max], the fake network's bottleneck, the head."""
+        assert self.head is not None
+        t = self._draw_t(x.shape[0], x.device)
+        xt = interpolate(torch.randn_like(x), x, t)
+        return self.head(unet_bottleneck(self.fake, xt, t, y).float(), y)
+
+    def forward(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> LossOutput:
+        real, y = batch["x1"], batch["y"]
+        device_type = real.device.type
+        self._autocast = (device_type, torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
+        x = one_step_sample(model, torch.randn_like(real), y)  # (B, 3, H, W), the student's images
+        t = self._draw_t(x.shape[0], x.device)
+        grad = self.dmd_gradient(x.detach(), y, t, torch.randn_like(x))
+        dmd = 0.5 * (x.float() - (x.detach().float() - grad)).square().mean(dim=(1, 2, 3))  # d/dx = grad / (C H W)
+        per, metrics = dmd, {"loss_dmd": dmd.detach().mean(), "dmd_grad_rms": grad.square().mean().sqrt()}
+        if self.head is not None:
+            frozen = [p for p in (*self.fake.parameters(), *self.head.parameters()) if p.requires_grad]
+            for p in frozen:  # the student's step must not train the fake network or the head
+                p.requires_grad_(False)
+            try:
+                g_gan = F.softplus(-self.discriminate(x, y))  # (B,) non-saturating generator loss
+            finally:
+                for p in frozen:
+                    p.requires_grad_(True)
+            per = per + self.gan_weight * g_gan
+            metrics["loss_g_gan"] = g_gan.detach().mean()
+        self._pending = (x.detach(), y, real)
+        return LossOutput(per.mean(), per.detach(), t.detach(), metrics)
+
+    def fake_step(self, x: torch.Tensor, y: torch.Tensor, real: torch.Tensor | None = None) -> dict[str, float]:
+        """One AdamW step of the fake score (and GAN head) on student samples x (flow matching, + the GAN term)."""
+        x = x.detach()
+        device_type, enabled, dtype = self._autocast or (x.device.type, False, torch.float32)
+        self.fake.train()
+        self.fake_optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(device_type, dtype=dtype, enabled=enabled):
+            x0 = torch.randn_like(x)
+            t = self.sample_t(x.shape[0], device=x.device)
+            loss_fake = _mse(self.fake(interpolate(x0, x, t), t, y), velocity_target(x0, x)).mean()
+            total, stats = loss_fake, {"loss_fake": float(loss_fake.detach())}
+            if self.head is not None and real is not None:
+                fake_logits, real_logits = self.discriminate(x, y), self.discriminate(real, y)
+                loss_d = F.softplus(fake_logits).mean() + F.softplus(-real_logits).mean()
+                total = total + self.gan_d_weight * loss_d
+                stats.update({"loss_d_gan": float(loss_d.detach()),
+                              "d_acc_real": float((real_logits.detach() > 0).float().mean()),
+                              "d_acc_fake": float((fake_logits.detach() < 0).float().mean())})
+        total.backward()
+        params = [p for group in self.fake_optimizer.param_groups for p in group["params"]]
+        _all_reduce_grads(params)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        self.fake_optimizer.step()
+        self.fake_optimizer.zero_grad(set_to_none=True)
+        self.fake_steps_done += 1
+        return stats
+
+    def after_step(self, model: nn.Module) -> dict[str, float]:
+        """The two time-scale update: ``fake_updates`` fake-score steps after each student step."""
+        if self._pending is None:
+            return {}
+        x, y, real = self._pending
+        self._pending = None
+        device_type, enabled, dtype = self._autocast or (x.device.type, False, torch.float32)
+        stats: dict[str, list[float]] = {}
+        for i in range(self.fake_updates):
+            if i > 0:  # fresh samples of the student as it is now
+                with torch.no_grad(), torch.autocast(device_type, dtype=dtype, enabled=enabled):
+                    x = one_step_sample(model, torch.randn_like(x), y).float()
+            for k, v in self.fake_step(x, y, real).items():
+                stats.setdefault(k, []).append(v)
+        return {k: sum(v) / len(v) for k, v in stats.items()}
+
+    def extra_weights(self) -> dict[str, torch.Tensor]:
+        out = {f"fake.{k}": v for k, v in self.fake.state_dict().items()}
+        if self.head is not None:
+            out.update({f"head.{k}": v for k, v in self.head.state_dict().items()})
+        return out
+
+    def load_extra_weights(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.fake.load_state_dict({k.removeprefix("fake."): v for k, v in tensors.items() if k.startswith("fake.")})
+        if self.head is not None:
+            self.head.load_state_dict({k.removeprefix("head."): v for k, v in tensors.items() if k.startswith("head.")})
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"fake_optimizer": self.fake_optimizer.state_dict(), "fake_steps_done": self.fake_steps_done}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        if "fake_optimizer" in state:
+            self.fake_optimizer.load_state_dict(state["fake_optimizer"])
+        self.fake_steps_done = int(state.get("fake_steps_done", 0))

@@ -14,6 +14,10 @@ consistency    images     ConsistencyDistillationLoss (Song et al. 2023): teache
                           16-interval grid, EMA target; multistep consistency sampling
 guided         images     GuidanceConditionedLoss: w-conditioned student of the CFG teacher (Meng      teacher
                           et al. 2023, stage one), one network call per guided step
+dmd            images     DistributionMatchingLoss (DMD2, Yin et al. 2024): frozen teacher = real      1
+                          score, online fake score (N updates per student step), optional GAN head
+guided_        images     guided (stage one), then ProgressiveDistillationLoss rounds over w ~ U       end
+progressive               (Meng et al. 2023, stage two): 4 steps at any w, one call per step
 =============  =========  ===========================================================================  =======
 
 Students start from the teacher's weights; each phase starts from the previous phase's EMA weights; a
@@ -42,6 +46,7 @@ from distill_rf_cifar.config import RENAMED_RECIPES, FlowConfig, LoopConfig, Rec
 from distill_rf_cifar.losses import (
     AdversarialDistillationLoss,
     ConsistencyDistillationLoss,
+    DistributionMatchingLoss,
     GuidanceConditionedLoss,
     KStepDistillationLoss,
     PairDistillationLoss,
@@ -95,25 +100,32 @@ def _reflow(opts: RecipeConfig, flow: FlowConfig, steps: int, teacher_steps: int
     ]
 
 
-def _progressive(opts: RecipeConfig, flow: FlowConfig, steps: int, teacher_steps: int, guidance: float) -> list[Phase]:
-    start, end = opts.progressive_start, opts.progressive_end
+def _halving(start: int, end: int, end_flag: str) -> tuple[list[int], list[list[float]]]:
+    """Step counts and time grids of progressive rounds from ``start`` Euler steps down to ``end``."""
     try:
         counts = progressive_step_counts(start, end)
     except ValueError as exc:
         raise ConfigError(f"progressive distillation from {start} to {end} steps: {exc}; pass one of those as "
-                          "--options-progressive-end (or another --options-progressive-start)") from None
+                          f"{end_flag} (or another --options-progressive-start)") from None
     grids = [[i / start for i in range(start + 1)]]
     for _ in counts[1:]:
         grids.append(halve_grid(grids[-1]))
+    return counts, grids
+
+
+def _grid_export(grid: list[float]) -> dict[str, Any]:
+    uniform = all(abs(t - i / (len(grid) - 1)) < 1e-12 for i, t in enumerate(grid))
+    return {} if uniform else {"time_grid": grid}
+
+
+def _progressive(opts: RecipeConfig, flow: FlowConfig, steps: int, teacher_steps: int, guidance: float) -> list[Phase]:
+    counts, grids = _halving(opts.progressive_start, opts.progressive_end, "--options-progressive-end")
     per_round = max(1, steps // (len(counts) - 1))
 
     def make(grid: list[float], w: float) -> Callable[[nn.Module], nn.Module]:
         return lambda start_model: ProgressiveDistillationLoss(copy.deepcopy(start_model), grid, w)
 
-    def export(grid: list[float]) -> dict[str, Any]:
-        uniform = all(abs(t - i / (len(grid) - 1)) < 1e-12 for i, t in enumerate(grid))
-        return {} if uniform else {"time_grid": grid}
-
+    export = _grid_export
     # the first round queries the CFG teacher; later rounds a student that learned the guided velocity
     return [Phase(f"round{i + 1}_{n}to{m}", "images", make(grids[i], guidance if i == 0 else 1.0), per_round, m,
                   export={**export(grids[i + 1]), "progressive_round": i + 1, "teacher_steps": n})
@@ -130,6 +142,49 @@ def _guided(opts: RecipeConfig, flow: FlowConfig, steps: int, teacher_steps: int
     default = min(max(guidance, lo), hi)
     return [Phase("guided", "images", make, steps, teacher_steps, (lo + hi) / 2, student=with_guidance_embedding,
                   export={"guidance_range": [lo, hi], "default_guidance": default})]
+
+
+def _guided_progressive(opts: RecipeConfig, flow: FlowConfig, steps: int, teacher_steps: int,
+                        guidance: float) -> list[Phase]:
+    """Guided distillation, both stages (Meng et al. 2023): stage one as ``guided`` (a w-conditioned student of the CFG
+    teacher, sampling at --options-progressive-start steps), then stage two, progressive rounds of that student
+    halving down to --options-guided-end steps, each round's target built from the previous w-conditioned model at
+    the sample's own w ~ U[--options-guidance-min, --options-guidance-max]. The steps are split evenly over stage
+    one and the rounds."""
+    lo, hi = opts.guidance_min, opts.guidance_max
+    GuidanceConditionedLoss(nn.Identity(), lo, hi)  # validate the range before any work
+    counts, grids = _halving(opts.progressive_start, opts.guided_end, "--options-guided-end")
+    per_phase = max(1, steps // len(counts))  # stage one + one phase per round
+    w_export = {"guidance_range": [lo, hi], "default_guidance": min(max(guidance, lo), hi)}
+
+    def stage_one(start: nn.Module) -> nn.Module:
+        return GuidanceConditionedLoss(copy.deepcopy(start), lo, hi, flow.time_sampler)
+
+    def make(grid: list[float]) -> Callable[[nn.Module], nn.Module]:
+        return lambda start_model: ProgressiveDistillationLoss(copy.deepcopy(start_model), grid, guidance_range=(lo, hi))
+
+    phases = [Phase("guided", "images", stage_one, per_phase, counts[0], (lo + hi) / 2, student=with_guidance_embedding,
+                    export={**w_export, "guided_stage": 1})]
+    phases += [Phase(f"round{i + 1}_{n}to{m}", "images", make(grids[i]), per_phase, m, (lo + hi) / 2,
+                     export={**w_export, **_grid_export(grids[i + 1]), "guided_stage": 2, "progressive_round": i + 1,
+                             "teacher_steps": n})
+               for i, (n, m) in enumerate(zip(counts[:-1], counts[1:], strict=True))]
+    return phases
+
+
+def _dmd(opts: RecipeConfig, flow: FlowConfig, steps: int, teacher_steps: int, guidance: float) -> list[Phase]:
+    """DMD2 (Yin et al. 2024): a one-step student of the phase-start model (the teacher's weights), which is also the
+    real score (at the teacher's CFG scale) and the fake score's initial weights; see DistributionMatchingLoss."""
+    kwargs = dict(fake_updates=opts.dmd_fake_updates, fake_learning_rate=opts.dmd_fake_learning_rate,
+                  guidance=guidance, t_min=opts.dmd_t_min, t_max=opts.dmd_t_max, time_sampler_name=flow.time_sampler,
+                  gan_weight=opts.dmd_gan_weight, gan_d_weight=opts.dmd_gan_d_weight,
+                  head_channels=opts.dmd_head_channels)
+    DistributionMatchingLoss(nn.Linear(1, 1), **{**kwargs, "gan_weight": 0.0})  # validate before any work
+
+    def make(start: nn.Module) -> nn.Module:
+        return DistributionMatchingLoss(start, **kwargs)
+
+    return [Phase("dmd", "images", make, steps, 1)]
 
 
 def _adversarial(opts: RecipeConfig, flow: FlowConfig, steps: int, teacher_steps: int, guidance: float) -> list[Phase]:
@@ -165,6 +220,8 @@ RECIPES: dict[str, Callable[..., list[Phase]]] = {
     "adversarial": _adversarial,
     "consistency": _consistency,
     "guided": _guided,
+    "dmd": _dmd,
+    "guided_progressive": _guided_progressive,
 }
 
 

@@ -204,13 +204,33 @@ def export_phase_generators(phases: list[Phase], model: torch.nn.Module, folder:
 @claims_output_dir(lambda cfg: cfg.output_dir)
 def train_teacher(cfg: TeacherConfig, *, console: Console | None = None, progress: bool = True,
                   nested: bool = False) -> StageOutcome:
-    """Rectified-flow teacher on CIFAR-10 from random weights (recipe ``teacher``)."""
+    """Rectified-flow teacher on CIFAR-10 (recipe ``teacher``) from random weights, or warm-started from a generator
+    (``--init reference``: the shipped teacher); resumes from the run folder's checkpoints (full state)."""
     from distill_rf_cifar.training.data import load_cifar_training_data
 
     console = console or Console()
     folder = Path(cfg.output_dir)
+    init_info: dict[str, Any] = {}
+    if cfg.init != "scratch":  # warm start: the generator's architecture and weights (a checkpoint still wins)
+        init_dir = resolve_generator_folder(cfg.init)
+        init_model = load_model(init_dir)
+        if init_model.guidance_conditioned:
+            raise ConfigError(f"--init {cfg.init} is a guidance-conditioned student; warm-start a teacher from a "
+                              "teacher generator ('reference' or a folder written by train-teacher)")
+        from distill_common.generator import read_generator_manifest
+
+        manifest = read_generator_manifest(init_dir)
+        cfg = dataclasses.replace(cfg, model=init_model.config)
+        prior = manifest.get("total_train_steps", manifest.get("train_steps"))
+        seen = manifest.get("images_seen")  # recorded by warm-started teachers; unknown for older generators
+        init_info = {"init": cfg.init, "init_sha256": weights_sha256(init_dir), "init_train_steps": prior,
+                     "total_train_steps": None if prior is None else int(prior) + cfg.train.steps,
+                     "images_seen": None if seen is None else int(seen) + cfg.train.steps * cfg.train.batch_size}
+        console.print(f"teacher: warm start from {cfg.init} ({init_dir}, {prior} steps so far)", highlight=False)
     torch.manual_seed(cfg.train.seed)  # the initial weights
     model = build_unet(cfg.model)
+    if cfg.init != "scratch":
+        model.load_state_dict(init_model.state_dict())
     phases = build_recipe("teacher", RecipeConfig(), cfg.flow, cfg.train.steps, teacher_steps=cfg.sampling.steps,
                           guidance=cfg.sampling.guidance)
     stage = _read_stage(folder)
@@ -221,7 +241,9 @@ def train_teacher(cfg: TeacherConfig, *, console: Console | None = None, progres
                                                       strict=cfg.data.strict)
     export = dict(role="teacher", default_steps=cfg.sampling.steps, default_guidance=cfg.sampling.guidance,
                   sampler=cfg.sampling.sampler, rtol=cfg.sampling.rtol, atol=cfg.sampling.atol, recipe="teacher",
-                  time_sampler=cfg.flow.time_sampler, label_dropout=cfg.flow.label_dropout, train_steps=cfg.train.steps)
+                  time_sampler=cfg.flow.time_sampler, label_dropout=cfg.flow.label_dropout, train_steps=cfg.train.steps,
+                  train_batch_size=cfg.train.batch_size,
+                  **(init_info or {"images_seen": cfg.train.steps * cfg.train.batch_size}))
     return _train_recipe("teacher", phases, model, cfg.train, data, folder, cfg, cfg.run_name,
                          {"stage": "train-teacher", "recipe": "teacher"}, export, progress, console, nested)
 
