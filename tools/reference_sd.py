@@ -544,11 +544,11 @@ def grid(model: str = "reference", steps: int = 30, guidance: float = 3.0, seeds
         columns.append((f"seed {k}", images.float().clamp(0, 1)))
     comparison_grid(columns, prompts, out, cell_size=64,
                     title=f"reference text-to-image model: PNDM {steps} steps, guidance {guidance:g}, held-out captions")
-    images, _ = _cifar_uint8(data_root, "test", limit=10)
+    images, labels = _cifar_uint8(data_root, "test", limit=10)
     with torch.no_grad():
         rec = pipe.vae.decode(pipe.vae.encode(images.float() / 127.5 - 1).latent_dist.mean).sample
     comparison_grid([("CIFAR-10 test image", images.float() / 255), ("VAE reconstruction", (rec.clamp(-1, 1) + 1) / 2)],
-                    list(CIFAR10_CLASSES), out.with_name(out.stem + "_vae" + out.suffix), cell_size=64)
+                    [CIFAR10_CLASSES[int(y)] for y in labels], out.with_name(out.stem + "_vae" + out.suffix), cell_size=64)
     console.print(f"wrote {out} and its _vae companion")
 
 
