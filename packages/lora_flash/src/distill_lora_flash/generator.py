@@ -103,6 +103,15 @@ def write_generator_folder(folder: str | Path, *, base_model: str, lora_file: st
     return folder
 
 
+REFERENCE_GENERATOR = Path(__file__).parent / "reference_generator"
+
+
+def named_generators() -> dict[str, Path]:
+    """Generators shipped with this package: ``sd-reference``, the reference text-to-image model (distill-common's
+    shipped CIFAR-sized Stable Diffusion) sampled with its own scheduler and CFG, as a teacher for benchmarks."""
+    return {"sd-reference": REFERENCE_GENERATOR}
+
+
 def load_generator(folder: str | Path, device: str = "auto", precision: str = "auto", **_: Any) -> FlashGenerator:
     """Entry point ``distill.generators: lora_flash``: rebuild the generator a ``generator.json`` describes.
 
@@ -119,6 +128,9 @@ def load_generator(folder: str | Path, device: str = "auto", precision: str = "a
     pipe = load_base_pipeline(manifest["base_model"], dev, dtype)
     if manifest.get("lora"):
         apply_lora(pipe, LoraSource(folder / manifest["lora"], str(folder / manifest["lora"])))
+    if manifest.get("sampler") == "pipeline":  # the base model's own sampler with CFG (a baseline teacher)
+        return FlashGenerator(pipe, None, default_steps=int(manifest.get("default_steps", 30)),
+                              default_guidance=float(manifest.get("guidance", 7.5)), label=folder.name)
     schedule = FlashSchedule.from_scheduler(pipe.scheduler, int(manifest.get("lcm_original_steps", 50)))
     recorded = manifest.get("discrete_timesteps") or {}
     for n, steps in recorded.items():
