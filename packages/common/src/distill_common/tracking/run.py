@@ -353,7 +353,6 @@ class TrackingRun:
         )
 
 
-@contextmanager
 def run_link(experiment_id: str, run_id: str) -> str:
     """Where a run is seen: its page on the tracking server, or for a local store the page ``mlflow ui`` serves
     (started with the command that follows)."""
@@ -364,6 +363,7 @@ def run_link(experiment_id: str, run_id: str) -> str:
             f"(after: mlflow ui --backend-store-uri {uri} --port 5000)")
 
 
+@contextmanager
 def start_run(
     experiment: str,
     run_name: str | None = None,
