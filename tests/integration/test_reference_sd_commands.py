@@ -3,8 +3,6 @@ prune prepare-unet, eval benchmark (as the named generator ``sd-reference``), an
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from distill_common.reference_sd import REFERENCE_SD_DIR
