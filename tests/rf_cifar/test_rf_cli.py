@@ -45,7 +45,7 @@ def test_the_demo_distils_its_four_step_student_progressively_and_refuses_anothe
     assert isinstance(result.exception, ConfigError)
     assert "pass --options-progressive-end 4" in str(result.exception)
     result = runner.invoke(app, ["pipeline", "--preset", "smoke", "--four-step-recipe", "reflow", "--dry-run"])
-    assert isinstance(result.exception, ConfigError) and "'four_step', 'progressive'" in str(result.exception)
+    assert isinstance(result.exception, ConfigError) and "'k_step', 'progressive'" in str(result.exception)
 
 
 @pytest.mark.slow
