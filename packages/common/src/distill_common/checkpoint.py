@@ -10,6 +10,7 @@ half of one. ``training_state.pt`` is read back with ``torch.load(weights_only=T
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import random
@@ -227,6 +228,15 @@ def prune_checkpoints(root: str | Path, keep: int) -> None:
     for step, p in _checkpoint_folders(Path(root)):
         if step not in kept:
             shutil.rmtree(p, ignore_errors=True)
+
+
+def file_sha256(path: str | Path) -> str:
+    """The sha256 of a file, read in 4 MB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def write_json(path: str | Path, data: Mapping[str, Any]) -> None:

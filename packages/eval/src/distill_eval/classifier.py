@@ -107,15 +107,10 @@ def save_classifier(model: CifarClassifier, folder: str | Path) -> None:
 
 
 def _check_sha256(folder: Path) -> None:
-    from distill_common.reference_sd import file_sha256, read_sha256sums
+    from distill_common.reference_sd import verify_sha256sums
 
-    sums_file = folder / "SHA256SUMS"
-    if not sums_file.is_file():
-        return
-    for name, digest in read_sha256sums(sums_file).items():
-        if file_sha256(folder / name) != digest:
-            raise ModelLoadError(f"{folder / name} does not match its sha256 in {sums_file}; the file was altered: "
-                                 "reinstall distill-eval")
+    if (folder / "SHA256SUMS").is_file():
+        verify_sha256sums(folder, folder / "SHA256SUMS")
 
 
 @lru_cache(maxsize=4)

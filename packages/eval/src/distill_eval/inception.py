@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distill_common.checkpoint import load_weights, save_weights
+from distill_common.checkpoint import file_sha256, load_weights, save_weights
 from distill_common.errors import ModelLoadError, unknown_choice
 from distill_common.models.tokenizer import distill_cache_dir
 
@@ -75,14 +75,6 @@ def host_reachable(url: str, timeout: float = 3.0) -> bool:
             return True
     except OSError:
         return False
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def weights_hash(state: dict[str, torch.Tensor], length: int = 12) -> str:

@@ -10,7 +10,6 @@ find it from a folder, ``runs:/`` or ``models:/`` URI.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import re
@@ -46,14 +45,6 @@ def named_generators() -> dict[str, Path]:
     return {"reference": REFERENCE_TEACHER} if (REFERENCE_TEACHER / MODEL_FILE).is_file() else {}
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def card_sha256(folder: Path = REFERENCE_TEACHER) -> str | None:
     """The weights' sha256 written in a shipped generator's MODEL_CARD.md (``- sha256: `HEX` ``), or None."""
     card = folder / "MODEL_CARD.md"
@@ -77,7 +68,7 @@ def verify_shipped_weights(folder: str | Path) -> None:
                              "reinstall distill-rf-cifar")
     stat = path.stat()
     key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
-    got = _verified.get(key) or _file_sha256(path)
+    got = _verified.get(key) or ckpt.file_sha256(path)
     if got != want:
         raise ModelLoadError(f"the shipped reference teacher's weights {path} do not match the sha256 in its model "
                              f"card ({got[:12]} != {want[:12]}): the file was altered; reinstall distill-rf-cifar")
@@ -202,11 +193,7 @@ def weights_sha256(folder: str | Path) -> str:
     path = resolve_generator_folder(folder) / MODEL_FILE
     if not path.is_file():
         raise ModelLoadError(f"{folder} holds no {MODEL_FILE}; pass a generator folder written by 'distill rf'")
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return ckpt.file_sha256(path)
 
 
 def load_model(folder: str | Path, device: str | torch.device = "cpu") -> ClassConditionalUNet:

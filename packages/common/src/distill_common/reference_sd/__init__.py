@@ -8,24 +8,16 @@ first time the folder is resolved in a process (about 20 MB: tens of millisecond
 
 from __future__ import annotations
 
-import hashlib
 from functools import lru_cache
 from pathlib import Path
 
+from distill_common.checkpoint import file_sha256
 from distill_common.errors import ModelLoadError
 
 REFERENCE_SD_NAME = "reference"
 REFERENCE_SD_ROOT = Path(__file__).parent
 REFERENCE_SD_DIR = REFERENCE_SD_ROOT / "pipeline"
 SHA256_FILE = REFERENCE_SD_ROOT / "SHA256SUMS"
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def read_sha256sums(path: Path | None = None) -> dict[str, str]:
@@ -53,10 +45,11 @@ def verify_sha256sums(root: Path | None = None, sums_file: Path | None = None) -
     for name, digest in read_sha256sums(sums_file).items():
         path = root / name
         if not path.is_file():
-            raise ModelLoadError(f"the shipped reference model is incomplete: {path} is missing; reinstall distill-common")
+            raise ModelLoadError(f"shipped weights are incomplete: {path} is missing; reinstall the package that "
+                                 "ships them")
         if file_sha256(path) != digest:
-            raise ModelLoadError(f"the shipped reference model's {path} does not match its sha256 in {sums_file}; "
-                                 "the file was altered: reinstall distill-common")
+            raise ModelLoadError(f"{path} does not match its sha256 in {sums_file}; the file was altered: reinstall "
+                                 "the package that ships it")
 
 
 @lru_cache(maxsize=1)
