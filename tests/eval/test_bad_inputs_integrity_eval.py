@@ -31,7 +31,7 @@ def _pixels(folder: Path) -> np.ndarray:
 def _bench(out: Path, folder: Path, **kw) -> tuple[BenchmarkConfig, list[str]]:
     from rich.console import Console
 
-    cfg = BenchmarkConfig(generators=[f"s={folder}"], steps=[1], num_images=4, reference="none", batch_size=4,
+    cfg = BenchmarkConfig(teacher=None, generators=[f"s={folder}"], steps=[1], num_images=4, reference="none", batch_size=4,
                           timing_repeats=1, output_dir=out, track=False, device="cpu", **kw)
     console = Console(record=True, width=400, file=open(os.devnull, "w"))  # noqa: SIM115
     run_benchmark(cfg, loader=lambda uri: NoiseGenerator(Path(uri)), console=console)
@@ -115,7 +115,7 @@ class _NaNGenerator(NoiseGenerator):
 
 def test_benchmark_refuses_nan_images_instead_of_writing_black_pngs(tmp_path):
     gen = _noise_folder(tmp_path / "gen", 1.0)
-    cfg = BenchmarkConfig(generators=[f"s={gen}"], steps=[1], num_images=4, reference="none", batch_size=4,
+    cfg = BenchmarkConfig(teacher=None, generators=[f"s={gen}"], steps=[1], num_images=4, reference="none", batch_size=4,
                           timing_repeats=1, output_dir=tmp_path / "out", track=False, device="cpu")
     with pytest.raises(NonFiniteImagesError, match="NaN or infinite pixels in 1 of 4"):
         run_benchmark(cfg, loader=lambda uri: _NaNGenerator(Path(uri)))

@@ -42,7 +42,7 @@ def test_benchmark_end_to_end_and_resume(mlflow_uri, logged_generator, data_root
     proto = report["meta"]["protocol"]
     assert proto["reference_set"] == "cifar10-test" and proto["reference_n"] == 48 and proto["generated_n"] == 24
     assert proto["resolution"] == 32
-    assert proto["resize"] == "none" and proto["feature_precision"] == "fp32"  # resize picked for 32 px CIFAR
+    assert proto["resize"] == "none" and proto["feature_precision"] == "bf16"  # resize picked for 32 px CIFAR; bf16: the default protocol
     # every FID carries its interval; the tables print FID [low, high] and mark overlaps with the best row
     assert all(0 <= r["fid_ci95_low"] <= r["fid_ci95_high"] for r in rows)
     assert {r["fid_vs_best"] for r in rows} <= {"best", "≈ best", "worse"}

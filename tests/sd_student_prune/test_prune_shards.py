@@ -65,4 +65,4 @@ def test_shard_options_conflicts_are_one_line(tiny_sd_path, shards, tmp_path, ca
         run_app(app, ["train", "--data-shards", str(tmp_path / "{0..3}.tar"), "--output-dir", str(tmp_path / "x")])
     err = capsys.readouterr().err
     assert exit_info.value.code != 0 and "4 of 4 shard files do not exist" in err and len(err.strip().splitlines()) <= 3
-    assert "--data-shards" in CliRunner().invoke(app, ["train", "--help"], env={"COLUMNS": "200"}).output
+    assert "--data-shards" in CliRunner().invoke(app, ["train", "--help-all"], env={"COLUMNS": "200"}).output

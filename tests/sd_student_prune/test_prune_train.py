@@ -99,7 +99,7 @@ def check_recipe_run(recipe, client, run, out):
     params, metrics = run.data.params, run.data.metrics
     resolved = flatten(yaml.safe_load((out / "train_config.yaml").read_text()))
     assert params["recipe"] == recipe and set(resolved) <= set(params)  # every resolved field is a parameter
-    optional = ("student.unet", "data.limit", "run_name", "data.cache_dir")
+    optional = ("student.unet", "data.limit", "run_name", "data.cache_dir", "data.shards")
     assert all(
         v is not None for k, v in resolved.items() if k not in optional
     )  # the recipe filled every field
