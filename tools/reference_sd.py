@@ -323,8 +323,6 @@ def eval_teacher(configs: str = typer.Option("pndm:30:1,pndm:30:2,pndm:30:3,pndm
     """FID (with 95% interval) and class accuracy of the text-to-image model on held-out caption templates;
     one JSON per configuration (reused when its key matches: model files' sha256, N, seeds, sampler, steps, w)."""
     _threads(threads)
-    import hashlib
-
     import torch
     from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, PNDMScheduler
 
@@ -338,8 +336,7 @@ def eval_teacher(configs: str = typer.Option("pndm:30:1,pndm:30:2,pndm:30:3,pndm
                   "dpm": DPMSolverMultistepScheduler}
     pipe = _load_pipeline(model)
     base_config = dict(pipe.scheduler.config)
-    weights = hashlib.sha256(b"".join(sorted(hashlib.sha256(p.detach().float().numpy().tobytes()).digest()
-                                             for p in pipe.unet.parameters()))).hexdigest()[:12]
+    weights = _unet_weights_digest(pipe.unet)
     prompts, labels = evaluation_prompts(num_images, templates)
     extractor, reference = _extractor_and_reference(reference_n, data_root)
     for spec in configs.split(","):
@@ -376,11 +373,29 @@ def eval_teacher(configs: str = typer.Option("pndm:30:1,pndm:30:2,pndm:30:3,pndm
                "fid_high": res.fid_interval.high, "kid_mean": res.kid_mean, "class_accuracy": acc.accuracy,
                "class_accuracy_low": acc.low, "class_accuracy_high": acc.high,
                "ms_per_image": 1000 * seconds / num_images, "batch_size": batch_size, "precision": "bf16 autocast",
-               "feature_precision": "bf16", "reference_n": reference.reference_n, "protocol": str(res.protocol)}
+               "feature_precision": "bf16", "reference_n": reference.reference_n, "protocol": str(res.protocol),
+               "unet_images_seen": _shipped_images_seen() if model == "reference" else None}
         write_json(path, row)
         torch.save(images[:100], out_dir / f"teacher-{key}-first100.pt")
         console.print(f"{spec}: FID {res.fid:.2f} [{res.fid_interval.low:.2f}, {res.fid_interval.high:.2f}]  "
                       f"class accuracy {acc.cell()}  {row['ms_per_image']:.1f} ms/image")
+
+
+def _shipped_images_seen() -> int | None:
+    import json
+
+    from distill_common.reference_sd import REFERENCE_SD_ROOT
+
+    path = REFERENCE_SD_ROOT / "training.json"
+    return json.loads(path.read_text())["unet"].get("images_seen") if path.is_file() else None
+
+
+def _unet_weights_digest(unet) -> str:
+    """The 12-hex key of a UNet's weights used in teacher evaluation file names."""
+    import hashlib
+
+    return hashlib.sha256(b"".join(sorted(hashlib.sha256(p.detach().float().numpy().tobytes()).digest()
+                                          for p in unet.parameters()))).hexdigest()[:12]
 
 
 def _fid_cell(row: dict) -> str:
@@ -405,8 +420,10 @@ def card(card_dir: Path = typer.Option(Path("~/distill-work/reference_sd/card").
     training = json.loads((REFERENCE_SD_ROOT / "training.json").read_text())
     sums = read_sha256sums()
     vae_row = json.loads((card_dir / "vae.json").read_text()) if (card_dir / "vae.json").is_file() else None
-    rows = sorted((json.loads(p.read_text()) for p in card_dir.glob("teacher-*.json")),
-                  key=lambda r: (-r["num_images"], r["fid"]))
+    current = _unet_weights_digest(_load_pipeline("reference").unet)
+    all_rows = [json.loads(p.read_text()) for p in card_dir.glob("teacher-*.json")]
+    rows = sorted((r for r in all_rows if r.get("weights") == current), key=lambda r: (-r["num_images"], r["fid"]))
+    earlier = [r for r in all_rows if r.get("weights") != current and r.get("unet_images_seen")]
     params = training["parameters"]
     lines = [
         "# Reference text-to-image model (a CIFAR-sized Stable Diffusion)",
@@ -462,10 +479,29 @@ def card(card_dir: Path = typer.Option(Path("~/distill-work/reference_sd/card").
             lines.append(f"| {r['scheduler']} | {r['steps']} | {r['guidance']:g} | {r['num_images']:,} | {_fid_cell(r)} | "
                          f"{_acc_cell(r)} | {r['ms_per_image']:.1f} |")
         lines.append("")
-    lines += ["Goals: VAE reconstruction FID <= 10 (above); teacher FID <= 40 at its best setting on 10,000 generated vs "
-              "10,000 training images (not yet measured: the table above is 300 images per setting, where FID carries "
-              "a large small-sample bias); class accuracy >= 80% (71.0% at guidance 7.5: not met). The UNet has seen "
-              "128,000 images; `train-unet` resumes its run folder to train it longer.", ""]
+    seen = training["unet"].get("images_seen", 0)
+    if earlier and rows:
+        lines += ["Quality against images seen (same protocol and seeds; the best guidance of each):", "",
+                  "| UNet images seen | best FID [95% interval] | best class accuracy |", "|---:|---|---|"]
+        by_seen: dict[int, list[dict]] = {}
+        for r in earlier + rows:
+            if r["num_images"] == min(x["num_images"] for x in rows):
+                by_seen.setdefault(r.get("unet_images_seen") or seen, []).append(r)
+        for n_seen in sorted(by_seen):
+            group = by_seen[n_seen]
+            lines.append(f"| {n_seen:,} | {_fid_cell(min(group, key=lambda r: r['fid']))} | "
+                         f"{_acc_cell(max(group, key=lambda r: r['class_accuracy']))} |")
+        lines.append("")
+    best_acc = max(rows, key=lambda r: r["class_accuracy"]) if rows else None
+    big = [r for r in rows if r["num_images"] >= 10000 and r["reference_n"] >= 10000]
+    fid_goal = (f"{'met' if min(r['fid_high'] for r in big) <= 40 else 'not met'} ({_fid_cell(min(big, key=lambda r: r['fid']))})"
+                if big else "not measured at that size: the rows above are smaller samples, where FID carries a "
+                "large small-sample bias")
+    acc_goal = (f"{_acc_cell(best_acc)} at guidance {best_acc['guidance']:g}: "
+                f"{'met' if best_acc['class_accuracy'] >= 0.8 else 'not met'}" if best_acc else "not measured")
+    lines += [f"Goals: VAE reconstruction FID <= 10 (above); teacher FID <= 40 at its best setting on 10,000 generated "
+              f"vs 10,000 training images: {fid_goal}; class accuracy >= 80%: {acc_goal}. The UNet has seen "
+              f"{seen:,} images; `train-unet` resumes its run folder to train it longer.", ""]
     lines += ["## Files and sha256", "", "| file | sha256 |", "|---|---|"]
     lines += [f"| `{n}` | `{d}` |" for n, d in sums.items()]
     lines += ["", "Rebuild: `python tools/reference_sd.py --help` (train-vae, train-unet, ship, eval-vae, eval-teacher, "
@@ -554,6 +590,90 @@ def grid(model: str = "reference", steps: int = 30, guidance: float = 3.0, seeds
     comparison_grid([("CIFAR-10 test image", images.float() / 255), ("VAE reconstruction", (rec.clamp(-1, 1) + 1) / 2)],
                     [CIFAR10_CLASSES[int(y)] for y in labels], out.with_name(out.stem + "_vae" + out.suffix), cell_size=64)
     console.print(f"wrote {out} and its _vae companion")
+
+
+@app.command("ship-lora")
+def ship_lora(run: Path = typer.Option(..., help="the flash train run folder (its generator/ is shipped)"),
+              name: str = typer.Option(..., help="shipped name: the generator becomes sd-reference-NAME"),
+              eval_dir: Path = typer.Option(..., help="the flash eval folder whose flash_eval.json scored it"),
+              label: str = typer.Option(..., help="this LoRA's model label in that evaluation")) -> None:
+    """Ship a few-step LoRA student of the reference model as package data of lora_flash (generator.json, the
+    LoRA safetensors, SHA256SUMS, MODEL_CARD.md with its training options and its scores)."""
+    import json
+    import re
+    import shutil
+
+    import yaml
+
+    from distill_common.checkpoint import atomic_dir
+    from distill_common.reference_sd import write_sha256sums
+    from distill_lora_flash.generator import SHIPPED_LORA_SUMS, SHIPPED_LORAS
+
+    if not re.fullmatch(r"[a-z0-9][a-z0-9-]*", name):
+        raise typer.BadParameter(f"--name {name!r}: use lowercase letters, digits and '-'")
+    generator_dir = run / "generator"
+    if not (generator_dir / "generator.json").is_file():
+        raise typer.BadParameter(f"{generator_dir} holds no generator.json: finish the training run first")
+    report = json.loads((eval_dir / "flash_eval.json").read_text())
+    rows = [r for r in report["rows"] if r["model"] in (label, "baseline", "base")]
+    if not any(r["model"] == label for r in rows):
+        raise typer.BadParameter(f"{eval_dir}/flash_eval.json has no rows for {label!r}; labels: "
+                                 f"{', '.join(sorted({r['model'] for r in report['rows']}))}")
+    cfg = yaml.safe_load((run / "train_config.yaml").read_text())
+    mlflow_id = (run / "mlflow_run_id").read_text().strip() if (run / "mlflow_run_id").is_file() else "?"
+    images = cfg["max_steps"] * cfg["batch_size"] * cfg["gradient_accumulation_steps"]
+    method = {"lcm": "LCM-LoRA consistency distillation (Luo et al. 2023): skipping-step DDIM solver "
+                     f"(k = {cfg['lcm_skip']}), teacher CFG w in [{cfg['lcm_guidance_min']:g}, "
+                     f"{cfg['lcm_guidance_max']:g}], c_skip/c_out boundary condition, pseudo-Huber loss "
+                     f"(c = {cfg['lcm_huber_c']:g}), the LoRA student as its own no-grad target",
+              "noise_matching": "Flash-style CFG noise matching: per-timestep MSE to the teacher at CFG "
+                                f"{cfg['teacher_guidance']:g}, Min-SNR-{cfg['snr_gamma']:g}, timesteps on the "
+                                "LCM grid of 2/4/8 steps"}[cfg["method"]]
+    dest = SHIPPED_LORAS / name
+    with atomic_dir(dest) as tmp:
+        for f in generator_dir.iterdir():
+            if f.is_file():
+                shutil.copy2(f, tmp / f.name)
+        sums = write_sha256sums(tmp, tmp / SHIPPED_LORA_SUMS)
+
+        def cell(r: dict, key: str, pct: bool = False) -> str:
+            if r.get(key) is None:
+                return "-"
+            lo, hi = r.get(f"{key}_low"), r.get(f"{key}_high")
+            f = (lambda v: f"{100 * v:.1f}%") if pct else (lambda v: f"{v:.2f}")
+            return f(r[key]) + (f" [{f(lo)}, {f(hi)}]" if lo is not None and hi is not None else "")
+
+        meta = report.get("meta", {})
+        lines = [f"# sd-reference-{name}: a few-step LoRA student of the reference text-to-image model", "",
+                 f"A LoRA (rank {cfg['lora_rank']}, alpha {cfg['lora_alpha']:g}, on {', '.join(cfg['lora_targets'])}) "
+                 "for the shipped reference model (`distill_common/reference_sd`), sampled with `LCMScheduler` "
+                 "(trailing spacing) at guidance 0. Load it by name: `distill eval benchmark --generators "
+                 f"sd-reference-{name}`, or as a file: `pipe.load_lora_weights(\"<this folder>\")` on "
+                 "`StableDiffusionPipeline.from_pretrained(\"<reference_sd>/pipeline\")`. Its files are checked "
+                 "against `SHA256SUMS` on load.", "",
+                 "## Training", "",
+                 f"- Method: {method}.",
+                 f"- `distill flash train --base-model reference --method {cfg['method']}`, {cfg['max_steps']:,} "
+                 f"optimiser steps of {cfg['batch_size']} x {cfg['gradient_accumulation_steps']} images "
+                 f"({images:,} images), learning rate {cfg['learning_rate']:g} ({cfg['lr_scheduler']}), seed "
+                 f"{cfg['seed']}, CIFAR-10 training images with captions from the training templates; MLflow run "
+                 f"`{mlflow_id}`; commit `{_git_commit()}`.", "",
+                 "## Scores", "",
+                 f"`distill flash eval`: {meta.get('images', '?')} images per row ({meta.get('prompts', '?')} "
+                 f"held-out prompts, seeds {meta.get('seeds', '?')}), FID against CIFAR-10 training images with "
+                 "its 95% bootstrap interval, class accuracy by the shipped classifier with its 95% Wilson interval, "
+                 f"ms per image on 2 CPU cores ({meta.get('timing', '')}).", "",
+                 "| model | steps | FID [95%] | class accuracy [95%] | ms / image | speed-up |",
+                 "|---|---:|---|---|---:|---:|"]
+        for r in rows:
+            lines.append(f"| {r['model']} | {r['steps']} | {cell(r, 'fid')} | {cell(r, 'class_accuracy', True)} | "
+                         f"{r['ms_per_image']:.1f} | {r.get('speedup_vs_teacher') or 1:.1f}x |")
+        lines += ["", "`baseline` is the reference model with its own PNDM sampler and CFG; `base` (when present) is "
+                  "the reference model without the LoRA at the same LCM steps.", "",
+                  "## Files and sha256", "", "| file | sha256 |", "|---|---|"]
+        lines += [f"| `{n}` | `{d}` |" for n, d in sums.items()]
+        (tmp / "MODEL_CARD.md").write_text("\n".join(lines) + "\n")
+    console.print(f"shipped {dest} as sd-reference-{name} ({len(sums)} files)")
 
 
 if __name__ == "__main__":

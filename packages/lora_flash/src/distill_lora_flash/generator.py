@@ -104,12 +104,28 @@ def write_generator_folder(folder: str | Path, *, base_model: str, lora_file: st
 
 
 REFERENCE_GENERATOR = Path(__file__).parent / "reference_generator"
+SHIPPED_LORAS = Path(__file__).parent / "shipped_loras"
+SHIPPED_LORA_SUMS = "SHA256SUMS"
 
 
 def named_generators() -> dict[str, Path]:
     """Generators shipped with this package: ``sd-reference``, the reference text-to-image model (distill-common's
-    shipped CIFAR-sized Stable Diffusion) sampled with its own scheduler and CFG, as a teacher for benchmarks."""
-    return {"sd-reference": REFERENCE_GENERATOR}
+    shipped CIFAR-sized Stable Diffusion) sampled with its own scheduler and CFG, as a teacher for benchmarks; and
+    ``sd-reference-<name>`` for each few-step LoRA student of it in ``shipped_loras/<name>/`` (LCM sampling)."""
+    named = {"sd-reference": REFERENCE_GENERATOR}
+    if SHIPPED_LORAS.is_dir():
+        for folder in sorted(SHIPPED_LORAS.iterdir()):
+            if (folder / "generator.json").is_file():
+                named[f"sd-reference-{folder.name}"] = folder
+    return named
+
+
+def verify_shipped_folder(folder: Path) -> None:
+    """A folder with a ``SHA256SUMS`` (a shipped LoRA) loads only when every listed file matches its sha256."""
+    from distill_common.reference_sd import verify_sha256sums
+
+    if (folder / SHIPPED_LORA_SUMS).is_file():
+        verify_sha256sums(folder, folder / SHIPPED_LORA_SUMS)
 
 
 def load_generator(folder: str | Path, device: str = "auto", precision: str = "auto", **_: Any) -> FlashGenerator:
@@ -121,6 +137,7 @@ def load_generator(folder: str | Path, device: str = "auto", precision: str = "a
 
     folder = Path(folder)
     manifest = read_generator_manifest(folder)
+    verify_shipped_folder(folder)
     if manifest.get("family") != FAMILY:
         raise ModelLoadError(f"{folder} holds a {manifest.get('family')!r} generator, not {FAMILY!r}")
     dev = resolve_device(device)
