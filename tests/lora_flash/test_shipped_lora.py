@@ -15,8 +15,8 @@ def shipped_root(tmp_path: Path, tiny_sd_path: Path, tiny_lora: Path, monkeypatc
     """A ``shipped_loras`` root holding one LoRA generator for the tiny SD model, with its SHA256SUMS."""
     from distill_common.reference_sd import write_sha256sums
     from distill_lora_flash import generator as gen_mod
-    from distill_lora_flash.schedule import FlashSchedule
     from distill_lora_flash.loading import load_base_pipeline
+    from distill_lora_flash.schedule import FlashSchedule
 
     root = tmp_path / "shipped_loras"
     folder = root / "tiny"
