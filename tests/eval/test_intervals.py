@@ -195,3 +195,59 @@ def test_fid_by_sample_size_averages_disjoint_blocks_and_shows_the_small_n_bias(
     assert rows[0].mean > rows[1].mean > rows[2].mean  # the bias falls with N
     with pytest.raises(ConfigError, match="2..800"):
         fid_by_sample_size(gen, reference, [1000])
+
+
+def _fid_case() -> FidBootstrap:
+    rng = np.random.default_rng(4)
+    return FidBootstrap(rng.normal(0.2, 1.1, size=(40, 8)), np.zeros(8), np.eye(8))
+
+
+def test_bootstrap_inside_a_live_progress_is_a_task_of_it_and_keeps_its_numbers(monkeypatch) -> None:
+    """Under a live rich Progress (a training or sweep bar) the bootstrap's bar is a task of that display, never a
+    second live display (rich < 14 refuses one: LiveError), and the interval is the one computed without a bar."""
+    import io
+
+    from rich.console import Console
+    from rich.errors import LiveError
+    from rich.progress import Progress, TextColumn
+
+    from distill_common import progress as progress_module
+
+    plain = _fid_case().interval(resamples=60, seed=3, progress=False)
+    monkeypatch.setattr(progress_module, "DEFAULT_DELAY", 0.0)  # show the bar at once
+    console = Console(file=io.StringIO(), force_terminal=True, width=100)
+    added: list[str] = []
+    outer = Progress(TextColumn("{task.description} {task.fields[info]}"), console=console)
+    with outer:
+        outer.add_task("train", total=10, info="loss 0.1")  # the outer bar's columns read a field of its tasks
+
+        def no_second_live(live):
+            raise LiveError("Only one live display may be active at once")  # what rich < 14 does
+
+        monkeypatch.setattr(console, "set_live", no_second_live)
+        add_task = outer.add_task
+        monkeypatch.setattr(outer, "add_task", lambda description, **kw: added.append(description)
+                            or add_task(description, **kw))
+        inside = _fid_case().interval(resamples=60, seed=3, console=console)
+        outer.refresh()  # renders every task's columns: the added task carried the outer's fields
+        assert [t.description for t in outer.tasks] == ["train"]  # the bootstrap's task is gone again
+    assert added == ["bootstrap (60 resamples)"]
+    assert (inside.estimate, inside.low, inside.high) == (plain.estimate, plain.low, plain.high)
+
+
+def test_bootstrap_bar_of_its_own_only_when_nothing_is_live(monkeypatch) -> None:
+    import io
+
+    from rich.console import Console
+
+    from distill_common import progress as progress_module
+
+    plain = _fid_case().interval(resamples=30, seed=1, progress=False)
+    console = Console(file=io.StringIO(), force_terminal=True, width=100)
+    quick = _fid_case().interval(resamples=30, seed=1, console=console)  # well under 2 s: no bar drawn
+    assert "bootstrap" not in console.file.getvalue()
+    monkeypatch.setattr(progress_module, "DEFAULT_DELAY", 0.0)
+    shown = _fid_case().interval(resamples=30, seed=1, console=console)
+    assert "bootstrap (30 resamples)" in console.file.getvalue()
+    assert not console._live_stack  # the bar stopped with the resampling
+    assert (quick.low, quick.high) == (shown.low, shown.high) == (plain.low, plain.high)

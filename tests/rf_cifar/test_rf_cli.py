@@ -100,3 +100,39 @@ def test_distill_command_exports_a_student_generator(recipe, tmp_path, teacher_d
     manifest = json.loads((out / "generator" / "generator.json").read_text())
     assert manifest["role"] == recipe and manifest["default_steps"] == {"progressive": 2, "reflow": 1}[recipe]
     assert manifest["default_guidance"] == 1.0 and len(manifest["teacher_sha256"]) == 64
+
+
+def test_sample_reads_a_registered_generator_from_tracking_uri(tmp_path, mlflow_uri, teacher_dir, monkeypatch):
+    """``rf sample --generator models:/NAME@ALIAS`` reads the store --tracking-uri names (or MLFLOW_TRACKING_URI), as
+    the registry commands do; with neither, the missing ./mlflow.db is an error and is not created."""
+    import os
+
+    from distill_common import tracking
+
+    with tracking.start_run("rf_test", "teacher") as run:
+        version = tracking.register_model(tracking.log_generator_model(run, teacher_dir), "rf_cifar-sample")
+    tracking.set_alias("rf_cifar-sample", "champion", version)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+
+    def sample(folder: str, *extra: str, env: dict[str, str] | None = None):
+        return runner.invoke(app, ["sample", "--generator", "models:/rf_cifar-sample@champion", "--classes", "3",
+                                   "--per-class", "1", "--device", "cpu", "--output-dir", str(tmp_path / folder),
+                                   *extra], env=env)
+
+    out = sample("none")
+    assert out.exit_code != 0 and "no MLflow store" in str(out.exception)
+    assert list(elsewhere.iterdir()) == []  # reading created no store
+    out = sample("by-option", "--tracking-uri", mlflow_uri)
+    assert out.exit_code == 0, out.output
+    assert (tmp_path / "by-option" / "class3_seed0.png").is_file() and (tmp_path / "by-option" / "grid.png").is_file()
+    assert "MLFLOW_TRACKING_URI" not in os.environ  # the option applied to this command only
+    out = sample("by-env", env={"MLFLOW_TRACKING_URI": mlflow_uri})
+    assert out.exit_code == 0, out.output
+    assert (tmp_path / "by-option" / "class3_seed0.png").read_bytes() == \
+        (tmp_path / "by-env" / "class3_seed0.png").read_bytes()
+    assert list(elsewhere.iterdir()) == []
+    help_text = runner.invoke(app, ["sample", "--help"], env={"COLUMNS": "80"}).output
+    assert "--tracking-uri" in help_text and "never created" in help_text

@@ -42,6 +42,11 @@ C = TypeVar("C")
 _MISSING = dataclasses.MISSING
 
 
+# The --tracking-uri option of every command that reads the registry (distill registry …, rf sample, …).
+TRACKING_URI_HELP = ("MLflow store to read (default: $MLFLOW_TRACKING_URI, else ./mlflow.db); a local store that "
+                     "does not exist is an error, never created.")
+
+
 def option(
     default: Any,
     help: str,

@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from distill_common import promotion, tracking
+from distill_common.config import TRACKING_URI_HELP  # one text for every command's --tracking-uri
 from distill_common.errors import DistillError
 
 app = typer.Typer(help="MLflow model-registry helpers: list, compare, promote, serve, relog.", no_args_is_help=True)
@@ -31,10 +32,6 @@ def _fmt(v) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
     return str(v)
-
-
-TRACKING_URI_HELP = ("MLflow store to read (default: $MLFLOW_TRACKING_URI, else ./mlflow.db); a local store that "
-                     "does not exist is an error, never created.")
 
 
 def tracking_uri_option() -> Any:

@@ -183,6 +183,7 @@ def fid_kid_result(
     seed: int = 0,
     bootstrap_resamples: int = DEFAULT_RESAMPLES,
     feature_precision: str = "fp32",
+    progress: bool = True,
 ) -> FIDResult:
     """FID against the reference's full statistics with its 95% bootstrap interval, and KID against its stored
     features, under one protocol.
@@ -190,7 +191,8 @@ def fid_kid_result(
     The interval resamples the generated images (``bootstrap_resamples`` times, seeded by ``seed``; 0 = no
     interval) with the reference statistics fixed, as FID ± 1.96 bootstrap SE (:mod:`distill_eval.intervals`). The
     KID subset size is capped at half the smaller set (:func:`capped_kid_subset_size`), so tiny runs still report an
-    (unbiased) KID and its spread over subsets.
+    (unbiased) KID and its spread over subsets. ``progress``: a bar for a bootstrap that runs over two seconds
+    (a task of the rich progress display already live, if any).
     """
     if extractor_hash != reference.extractor_hash:
         raise ConfigError(
@@ -218,7 +220,7 @@ def fid_kid_result(
     interval = None
     if bootstrap_resamples:
         boot = FidBootstrap(generated_features, reference.mu, reference.sigma, reference_sqrt(reference))
-        interval = boot.interval(resamples=bootstrap_resamples, seed=seed)
+        interval = boot.interval(resamples=bootstrap_resamples, seed=seed, progress=progress)
     size = capped_kid_subset_size(n, reference.features.shape[0], kid_subset_size)
     kid_mean, kid_std = kid_from_features(generated_features, reference.features, kid_subsets, size, seed=seed)
     return FIDResult(fid=fid, kid_mean=kid_mean, kid_std=kid_std, protocol=reference.protocol(n),
@@ -253,5 +255,5 @@ def score_images(
         raise ConfigError(f"generated images mix resolutions {sorted(resolutions)}; generate at one resolution")
     return fid_kid_result(
         features, reference, extractor.extractor_hash, resolutions.pop(), kid_subsets, kid_subset_size, seed,
-        bootstrap_resamples, getattr(extractor, "precision", "fp32"),
+        bootstrap_resamples, getattr(extractor, "precision", "fp32"), progress,
     )

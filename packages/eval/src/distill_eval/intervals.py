@@ -31,9 +31,11 @@ from typing import Any
 import numpy as np
 import scipy.linalg
 import torch
+from rich.console import Console
 from scipy.stats import bootstrap, norm
 
 from distill_common.errors import ConfigError, unknown_choice
+from distill_common.progress import progress_task
 from distill_eval.features import as_features, psd_sqrt
 
 BOOTSTRAP_METHODS = ("normal", "basic", "percentile")
@@ -85,17 +87,29 @@ def bootstrap_indices(
     level: float = DEFAULT_LEVEL,
     method: str = "basic",
     seed: int = 0,
+    progress: bool = True,
+    console: Console | None = None,
 ) -> Interval:
     """Interval of ``statistic(indices)`` where ``indices`` (length n, values in 0..n-1) is the full sample
-    ``0..n-1`` for the estimate and a resample drawn with replacement for each of ``resamples`` replicates."""
+    ``0..n-1`` for the estimate and a resample drawn with replacement for each of ``resamples`` replicates.
+
+    With ``progress``, a resampling that runs over two seconds shows a bar (:func:`distill_common.progress
+    .progress_task`): a task of the rich ``Progress`` already live (on ``console`` or rich's global console) when
+    there is one, so it is safe inside another bar. The numbers do not depend on it."""
     _check(resamples, level, method)
     if n < 2:
         raise ConfigError(f"the bootstrap needs at least 2 observations, got {n}")
     start = time.perf_counter()
     estimate = float(statistic(np.arange(n)))
-    result = bootstrap((np.arange(n),), lambda idx: float(statistic(np.asarray(idx))), n_resamples=resamples,
-                       confidence_level=level, method="percentile" if method == "normal" else method,
-                       vectorized=False, rng=np.random.default_rng(seed))
+    with progress_task(f"bootstrap ({resamples} resamples)", resamples, console=console, enabled=progress) as advance:
+        def replicate(idx: np.ndarray) -> float:
+            value = float(statistic(np.asarray(idx)))
+            advance(1)
+            return value
+
+        result = bootstrap((np.arange(n),), replicate, n_resamples=resamples, confidence_level=level,
+                           method="percentile" if method == "normal" else method, vectorized=False,
+                           rng=np.random.default_rng(seed))
     if method == "normal":  # estimate +- z * bootstrap standard error (Efron & Tibshirani 1993, eq. 13.2)
         half = float(norm.ppf(0.5 + level / 2) * np.std(result.bootstrap_distribution, ddof=1))
         low, high = estimate - half, estimate + half
@@ -112,11 +126,14 @@ def bootstrap_interval(
     level: float = DEFAULT_LEVEL,
     method: str = "basic",
     seed: int = 0,
+    progress: bool = True,
+    console: Console | None = None,
 ) -> Interval:
-    """Bootstrap interval of ``statistic(data)``, resampling the rows (first axis) of ``data``."""
+    """Bootstrap interval of ``statistic(data)``, resampling the rows (first axis) of ``data``; ``progress`` and
+    ``console`` as in :func:`bootstrap_indices`."""
     n = len(data)
     return bootstrap_indices(n, lambda idx: statistic(data[idx]), resamples=resamples, level=level, method=method,
-                             seed=seed)
+                             seed=seed, progress=progress, console=console)
 
 
 class FidBootstrap:
@@ -175,13 +192,15 @@ class FidBootstrap:
         return self.fid(np.bincount(indices, minlength=self.n))
 
     def interval(self, *, resamples: int = DEFAULT_RESAMPLES, level: float = DEFAULT_LEVEL, method: str = "normal",
-                 seed: int = 0) -> Interval:
+                 seed: int = 0, progress: bool = True, console: Console | None = None) -> Interval:
         """Bootstrap interval over the generated images; the lower end is clamped at 0 (FID is a squared distance).
 
         The default ``normal`` interval, FID ± z·SE with SE the bootstrap standard error, is centred on the reported
         FID and estimates where the FID *at this N* lies: the quantity a protocol (which fixes N) compares, since
         the finite-N bias is shared by every model scored under it. ``basic`` instead shifts the interval by the
         bootstrap's bias estimate towards the infinite-N FID (at N = 500 that shift can exceed the width, so the
-        interval no longer contains the reported FID)."""
-        res = bootstrap_indices(self.n, self.of_indices, resamples=resamples, level=level, method=method, seed=seed)
+        interval no longer contains the reported FID). ``progress`` and ``console``: the bar of
+        :func:`bootstrap_indices`."""
+        res = bootstrap_indices(self.n, self.of_indices, resamples=resamples, level=level, method=method, seed=seed,
+                                progress=progress, console=console)
         return Interval(res.estimate, max(res.low, 0.0), max(res.high, 0.0), level, method, resamples, res.seconds)

@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from distill_common.config import FlagNamer, nested, option
+from distill_common.config import TRACKING_URI_HELP, FlagNamer, nested, option
 from distill_common.errors import ConfigError
 
 DEVICES = ("auto", "cuda", "mps", "cpu")
@@ -299,6 +299,7 @@ class SampleConfig:
                             "on CUDA, else fp32.", choices=SAMPLE_PRECISIONS)
     output_dir: Path = option(Path("runs/rf_cifar/samples"), "Where the PNGs and grid.png go.")
     device: str = option("auto", "Device.", choices=DEVICES)
+    tracking_uri: str | None = option(None, TRACKING_URI_HELP)
 
 
 SDS_PARAMETRISATIONS = ("pixels", "tanh")

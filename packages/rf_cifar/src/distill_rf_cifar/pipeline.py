@@ -50,6 +50,13 @@ from distill_rf_cifar.stages import (
 
 STUDENTS = ("four_step", "one_step")
 SCRATCH = "scratch"  # --teacher scratch: train the teacher in this run
+STAGES = ("teacher", "pairs", *STUDENTS, "evaluation")  # the numbered stages; the registry closes the last one
+# The overall estimate's cost model: work in UNet forwards of one image. A training step is a forward and a backward
+# (about three forwards) per image; a sampling step is one forward (two under classifier-free guidance).
+TRAIN_FORWARDS = 3
+SOLVER_NFE = {"euler": 1, "heun": 2, "consistency": 1}  # per step; RK45 adapts its steps: RK45_NFE per solve
+RK45_NFE = 100
+STAGE_KIND = {"teacher": "train", "pairs": "sample", "four_step": "train", "one_step": "train", "evaluation": "sample"}
 
 
 def student_recipes(cfg: PipelineConfig) -> dict[str, str]:
@@ -81,10 +88,82 @@ class PipelineResult:
         return now
 
 
-def _elapsed(start: float) -> str:
-    """" · 3:12 elapsed" for a stage's heading (each stage's own bar shows its time remaining)."""
-    seconds = int(time.perf_counter() - start)
-    return f" · {seconds // 60}:{seconds % 60:02d} elapsed" if seconds else ""
+def _clock(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 60}:{seconds % 60:02d}"
+
+
+def stage_costs(cfg: PipelineConfig) -> dict[str, float]:
+    """Each numbered stage's work in UNet forwards of one image, from the configuration (see TRAIN_FORWARDS): a
+    rough model, only ever used scaled by the measured speed of the stages already finished. A given teacher
+    (not ``scratch``) costs nothing: it is only logged."""
+    def train(loop: Any) -> float:
+        return float(loop.steps * loop.batch_size * TRAIN_FORWARDS)
+
+    pair_nfe = RK45_NFE if cfg.pairs.sampler == "rk45" else cfg.pairs.steps * SOLVER_NFE.get(cfg.pairs.sampler, 1)
+    ev = cfg.eval
+    student_nfe = (cfg.options.k + 1) if ev.students_at_own_steps else sum(set(ev.student_steps)) * len(STUDENTS)
+    eval_nfe = sum(set(ev.teacher_steps)) + (RK45_NFE if ev.teacher_rk45 else 0) + student_nfe
+    return {"teacher": train(cfg.teacher) if cfg.teacher_source == SCRATCH else 0.0,
+            "pairs": float(cfg.pairs.num_pairs * pair_nfe * (1 if cfg.pairs.guidance == 1 else 2)),
+            "four_step": train(cfg.four_step), "one_step": train(cfg.one_step),
+            "evaluation": float(ev.num_images * eval_nfe)}
+
+
+def estimate_remaining(costs: dict[str, float], finished: dict[str, float | None],
+                       kinds: dict[str, str] | None = None) -> float | None:
+    """Seconds the unfinished stages still need: each one's cost (:func:`stage_costs`) times the seconds per unit
+    of cost measured on finished stages of its kind (training or sampling), else on all finished stages.
+
+    ``finished`` maps each finished stage to its seconds in this call, or None when they say nothing of the speed
+    (skipped or resumed). None until a stage with work has been timed: before that no honest estimate exists."""
+    kinds = STAGE_KIND if kinds is None else kinds
+    timed = [s for s, sec in finished.items() if sec is not None and costs.get(s, 0.0) > 0]
+
+    def rate(stages: list[str]) -> float | None:
+        units = sum(costs[s] for s in stages)
+        return sum(finished[s] or 0.0 for s in stages) / units if units > 0 else None
+
+    overall = rate(timed)
+    if overall is None:
+        return None
+    left = 0.0
+    for stage, cost in costs.items():
+        if stage not in finished:
+            same_kind = rate([s for s in timed if kinds.get(s) == kinds.get(stage)])
+            left += cost * (same_kind if same_kind is not None else overall)
+    return left
+
+
+def _duration(seconds: float) -> str:
+    """~40 s, ~3 min, ~1.4 h: an estimate's precision, no more."""
+    if seconds < 90:
+        return f"~{max(5, round(seconds / 5) * 5):.0f} s"
+    if seconds < 5400:
+        return f"~{seconds / 60:.0f} min"
+    return f"~{seconds / 3600:.1f} h"
+
+
+class _Overall:
+    """The line under each stage's heading: stage N of M, time elapsed and the whole pipeline's time left, estimated
+    from the configured work of the remaining stages and the measured speed of the finished ones."""
+
+    def __init__(self, cfg: PipelineConfig, console: Console) -> None:
+        self.costs, self.console = stage_costs(cfg), console
+        self.done: dict[str, float | None] = {}
+        self.start = time.perf_counter()
+
+    def finished(self, stage: str, outcome: StageOutcome, seconds: float) -> None:
+        """A stage ended; a skipped one (its work done by an earlier call) tells nothing of the speed."""
+        self.done[stage] = None if outcome.skipped else seconds
+
+    def begin(self, stage: str) -> None:
+        n = STAGES.index(stage) + 1
+        left = estimate_remaining(self.costs, self.done)
+        when = (f"{_duration(left)} left (estimated from the finished stages)" if left is not None
+                else "time left estimated after the first timed stage")
+        self.console.print(f"pipeline: stage {n} of {len(STAGES)}, {_clock(time.perf_counter() - self.start)} "
+                           f"elapsed, {when}", style="dim", highlight=False)
 
 
 def _register(name: str, outcome: StageOutcome, tags: dict[str, Any]) -> str:
@@ -141,9 +220,11 @@ def run_pipeline(cfg: PipelineConfig, *, console: Console | None = None, progres
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "pipeline_config.yaml")
     result = PipelineResult(out, False, 0.0)
+    overall = _Overall(cfg, console)
     with tracking.start_run(cfg.experiment, f"pipeline-{cfg.run_name}", config=cfg, tags={"stage": "pipeline"},
                             fallback_dir=out, enabled=cfg.track) as parent:
-        console.rule(f"[bold]1/5 teacher[/] ({cfg.teacher_source}) → {out / 'teacher'}{_elapsed(start)}")
+        console.rule(f"[bold]1/5 teacher[/] ({cfg.teacher_source}) → {out / 'teacher'}")
+        overall.begin("teacher")
         if cfg.teacher_source == SCRATCH:
             teacher = train_teacher(teacher_config(cfg, out / "teacher"), console=console, progress=progress,
                                     nested=True)
@@ -152,27 +233,32 @@ def run_pipeline(cfg: PipelineConfig, *, console: Console | None = None, progres
                                   console=console, nested=True)
         result.outcomes["teacher"] = teacher
         lap = result.lap("teacher", start)
+        overall.finished("teacher", teacher, lap - start)
         if not teacher.finished:
             result.seconds = time.perf_counter() - start
             return result
-        console.rule(f"[bold]2/5 pairs[/] → {out / 'pairs'}{_elapsed(start)}")
+        console.rule(f"[bold]2/5 pairs[/] → {out / 'pairs'}")
+        overall.begin("pairs")
         result.outcomes["pairs"] = make_pairs(pairs_config(cfg, teacher.generator_dir, out / "pairs"), console=console,
                                               progress=progress, nested=True)
-        lap = result.lap("pairs", lap)
+        lap, since = result.lap("pairs", lap), lap
+        overall.finished("pairs", result.outcomes["pairs"], lap - since)
         recipes = student_recipes(cfg)
         for i, label in enumerate(STUDENTS):
-            console.rule(f"[bold]{3 + i}/5 student {label}[/] ({recipes[label]}) → {out / 'students' / label}"
-                         f"{_elapsed(start)}")
+            console.rule(f"[bold]{3 + i}/5 student {label}[/] ({recipes[label]}) → {out / 'students' / label}")
+            overall.begin(label)
             dcfg = distill_config(cfg, recipes[label], teacher.generator_dir, out / "pairs", out / "students" / label)
             dcfg.rounds = RoundsEvalConfig(num_images=0)  # the pipeline's own evaluation scores the final student
             student = distill_student(dcfg, console=console, progress=progress, nested=True)
             result.outcomes[label] = student
-            lap = result.lap(label, lap)
+            lap, since = result.lap(label, lap), lap
+            overall.finished(label, student, lap - since)
             if not student.finished:
                 result.seconds = time.perf_counter() - start
                 return result
 
-        console.rule(f"[bold]5/5 FID vs NFE and latency[/] → {out / 'eval'}{_elapsed(start)}")
+        console.rule(f"[bold]5/5 FID vs NFE and latency[/] → {out / 'eval'}")
+        overall.begin("evaluation")
         eval_cfg = dataclasses.replace(evaluate_config(cfg), teacher=str(teacher.generator_dir),
                                        students=[f"{r}={result.outcomes[r].generator_dir}" for r in STUDENTS],
                                        output_dir=out / "eval")

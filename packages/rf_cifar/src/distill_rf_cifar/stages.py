@@ -417,7 +417,8 @@ def sample(cfg: SampleConfig, *, console: Console | None = None, progress: bool 
     from distill_eval.grids import comparison_grid
 
     console = console or Console()
-    gen = load_generator(cfg.generator, device=cfg.device, precision=cfg.precision)
+    with tracking.using_store(cfg.tracking_uri):  # where a models:/ or runs:/ --generator is read from
+        gen = load_generator(cfg.generator, device=cfg.device, precision=cfg.precision)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     conditions = [c for c in cfg.classes for _ in range(cfg.per_class)]

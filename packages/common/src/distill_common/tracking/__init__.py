@@ -27,6 +27,7 @@ from distill_common.tracking.run import (
     relog,
     start_run,
     tracking_uri,
+    using_store,
 )
 
 
@@ -65,5 +66,5 @@ __all__ = [
     "check_reachable", "check_store_writable", "configure", "decode_image", "is_remote", "delete_alias",
     "download_generator", "download_run_artifacts", "fetch_servable_model", "list_models", "list_run_artifacts",
     "list_versions", "log_generator_model", "register_model", "relog", "require_store", "resolve_model_version", "set_alias", "set_version_tags",
-    "run_start_time", "start_run", "tracking_uri", "verify_logged_generator", "version_by_alias",
+    "run_start_time", "start_run", "tracking_uri", "using_store", "verify_logged_generator", "version_by_alias",
 ]

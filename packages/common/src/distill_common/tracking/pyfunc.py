@@ -238,8 +238,12 @@ def verify_logged_generator(model_dir: str | Path, source: str | None = None) ->
 
 
 def _download(uri: str, dst: str | Path | None) -> Path:
+    """A read: a local store that does not exist is refused (:func:`require_store`), never created."""
     from mlflow.artifacts import download_artifacts
 
+    from distill_common.tracking.registry import require_store
+
+    require_store()
     configure()
     target = Path(dst) if dst else Path(tempfile.mkdtemp(prefix="distill-gen-"))
     try:

@@ -44,6 +44,24 @@ def tracking_uri() -> str:
     return f"sqlite:///{Path.cwd() / DEFAULT_DB_NAME}"
 
 
+@contextmanager
+def using_store(uri: str | None) -> Iterator[str]:
+    """Within the block, :func:`tracking_uri` is ``uri`` (a command's ``--tracking-uri``); None keeps
+    ``MLFLOW_TRACKING_URI`` or ./mlflow.db. The environment is restored afterwards."""
+    if not uri:
+        yield tracking_uri()
+        return
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    try:
+        yield uri
+    finally:
+        if before is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = before
+
+
 def artifact_root() -> str:
     """Where new experiments keep artifacts for the embedded store (``DISTILL_ARTIFACT_ROOT`` overrides)."""
     root = os.environ.get("DISTILL_ARTIFACT_ROOT") or str(Path.cwd() / DEFAULT_ARTIFACT_DIR)

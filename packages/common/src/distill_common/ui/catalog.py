@@ -2,7 +2,9 @@
 
 Everything here reads the registry through :mod:`distill_common.tracking` and :mod:`distill_common.promotion`,
 so the page imports no subproject. A version's family is its ``family`` tag, else the registered name's
-prefix (``rf_cifar-student`` -> ``rf_cifar``); its role is its ``role`` tag, else the name's suffix.
+prefix (``rf_cifar-student`` -> ``rf_cifar``); its role is its ``role`` tag, else the name's suffix. A registry
+with no registered version (or no store yet) offers the generators shipped inside the installed families instead
+(``reference``, the CIFAR-10 teacher; ``sd-reference``), by name, as teachers.
 """
 
 from __future__ import annotations
@@ -15,8 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from distill_common import promotion, tracking
-from distill_common.errors import TrackingError
-from distill_common.generator import generator_loaders
+from distill_common.errors import ModelLoadError, TrackingError
+from distill_common.generator import generator_loaders, named_generators, read_generator_manifest
 
 KNOWN_FAMILIES = ("rf_cifar", "lora_flash", "sd_student_prune")
 CONDITION_KINDS = {"rf_cifar": "class", "lora_flash": "prompt", "sd_student_prune": "prompt"}
@@ -38,13 +40,18 @@ class ModelChoice:
     family: str
     role: str
     alias: str | None = None
+    shipped: bool = False  # a generator shipped inside an installed family, loaded by its name (no registry)
 
     @property
     def uri(self) -> str:
+        if self.shipped:
+            return self.name
         return f"models:/{self.name}@{self.alias}" if self.alias else f"models:/{self.name}/{self.version}"
 
     @property
     def label(self) -> str:
+        if self.shipped:
+            return f"{self.name} (shipped)"
         return f"{self.name}@{self.alias} (v{self.version})" if self.alias else f"{self.name} v{self.version}"
 
 
@@ -57,7 +64,14 @@ class Catalog:
 
     @property
     def families(self) -> list[str]:
-        return sorted(self.choices, key=lambda f: (f == OTHER_FAMILY, f not in KNOWN_FAMILIES, f))
+        """The workspace's families first, in KNOWN_FAMILIES order (the CIFAR-10 main job first), then the rest."""
+        order = {f: i for i, f in enumerate(KNOWN_FAMILIES)}
+        return sorted(self.choices, key=lambda f: (f == OTHER_FAMILY, order.get(f, len(order)), f))
+
+    @property
+    def shipped_only(self) -> bool:
+        """Nothing registered: every choice is a shipped generator."""
+        return bool(self.choices) and all(c.shipped for cs in self.choices.values() for c in cs)
 
     def of_role(self, family: str, role: str) -> list[ModelChoice]:
         return [c for c in self.choices.get(family, []) if c.role == role]
@@ -92,8 +106,36 @@ def role_of(name: str, tags: dict[str, str]) -> str:
     return TEACHER if TEACHER in _norm(name).split("_") else STUDENT
 
 
+def shipped_choices(families: Sequence[str] | None = None) -> list[ModelChoice]:
+    """The generators shipped inside the installed families (:func:`distill_common.generator.named_generators`),
+    one choice per folder under its plain name (``reference``, ``sd-reference``), as teachers of their family."""
+    families = known_families() if families is None else families
+    choices, seen = [], set()
+    for name, folder in sorted(named_generators().items(), key=lambda item: (":" in item[0], item[0])):
+        if folder in seen:
+            continue
+        seen.add(folder)
+        try:
+            manifest = read_generator_manifest(folder)
+        except ModelLoadError:
+            continue  # an incomplete package: nothing to offer
+        family = str(manifest.get("family") or family_of(name, {}, families))
+        role = STUDENT if manifest.get("role") == STUDENT else TEACHER
+        choices.append(ModelChoice(name, "", family, role, shipped=True))
+    return choices
+
+
+def shipped_catalog() -> Catalog:
+    """A catalog of the shipped generators alone (a registry with nothing registered, or none reachable)."""
+    cat = Catalog()
+    for choice in shipped_choices():
+        cat.choices.setdefault(choice.family, []).append(choice)
+    return cat
+
+
 def build_catalog(model_names: Iterable[str] | None = None) -> Catalog:
-    """Every registered version, offered under each of its aliases (newest first) and by number."""
+    """Every registered version, offered under each of its aliases (newest first) and by number; with none
+    registered, the shipped generators (:func:`shipped_catalog`)."""
     families = known_families()
     cat = Catalog()
     for name in model_names if model_names is not None else tracking.list_models():
@@ -106,7 +148,7 @@ def build_catalog(model_names: Iterable[str] | None = None) -> Catalog:
             by_number.append(ModelChoice(name, info.version, fam, role))
         for choice in by_alias + by_number:
             cat.choices.setdefault(choice.family, []).append(choice)
-    return cat
+    return cat if cat.choices else shipped_catalog()
 
 
 def compare_rows(infos: Sequence[tracking.ModelVersionInfo]) -> list[dict[str, object]]:

@@ -31,6 +31,7 @@ from distill_common.ui.catalog import (
     eval_plots,
     latest_eval_run,
     protocol_groups,
+    shipped_catalog,
 )
 from distill_common.ui.sampling import Sample, generate_sample, warm_up
 
@@ -192,6 +193,10 @@ def show_results(results: list) -> None:
 
 def metrics_tab(family: str, catalog: Catalog) -> None:
     infos = [i for name in catalog.models(family) for i in catalog.versions.get(name, [])]
+    if not infos:
+        st.info(f"No registered {family} versions, so no metrics yet: `distill rf pipeline` trains, evaluates and "
+                "registers a teacher and its students.")
+        return
     rows = [{k: _fmt(v) for k, v in r.items()} for r in compare_rows(infos)]
     st.subheader(f"Evaluated versions ({family})")
     st.table(pd.DataFrame(rows).set_index("model"))
@@ -224,13 +229,17 @@ def main() -> None:
     st.caption(f"Registry: `{uri}`")
     try:
         catalog = catalog_cached(uri)
-    except DistillError as exc:
-        st.error(str(exc))
-        st.stop()
+    except DistillError as exc:  # e.g. no store yet: the shipped generators still work
+        st.warning(str(exc))
+        catalog = shipped_catalog()
     if not catalog.families:
         st.info("No registered generators in this registry yet. Train and register some (e.g. `distill rf pipeline`), "
                 "or point MLFLOW_TRACKING_URI at another store.")
         st.stop()
+    if catalog.shipped_only:
+        st.info("Nothing registered in this registry yet: showing the generators shipped with the installed "
+                "packages (`reference` is the CIFAR-10 teacher). `distill rf pipeline` trains and registers students "
+                "to compare with it.")
     family, chosen, device = sidebar(catalog)
     gen_tab, metrics = st.tabs(["Generate", "Metrics"])
     with gen_tab:
