@@ -286,6 +286,13 @@ def default_lora_label(path: str) -> str:
     return re.sub(r"[^\w.-]+", "-", name).lstrip(".") or STUDENT_LABEL  # a plain folder name
 
 
+def lora_path_list(value: str | Path | list[str | Path] | None) -> list[str]:
+    """``EvalConfig.lora_path`` as a list of strings (the Python API may pass one path, or None)."""
+    if value is None:
+        return []
+    return [str(value)] if isinstance(value, (str, Path)) else [str(v) for v in value]
+
+
 def lora_specs(values: list[str]) -> list[tuple[str, str]]:
     """(label, path) of each ``--lora-path [LABEL=]PATH``; a single unlabelled path is labelled 'flash'. Raises
     ConfigError (one line) for an empty path, a label that cannot name a folder, a reserved or a repeated label."""
@@ -369,8 +376,7 @@ class EvalConfig:
         if self.prompt is not None and len(self.prompt.strip().splitlines()) > 1:
             raise ConfigError("--prompt holds a line break (it would become several prompts); pass one line, or "
                               "several prompts one a line with --prompts-file")
-        self.lora_path = [str(p) for p in ([] if self.lora_path is None else [self.lora_path]
-                                            if isinstance(self.lora_path, (str, Path)) else self.lora_path)]
+        self.lora_path = lora_path_list(self.lora_path)
         lora_specs(self.lora_path)  # labels checked before any model is loaded
         self.prompts_file = resolve_prompts_file(self.prompts_file)
         if self.prompt is None and self.prompts_file is None and self.coco_prompts < 1:

@@ -21,7 +21,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from distill_lora_flash.config import BASELINE_LABEL, CONTROL_LABEL, STUDENT_LABEL, EvalConfig, lora_specs
+from distill_lora_flash.config import (
+    BASELINE_LABEL,
+    CONTROL_LABEL,
+    STUDENT_LABEL,
+    EvalConfig,
+    lora_path_list,
+    lora_specs,
+)
 
 __all__ = ["BASELINE_LABEL", "CONTROL_LABEL", "STUDENT_LABEL", "REPORT_COLUMNS", "EvalModels", "EvalResult",
            "build_eval_generators", "run_eval"]
@@ -51,7 +58,7 @@ def resolve_loras(cfg: EvalConfig) -> dict[str, Any]:
     """label -> LoraSource of each --lora-path (or the --lora-id adapter as 'flash'), resolved before any model load."""
     from distill_lora_flash.loading import resolve_lora_source
 
-    specs = lora_specs(list(cfg.lora_path or []))
+    specs = lora_specs(lora_path_list(cfg.lora_path))
     if not specs:
         return {STUDENT_LABEL: resolve_lora_source(None, cfg.lora_id)}
     return {label: resolve_lora_source(path, None) for label, path in specs}
