@@ -78,6 +78,8 @@ def build_eval_generators(cfg: EvalConfig) -> EvalModels:
     loras = resolve_loras(cfg)
     device = resolve_device(cfg.device)
     base = load_base_pipeline(cfg.base_model, device, torch_dtype(resolve_precision(cfg.precision, device, mixed=False)))
+    # what made each model's images, beside the tensor digest the benchmark adds: the LoRA by its content (a moved
+    # or renamed file keeps its images), the base model by name, the dtype and the device type
     made = {"base_model": str(cfg.base_model), "dtype": str(base.unet.dtype).replace("torch.", ""),
             "device": device.type}
 
@@ -95,19 +97,18 @@ def build_eval_generators(cfg: EvalConfig) -> EvalModels:
 
     schedule = FlashSchedule.from_scheduler(base.scheduler, cfg.lcm_original_steps)
     baseline = FlashGenerator(base, None, default_steps=cfg.baseline_steps, default_guidance=cfg.baseline_guidance,
-                              label=BASELINE_LABEL, cache_info={**made, "lora": None})
+                              label=BASELINE_LABEL, cache_info={**made, "lora_sha256": None})
     students: dict[str, Any] = {}
     for label, lora in loras.items():
         pipe = apply_lora(pipeline(copy_weights=True), lora, scale=cfg.lora_scale, fuse=True)
         students[label] = FlashGenerator(
             pipe, schedule, default_steps=STUDENT_DEFAULT_STEPS, default_guidance=cfg.guidance_scale, label=label,
-            cache_info={**made, "lora": lora.label, "lora_sha256": file_sha256(lora.file),
-                        "lora_scale": cfg.lora_scale})
+            cache_info={**made, "lora_sha256": file_sha256(lora.file), "lora_scale": cfg.lora_scale})
     if cfg.control:
         students[CONTROL_LABEL] = FlashGenerator(pipeline(copy_weights=False), schedule,
                                                  default_steps=STUDENT_DEFAULT_STEPS,
                                                  default_guidance=cfg.guidance_scale, label=CONTROL_LABEL,
-                                                 cache_info={**made, "lora": None})
+                                                 cache_info={**made, "lora_sha256": None})
     return EvalModels(baseline, students, loras)
 
 
