@@ -3,28 +3,40 @@ multi-line --prompt and a folder as --init-image (row 16). Cheap: no pipeline is
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import pytest
 
 from distill_common.errors import ConfigError
 
 
 def test_another_lcm_original_steps_discards_the_cached_images(tmp_path):
-    from distill_lora_flash.config import EvalConfig
-    from distill_lora_flash.evaluation import _fingerprint, _reset_stale_images
+    """Each image folder is keyed by what made it: the same student reuses its PNGs, another LCM grid (or another
+    LoRA digest in ``cache_info``) deletes them before anything is generated."""
+    from diffusers import DDPMScheduler
 
-    lora = tmp_path / "lora.safetensors"
-    lora.write_bytes(b"weights")
-    cfg = EvalConfig(prompt="a cat", lora_path=lora, output_dir=tmp_path / "out")
-    out = tmp_path / "out"
-    _reset_stale_images(out, _fingerprint(cfg, lora))
-    (out / "images" / "flash_s4").mkdir(parents=True)
-    (out / "images" / "flash_s4" / "00000.png").write_bytes(b"old")
-    _reset_stale_images(out, _fingerprint(cfg, lora))  # same settings: kept
-    assert (out / "images" / "flash_s4" / "00000.png").is_file()
-    _reset_stale_images(out, _fingerprint(replace(cfg, lcm_original_steps=cfg.lcm_original_steps + 1), lora))
-    assert not (out / "images").exists()
+    from distill_eval.benchmark import image_cache_key, prepare_cache
+    from distill_lora_flash.schedule import FlashSchedule
+
+    class Student:  # the attributes FlashGenerator keeps (no pipeline needed for the key)
+        def __init__(self, original_steps: int, lora_sha256: str = "a"):
+            self.schedule = FlashSchedule.from_scheduler(DDPMScheduler(), original_steps)
+            self.scheduler = self.schedule.scheduler()
+            self.default_guidance = 0.0
+            self.cache_info = {"base_model": "m", "lora_sha256": lora_sha256, "lora_scale": 1.0}
+
+    def key(student):
+        return image_cache_key(student, 4, seed=0, condition_rule="prompts", guidance=None,
+                               extra=student.cache_info)
+
+    folder = tmp_path / "images" / "flash_s4"
+    assert prepare_cache(folder, key(Student(50)), label="flash_s4", note=lambda _: None) == 0
+    (folder / "00000.png").write_bytes(b"old")
+    assert prepare_cache(folder, key(Student(50)), label="flash_s4", note=lambda _: None) == 1  # same: kept
+    notes = []
+    assert prepare_cache(folder, key(Student(50, lora_sha256="b")), label="flash_s4", note=notes.append) == 0
+    assert not (folder / "00000.png").exists() and "lora_sha256" in notes[0]
+    (folder / "00000.png").write_bytes(b"old")
+    assert prepare_cache(folder, key(Student(20, lora_sha256="b")), label="flash_s4", note=notes.append) == 0
+    assert not (folder / "00000.png").exists()
 
 
 def test_the_lcm_schedule_is_part_of_the_benchmark_image_key():

@@ -86,9 +86,12 @@ def test_sdxl_training_and_eval(tiny_sdxl_path, data_root, tmp_path, method, mon
     manifest = json.loads((result.generator_dir / "generator.json").read_text())
     assert manifest["pipeline"] == "StableDiffusionXLPipeline"
 
-    baseline, student, _ = build_eval_generators(EvalConfig(base_model=str(tiny_sdxl_path),
-                                                            lora_path=result.final_dir, device="cpu", track=False))
+    models = build_eval_generators(EvalConfig(base_model=str(tiny_sdxl_path), lora_path=result.final_dir,
+                                              device="cpu", track=False, control=True))
+    baseline, student, control = models.baseline, models.students["flash"], models.students["base"]
     assert isinstance(student.pipe, StableDiffusionXLPipeline) and student.pipe.unet is not baseline.pipe.unet
+    assert isinstance(control.pipe, StableDiffusionXLPipeline) and control.pipe.unet is baseline.pipe.unet
+    assert control.pipe is not baseline.pipe  # its own scheduler slot: sampling one never changes the other's
     images = student.generate(["a cat"], 2, [0])
     assert images.shape == (1, 3, 64, 64)
     assert baseline.generate(["a cat"], 2, [0]).shape == (1, 3, 64, 64)

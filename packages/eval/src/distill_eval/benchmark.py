@@ -200,7 +200,9 @@ def generator_fingerprint(generator: Any) -> str:
 def image_cache_key(generator: Any, num_steps: int, *, seed: int, condition_rule: str, guidance: float | None,
                     extra: dict[str, Any] | None = None, fingerprint: str | None = None) -> dict[str, Any]:
     """Everything that decides a cached image: the weights and settings (fingerprint), the seeds (image i has seed
-    ``seed + i``), the conditions, the steps, the guidance, the sampler and the precision."""
+    ``seed + i``), the conditions, the steps, the guidance, the sampler and the precision; ``extra`` adds (or
+    sets) named items: the benchmark passes a generator's ``cache_info`` dict (e.g. a LoRA file's digest), so that
+    a cache note names what changed."""
     return {"weights": fingerprint or generator_fingerprint(generator), "seed": int(seed), "conditions": condition_rule,
             "steps": int(num_steps), "guidance": guidance, "sampler": getattr(generator, "sampler", None),
             "precision": getattr(generator, "precision", None), "resolution": getattr(generator, "resolution", None),
@@ -347,8 +349,9 @@ def run_benchmark(
             folder = out / "images" / c.key
             image_dirs[c.key] = folder
             fp = fingerprints.setdefault(id(c.generator), generator_fingerprint(c.generator))
+            info = getattr(c.generator, "cache_info", None)  # a generator's named provenance, e.g. its LoRA digest
             key = image_cache_key(c.generator, c.steps, seed=cfg.seed, condition_rule=rule, guidance=cfg.guidance,
-                                  fingerprint=fp)
+                                  fingerprint=fp, extra=info if isinstance(info, dict) else None)
             prepare_cache(folder, key, label=c.key,
                           note=lambda msg: console.print(f"[yellow]note:[/] {msg}", highlight=False))
             generate_to_folder(c.generator, c.steps, conditions, seeds, folder, guidance=cfg.guidance,

@@ -141,12 +141,14 @@ def _log_validation(run: Any, folder: Path, step: int, images: dict[str, Any]) -
 @config_command(app, "eval", EvalConfig, presets=EVAL_PRESETS)
 @claims_output_dir(lambda cfg: cfg.output_dir)
 def evaluate(cfg: EvalConfig) -> None:
-    """Baseline (30 steps, CFG 7.5) vs the LoRA student at 2/4/8 steps on a prompt list at fixed seeds.
+    """Baseline (30 steps, CFG 7.5) vs LoRA students at 2/4/8 steps on a prompt list at fixed seeds.
 
-    --preset demo is the seed project's protocol: the 20 packaged demo_prompts.txt prompts x 10 images.
+    Several --lora-path LABEL=PATH make one table; --control adds the base model without a LoRA at the same
+    steps. --preset demo is the seed project's protocol: the 20 packaged demo_prompts.txt prompts x 10 images.
 
-    Reports time/image, speed-up, CLIPScore and its retention, LPIPS to the baseline image of the same seed and
-    optional FID against COCO val2017, with comparison grids, all logged to MLflow.
+    Reports time/image, speed-up, CLIPScore, class accuracy and their retention, LPIPS to the baseline image of
+    the same seed and optional FID (and its ratio to the baseline's), with comparison grids, logged to MLflow.
+    Each model's images are cached on their own: adding a LoRA reuses the others'.
     """
     from distill_common import tracking
     from distill_lora_flash.evaluation import run_eval

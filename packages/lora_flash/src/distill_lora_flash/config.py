@@ -4,6 +4,7 @@ such as ``--num_images`` and ``--compare_baseline`` are accepted as aliases auto
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -266,14 +267,74 @@ class TrainConfig:
                               f"{self.lcm_guidance_max:g}; pass min <= max (equal values fix w)")
 
 
+BASELINE_LABEL = "baseline"
+STUDENT_LABEL = "flash"
+CONTROL_LABEL = "base"
+FEATURE_PRECISIONS = ("fp32", "bf16")
+
+
+def default_lora_label(path: str) -> str:
+    """A label from a LoRA path: the run folder of ``RUN/lora/final`` or ``RUN/lora/checkpoint-N`` (``RUN`` and
+    ``RUN-checkpoint-N``), else the file's folder for a ``.safetensors`` file, else the folder's name."""
+    parts = [p for p in Path(path).expanduser().parts if p not in (".", Path(path).anchor)]
+    if parts and parts[-1].endswith(".safetensors"):
+        parts = parts[:-1] if len(parts) > 1 else [Path(parts[-1]).stem]
+    if len(parts) >= 3 and parts[-2] == "lora" and (parts[-1] == "final" or parts[-1].startswith("checkpoint-")):
+        name = parts[-3] if parts[-1] == "final" else f"{parts[-3]}-{parts[-1]}"
+    else:
+        name = parts[-1] if parts else STUDENT_LABEL
+    return re.sub(r"[^\w.-]+", "-", name).lstrip(".") or STUDENT_LABEL  # a plain folder name
+
+
+def lora_path_list(value: str | Path | list[str | Path] | None) -> list[str]:
+    """``EvalConfig.lora_path`` as a list of strings (the Python API may pass one path, or None)."""
+    if value is None:
+        return []
+    return [str(value)] if isinstance(value, (str, Path)) else [str(v) for v in value]
+
+
+def lora_specs(values: list[str]) -> list[tuple[str, str]]:
+    """(label, path) of each ``--lora-path [LABEL=]PATH``; a single unlabelled path is labelled 'flash'. Raises
+    ConfigError (one line) for an empty path, a label that cannot name a folder, a reserved or a repeated label."""
+    specs = []
+    for value in values:
+        label, sep, path = value.partition("=")
+        if not sep or any(c in label for c in "/\\"):  # a path holding '=' (runs/lr=1e-4/lora/final)
+            label, path = "", value
+        if not path.strip():
+            raise ConfigError(f"--lora-path {value!r} names no path; pass [LABEL=]PATH, e.g. seed=RUN/lora/final")
+        specs.append((label.strip(), path.strip()))
+    if len(specs) == 1 and not specs[0][0]:
+        return [(STUDENT_LABEL, specs[0][1])]
+    specs = [(label or default_lora_label(path), path) for label, path in specs]
+    seen: dict[str, str] = {}
+    for label, path in specs:
+        if not label or label in (".", "..") or label.startswith(".") or any(c in label for c in "/\\\0,= "):
+            raise ConfigError(f"LoRA label {label!r} (for {path}) is not a plain name; pass LABEL=PATH with a label "
+                              "of letters, digits, '-' or '_'")
+        if label in (BASELINE_LABEL, CONTROL_LABEL):
+            raise ConfigError(f"LoRA label {label!r} (for {path}) is reserved ('{BASELINE_LABEL}': the CFG baseline, "
+                              f"'{CONTROL_LABEL}': the no-LoRA control); pass another LABEL=PATH")
+        if label in seen:
+            raise ConfigError(f"LoRA label {label!r} is given twice ({seen[label]} and {path}); give each "
+                              "--lora-path its own LABEL=PATH")
+        seen[label] = path
+    return specs
+
+
 @dataclass
 class EvalConfig:
-    """``distill flash eval``: baseline (30 steps, CFG 7.5) vs the LoRA student at 2/4/8 steps, at fixed seeds."""
+    """``distill flash eval``: baseline (30 steps, CFG 7.5) vs LoRA students (and optionally the no-LoRA control) at
+    2/4/8 steps, at fixed seeds."""
 
     base_model: str = option(DEFAULT_BASE_MODEL, "Base SD 1.5 model: hub id or local diffusers folder.")
     lora_id: str = option(DEFAULT_LORA_ID, "Hub id of the LoRA (used when --lora-path is not given).")
-    lora_path: Path | None = option(None, "Local LoRA file/folder, e.g. RUN/lora/final; takes precedence.")
-    lora_scale: float = option(1.0, "Scale of the fused LoRA.")
+    lora_path: list[str] = option([], "LoRA file/folder(s) to compare, each [LABEL=]PATH, e.g. seed=RUN_A/lora/final; "
+                                  "repeat the flag or give a comma list; takes precedence over --lora-id. Default "
+                                  "label: the run folder of RUN/lora/final ('flash' for a single unlabelled path).")
+    lora_scale: float = option(1.0, "Scale of the fused LoRA(s).")
+    control: bool = option(False, f"Also sample the base model without a LoRA with the student schedule and guidance "
+                           f"at --steps, labelled '{CONTROL_LABEL}': does the LoRA make a few-step student at all?")
     prompt: str | None = option(None, "One prompt for every image (instead of --prompts-file / --coco-prompts).")
     prompts_file: Path | None = option(None, "Prompts, one a line (default: --coco-prompts seeded COCO val captions); "
                                        f"'{DEMO_PROMPTS_NAME}' is the packaged list of 20 unless such a file exists here.")
@@ -288,8 +349,12 @@ class EvalConfig:
     timing_repeats: int = option(3, "Timed batches per configuration after one warm-up batch.")
     clip_model: str = option(DEFAULT_CLIP_MODEL, "CLIP model for CLIPScore; 'none' skips it.")
     lpips_net: str = option("alex", "LPIPS backbone.", choices=("alex", "vgg"))
-    fid: bool = option(False, "Also compute FID/KID against COCO val2017.")
+    fid: bool = option(False, "Also compute FID/KID against --fid-reference, and each FID's ratio to the "
+                       "baseline's.")
     fid_reference: str = option("coco-val2017", "FID reference set (see distill eval benchmark).")
+    feature_precision: str = option("fp32", "Inception forward precision of FID/KID: fp32, or bf16 (about 2x faster on "
+                                    "CPUs with bf16 units; never ranked against fp32 numbers).",
+                                    choices=FEATURE_PRECISIONS)
     reference_n: int | None = option(None, "Reference images for FID (default: all available).", ge=2)
     grid_rows: int = option(8, "Prompts shown in the comparison grid.")
     output_dir: Path = option(Path("runs/lora_flash/eval"), "Where images, grids and reports go.")
@@ -311,6 +376,8 @@ class EvalConfig:
         if self.prompt is not None and len(self.prompt.strip().splitlines()) > 1:
             raise ConfigError("--prompt holds a line break (it would become several prompts); pass one line, or "
                               "several prompts one a line with --prompts-file")
+        self.lora_path = lora_path_list(self.lora_path)
+        lora_specs(self.lora_path)  # labels checked before any model is loaded
         self.prompts_file = resolve_prompts_file(self.prompts_file)
         if self.prompt is None and self.prompts_file is None and self.coco_prompts < 1:
             raise ConfigError("no prompts; pass --prompt TEXT, --prompts-file FILE or --coco-prompts N (N >= 1)")

@@ -28,15 +28,18 @@ class FlashGenerator:
 
     With a :class:`FlashSchedule` it samples with LCM at guidance 0 (the distilled student); with
     ``schedule=None`` it uses the pipeline's own scheduler with classifier-free guidance (the baseline teacher).
-    Several generators may share one pipeline: each sets its own scheduler before sampling.
+    Several generators may share one pipeline: each sets its own scheduler before sampling. ``cache_info`` names
+    what made the weights (base model, LoRA file digest and scale, dtype, device); the benchmark writes it into the
+    key of each image folder, so a change regenerates that generator's images and says which item changed.
     """
 
     family = FAMILY
     condition_kind = "prompt"
 
     def __init__(self, pipe: Any, schedule: FlashSchedule | None, *, default_steps: int = 4,
-                 default_guidance: float = 0.0, label: str = "flash") -> None:
+                 default_guidance: float = 0.0, label: str = "flash", cache_info: dict[str, Any] | None = None) -> None:
         self.pipe = pipe
+        self.cache_info = dict(cache_info or {})  # what made the weights (base model, LoRA digest, ...): image cache key
         self.schedule = schedule
         self.scheduler = schedule.scheduler() if schedule is not None else pipe.scheduler
         self.default_steps = int(default_steps)
