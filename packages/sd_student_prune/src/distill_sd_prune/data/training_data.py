@@ -33,32 +33,10 @@ class MicroBatch:
     captions: list[str]
 
 
-def load_coco_captions(
-    data_root: str | Path | None,
-    split: str,
-    resolution: int,
-    *,
-    limit: int | None = None,
-    center_crop: bool = True,
-    random_flip: bool = False,
-    seed: int = 0,
-    show_progress: bool = True,
-):
-    """COCO 2017 captions (pycocotools) as one sample per (image, caption) pair, images in [-1, 1]."""
-    from distill_common.data import load_captioned
-
-    return load_captioned(
-        "coco",
-        data_root,
-        split=split,
-        resolution=resolution,
-        center_crop=center_crop,
-        random_flip=random_flip,
-        caption_mode="all",
-        seed=seed,
-        limit=limit,
-        show_progress=show_progress,
-    )
+def load_coco_captions(data_root: str | Path | None, split: str, resolution: int, **options: Any):
+    """COCO 2017 captions (pycocotools) as one sample per (image, caption) pair, images in [-1, 1]; ``options``
+    as in :func:`load_training_captions`."""
+    return load_training_captions("coco", data_root, split, resolution, **options)
 
 
 # Training data sources: COCO 2017 captions, or CIFAR-10 train images captioned with the reference model's training
@@ -79,35 +57,6 @@ class _CifarImage:
         return Image.fromarray(self.cifar.image_uint8(int(record.location)).permute(1, 2, 0).numpy())
 
 
-def load_cifar10_captions(
-    data_root: str | Path | None,
-    *,
-    limit: int | None = None,
-    random_flip: bool = False,
-    seed: int = 0,
-    show_progress: bool = True,
-):
-    """CIFAR-10 train images at 32 px, one sample per (image, training caption template): the captions the
-    reference text-to-image model was trained on (``class_captions("train")``), so held-out templates stay unseen."""
-    from distill_common.data.captioned import CaptionedImageDataset, CaptionedRecord
-    from distill_common.data.cifar10 import open_cifar10
-    from distill_common.data.transforms import build_image_transform
-    from distill_common.reference_sd.captions import class_captions
-
-    cifar = open_cifar10(data_root, "train", limit=limit, show_progress=show_progress)
-    captions = class_captions("train")
-    records = [CaptionedRecord(key, i, tuple(captions[label])) for i, (key, label) in enumerate(
-        zip(cifar.keys, cifar.labels, strict=True))]
-    return CaptionedImageDataset(
-        records,
-        build_image_transform(CIFAR_RESOLUTION, center_crop=True, random_flip=random_flip),
-        open_image=_CifarImage(cifar),
-        caption_mode="all",
-        seed=seed,
-        description=f"CIFAR-10 train ({len(records)} images) x {len(captions[0])} caption templates",
-    )
-
-
 def load_training_captions(
     source: str,
     data_root: str | Path | None,
@@ -120,15 +69,46 @@ def load_training_captions(
     seed: int = 0,
     show_progress: bool = True,
 ):
-    """The captioned training set of ``source`` (one of :data:`TRAIN_SOURCES`)."""
+    """The captioned training set of ``source`` (one of :data:`TRAIN_SOURCES`), one sample per (image, caption)
+    pair, images in [-1, 1]:
+
+    - ``coco``: COCO 2017 captions (pycocotools) of ``split`` at ``resolution``;
+    - ``cifar10``: CIFAR-10 train images at 32 px (``split``, ``resolution`` and ``center_crop`` do not apply)
+      with the captions the reference text-to-image model was trained on (``class_captions("train")``), so
+      held-out templates stay unseen.
+    """
     if source == "coco":
-        return load_coco_captions(
-            data_root, split, resolution, limit=limit, center_crop=center_crop, random_flip=random_flip,
-            seed=seed, show_progress=show_progress,
+        from distill_common.data import load_captioned
+
+        return load_captioned(
+            "coco",
+            data_root,
+            split=split,
+            resolution=resolution,
+            center_crop=center_crop,
+            random_flip=random_flip,
+            caption_mode="all",
+            seed=seed,
+            limit=limit,
+            show_progress=show_progress,
         )
     if source == "cifar10":
-        return load_cifar10_captions(
-            data_root, limit=limit, random_flip=random_flip, seed=seed, show_progress=show_progress
+        from distill_common.data.captioned import CaptionedImageDataset, CaptionedRecord
+        from distill_common.data.cifar10 import open_cifar10
+        from distill_common.data.transforms import build_image_transform
+        from distill_common.reference_sd.captions import class_captions
+
+        cifar = open_cifar10(data_root, "train", limit=limit, show_progress=show_progress)
+        captions = class_captions("train")
+        records = [CaptionedRecord(key, i, tuple(captions[label])) for i, (key, label) in enumerate(
+            zip(cifar.keys, cifar.labels, strict=True))]
+        return CaptionedImageDataset(
+            records,
+            build_image_transform(CIFAR_RESOLUTION, center_crop=True, random_flip=random_flip),
+            open_image=_CifarImage(cifar),
+            caption_mode="all",
+            seed=seed,
+            description=f"CIFAR-10 train ({len(records)} images) x {len(captions[0])} caption templates",
         )
     raise unknown_choice("training data source", source, TRAIN_SOURCES)
 

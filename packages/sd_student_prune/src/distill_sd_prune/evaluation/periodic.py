@@ -6,6 +6,10 @@ captions are the prompts and the images themselves the FID reference (``coco-val
 training resolution). Seeds are ``seed .. seed + n - 1``; the teacher's images are generated once. With a few
 images FID is strongly biased upward: compare it across steps of one run (same protocol), not with published
 numbers.
+
+Drawing the images (prompts, seeds, the teacher's images once, the UNet's train/eval mode) is
+:class:`~distill_sd_prune.evaluation.scoring.FixedPromptEvaluator`, shared with the CIFAR-10 periodic evaluation;
+only the metrics differ.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from typing import Any
 
 import torch
 
-from distill_sd_prune.sampling.pipeline import build_pipeline, generate_images, make_scheduler
+from distill_sd_prune.evaluation.scoring import FixedPromptEvaluator, SamplingSetting
 
 FID_RESIZE = "bicubic"  # antialiased resize to 299 of both sets (clean-fid style); COCO images are not square
 
@@ -35,7 +39,7 @@ def coco_val_subset(data_root: str | Path | None, num_images: int) -> list[str]:
     return [r.captions[0] for r in dataset.records[:num_images]]
 
 
-class PeriodicEvaluator:
+class PeriodicEvaluator(FixedPromptEvaluator):
     """``evaluator(unet) -> (metrics, images)`` with the teacher's VAE / text encoder and a fixed prompt
     set."""
 
@@ -59,16 +63,8 @@ class PeriodicEvaluator:
         from distill_eval.lpips_metric import LPIPSMetric
         from distill_eval.reference_stats import reference_stats
 
-        self.components = components
-        self.resolution = resolution
-        self.steps = steps
-        self.guidance = guidance
-        self.scheduler = scheduler
-        self.batch_size = batch_size
-        self.autocast_dtype = autocast_dtype
         self.device = torch.device(device)
-        self.prompts = coco_val_subset(data_root, num_images)
-        self.seeds = [seed + i for i in range(num_images)]
+        prompts = coco_val_subset(data_root, num_images)
         self.extractor = InceptionFeatureExtractor(resize=FID_RESIZE).to(self.device)
         self.reference = reference_stats(
             "coco-val2017",
@@ -80,44 +76,28 @@ class PeriodicEvaluator:
             progress=False,
         )
         self.lpips = LPIPSMetric(lpips_net, value_range=(0.0, 1.0)).to(self.device)
-        self.teacher_images = self.generate(components.unet)
-
-    def generate(self, unet: Any) -> torch.Tensor:
-        c = self.components
-        pipe = build_pipeline(
-            unet, c.vae, c.text_encoder, c.tokenizer, make_scheduler(self.scheduler, c.scheduler.config)
+        super().__init__(
+            components,
+            setting=SamplingSetting("periodic", steps, guidance, scheduler),
+            prompts=prompts,
+            seeds=[seed + i for i in range(num_images)],
+            resolution=resolution,
+            batch_size=batch_size,
+            autocast_dtype=autocast_dtype,
         )
-        was_training = unet.training
-        unet.eval()
-        try:
-            return generate_images(
-                pipe,
-                self.prompts,
-                self.seeds,
-                self.steps,
-                self.guidance,
-                self.resolution,
-                self.batch_size,
-                self.autocast_dtype,
-            )
-        finally:
-            unet.train(was_training)
 
-    @torch.no_grad()
-    def __call__(self, unet: Any) -> tuple[dict[str, float], torch.Tensor]:
+    def metrics(self, images: torch.Tensor) -> dict[str, float]:
         from distill_eval.fid import score_images
 
-        images = self.generate(unet)  # (N, 3, R, R) in [0, 1]
         fid = score_images(images, self.extractor, self.reference, batch_size=self.batch_size, progress=False)
         lpips = self.lpips(images.to(self.device), self.teacher_images.to(self.device)).mean()
-        metrics = {"eval/fid": fid.fid, "eval/kid": fid.kid_mean, "eval/lpips_to_teacher": float(lpips)}
-        return metrics, images
+        return {"eval/fid": fid.fid, "eval/kid": fid.kid_mean, "eval/lpips_to_teacher": float(lpips)}
 
     @property
     def protocol(self) -> dict[str, Any]:
         return {
             **self.reference.protocol(len(self.seeds)).as_dict(),
-            "steps": self.steps,
-            "guidance": self.guidance,
-            "scheduler": self.scheduler,
+            "steps": self.setting.steps,
+            "guidance": self.setting.guidance,
+            "scheduler": self.setting.sampler,
         }

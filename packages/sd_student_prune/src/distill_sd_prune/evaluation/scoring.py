@@ -195,7 +195,66 @@ def load_scoring_classifier(classifier: Any) -> Any:
     return load_classifier(str(classifier))
 
 
-class PeriodicProtocolEvaluator:
+class FixedPromptEvaluator:
+    """``evaluator(unet) -> (metrics, images)`` over one fixed prompt set: :meth:`generate` draws ``prompts``
+    (image ``i`` from seed ``seeds[i]``) under ``setting`` with the teacher's VAE, text encoder and noise schedule,
+    the UNet in eval mode for the draw and back in its own mode after; the teacher's images at the same seeds are
+    drawn once, here. Subclasses build their scorer first, then call this, and define :meth:`metrics`."""
+
+    def __init__(
+        self,
+        components: Any,
+        *,
+        setting: SamplingSetting,
+        prompts: list[str],
+        seeds: list[int],
+        resolution: int,
+        batch_size: int,
+        autocast_dtype: torch.dtype | None,
+    ) -> None:
+        self.components = components
+        self.setting = setting
+        self.prompts = prompts
+        self.seeds = seeds
+        self.resolution = resolution
+        self.batch_size = batch_size
+        self.autocast_dtype = autocast_dtype
+        self.teacher_images = self.generate(components.unet)
+
+    def generate(self, unet: Any) -> torch.Tensor:
+        from distill_sd_prune.sampling.pipeline import build_pipeline, generate_images, make_scheduler
+
+        c = self.components
+        pipe = build_pipeline(
+            unet, c.vae, c.text_encoder, c.tokenizer, make_scheduler(self.setting.sampler, c.scheduler.config)
+        )
+        was_training = unet.training
+        unet.eval()
+        try:
+            return generate_images(
+                pipe,
+                self.prompts,
+                self.seeds,
+                self.setting.steps,
+                self.setting.guidance,
+                self.resolution,
+                self.batch_size,
+                self.autocast_dtype,
+            )
+        finally:
+            unet.train(was_training)
+
+    def metrics(self, images: torch.Tensor) -> dict[str, float]:
+        """The logged metrics of ``images`` (N, 3, R, R) in [0, 1], image ``i`` for ``prompts[i]``."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def __call__(self, unet: Any) -> tuple[dict[str, float], torch.Tensor]:
+        images = self.generate(unet)
+        return self.metrics(images), images
+
+
+class PeriodicProtocolEvaluator(FixedPromptEvaluator):
     """``evaluator(unet) -> (metrics, images)`` for training on ``--data-source cifar10``: the comparison's
     :class:`ProtocolScorer` at a smaller N, its metrics stamped with ``eval/num_images`` and its protocol (with
     ``purpose: periodic``) in :attr:`protocol`. The teacher's images at the same seeds are drawn once."""
@@ -214,11 +273,6 @@ class PeriodicProtocolEvaluator:
         device: torch.device | str = "cpu",
         autocast_dtype: torch.dtype | None = None,
     ) -> None:
-        self.components = components
-        self.setting = setting
-        self.resolution = resolution
-        self.batch_size = batch_size
-        self.autocast_dtype = autocast_dtype
         self.scorer = ProtocolScorer(
             protocol,
             resolution=resolution,
@@ -228,38 +282,20 @@ class PeriodicProtocolEvaluator:
             data_root=data_root,
             device=device,
         )
-        self.teacher_images = self.generate(components.unet)
-
-    def generate(self, unet: Any) -> torch.Tensor:
-        from distill_sd_prune.sampling.pipeline import build_pipeline, generate_images, make_scheduler
-
-        c = self.components
-        pipe = build_pipeline(
-            unet, c.vae, c.text_encoder, c.tokenizer, make_scheduler(self.setting.sampler, c.scheduler.config)
+        super().__init__(
+            components,
+            setting=setting,
+            prompts=self.scorer.prompts,
+            seeds=self.scorer.seeds,
+            resolution=resolution,
+            batch_size=batch_size,
+            autocast_dtype=autocast_dtype,
         )
-        was_training = unet.training
-        unet.eval()
-        try:
-            return generate_images(
-                pipe,
-                self.scorer.prompts,
-                self.scorer.seeds,
-                self.setting.steps,
-                self.setting.guidance,
-                self.resolution,
-                self.batch_size,
-                self.autocast_dtype,
-            )
-        finally:
-            unet.train(was_training)
 
-    @torch.no_grad()
-    def __call__(self, unet: Any) -> tuple[dict[str, float], torch.Tensor]:
-        images = self.generate(unet)
+    def metrics(self, images: torch.Tensor) -> dict[str, float]:
         row = self.scorer.score(images, self.teacher_images)
         keys = ("fid", "fid_ci95_low", "fid_ci95_high", "kid", "lpips_to_teacher", "class_accuracy", "num_images")
-        metrics = {f"eval/{k}": float(row[k]) for k in keys if row.get(k) is not None}
-        return metrics, images
+        return {f"eval/{k}": float(row[k]) for k in keys if row.get(k) is not None}
 
     @property
     def protocol(self) -> dict[str, Any]:
