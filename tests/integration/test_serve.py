@@ -81,4 +81,4 @@ def test_serve_registered_generator_over_rest(mlflow_uri, tmp_path):
     finally:
         stop_pid(proc.pid)
         log.close()
-    assert proc.poll() is not None
+    proc.wait(timeout=30)  # ended (a SIGKILL from stop_pid may take a moment on a loaded machine)
