@@ -235,7 +235,8 @@ def test_serve_and_ui_on_a_busy_port_are_one_line_before_anything_starts(monkeyp
             check_port_free("127.0.0.1", port)
         result = CliRunner().invoke(app, ["serve", "noise@champion", "--port", str(port)])
         assert isinstance(result.exception, ConfigError) and "--port" in str(result.exception)
-    for bad in (["--max-steps", "0"], ["--max-rows", "100000"]):
+    for bad in (["--max-steps", "0"], ["--max-rows", "100000"], ["--request-timeout", "0"],
+                ["--request-timeout", "nan"]):
         result = CliRunner().invoke(app, ["serve", "noise@champion", *bad])
         assert isinstance(result.exception, ConfigError) and bad[0] in str(result.exception)
 

@@ -1,4 +1,5 @@
-"""`distill registry serve`: MLflow's model server answers a REST call with PNG images, on loopback."""
+"""`distill registry serve` answers a REST call in MLflow's scoring format with PNG images, on loopback, and stops
+computing a request whose client disconnects."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import base64
 import io
 import json
 import os
+import socket
 import subprocess
 import time
 import urllib.request
@@ -33,7 +35,7 @@ def test_serve_registered_generator_over_rest(mlflow_uri, tmp_path):
     env = dict(os.environ, MLFLOW_TRACKING_URI=mlflow_uri)
     log = (tmp_path / "serve.log").open("w")
     proc = subprocess.Popen([str(REPO / ".venv" / "bin" / "distill"), "registry", "serve", "rf_cifar-student@champion",
-                             "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                             "--port", str(port), "--max-steps", "10000"], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                             cwd=tmp_path)
     try:
         deadline = time.time() + 240
@@ -57,7 +59,26 @@ def test_serve_registered_generator_over_rest(mlflow_uri, tmp_path):
         images = [Image.open(io.BytesIO(base64.b64decode(p["image"]))) for p in preds]
         assert all(img.format == "PNG" and img.size == (32, 32) for img in images)
         assert images[0].tobytes() != images[1].tobytes()  # different seeds and classes
+
+        # a request of minutes whose client goes away: the server cancels it and is free again within seconds
+        big = json.dumps({"dataframe_split": {"columns": ["condition", "steps"],
+                                              "data": [[i % 10, 10_000] for i in range(64)]}}).encode()
+        client = socket.create_connection(("127.0.0.1", port), timeout=10)
+        client.sendall(b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                       b"Content-Length: %d\r\n\r\n" % len(big) + big)
+        time.sleep(2)
+        client.close()
+        closed = time.time()
+        while "the client disconnected" not in (tmp_path / "serve.log").read_text():
+            assert time.time() - closed < 15, (tmp_path / "serve.log").read_text()[-3000:]
+            time.sleep(0.2)
+        line = [x for x in (tmp_path / "serve.log").read_text().splitlines() if "the client disconnected" in x]
+        assert len(line) == 1 and "request cancelled after" in line[0], line
+        start = time.time()
+        with urllib.request.urlopen(req, timeout=120) as r:  # the model is free again
+            assert len(json.loads(r.read())["predictions"]) == 2
+        assert time.time() - start < 30
     finally:
         stop_pid(proc.pid)
         log.close()
-    assert proc.poll() is not None
+    proc.wait(timeout=30)  # ended (a SIGKILL from stop_pid may take a moment on a loaded machine)

@@ -1,8 +1,8 @@
 """Run a server (``distill registry serve``, ``distill ui``) as a child that never outlives this process.
 
 The child runs in its own process group. SIGTERM, SIGINT and SIGHUP sent to this process are forwarded
-to that whole group, and after the child exits the group's stragglers (e.g. a uvicorn worker started by
-``mlflow models serve``) are terminated, then killed after a grace period: when :func:`run_foreground`
+to that whole group, and after the child exits the group's stragglers (e.g. a process a server started in
+the background) are terminated, then killed after a grace period: when :func:`run_foreground`
 returns, nothing it started listens on a port any more. On Linux the child also gets SIGTERM if this
 process dies without a chance to forward (``kill -9``).
 """

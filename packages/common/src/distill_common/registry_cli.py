@@ -221,13 +221,16 @@ def serve_cmd(
                                   "a request over it gets a one-line 400 at once."),
     max_rows: int = typer.Option(64, "--max-rows", help="Most rows (images) in one request (1-10000); a request "
                                  "over it gets a one-line 400 at once."),
+    request_timeout: float = typer.Option(60.0, "--request-timeout", help="Seconds one request may run (1-86400); "
+                                          "past it the request is cancelled (503) and its sampling stops."),
     tracking_uri: str | None = tracking_uri_option(),
 ) -> None:
-    """Serve a registered generator with MLflow's model server; POST /invocations returns base64 PNGs.
+    """Serve a registered generator over REST, in MLflow's scoring format: POST /invocations returns base64 PNGs.
 
     Only generators logged by a distill command are served: the model is downloaded and its files checked
-    before the server starts (a foreign pyfunc, e.g. a pickled one, is refused unloaded). SIGTERM/SIGINT stop
-    the server and everything it started."""
+    before the server starts (a foreign pyfunc, e.g. a pickled one, is refused unloaded). A request whose client
+    disconnects, or that runs past --request-timeout, is cancelled: its sampling stops within one network
+    forward. SIGTERM/SIGINT cancel the requests in flight and stop the server and everything it started."""
     from distill_common.errors import ConfigError
     from distill_common.foreground import run_foreground
 
@@ -236,6 +239,9 @@ def serve_cmd(
     for flag, value in (("--max-steps", max_steps), ("--max-rows", max_rows)):
         if not 1 <= value <= 10_000:
             raise ConfigError(f"{flag} must be in [1, 10000], got {value}; pass e.g. {flag} 64")
+    if not 1 <= request_timeout <= 86_400:  # NaN fails too
+        raise ConfigError(f"--request-timeout must be in [1, 86400] seconds, got {request_timeout}; pass e.g. "
+                          "--request-timeout 60")
     from distill_common.foreground import check_port_free
 
     check_port_free(host, port)
@@ -246,12 +252,13 @@ def serve_cmd(
     staging = Path(tempfile.mkdtemp(prefix="distill-serve-"))
     try:
         local = tracking.fetch_servable_model(uri, staging / "model")
-        # mlflow starts uvicorn by name: the environment's own bin folder must come first on PATH
+        from distill_common.serving import REQUEST_TIMEOUT_ENV
+
         env = dict(os.environ, MLFLOW_TRACKING_URI=tracking.tracking_uri(), MLFLOW_ALLOW_PICKLE_DESERIALIZATION="false",
                    DISTILL_SERVE_MAX_STEPS=str(max_steps), DISTILL_SERVE_MAX_ROWS=str(max_rows),
-                   PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
-        cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", str(local), "--env-manager", "local",
-               "--host", host, "--port", str(port), "--workers", "1"]
+                   **{REQUEST_TIMEOUT_ENV: repr(float(request_timeout))})
+        # distill's own server (MLflow's routes and formats, cancellable requests), loading the checked files
+        cmd = [sys.executable, "-m", "distill_common.serving", str(local), host, str(port)]
         _console().print(f"serving {uri} on http://{host}:{port}/invocations", highlight=False)
         rc = run_foreground(cmd, env)
     finally:

@@ -55,6 +55,12 @@ def fetch_servable_model(uri, dst):
     return _fetch(uri, dst)
 
 
+def load_served_model(model_dir):
+    from distill_common.tracking.pyfunc import load_served_model as _load
+
+    return _load(model_dir)
+
+
 def decode_image(b64: str):
     from distill_common.tracking.pyfunc import decode_image as _decode
 
@@ -65,6 +71,6 @@ __all__ = [
     "CHALLENGER", "CHAMPION", "ModelVersionInfo", "RelogReport", "TrackingRun", "artifact_root", "best_version",
     "check_reachable", "check_store_writable", "configure", "decode_image", "is_remote", "delete_alias",
     "download_generator", "download_run_artifacts", "fetch_servable_model", "list_models", "list_run_artifacts",
-    "list_versions", "log_generator_model", "register_model", "relog", "require_store", "resolve_model_version", "set_alias", "set_version_tags",
+    "list_versions", "load_served_model", "log_generator_model", "register_model", "relog", "require_store", "resolve_model_version", "set_alias", "set_version_tags",
     "run_start_time", "start_run", "tracking_uri", "using_store", "verify_logged_generator", "version_by_alias",
 ]

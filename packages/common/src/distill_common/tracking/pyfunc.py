@@ -141,7 +141,10 @@ class GeneratorPyfunc(mlflow.pyfunc.PythonModel):
         import pandas as pd
         from PIL import Image
 
+        from distill_common import cancel
+
         df, conditions, steps, seeds, guidance = self._parse(model_input, params)
+        cancel.check()  # a request cancelled while it waited for the model never starts
         try:
             images = self.generator.generate(conditions, steps, seeds, guidance)
         except (DistillError, ValueError) as exc:  # the generator's own check of the input
@@ -157,6 +160,38 @@ class GeneratorPyfunc(mlflow.pyfunc.PythonModel):
             Image.fromarray(arr).save(buf, format="PNG")
             encoded.append(base64.b64encode(buf.getvalue()).decode("ascii"))
         return pd.DataFrame({"condition": df["condition"], "seed": seeds, "steps": steps, "image": encoded})
+
+
+class ServedModel:
+    """A loaded generator answering the MLflow scoring server's requests. :meth:`invoke` is MLflow's own
+    ``/invocations`` handler (the same input formats: ``dataframe_split``, ``dataframe_records``, ``inputs``,
+    ``instances``, CSV; the same ``{"predictions": [...]}`` out; the same JSON errors), so the server of
+    ``distill registry serve`` (:mod:`distill_common.serving`) changes only how requests are run and cancelled."""
+
+    def __init__(self, model: Any):
+        from mlflow.version import VERSION
+
+        self.model = model
+        self.input_schema = model.metadata.get_input_schema()
+        self.version = VERSION
+
+    def invoke(self, body: bytes, content_type: str) -> tuple[int, str, str]:
+        """(HTTP status, body, media type) of one request. A cancellation
+        (:class:`distill_common.cancel.Cancelled`) passes through."""
+        from mlflow.pyfunc import scoring_server
+
+        try:
+            res = scoring_server.invocations(body, content_type, self.model, self.input_schema)
+        except MlflowException as exc:
+            return exc.get_http_status_code(), exc.serialize_as_json(), "application/json"
+        return res.status, res.response, res.mimetype
+
+
+def load_served_model(model_dir: str | Path) -> ServedModel:
+    """Load a downloaded, verified generator model (:func:`fetch_servable_model`) for serving; it is verified
+    again here, so only a generator this project logged from code is ever loaded."""
+    verify_logged_generator(model_dir)
+    return ServedModel(mlflow.pyfunc.load_model(str(model_dir)))
 
 
 def decode_image(b64: str):
