@@ -614,7 +614,19 @@ def ship_lora(run: Path = typer.Option(..., help="the flash train run folder (it
     generator_dir = run / "generator"
     if not (generator_dir / "generator.json").is_file():
         raise typer.BadParameter(f"{generator_dir} holds no generator.json: finish the training run first")
+    from distill_common.checkpoint import file_sha256
+    from distill_common.reference_sd import SHA256_FILE
+
+    manifest = json.loads((generator_dir / "generator.json").read_text())
+    lora_sha = file_sha256(generator_dir / manifest["lora"])
+    keys = [json.loads(k.read_text()) for k in (eval_dir / "images").glob(f"{label}_s*/cache_key.json")]
+    if not keys or any(json.dumps(k).find(lora_sha) < 0 for k in keys):
+        raise typer.BadParameter(f"the images of {label!r} in {eval_dir} were not made by {generator_dir}'s LoRA "
+                                 f"(sha256 {lora_sha[:12]}); evaluate this run's LoRA under that label first")
     report = json.loads((eval_dir / "flash_eval.json").read_text())
+    if report.get("meta", {}).get("base_model") != manifest.get("base_model"):
+        raise typer.BadParameter(f"{eval_dir} scored base model {report.get('meta', {}).get('base_model')!r}, "
+                                 f"not this LoRA's {manifest.get('base_model')!r}")
     rows = [r for r in report["rows"] if r["model"] in (label, "baseline", "base")]
     if not any(r["model"] == label for r in rows):
         raise typer.BadParameter(f"{eval_dir}/flash_eval.json has no rows for {label!r}; labels: "
@@ -634,12 +646,16 @@ def ship_lora(run: Path = typer.Option(..., help="the flash train run folder (it
         for f in generator_dir.iterdir():
             if f.is_file():
                 shutil.copy2(f, tmp / f.name)
+        # a student of the reference model's weights as shipped now: it refuses to load on other base weights
+        manifest.update(role="student", base_model_sha256sums=file_sha256(SHA256_FILE))
+        (tmp / "generator.json").write_text(json.dumps(manifest, indent=2) + "\n")
         sums = write_sha256sums(tmp, tmp / SHIPPED_LORA_SUMS)
 
         def cell(r: dict, key: str, pct: bool = False) -> str:
             if r.get(key) is None:
                 return "-"
-            lo, hi = r.get(f"{key}_low"), r.get(f"{key}_high")
+            lo = r.get(f"{key}_low", r.get(f"{key}_ci95_low"))
+            hi = r.get(f"{key}_high", r.get(f"{key}_ci95_high"))
             f = (lambda v: f"{100 * v:.1f}%") if pct else (lambda v: f"{v:.2f}")
             return f(r[key]) + (f" [{f(lo)}, {f(hi)}]" if lo is not None and hi is not None else "")
 

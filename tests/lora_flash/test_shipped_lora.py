@@ -55,3 +55,19 @@ def test_no_shipped_folder_means_only_the_teacher(tmp_path: Path, monkeypatch: p
 
     monkeypatch.setattr(gen_mod, "SHIPPED_LORAS", tmp_path / "missing")
     assert list(gen_mod.named_generators()) == ["sd-reference"]
+
+
+def test_lora_of_other_reference_weights_is_refused(tmp_path: Path) -> None:
+    """A shipped LoRA records the reference model's SHA256SUMS digest; other installed weights refuse it."""
+    import json
+
+    from distill_common.checkpoint import file_sha256
+    from distill_common.reference_sd import SHA256_FILE
+    from distill_lora_flash.generator import _check_base_weights
+
+    manifest = {"family": "lora_flash", "base_model": "reference", "base_model_sha256sums": "0" * 64}
+    with pytest.raises(ModelLoadError, match="other weights of the reference model"):
+        _check_base_weights(tmp_path, manifest)
+    _check_base_weights(tmp_path, {**manifest, "base_model_sha256sums": file_sha256(SHA256_FILE)})
+    _check_base_weights(tmp_path, {**manifest, "base_model": "some/other-model"})
+    assert json.dumps(manifest)  # the manifest stays plain JSON

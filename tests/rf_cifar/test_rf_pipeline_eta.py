@@ -58,7 +58,7 @@ def test_stage_costs_follow_the_configuration() -> None:
 
 def test_pipeline_prints_stage_of_total_and_the_time_left(tmp_path: Path, data_root: Path, monkeypatch) -> None:
     """The real run_pipeline with its stages replaced by ones that take a known time on a fake clock: each stage's
-    heading is followed by 'stage N of 5', and the time left after stage 1 is the rest's cost at stage 1's speed."""
+    heading is followed by 'stage N/5', and the time left after stage 1 is the rest's cost at stage 1's speed."""
     cfg = smoke_pipeline()
     cfg.teacher_source, cfg.track, cfg.output_dir = "scratch", False, tmp_path / "run"
     cfg.data.data_root = data_root
@@ -86,9 +86,10 @@ def test_pipeline_prints_stage_of_total_and_the_time_left(tmp_path: Path, data_r
     result = pipeline.run_pipeline(cfg, console=Console(file=out, width=200), progress=False)
     assert result.finished
     lines = [line for line in out.getvalue().splitlines() if line.startswith("pipeline: stage")]
-    assert [re.match(r"pipeline: stage (\d) of (\d)", line).groups() for line in lines] == [
+    assert [re.match(r"pipeline: stage (\d)/(\d)", line).groups() for line in lines] == [
         (str(n), "5") for n in range(1, 6)]
-    assert lines[0].endswith("0:00 elapsed, time left estimated after the first timed stage")
+    assert lines[0].endswith("0:00 elapsed, time left known after one stage")
+    assert max(len(line) for line in lines) <= 80
     train_rate = speed["train"]  # after the teacher: every stage left at the teacher's speed
     left = sum(costs[s] for s in STAGES[1:]) * train_rate
     assert f"{pipeline._clock(costs['teacher'] * train_rate)} elapsed, {pipeline._duration(left)} left" in lines[1]

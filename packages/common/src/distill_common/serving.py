@@ -70,6 +70,7 @@ def build_app(model: Invoker, timeout_s: float | None = DEFAULT_REQUEST_TIMEOUT_
     """The ASGI app serving ``model``; ``timeout_s`` None means no time limit. ``app.state.cancel_all(reason)``
     cancels every request in flight (the server calls it when it is told to stop)."""
     from starlette.applications import Starlette
+    from starlette.requests import ClientDisconnect
     from starlette.responses import Response
     from starlette.routing import Route
 
@@ -93,7 +94,10 @@ def build_app(model: Invoker, timeout_s: float | None = DEFAULT_REQUEST_TIMEOUT_
         return Response(model.version, status_code=200, media_type=JSON)
 
     async def invocations(request: Request) -> Response:
-        body = await request.body()
+        try:
+            body = await request.body()
+        except ClientDisconnect:  # gone before its request arrived whole: nothing was computed
+            return _error(CLIENT_CLOSED, "CANCELLED", f"request cancelled: {CLIENT_GONE}")
         content_type = request.headers.get("content-type", "")
         token, started = CancelToken(), time.monotonic()
         active.add(token)

@@ -348,7 +348,9 @@ def run_benchmark(
         for c in configs:
             folder = out / "images" / c.key
             image_dirs[c.key] = folder
-            fp = fingerprints.setdefault(id(c.generator), generator_fingerprint(c.generator))
+            if id(c.generator) not in fingerprints:  # hashing a pipeline's weights takes seconds: once each
+                fingerprints[id(c.generator)] = generator_fingerprint(c.generator)
+            fp = fingerprints[id(c.generator)]
             info = getattr(c.generator, "cache_info", None)  # a generator's named provenance, e.g. its LoRA digest
             key = image_cache_key(c.generator, c.steps, seed=cfg.seed, condition_rule=rule, guidance=cfg.guidance,
                                   fingerprint=fp, extra=info if isinstance(info, dict) else None)

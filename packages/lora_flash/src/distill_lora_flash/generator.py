@@ -131,6 +131,21 @@ def verify_shipped_folder(folder: Path) -> None:
         verify_sha256sums(folder, folder / SHIPPED_LORA_SUMS)
 
 
+def _check_base_weights(folder: Path, manifest: dict[str, Any]) -> None:
+    """A LoRA trained on the shipped reference model records the sha256 of that model's ``SHA256SUMS``; it is refused
+    on other reference weights (a LoRA is a delta: on other base weights it is another, unmeasured model)."""
+    recorded = manifest.get("base_model_sha256sums")
+    if not recorded or manifest.get("base_model") != "reference":
+        return
+    from distill_common.checkpoint import file_sha256
+    from distill_common.reference_sd import SHA256_FILE
+
+    if file_sha256(SHA256_FILE) != recorded:
+        raise ModelLoadError(f"{folder} was trained on other weights of the reference model than the ones installed; "
+                             "install the distill-common version it shipped with, or retrain it (distill flash train "
+                             "--base-model reference)")
+
+
 def load_generator(folder: str | Path, device: str = "auto", precision: str = "auto", **_: Any) -> FlashGenerator:
     """Entry point ``distill.generators: lora_flash``: rebuild the generator a ``generator.json`` describes.
 
@@ -141,6 +156,7 @@ def load_generator(folder: str | Path, device: str = "auto", precision: str = "a
     folder = Path(folder)
     manifest = read_generator_manifest(folder)
     verify_shipped_folder(folder)
+    _check_base_weights(folder, manifest)
     if manifest.get("family") != FAMILY:
         raise ModelLoadError(f"{folder} holds a {manifest.get('family')!r} generator, not {FAMILY!r}")
     dev = resolve_device(device)

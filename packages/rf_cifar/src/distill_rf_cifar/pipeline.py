@@ -160,9 +160,8 @@ class _Overall:
     def begin(self, stage: str) -> None:
         n = STAGES.index(stage) + 1
         left = estimate_remaining(self.costs, self.done)
-        when = (f"{_duration(left)} left (estimated from the finished stages)" if left is not None
-                else "time left estimated after the first timed stage")
-        self.console.print(f"pipeline: stage {n} of {len(STAGES)}, {_clock(time.perf_counter() - self.start)} "
+        when = f"{_duration(left)} left" if left is not None else "time left known after one stage"
+        self.console.print(f"pipeline: stage {n}/{len(STAGES)}, {_clock(time.perf_counter() - self.start)} "
                            f"elapsed, {when}", style="dim", highlight=False)
 
 
