@@ -675,7 +675,7 @@ def ship_lora(run: Path = typer.Option(..., help="the flash train run folder (it
                  f"{cfg['seed']}, CIFAR-10 training images with captions from the training templates; MLflow run "
                  f"`{mlflow_id}`; commit `{_git_commit()}`.", "",
                  "## Scores", "",
-                 f"`distill flash eval`: {meta.get('images', '?')} images per row ({meta.get('prompts', '?')} "
+                 f"`distill flash eval`: {meta.get('images', '?')} images per row ({Path(str(meta.get('prompts', '?'))).name} "
                  f"held-out prompts, seeds {meta.get('seeds', '?')}), FID against CIFAR-10 training images with "
                  "its 95% bootstrap interval, class accuracy by the shipped classifier with its 95% Wilson interval, "
                  f"ms per image on 2 CPU cores ({meta.get('timing', '')}).", "",
