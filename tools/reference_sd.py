@@ -484,8 +484,9 @@ def card(card_dir: Path = typer.Option(Path("~/distill-work/reference_sd/card").
         lines += ["Quality against images seen (same protocol and seeds; the best guidance of each):", "",
                   "| UNet images seen | best FID [95% interval] | best class accuracy |", "|---:|---|---|"]
         by_seen: dict[int, list[dict]] = {}
+        protocol_n = min(x["num_images"] for x in rows)
         for r in earlier + rows:
-            if r["num_images"] == min(x["num_images"] for x in rows):
+            if r["num_images"] == protocol_n:
                 by_seen.setdefault(r.get("unet_images_seen") or seen, []).append(r)
         for n_seen in sorted(by_seen):
             group = by_seen[n_seen]
@@ -605,8 +606,8 @@ def ship_lora(run: Path = typer.Option(..., help="the flash train run folder (it
 
     import yaml
 
-    from distill_common.checkpoint import atomic_dir
-    from distill_common.reference_sd import write_sha256sums
+    from distill_common.checkpoint import atomic_dir, file_sha256
+    from distill_common.reference_sd import SHA256_FILE, write_sha256sums
     from distill_lora_flash.generator import SHIPPED_LORA_SUMS, SHIPPED_LORAS
 
     if not re.fullmatch(r"[a-z0-9][a-z0-9-]*", name):
@@ -614,13 +615,10 @@ def ship_lora(run: Path = typer.Option(..., help="the flash train run folder (it
     generator_dir = run / "generator"
     if not (generator_dir / "generator.json").is_file():
         raise typer.BadParameter(f"{generator_dir} holds no generator.json: finish the training run first")
-    from distill_common.checkpoint import file_sha256
-    from distill_common.reference_sd import SHA256_FILE
-
     manifest = json.loads((generator_dir / "generator.json").read_text())
     lora_sha = file_sha256(generator_dir / manifest["lora"])
     keys = [json.loads(k.read_text()) for k in (eval_dir / "images").glob(f"{label}_s*/cache_key.json")]
-    if not keys or any(json.dumps(k).find(lora_sha) < 0 for k in keys):
+    if not keys or any(lora_sha not in json.dumps(k) for k in keys):
         raise typer.BadParameter(f"the images of {label!r} in {eval_dir} were not made by {generator_dir}'s LoRA "
                                  f"(sha256 {lora_sha[:12]}); evaluate this run's LoRA under that label first")
     report = json.loads((eval_dir / "flash_eval.json").read_text())

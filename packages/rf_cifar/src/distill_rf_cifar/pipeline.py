@@ -146,23 +146,19 @@ def _duration(seconds: float) -> str:
 
 class _Overall:
     """The line under each stage's heading: stage N of M, time elapsed and the whole pipeline's time left, estimated
-    from the configured work of the remaining stages and the measured speed of the finished ones."""
+    from the configured work of the remaining stages and the measured speed of the finished ones (the stage times
+    the result records; a skipped stage, its work done by an earlier call, tells nothing of the speed)."""
 
-    def __init__(self, cfg: PipelineConfig, console: Console) -> None:
-        self.costs, self.console = stage_costs(cfg), console
-        self.done: dict[str, float | None] = {}
-        self.start = time.perf_counter()
+    def __init__(self, cfg: PipelineConfig, console: Console, start: float) -> None:
+        self.costs, self.console, self.start = stage_costs(cfg), console, start
 
-    def finished(self, stage: str, outcome: StageOutcome, seconds: float) -> None:
-        """A stage ended; a skipped one (its work done by an earlier call) tells nothing of the speed."""
-        self.done[stage] = None if outcome.skipped else seconds
-
-    def begin(self, stage: str) -> None:
-        n = STAGES.index(stage) + 1
-        left = estimate_remaining(self.costs, self.done)
+    def begin(self, stage: str, result: PipelineResult) -> None:
+        done = {s: None if result.outcomes[s].skipped else sec for s, sec in result.stage_seconds.items()
+                if s in result.outcomes}
+        left = estimate_remaining(self.costs, done)
         when = f"{_duration(left)} left" if left is not None else "time left known after one stage"
-        self.console.print(f"pipeline: stage {n}/{len(STAGES)}, {_clock(time.perf_counter() - self.start)} "
-                           f"elapsed, {when}", style="dim", highlight=False)
+        self.console.print(f"pipeline: stage {STAGES.index(stage) + 1}/{len(STAGES)}, "
+                           f"{_clock(time.perf_counter() - self.start)} elapsed, {when}", style="dim", highlight=False)
 
 
 def _register(name: str, outcome: StageOutcome, tags: dict[str, Any]) -> str:
@@ -219,11 +215,11 @@ def run_pipeline(cfg: PipelineConfig, *, console: Console | None = None, progres
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "pipeline_config.yaml")
     result = PipelineResult(out, False, 0.0)
-    overall = _Overall(cfg, console)
+    overall = _Overall(cfg, console, start)
     with tracking.start_run(cfg.experiment, f"pipeline-{cfg.run_name}", config=cfg, tags={"stage": "pipeline"},
                             fallback_dir=out, enabled=cfg.track) as parent:
         console.rule(f"[bold]1/5 teacher[/] ({cfg.teacher_source}) → {out / 'teacher'}")
-        overall.begin("teacher")
+        overall.begin("teacher", result)
         if cfg.teacher_source == SCRATCH:
             teacher = train_teacher(teacher_config(cfg, out / "teacher"), console=console, progress=progress,
                                     nested=True)
@@ -232,32 +228,29 @@ def run_pipeline(cfg: PipelineConfig, *, console: Console | None = None, progres
                                   console=console, nested=True)
         result.outcomes["teacher"] = teacher
         lap = result.lap("teacher", start)
-        overall.finished("teacher", teacher, lap - start)
         if not teacher.finished:
             result.seconds = time.perf_counter() - start
             return result
         console.rule(f"[bold]2/5 pairs[/] → {out / 'pairs'}")
-        overall.begin("pairs")
+        overall.begin("pairs", result)
         result.outcomes["pairs"] = make_pairs(pairs_config(cfg, teacher.generator_dir, out / "pairs"), console=console,
                                               progress=progress, nested=True)
-        lap, since = result.lap("pairs", lap), lap
-        overall.finished("pairs", result.outcomes["pairs"], lap - since)
+        lap = result.lap("pairs", lap)
         recipes = student_recipes(cfg)
         for i, label in enumerate(STUDENTS):
             console.rule(f"[bold]{3 + i}/5 student {label}[/] ({recipes[label]}) → {out / 'students' / label}")
-            overall.begin(label)
+            overall.begin(label, result)
             dcfg = distill_config(cfg, recipes[label], teacher.generator_dir, out / "pairs", out / "students" / label)
             dcfg.rounds = RoundsEvalConfig(num_images=0)  # the pipeline's own evaluation scores the final student
             student = distill_student(dcfg, console=console, progress=progress, nested=True)
             result.outcomes[label] = student
-            lap, since = result.lap(label, lap), lap
-            overall.finished(label, student, lap - since)
+            lap = result.lap(label, lap)
             if not student.finished:
                 result.seconds = time.perf_counter() - start
                 return result
 
         console.rule(f"[bold]5/5 FID vs NFE and latency[/] → {out / 'eval'}")
-        overall.begin("evaluation")
+        overall.begin("evaluation", result)
         eval_cfg = dataclasses.replace(evaluate_config(cfg), teacher=str(teacher.generator_dir),
                                        students=[f"{r}={result.outcomes[r].generator_dir}" for r in STUDENTS],
                                        output_dir=out / "eval")
