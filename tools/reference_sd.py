@@ -37,7 +37,7 @@ def _bar() -> Progress:
                     TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(), console=console)
 
 
-def _run(task, cfg, run_dir: Path, run_name: str, params: dict) -> dict:
+def _run(task, cfg, run_dir: Path, run_name: str, params: dict, extra: dict | None = None) -> dict:
     from distill_common.checkpoint import write_json
     from distill_common.reference_sd.training import train_component
     from distill_common.tracking import start_run
@@ -59,7 +59,7 @@ def _run(task, cfg, run_dir: Path, run_name: str, params: dict) -> dict:
 
             summary = train_component(task, cfg, run_dir, log=lambda m, s: run.log_metrics(m, step=s),
                                       progress=progress)
-        write_json(run_dir / "summary.json", {**summary, "command": command, "mlflow_run_id": run.run_id})
+        write_json(run_dir / "summary.json", {**summary, "command": command, "mlflow_run_id": run.run_id, **(extra or {})})
     console.print(f"{run_name}: {summary['steps']} steps, {summary['wall_time_s'] / 60:.1f} min, "
                   f"export in {run_dir / 'export'}")
     return summary
@@ -85,9 +85,22 @@ def _labels(ds):
 def train_vae(run_dir: Path = typer.Option(...), steps: int = 2400, batch_size: int = 64,
               learning_rate: float = 1e-3, lpips_weight: float = 0.5, kl_weight: float = 1e-6,
               ema_decay: float = 0.999, precision: str = "bf16", threads: int = 2,
-              data_root: str = typer.Option(None), checkpoint_every: int = 200) -> None:
-    """Train the AutoencoderKL on CIFAR-10 train (L1 + LPIPS(alex) + KL)."""
+              data_root: str = typer.Option(None), checkpoint_every: int = 200,
+              init: Path = typer.Option(None, help="start from this trained VAE folder (diffusers layout) instead of "
+                                                   "random weights"),
+              decoder_only: bool = typer.Option(False, help="fine-tune only the decoder (needs --init): the encoder, "
+                                                            "its latents and scaling factor stay, so a UNet trained "
+                                                            "on them stays valid")) -> None:
+    """Train the AutoencoderKL on CIFAR-10 train (L1 + LPIPS(alex) + KL), or fine-tune a trained one's decoder."""
+    if decoder_only and init is None:
+        raise typer.BadParameter("--decoder-only fine-tunes a trained VAE; pass its folder with --init")
+    if init is not None and not (init / "config.json").is_file():
+        raise typer.BadParameter(f"--init {init}: no config.json there; pass a diffusers VAE folder "
+                                 "(for example <run>/export/vae)")
     _threads(threads)
+    import torch
+    from diffusers import AutoencoderKL
+
     from distill_common.models.tiny_sd import build_tiny_vae
     from distill_common.reference_sd.spec import REFERENCE_SD_SPEC
     from distill_common.reference_sd.tasks import VAETask
@@ -98,12 +111,17 @@ def train_vae(run_dir: Path = typer.Option(...), steps: int = 2400, batch_size: 
                                ema_decay=ema_decay, precision=precision, checkpoint_every=checkpoint_every)
     cfg.validate()
     images, _ = _cifar_uint8(data_root)
-    vae = build_tiny_vae(REFERENCE_SD_SPEC)
+    vae = (AutoencoderKL.from_pretrained(init, torch_dtype=torch.float32) if init is not None
+           else build_tiny_vae(REFERENCE_SD_SPEC))
     task = VAETask(vae, images, perceptual=LPIPSMetric("alex") if lpips_weight > 0 else None,
-                   perceptual_weight=lpips_weight, kl_weight=kl_weight)
+                   perceptual_weight=lpips_weight, kl_weight=kl_weight, decoder_only=decoder_only)
     params = {"component": "vae", "parameters": sum(p.numel() for p in vae.parameters()), "lpips_weight": lpips_weight,
-              "kl_weight": kl_weight, **{f"train_{k}": v for k, v in cfg.__dict__.items()}}
-    _run(task, cfg, run_dir, "reference-sd-vae", params)
+              "kl_weight": kl_weight, "init": str(init or "random"), "decoder_only": decoder_only,
+              **{f"train_{k}": v for k, v in cfg.__dict__.items()}}
+    # the run that trained --init (its summary sits two folders up, in <run>/summary.json), for the model card
+    parent = _summary(init.parent.parent) if init is not None else {}
+    _run(task, cfg, run_dir, "reference-sd-vae-decoder" if decoder_only else "reference-sd-vae", params,
+         extra={"initialized_from": parent} if parent else None)
 
 
 @app.command("train-unet")

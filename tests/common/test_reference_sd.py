@@ -84,6 +84,32 @@ def test_vae_training_resumes_bit_identically(tmp_path: Path):
     assert factor != 0.18215 and factor > 0
 
 
+def test_vae_decoder_fine_tune_keeps_the_encoder_and_its_scaling(tmp_path: Path):
+    """Fine-tuning only the decoder leaves the latent space a UNet was trained on untouched: the encoder's
+    weights and the scaling factor are exported unchanged, and the decoder's do change."""
+    import json
+
+    from diffusers import AutoencoderKL
+    from safetensors.torch import load_file
+
+    images = torch.randint(0, 256, (32, 3, 8, 8), dtype=torch.uint8)
+    base = build_tiny_vae(SPEC)
+    base.register_to_config(scaling_factor=0.7)
+    base.save_pretrained(tmp_path / "base", safe_serialization=True)
+    cfg = ComponentTrainConfig(steps=3, batch_size=4, warmup_steps=1, checkpoint_every=3, precision="fp32",
+                               learning_rate=1e-2, ema_decay=0.0)
+    task = VAETask(AutoencoderKL.from_pretrained(tmp_path / "base"), images, decoder_only=True)
+    train_component(task, cfg, tmp_path / "ft")
+    before = load_file(str(tmp_path / "base/diffusion_pytorch_model.safetensors"))
+    after = load_file(str(tmp_path / "ft/export/vae/diffusion_pytorch_model.safetensors"))
+    frozen = [k for k in before if k.startswith(("encoder.", "quant_conv."))]
+    tuned = [k for k in before if k.startswith(("decoder.", "post_quant_conv."))]
+    assert frozen and tuned
+    assert all(torch.equal(before[k], after[k]) for k in frozen)
+    assert any(not torch.equal(before[k], after[k]) for k in tuned)
+    assert json.loads((tmp_path / "ft/export/vae/config.json").read_text())["scaling_factor"] == 0.7
+
+
 def test_unet_task_learns_and_exports_a_text_encoder(tmp_path: Path):
     from distill_common.models.tokenizer import clip_tokenizer
 

@@ -2,7 +2,9 @@
 
 - :class:`VAETask`: SD's first stage (Rombach et al. 2022, Sec. 3.1 / Appendix G): L1 reconstruction, an optional
   perceptual (LPIPS) term and a 1e-6-weighted KL to N(0, I). At export the latent scaling factor is set to
-  1 / std of the scaled latents over the data, as SD 1.5's 0.18215 was chosen.
+  1 / std of the scaled latents over the data, as SD 1.5's 0.18215 was chosen. With ``decoder_only`` the
+  encoder (and so the latent space a UNet was trained on) stays frozen and only the decoder is fine-tuned, as
+  Stability's ft-EMA / ft-MSE decoders were for SD 1.x; the scaling factor is then kept.
 - :class:`UNetTask`: SD's epsilon-prediction objective on the frozen VAE's latents (Ho et al. 2020), SD 1.5's
   scaled-linear betas, Min-SNR-gamma loss weighting (Hang et al. 2023), and caption dropout for classifier-free
   guidance (Ho & Salimans 2022). The CLIP text encoder is trained jointly with the UNet (it starts from random
@@ -33,21 +35,27 @@ class VAETask:
     name = "vae"
 
     def __init__(self, vae, images_uint8: torch.Tensor, *, perceptual: Callable | None = None,
-                 perceptual_weight: float = 1.0, kl_weight: float = 1e-6) -> None:
+                 perceptual_weight: float = 1.0, kl_weight: float = 1e-6, decoder_only: bool = False) -> None:
         self.vae = vae
         self.images = images_uint8  # (N, 3, 32, 32) uint8
         self.perceptual, self.perceptual_weight, self.kl_weight = perceptual, perceptual_weight, kl_weight
+        self.decoder_only = decoder_only
+        if decoder_only:
+            for frozen in (vae.encoder, getattr(vae, "quant_conv", None)):
+                if frozen is not None:
+                    frozen.requires_grad_(False)
         self.modules = {"vae": vae}
 
     def loss(self, generator: torch.Generator, batch_size: int):
         idx = torch.randint(len(self.images), (batch_size,), generator=generator)
         x = flip_some(uint8_to_unit(self.images[idx]), generator)
-        posterior = self.vae.encode(x).latent_dist
-        z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator)
+        with torch.set_grad_enabled(not self.decoder_only and torch.is_grad_enabled()):
+            posterior = self.vae.encode(x).latent_dist
+            z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator)
         rec = self.vae.decode(z).sample.float()
         l1 = (rec - x).abs().mean()
         kl = posterior.kl().float().mean()
-        total = l1 + self.kl_weight * kl
+        total = l1 if self.decoder_only else l1 + self.kl_weight * kl
         parts = {"l1": l1.item(), "kl": kl.item()}
         if self.perceptual is not None and self.perceptual_weight > 0:
             p = self.perceptual(rec, x).float().mean()
@@ -67,8 +75,9 @@ class VAETask:
         return float(torch.cat(zs).std())
 
     def export(self, folder: Path) -> None:
-        std = self.latent_std()
-        self.vae.register_to_config(scaling_factor=round(1.0 / std, 5))
+        if not self.decoder_only:  # a frozen encoder keeps the latent space, and the scaling its UNet was trained with
+            std = self.latent_std()
+            self.vae.register_to_config(scaling_factor=round(1.0 / std, 5))
         self.vae.save_pretrained(folder / "vae", safe_serialization=True)
 
 
