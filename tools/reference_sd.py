@@ -354,7 +354,7 @@ def eval_teacher(configs: str = typer.Option("pndm:30:1,pndm:30:2,pndm:30:3,pndm
                   "dpm": DPMSolverMultistepScheduler}
     pipe = _load_pipeline(model)
     base_config = dict(pipe.scheduler.config)
-    weights = _unet_weights_digest(pipe.unet)
+    weights = _weights_digest(pipe.unet, pipe.text_encoder, pipe.vae)  # the whole model: a new decoder is a new key
     prompts, labels = evaluation_prompts(num_images, templates)
     extractor, reference = _extractor_and_reference(reference_n, data_root)
     for spec in configs.split(","):
@@ -392,7 +392,8 @@ def eval_teacher(configs: str = typer.Option("pndm:30:1,pndm:30:2,pndm:30:3,pndm
                "class_accuracy_low": acc.low, "class_accuracy_high": acc.high,
                "ms_per_image": 1000 * seconds / num_images, "batch_size": batch_size, "precision": "bf16 autocast",
                "feature_precision": "bf16", "reference_n": reference.reference_n, "protocol": str(res.protocol),
-               "unet_images_seen": _shipped_images_seen() if model == "reference" else None}
+               "unet_images_seen": _shipped_images_seen() if model == "reference" else None,
+               "unet_weights": _weights_digest(pipe.unet), "vae_weights": _weights_digest(pipe.vae)}
         write_json(path, row)
         torch.save(images[:100], out_dir / f"teacher-{key}-first100.pt")
         console.print(f"{spec}: FID {res.fid:.2f} [{res.fid_interval.low:.2f}, {res.fid_interval.high:.2f}]  "
@@ -408,12 +409,13 @@ def _shipped_images_seen() -> int | None:
     return json.loads(path.read_text())["unet"].get("images_seen") if path.is_file() else None
 
 
-def _unet_weights_digest(unet) -> str:
-    """The 12-hex key of a UNet's weights used in teacher evaluation file names."""
+def _weights_digest(*modules) -> str:
+    """The 12-hex key of the modules' weights (order-free over their tensors), used in teacher evaluation file
+    names: one UNet gives the key of its UNet alone, the UNet, text encoder and VAE together the key of a model."""
     import hashlib
 
     return hashlib.sha256(b"".join(sorted(hashlib.sha256(p.detach().float().numpy().tobytes()).digest()
-                                          for p in unet.parameters()))).hexdigest()[:12]
+                                          for m in modules for p in m.parameters()))).hexdigest()[:12]
 
 
 def _fid_cell(row: dict) -> str:
@@ -438,7 +440,8 @@ def card(card_dir: Path = typer.Option(Path("~/distill-work/reference_sd/card").
     training = json.loads((REFERENCE_SD_ROOT / "training.json").read_text())
     sums = read_sha256sums()
     vae_row = json.loads((card_dir / "vae.json").read_text()) if (card_dir / "vae.json").is_file() else None
-    current = _unet_weights_digest(_load_pipeline("reference").unet)
+    pipe = _load_pipeline("reference")
+    current = _weights_digest(pipe.unet, pipe.text_encoder, pipe.vae)
     all_rows = [json.loads(p.read_text()) for p in card_dir.glob("teacher-*.json")]
     rows = sorted((r for r in all_rows if r.get("weights") == current), key=lambda r: (-r["num_images"], r["fid"]))
     earlier = [r for r in all_rows if r.get("weights") != current and r.get("unet_images_seen")]
@@ -475,12 +478,22 @@ def card(card_dir: Path = typer.Option(Path("~/distill-work/reference_sd/card").
     ]
     for name in ("vae", "unet"):
         t = training[name]
+        if t.get("initialized_from"):
+            first = t["initialized_from"]
+            lines.append(f"- {name.upper()} (first stage): `{first.get('command', '?')}` - {first.get('steps', 0):,} steps "
+                         f"of batch {first.get('config', {}).get('batch_size', '?')} ({first.get('images_seen', 0):,} "
+                         f"images seen), {first.get('wall_time_s', 0) / 60:.0f} min wall clock; MLflow run "
+                         f"`{first.get('mlflow_run_id', '?')}`; then fine-tuned:")
         lines.append(f"- {name.upper()}: `{t.get('command', '?')}` - {t.get('steps', 0):,} steps of batch "
                      f"{t.get('config', {}).get('batch_size', '?')} ({t.get('images_seen', 0):,} images seen), "
                      f"{t.get('wall_time_s', 0) / 60:.0f} min wall clock; MLflow run `{t.get('mlflow_run_id', '?')}`.")
     lines += ["", "UNet objective: epsilon MSE with Min-SNR-5 weighting (Hang et al. 2023), 10% caption dropout for "
               "classifier-free guidance, AdamW with warm-up and cosine decay, EMA 0.999 of the weights (exported).",
-              "VAE objective: L1 + 0.5 LPIPS(AlexNet) + 1e-6 KL, EMA 0.999.", "", "## Results", ""]
+              "VAE objective: L1 + 0.5 LPIPS(AlexNet) + 1e-6 KL, EMA 0.999" + (
+                  "; then the decoder alone was fine-tuned (`--decoder-only`: encoder, latents and scaling factor "
+                  "frozen, so the UNet's latent space is unchanged; L1 + LPIPS at the weight in its command, EMA "
+                  "0.999), as Stability fine-tuned SD 1.x's decoder (ft-EMA / ft-MSE)."
+                  if training["vae"].get("initialized_from") else "."), "", "## Results", ""]
     if vae_row:
         lines += [f"- **VAE reconstruction FID**: {_fid_cell(vae_row)} ({vae_row['num_images']:,} reconstructions of "
                   f"training images against the statistics of {vae_row['reference_n']:,} training images; PSNR "
@@ -499,16 +512,17 @@ def card(card_dir: Path = typer.Option(Path("~/distill-work/reference_sd/card").
         lines.append("")
     seen = training["unet"].get("images_seen", 0)
     if earlier and rows:
-        lines += ["Quality against images seen (same protocol and seeds; the best guidance of each):", "",
-                  "| UNet images seen | best FID [95% interval] | best class accuracy |", "|---:|---|---|"]
-        by_seen: dict[int, list[dict]] = {}
+        lines += ["Quality against images seen (same protocol and seeds; the best guidance of each; VAE weights key: "
+                  "the decoder the images were decoded with):", "",
+                  "| UNet images seen | VAE | best FID [95% interval] | best class accuracy |", "|---:|---|---|---|"]
+        by_seen: dict[tuple[int, str], list[dict]] = {}
         protocol_n = min(x["num_images"] for x in rows)
         for r in earlier + rows:
             if r["num_images"] == protocol_n:
-                by_seen.setdefault(r.get("unet_images_seen") or seen, []).append(r)
-        for n_seen in sorted(by_seen):
-            group = by_seen[n_seen]
-            lines.append(f"| {n_seen:,} | {_fid_cell(min(group, key=lambda r: r['fid']))} | "
+                by_seen.setdefault((r.get("unet_images_seen") or seen, r.get("vae_weights", "?")), []).append(r)
+        for n_seen, vae_key in sorted(by_seen):
+            group = by_seen[n_seen, vae_key]
+            lines.append(f"| {n_seen:,} | `{vae_key}` | {_fid_cell(min(group, key=lambda r: r['fid']))} | "
                          f"{_acc_cell(max(group, key=lambda r: r['class_accuracy']))} |")
         lines.append("")
     best_acc = max(rows, key=lambda r: r["class_accuracy"]) if rows else None
