@@ -98,6 +98,7 @@ def train(cfg: TrainConfig) -> None:
     LoRA as an MLflow pyfunc generator.
     """
     from distill_common import tracking
+    from distill_common.runtime import is_main_process
     from distill_lora_flash.training import TrainHooks, run_dir
     from distill_lora_flash.training import train as run_training
 
@@ -107,6 +108,8 @@ def train(cfg: TrainConfig) -> None:
         hooks = TrainHooks(metrics=lambda step, m: run.log_metrics({f"train.{k}": v for k, v in m.items()}, step=step),
                            images=lambda step, images: _log_validation(run, folder, step, images))
         result = run_training(cfg, hooks, console)
+        if not is_main_process():  # under `accelerate launch` rank 0 alone writes, logs and registers the LoRA
+            return
         console.print(f"final LoRA: {result.final_dir} (step {result.global_step})", highlight=False)
         if cfg.track:
             uri = tracking.log_generator_model(run, result.generator_dir)

@@ -362,8 +362,10 @@ def _train(cfg: TrainConfig, hooks: TrainHooks, console: Any, accelerator: Any, 
         if stream is not None:
             positions = state.get("data") or []
             if len(positions) != accelerator.num_processes:
-                raise ConfigError(f"{resume_from} holds no shard position for {accelerator.num_processes} "
-                                  "process(es); resume with the data and process count it was written with")
+                fix = (f"resume with `accelerate launch --num_processes {len(positions)}`" if positions
+                       else "resume with the data it was written with")
+                raise ConfigError(f"{resume_from} holds shard positions for {len(positions)} process(es), this run "
+                                  f"has {accelerator.num_processes}; {fix} or pass a new --run-name")
             stream.load_state_dict(positions[accelerator.process_index])
         console.print(f"resuming {folder} from {resume_from.name} (step {global_step})", highlight=False)
     if accelerator.is_main_process:
