@@ -8,7 +8,10 @@
   ``.lora_up.weight``, ``.alpha``), the format ComfyUI, AUTOMATIC1111, SD.Next and InvokeAI load; converted with
   diffusers' ``convert_state_dict_to_kohya``. That converter writes ``alpha = rank`` (scale 1); the adapter's real
   ``lora_alpha`` (and any per-module ``alpha_pattern``) is written instead, so the loaded scale ``alpha / rank`` is the
-  trained one. ``ss_network_dim`` / ``ss_network_alpha`` metadata are set as kohya's trainer does.
+  trained one. ``ss_network_dim`` / ``ss_network_alpha`` metadata are set as kohya's trainer does. A text encoder
+  LoRA is named as in the CLIP checkpoint (``..._text_model_encoder_layers_<n>_...``, also where transformers >= 5
+  names the layers without ``text_model.``) under kohya's SD 1.x prefix ``lora_te_`` (the one AUTOMATIC1111 maps
+  first); the converter's ``lora_te1_`` / ``lora_te2_`` stay for SDXL's two text encoders.
 """
 
 from __future__ import annotations
@@ -97,6 +100,9 @@ def to_kohya(lora: LoraFile) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
 
     out: dict[str, torch.Tensor] = {}
     for component, layers in lora.layers.items():
+        if component.startswith("text_encoder"):  # transformers >= 5 drops CLIPTextModel's text_model. level
+            layers = {k if k.startswith(("text_model.", "text_projection")) else f"text_model.{k}": v
+                      for k, v in layers.items()}
         prefixed = {f"{component}.{k}": v for k, v in layers.items()}
         converted = convert_state_dict_to_kohya(prefixed)
         modules = {k.removesuffix(".lora_A.weight"): k for k in layers if k.endswith(".lora_A.weight")}
@@ -107,6 +113,8 @@ def to_kohya(lora: LoraFile) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         for key, value in converted.items():
             if key.endswith(".alpha"):
                 value = torch.tensor(_module_alpha(lora.configs[component], kohya_names[key.removesuffix(".alpha")]))
+            if component == "text_encoder" and "text_encoder_2" not in lora.layers:
+                key = "lora_te_" + key.removeprefix("lora_te1_")  # kohya's SD 1.x/2.x prefix; te1/te2 are SDXL's
             out[key] = value.contiguous()
     unet = lora.configs.get("unet") or next(iter(lora.configs.values()))
     metadata = {"ss_network_module": "networks.lora", "ss_network_dim": str(int(unet["r"])),
