@@ -354,7 +354,8 @@ def eval_teacher(configs: str = typer.Option("pndm:30:1,pndm:30:2,pndm:30:3,pndm
                   "dpm": DPMSolverMultistepScheduler}
     pipe = _load_pipeline(model)
     base_config = dict(pipe.scheduler.config)
-    weights = _weights_digest(pipe.unet, pipe.text_encoder, pipe.vae)  # the whole model: a new decoder is a new key
+    weights = _model_digest(pipe)
+    part_digests = {"unet_weights": _weights_digest(pipe.unet), "vae_weights": _weights_digest(pipe.vae)}
     prompts, labels = evaluation_prompts(num_images, templates)
     extractor, reference = _extractor_and_reference(reference_n, data_root)
     for spec in configs.split(","):
@@ -393,7 +394,7 @@ def eval_teacher(configs: str = typer.Option("pndm:30:1,pndm:30:2,pndm:30:3,pndm
                "ms_per_image": 1000 * seconds / num_images, "batch_size": batch_size, "precision": "bf16 autocast",
                "feature_precision": "bf16", "reference_n": reference.reference_n, "protocol": str(res.protocol),
                "unet_images_seen": _shipped_images_seen() if model == "reference" else None,
-               "unet_weights": _weights_digest(pipe.unet), "vae_weights": _weights_digest(pipe.vae)}
+               **part_digests}
         write_json(path, row)
         torch.save(images[:100], out_dir / f"teacher-{key}-first100.pt")
         console.print(f"{spec}: FID {res.fid:.2f} [{res.fid_interval.low:.2f}, {res.fid_interval.high:.2f}]  "
@@ -416,6 +417,18 @@ def _weights_digest(*modules) -> str:
 
     return hashlib.sha256(b"".join(sorted(hashlib.sha256(p.detach().float().numpy().tobytes()).digest()
                                           for m in modules for p in m.parameters()))).hexdigest()[:12]
+
+
+def _training_line(label: str, t: dict, end: str) -> str:
+    """One card line for a training run's summary.json: command, steps, images seen, wall clock, MLflow run."""
+    return (f"- {label}: `{t.get('command', '?')}` - {t.get('steps', 0):,} steps of batch "
+            f"{t.get('config', {}).get('batch_size', '?')} ({t.get('images_seen', 0):,} images seen), "
+            f"{t.get('wall_time_s', 0) / 60:.0f} min wall clock; MLflow run `{t.get('mlflow_run_id', '?')}`{end}")
+
+
+def _model_digest(pipe) -> str:
+    """The key of a whole text-to-image model (UNet, text encoder, VAE): a new decoder is a new model."""
+    return _weights_digest(pipe.unet, pipe.text_encoder, pipe.vae)
 
 
 def _fid_cell(row: dict) -> str:
@@ -441,7 +454,7 @@ def card(card_dir: Path = typer.Option(Path("~/distill-work/reference_sd/card").
     sums = read_sha256sums()
     vae_row = json.loads((card_dir / "vae.json").read_text()) if (card_dir / "vae.json").is_file() else None
     pipe = _load_pipeline("reference")
-    current = _weights_digest(pipe.unet, pipe.text_encoder, pipe.vae)
+    current = _model_digest(pipe)
     all_rows = [json.loads(p.read_text()) for p in card_dir.glob("teacher-*.json")]
     rows = sorted((r for r in all_rows if r.get("weights") == current), key=lambda r: (-r["num_images"], r["fid"]))
     earlier = [r for r in all_rows if r.get("weights") != current and r.get("unet_images_seen")]
@@ -479,14 +492,8 @@ def card(card_dir: Path = typer.Option(Path("~/distill-work/reference_sd/card").
     for name in ("vae", "unet"):
         t = training[name]
         if t.get("initialized_from"):
-            first = t["initialized_from"]
-            lines.append(f"- {name.upper()} (first stage): `{first.get('command', '?')}` - {first.get('steps', 0):,} steps "
-                         f"of batch {first.get('config', {}).get('batch_size', '?')} ({first.get('images_seen', 0):,} "
-                         f"images seen), {first.get('wall_time_s', 0) / 60:.0f} min wall clock; MLflow run "
-                         f"`{first.get('mlflow_run_id', '?')}`; then fine-tuned:")
-        lines.append(f"- {name.upper()}: `{t.get('command', '?')}` - {t.get('steps', 0):,} steps of batch "
-                     f"{t.get('config', {}).get('batch_size', '?')} ({t.get('images_seen', 0):,} images seen), "
-                     f"{t.get('wall_time_s', 0) / 60:.0f} min wall clock; MLflow run `{t.get('mlflow_run_id', '?')}`.")
+            lines.append(_training_line(f"{name.upper()} (first stage)", t["initialized_from"], "; then fine-tuned:"))
+        lines.append(_training_line(name.upper(), t, "."))
     lines += ["", "UNet objective: epsilon MSE with Min-SNR-5 weighting (Hang et al. 2023), 10% caption dropout for "
               "classifier-free guidance, AdamW with warm-up and cosine decay, EMA 0.999 of the weights (exported).",
               "VAE objective: L1 + 0.5 LPIPS(AlexNet) + 1e-6 KL, EMA 0.999" + (

@@ -3,14 +3,13 @@ checkpoints, reduced metrics, and a killed-then-resumed run that ends on the uni
 
 from __future__ import annotations
 
-import os
 import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from server_fixtures import REPO, free_port
+from server_fixtures import launch_two_processes
 
 pytestmark = pytest.mark.slow
 
@@ -21,15 +20,8 @@ TINY = ["--preset", "smoke", "--train-steps", "6", "--train-batch-size", "16", "
 
 
 def launch(out: Path, cwd: Path, data_root: Path, *extra: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", DISTILL_DATA_ROOT=str(data_root), OMP_NUM_THREADS="1")
-    env.pop("MLFLOW_TRACKING_URI", None)  # the embedded store in cwd
-    cmd = [str(REPO / ".venv" / "bin" / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(free_port()), "-m", "distill_common.cli", "rf", "train-teacher",
-           *TINY, "--output-dir", str(out), *extra]
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=400)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    return proc
+    return launch_two_processes(["rf", "train-teacher", *TINY, "--output-dir", str(out), *extra], cwd,
+                                DISTILL_DATA_ROOT=str(data_root))
 
 
 def test_two_process_training_logs_once_and_resumes_exactly(tmp_path, data_root):

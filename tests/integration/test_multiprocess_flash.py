@@ -5,7 +5,6 @@ count refused in one line."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +13,7 @@ import pytest
 import torch
 from caption_shards import write_caption_shards
 from safetensors.torch import load_file
-from server_fixtures import REPO, free_port
+from server_fixtures import checkout_env, launch_two_processes
 
 from distill_common.checkpoint import load_training_state
 from distill_common.data.shards import CaptionShardStream, expand_shards
@@ -28,28 +27,13 @@ TINY = ["--resolution", "64", "--batch-size", "1", "--gradient-accumulation-step
         "--seed", "0"]
 
 
-def _env() -> dict[str, str]:
-    # the checkout's own sources (the venv's editable installs may point at another one); the embedded store in cwd
-    src = [str(p) for p in sorted((REPO / "packages").glob("*/src"))]
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",
-               PYTHONPATH=os.pathsep.join([*src, os.environ.get("PYTHONPATH", "")]))
-    for name in ("MLFLOW_TRACKING_URI", "DISTILL_ARTIFACT_ROOT"):
-        env.pop(name, None)
-    return env
-
-
 def train_cmd(sd: Path, shards: str, out: Path, run: str, steps: int) -> list[str]:
     return ["flash", "train", "--base-model", str(sd), "--data-shards", shards, "--output-dir", str(out),
             "--run-name", run, "--max-steps", str(steps), *TINY]
 
 
 def launch(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(free_port()), "-m", "distill_common.cli", *args]
-    proc = subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=400)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    return proc
+    return launch_two_processes(args, cwd, HF_HUB_OFFLINE="1")
 
 
 def positions(run: Path, step: int) -> list[dict]:
@@ -109,7 +93,7 @@ def test_two_process_flash_train_on_shards_splits_logs_once_and_resumes_exactly(
 
     # one process cannot take over two ranks' positions: one line naming both counts, non-zero exit
     cmd = [sys.executable, "-m", "distill_common.cli", *train_cmd(tiny_sd_path, shards, out, "cut", 6)]
-    single = subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
+    single = subprocess.run(cmd, cwd=tmp_path, env=checkout_env(HF_HUB_OFFLINE="1"), capture_output=True, text=True, timeout=300)
     assert single.returncode != 0
     errors = [line for line in single.stderr.splitlines() if "error" in line.lower()]
     assert len(errors) == 1 and "shard positions for 2 process(es), this run has 1" in errors[0], single.stderr[-3000:]
