@@ -344,7 +344,7 @@ def eval_teacher(configs: str = typer.Option("pndm:30:1,pndm:30:2,pndm:30:3,pndm
     import torch
     from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, PNDMScheduler
 
-    from distill_common.checkpoint import write_json
+    from distill_common.checkpoint import save_weights, write_json
     from distill_common.reference_sd.captions import evaluation_prompts
     from distill_eval.classifier import class_accuracy, load_classifier
     from distill_eval.fid import score_images
@@ -358,6 +358,7 @@ def eval_teacher(configs: str = typer.Option("pndm:30:1,pndm:30:2,pndm:30:3,pndm
     part_digests = {"unet_weights": _weights_digest(pipe.unet), "vae_weights": _weights_digest(pipe.vae)}
     prompts, labels = evaluation_prompts(num_images, templates)
     extractor, reference = _extractor_and_reference(reference_n, data_root)
+    out_dir.mkdir(parents=True, exist_ok=True)
     for spec in configs.split(","):
         name, steps, guidance = spec.split(":")
         steps, guidance = int(steps), float(guidance)
@@ -368,9 +369,17 @@ def eval_teacher(configs: str = typer.Option("pndm:30:1,pndm:30:2,pndm:30:3,pndm
             continue
         pipe.scheduler = schedulers[name].from_config(base_config)
         images, seconds = [], 0.0
+        partial = out_dir / f"teacher-{key}.partial.safetensors"  # a killed run resumes from its last batch
+        if partial.is_file():
+            from safetensors import safe_open
+
+            with safe_open(str(partial), "pt") as f:
+                images, seconds = [f.get_tensor("images")], float(f.metadata()["seconds"])
+            console.print(f"{spec}: resuming after {len(images[0])} images from {partial.name}")
+        done = sum(len(x) for x in images)
         with _bar() as bar:
-            tid = bar.add_task(f"{spec}", total=num_images, info="")
-            for i in range(0, num_images, batch_size):
+            tid = bar.add_task(f"{spec}", total=num_images, completed=done, info="")
+            for i in range(done, num_images, batch_size):
                 chunk = prompts[i:i + batch_size]
                 gens = [torch.Generator().manual_seed(i + k) for k in range(len(chunk))]
                 import time
@@ -383,6 +392,8 @@ def eval_teacher(configs: str = typer.Option("pndm:30:1,pndm:30:2,pndm:30:3,pndm
                 if not torch.isfinite(out).all():
                     raise SystemExit(f"{spec}: non-finite pixels; nothing written")
                 images.append((out.float().clamp(0, 1) * 255).round().to(torch.uint8))
+                if i + batch_size < num_images:
+                    save_weights({"images": torch.cat(images)}, partial, {"seconds": repr(seconds)})
                 bar.update(tid, advance=len(chunk))
         images = torch.cat(images)
         res = score_images(images, extractor, reference, batch_size=100)
@@ -397,6 +408,7 @@ def eval_teacher(configs: str = typer.Option("pndm:30:1,pndm:30:2,pndm:30:3,pndm
                **part_digests}
         write_json(path, row)
         torch.save(images[:100], out_dir / f"teacher-{key}-first100.pt")
+        partial.unlink(missing_ok=True)
         console.print(f"{spec}: FID {res.fid:.2f} [{res.fid_interval.low:.2f}, {res.fid_interval.high:.2f}]  "
                       f"class accuracy {acc.cell()}  {row['ms_per_image']:.1f} ms/image")
 

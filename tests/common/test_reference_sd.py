@@ -200,3 +200,32 @@ def test_altered_shipped_model_is_refused(tmp_path: Path, monkeypatch):
             ref.reference_sd_folder()
     finally:
         ref.reference_sd_folder.cache_clear()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (REFERENCE_SD_DIR / "model_index.json").is_file(), reason="the reference model is not here")
+def test_teacher_evaluation_resumes_from_its_partial_images(tmp_path: Path, data_root, monkeypatch):
+    """A killed long-protocol evaluation keeps the images it generated: a rerun reads them back and generates only
+    the rest, then scores all of them and removes the partial file."""
+    import importlib.util
+
+    from distill_common.checkpoint import save_weights
+
+    spec = importlib.util.spec_from_file_location("reference_sd_tool", Path(__file__).parents[2] / "tools" / "reference_sd.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    from typer.testing import CliRunner
+
+    args = ["eval-teacher", "--configs", "pndm:2:5", "--num-images", "4", "--batch-size", "2", "--reference-n", "20",
+            "--data-root", str(data_root), "--threads", "0", "--out-dir", str(tmp_path)]
+    pipe = tool._load_pipeline("reference")
+    key = f"pndm-2-w5-n4-held_out-{tool._model_digest(pipe)}"
+    marker = torch.full((2, 3, 32, 32), 7, dtype=torch.uint8)  # no generated image is a flat 7/255 field
+    save_weights({"images": marker}, tmp_path / f"teacher-{key}.partial.safetensors", {"seconds": "1.0"})
+    result = CliRunner().invoke(tool.app, args)
+    assert result.exit_code == 0, result.output
+    assert "resuming after 2 images" in result.output
+    first = torch.load(tmp_path / f"teacher-{key}-first100.pt")
+    assert first.shape == (4, 3, 32, 32) and torch.equal(first[:2], marker) and not torch.equal(first[2:], marker)
+    assert not (tmp_path / f"teacher-{key}.partial.safetensors").exists()
+    assert (tmp_path / f"teacher-{key}.json").is_file()
