@@ -407,7 +407,7 @@ def eval_teacher(configs: str = typer.Option("pndm:30:1,pndm:30:2,pndm:30:3,pndm
                "unet_images_seen": _shipped_images_seen() if model == "reference" else None,
                **part_digests}
         write_json(path, row)
-        torch.save(images[:100], out_dir / f"teacher-{key}-first100.pt")
+        save_weights({"images": images[:100]}, out_dir / f"teacher-{key}-first100.safetensors")  # for looking at
         partial.unlink(missing_ok=True)
         console.print(f"{spec}: FID {res.fid:.2f} [{res.fid_interval.low:.2f}, {res.fid_interval.high:.2f}]  "
                       f"class accuracy {acc.cell()}  {row['ms_per_image']:.1f} ms/image")

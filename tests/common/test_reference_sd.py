@@ -225,7 +225,9 @@ def test_teacher_evaluation_resumes_from_its_partial_images(tmp_path: Path, data
     result = CliRunner().invoke(tool.app, args)
     assert result.exit_code == 0, result.output
     assert "resuming after 2 images" in result.output
-    first = torch.load(tmp_path / f"teacher-{key}-first100.pt")
+    from safetensors.torch import load_file
+
+    first = load_file(tmp_path / f"teacher-{key}-first100.safetensors")["images"]
     assert first.shape == (4, 3, 32, 32) and torch.equal(first[:2], marker) and not torch.equal(first[2:], marker)
     assert not (tmp_path / f"teacher-{key}.partial.safetensors").exists()
     assert (tmp_path / f"teacher-{key}.json").is_file()
