@@ -342,16 +342,26 @@ def eval_teacher(configs: str = typer.Option("pndm:30:1,pndm:30:2,pndm:30:3,pndm
     one JSON per configuration (reused when its key matches: model files' sha256, N, seeds, sampler, steps, w)."""
     _threads(threads)
     import torch
-    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, PNDMScheduler
+    from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
+                           EulerDiscreteScheduler, PNDMScheduler)
 
     from distill_common.checkpoint import save_weights, write_json
     from distill_common.reference_sd.captions import evaluation_prompts
     from distill_eval.classifier import class_accuracy, load_classifier
     from distill_eval.fid import score_images
 
-    judge = load_classifier(classifier)
     schedulers = {"pndm": PNDMScheduler, "ddim": DDIMScheduler, "euler": EulerDiscreteScheduler,
-                  "dpm": DPMSolverMultistepScheduler}
+                  "dpm": DPMSolverMultistepScheduler, "euler_a": EulerAncestralDiscreteScheduler}
+    for spec in configs.split(","):
+        parts = spec.split(":")
+        try:
+            ok = len(parts) == 3 and parts[0] in schedulers and int(parts[1]) >= 1 and float(parts[2]) >= 0
+        except ValueError:
+            ok = False
+        if not ok:
+            raise SystemExit(f"eval-teacher: bad configuration {spec!r}: write scheduler:steps:guidance with the scheduler "
+                             f"one of {', '.join(schedulers)}, steps >= 1 and guidance >= 0 (e.g. pndm:30:4)")
+    judge = load_classifier(classifier)
     pipe = _load_pipeline(model)
     base_config = dict(pipe.scheduler.config)
     weights = _model_digest(pipe)
@@ -373,8 +383,12 @@ def eval_teacher(configs: str = typer.Option("pndm:30:1,pndm:30:2,pndm:30:3,pndm
         if partial.is_file():
             from safetensors import safe_open
 
-            with safe_open(str(partial), "pt") as f:
-                images, seconds = [f.get_tensor("images")], float(f.metadata()["seconds"])
+            try:
+                with safe_open(str(partial), "pt") as f:
+                    images, seconds = [f.get_tensor("images")], float(f.metadata()["seconds"])
+            except Exception as exc:  # truncated by a full disk, or not this tool's file
+                raise SystemExit(f"{spec}: cannot read the saved images in {partial} ({type(exc).__name__}: {exc}); "
+                                 "delete that file to generate this configuration from the start") from None
             console.print(f"{spec}: resuming after {len(images[0])} images from {partial.name}")
         done = sum(len(x) for x in images)
         with _bar() as bar:

@@ -202,19 +202,25 @@ def test_altered_shipped_model_is_refused(tmp_path: Path, monkeypatch):
         ref.reference_sd_folder.cache_clear()
 
 
+def _reference_tool():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("reference_sd_tool", Path(__file__).parents[2] / "tools" / "reference_sd.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    return tool
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not (REFERENCE_SD_DIR / "model_index.json").is_file(), reason="the reference model is not here")
 def test_teacher_evaluation_resumes_from_its_partial_images(tmp_path: Path, data_root, monkeypatch):
     """A killed long-protocol evaluation keeps the images it generated: a rerun reads them back and generates only
     the rest, then scores all of them and removes the partial file."""
-    import importlib.util
+    from typer.testing import CliRunner
 
     from distill_common.checkpoint import save_weights
 
-    spec = importlib.util.spec_from_file_location("reference_sd_tool", Path(__file__).parents[2] / "tools" / "reference_sd.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
-    from typer.testing import CliRunner
+    tool = _reference_tool()
 
     args = ["eval-teacher", "--configs", "pndm:2:5", "--num-images", "4", "--batch-size", "2", "--reference-n", "20",
             "--data-root", str(data_root), "--threads", "0", "--out-dir", str(tmp_path)]
@@ -231,3 +237,33 @@ def test_teacher_evaluation_resumes_from_its_partial_images(tmp_path: Path, data
     assert first.shape == (4, 3, 32, 32) and torch.equal(first[:2], marker) and not torch.equal(first[2:], marker)
     assert not (tmp_path / f"teacher-{key}.partial.safetensors").exists()
     assert (tmp_path / f"teacher-{key}.json").is_file()
+
+
+@pytest.mark.parametrize("spec", ["heun:30:4", "pndm:thirty:4", "pndm:30", "dpm:0:4", "dpm:30:-1"])
+def test_teacher_evaluation_rejects_a_bad_configuration_before_loading_anything(tmp_path: Path, spec):
+    from typer.testing import CliRunner
+
+    result = CliRunner().invoke(_reference_tool().app, ["eval-teacher", "--configs", f"pndm:30:4,{spec}",
+                                                        "--model", str(tmp_path / "absent"), "--out-dir", str(tmp_path)])
+    message = str(result.exception) + result.output
+    assert result.exit_code != 0 and "\n" not in message.strip()
+    assert "bad configuration" in message and "pndm, ddim, euler, dpm, euler_a" in message
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (REFERENCE_SD_DIR / "model_index.json").is_file(), reason="the reference model is not here")
+def test_teacher_evaluation_names_an_unreadable_partial_file(tmp_path: Path, data_root):
+    """A truncated partial-images file stops the run with one line that names it and the fix; the file is kept."""
+    from typer.testing import CliRunner
+
+    tool = _reference_tool()
+    key = f"pndm-2-w5-n4-held_out-{tool._model_digest(tool._load_pipeline('reference'))}"
+    partial = tmp_path / f"teacher-{key}.partial.safetensors"
+    partial.write_bytes(b"\x10\x00\x00\x00not a safetensors file")
+    result = CliRunner().invoke(tool.app, ["eval-teacher", "--configs", "pndm:2:5", "--num-images", "4",
+                                           "--batch-size", "2", "--reference-n", "20", "--data-root", str(data_root),
+                                           "--threads", "0", "--out-dir", str(tmp_path)])
+    assert result.exit_code != 0
+    assert "cannot read the saved images" in str(result.exception) + result.output and partial.name in str(result.exception) + result.output
+    assert partial.is_file() and not (tmp_path / f"teacher-{key}.json").exists()
