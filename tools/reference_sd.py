@@ -377,7 +377,8 @@ def eval_teacher(configs: str = typer.Option("pndm:30:1,pndm:30:2,pndm:30:3,pndm
         if path.is_file():
             console.print(f"{spec}: reusing {path.name}")
             continue
-        pipe.scheduler = schedulers[name].from_config(base_config)
+        extra = {"clip_sample": False} if name == "ddim" else {}  # SD's latents are not clipped to [-1, 1]
+        pipe.scheduler = schedulers[name].from_config(base_config, **extra)
         images, seconds = [], 0.0
         partial = out_dir / f"teacher-{key}.partial.safetensors"  # a killed run resumes from its last batch
         if partial.is_file():
@@ -425,6 +426,10 @@ def eval_teacher(configs: str = typer.Option("pndm:30:1,pndm:30:2,pndm:30:3,pndm
         partial.unlink(missing_ok=True)
         console.print(f"{spec}: FID {res.fid:.2f} [{res.fid_interval.low:.2f}, {res.fid_interval.high:.2f}]  "
                       f"class accuracy {acc.cell()}  {row['ms_per_image']:.1f} ms/image")
+
+
+SAMPLER_NAMES = {"pndm": "PNDM", "ddim": "DDIM", "euler": "Euler", "dpm": "DPM-Solver++ (2M)",
+                 "euler_a": "Euler ancestral"}
 
 
 def _shipped_images_seen() -> int | None:
@@ -540,18 +545,19 @@ def card(card_dir: Path = typer.Option(Path("~/distill-work/reference_sd/card").
                   "| sampler | steps | guidance | images | FID [95% interval] | class accuracy | ms / image |",
                   "|---|---:|---:|---:|---|---|---:|"]
         for r in rows:
-            lines.append(f"| {r['scheduler']} | {r['steps']} | {r['guidance']:g} | {r['num_images']:,} | {_fid_cell(r)} | "
+            lines.append(f"| {SAMPLER_NAMES.get(r['scheduler'], r['scheduler'])} | {r['steps']} | {r['guidance']:g} | {r['num_images']:,} | {_fid_cell(r)} | "
                          f"{_acc_cell(r)} | {r['ms_per_image']:.1f} |")
-        lines.append("")
+        lines += ["", "The folder ships SD 1.5's default sampler (PNDM). To sample with another at 30 steps, swap the "
+                  "scheduler: `pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)`.", ""]
     seen = training["unet"].get("images_seen", 0)
     if earlier and rows:
-        lines += ["Quality against images seen (same protocol and seeds; the best guidance of each; VAE weights key: "
-                  "the decoder the images were decoded with):", "",
+        lines += ["Quality against images seen (same protocol, seeds and sampler (PNDM); the best guidance of each; "
+                  "VAE weights key: the decoder the images were decoded with):", "",
                   "| UNet images seen | VAE | best FID [95% interval] | best class accuracy |", "|---:|---|---|---|"]
         by_seen: dict[tuple[int, str], list[dict]] = {}
         protocol_n = min(x["num_images"] for x in rows)
         for r in earlier + rows:
-            if r["num_images"] == protocol_n:
+            if r["num_images"] == protocol_n and r["scheduler"] == "pndm":
                 by_seen.setdefault((r.get("unet_images_seen") or seen, r.get("vae_weights", "?")), []).append(r)
         for n_seen, vae_key in sorted(by_seen):
             group = by_seen[n_seen, vae_key]
