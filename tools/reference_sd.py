@@ -231,11 +231,11 @@ def ship(vae_run: Path = typer.Option(..., help="the VAE run folder (its export/
     import shutil
 
     import torch
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel
 
     from distill_common.checkpoint import atomic_dir, write_json
-    from distill_common.models.tiny_sd import SD15_SCHEDULER_CONFIG
+    from distill_common.models.tiny_sd import sd15_scheduler
     from distill_common.models.tokenizer import clip_tokenizer
     from distill_common.reference_sd import REFERENCE_SD_DIR, REFERENCE_SD_ROOT, write_sha256sums
 
@@ -244,7 +244,7 @@ def ship(vae_run: Path = typer.Option(..., help="the VAE run folder (its export/
         text_encoder=CLIPTextModel.from_pretrained(unet_run / "export" / "text_encoder"),
         tokenizer=clip_tokenizer(),
         unet=UNet2DConditionModel.from_pretrained(unet_run / "export" / "unet"),
-        scheduler=PNDMScheduler(**SD15_SCHEDULER_CONFIG),
+        scheduler=sd15_scheduler(),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     ).to(torch.float16)
     with atomic_dir(REFERENCE_SD_DIR) as tmp:
@@ -510,7 +510,7 @@ def card(card_dir: Path = typer.Option(Path("~/distill-work/reference_sd/card").
         "offline; SD freezes its pretrained CLIP) |",
         "| tokenizer | `CLIPTokenizer` | - | the real CLIP BPE vocabulary shipped in `open-clip-torch` |",
         "| scheduler | `PNDMScheduler` | - | SD 1.5's config: epsilon prediction, scaled-linear betas 0.00085-0.012, "
-        "1,000 steps |",
+        "1,000 steps, `clip_sample: false` (for a swap to DDIM) |",
         "",
         "Stored in fp16 (safetensors only); trained in fp32 with bf16 autocast.",
         "",

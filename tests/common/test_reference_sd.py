@@ -163,6 +163,9 @@ def test_shipped_sha256_match_and_from_pretrained_loads_it():
     assert pipe.safety_checker is None
     assert pipe.unet.config.cross_attention_dim == pipe.text_encoder.config.hidden_size
     assert pipe.scheduler.config.beta_schedule == "scaled_linear" and pipe.scheduler.config.prediction_type == "epsilon"
+    from diffusers import DDIMScheduler
+
+    assert DDIMScheduler.from_config(pipe.scheduler.config).config.clip_sample is False  # latents are not in [-1, 1]
     assert pipe.tokenizer.vocab_size == 49408
     size = sum(f.stat().st_size for f in REFERENCE_SD_DIR.rglob("*") if f.is_file())
     assert size <= 30e6

@@ -72,6 +72,15 @@ SD15_SCHEDULER_CONFIG: dict[str, Any] = {
 }
 
 
+def sd15_scheduler():
+    """SD 1.5's PNDM scheduler, its config carrying ``clip_sample: false`` as SD 1.5's ``scheduler_config.json``
+    does: PNDM ignores it, but ``DDIMScheduler.from_config(pipe.scheduler.config)`` (a usual swap) would otherwise
+    default to clipping the predicted x0 to [-1, 1], which is wrong for latents."""
+    from diffusers import PNDMScheduler
+
+    return PNDMScheduler.from_config({**SD15_SCHEDULER_CONFIG, "clip_sample": False})
+
+
 @dataclass(frozen=True)
 class TinySDSpec:
     """Sizes of the tiny pipeline. ``sample_size`` is the latent side; images are ``sample_size * vae_scale_factor``."""
@@ -210,7 +219,7 @@ def build_tiny_sd(
     Keyword sizes override ``spec`` (default :class:`TinySDSpec`). With ``out_dir`` the pipeline is also saved there
     as a diffusers folder (see :func:`save_tiny_sd`). The same spec and seed always give the same weights.
     """
-    from diffusers import PNDMScheduler, StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline
 
     spec = _spec(
         spec,
@@ -228,7 +237,7 @@ def build_tiny_sd(
         text_encoder=build_tiny_text_encoder(spec),
         tokenizer=clip_tokenizer(tokenizer_cache_dir),
         unet=build_tiny_unet(spec),
-        scheduler=PNDMScheduler(**SD15_SCHEDULER_CONFIG),
+        scheduler=sd15_scheduler(),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
