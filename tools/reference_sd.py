@@ -700,6 +700,11 @@ def ship_lora(run: Path = typer.Option(..., help="the flash train run folder (it
     if not any(r["model"] == label for r in rows):
         raise typer.BadParameter(f"{eval_dir}/flash_eval.json has no rows for {label!r}; labels: "
                                  f"{', '.join(sorted({r['model'] for r in report['rows']}))}")
+    guidances = {float(r.get("guidance") or 0.0) for r in rows if r["model"] == label}
+    if len(guidances) > 1:
+        raise typer.BadParameter(f"{eval_dir} scored {label!r} at several guidance scales ({sorted(guidances)}); "
+                                 "ship from an evaluation at one --guidance-scale")
+    guidance = guidances.pop()
     cfg = yaml.safe_load((run / "train_config.yaml").read_text())
     mlflow_id = (run / "mlflow_run_id").read_text().strip() if (run / "mlflow_run_id").is_file() else "?"
     images = cfg["max_steps"] * cfg["batch_size"] * cfg["gradient_accumulation_steps"]
@@ -716,7 +721,7 @@ def ship_lora(run: Path = typer.Option(..., help="the flash train run folder (it
             if f.is_file():
                 shutil.copy2(f, tmp / f.name)
         # a student of the reference model's weights as shipped now: it refuses to load on other base weights
-        manifest.update(role="student", base_model_sha256sums=file_sha256(SHA256_FILE))
+        manifest.update(role="student", base_model_sha256sums=file_sha256(SHA256_FILE), guidance=guidance)
         (tmp / "generator.json").write_text(json.dumps(manifest, indent=2) + "\n")
         sums = write_sha256sums(tmp, tmp / SHIPPED_LORA_SUMS)
 
@@ -732,7 +737,9 @@ def ship_lora(run: Path = typer.Option(..., help="the flash train run folder (it
         lines = [f"# sd-reference-{name}: a few-step LoRA student of the reference text-to-image model", "",
                  f"A LoRA (rank {cfg['lora_rank']}, alpha {cfg['lora_alpha']:g}, on {', '.join(cfg['lora_targets'])}) "
                  "for the shipped reference model (`distill_common/reference_sd`), sampled with `LCMScheduler` "
-                 "(trailing spacing) at guidance 0. Load it by name: `distill eval benchmark --generators "
+                 f"(trailing spacing) at guidance {guidance:g}"
+                 + (" (classifier-free guidance at sampling: two UNet passes per step, timed below)" if guidance > 1 else "")
+                 + ". Load it by name: `distill eval benchmark --generators "
                  f"sd-reference-{name}`, or as a file: `pipe.load_lora_weights(\"<this folder>\")` on "
                  "`StableDiffusionPipeline.from_pretrained(\"<reference_sd>/pipeline\")`. Its files are checked "
                  "against `SHA256SUMS` on load.", "",
