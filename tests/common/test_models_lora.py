@@ -115,3 +115,72 @@ def test_missing_adapter_errors(tiny_sd_path: Path, tmp_path: Path) -> None:
         load_lora(pipe, tmp_path)
     with pytest.raises(ModelLoadError, match="call add_lora"):
         save_lora(pipe.unet, tmp_path / "out")
+
+
+WIDE_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1",
+                "conv2", "conv_shortcut", "time_emb_proj")  # diffusers' LCM-LoRA targets: attention, ff, resnets
+
+
+@pytest.fixture(scope="module")
+def wide(tiny_sd_path: Path, tmp_path_factory: pytest.TempPathFactory):
+    """A LoRA on attention, feed-forward, resnet convs and time embeddings (LCM-LoRA's targets), saved."""
+    pipe = load_sd_pipeline(tiny_sd_path)
+    add_lora(pipe.unet, rank=2, alpha=8, target_modules=WIDE_TARGETS)
+    perturb_(lora_parameters(pipe.unet), seed=3)
+    out_dir = tmp_path_factory.mktemp("wide")
+    return {"pipe": pipe, "adapted": generate(pipe), "file": save_lora(pipe.unet, out_dir), "dir": out_dir}
+
+
+def _layers(path: Path) -> set[str]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as handle:
+        return {k.split(".lora")[0] for k in handle.keys()}
+
+
+def test_a_lora_beyond_attention_saves_one_key_format_and_loads_every_layer(wide, tiny_sd_path: Path) -> None:
+    from safetensors import safe_open
+
+    with safe_open(str(wide["file"]), "pt") as handle:
+        keys = list(handle.keys())
+    kinds = {k.split(".lora")[1].split(".")[0] for k in keys}  # "_A"/"_B" (peft) or "" (lora.down / lora.up)
+    assert kinds <= {"_A", "_B"} or kinds == {""}
+    assert any(".conv1." in k for k in keys) and any(".to_q." in k for k in keys)
+    fresh = load_sd_pipeline(tiny_sd_path)
+    load_lora(fresh, wide["dir"])
+    torch.testing.assert_close(generate(fresh), wide["adapted"], atol=1e-5, rtol=0)
+
+
+def test_a_file_mixing_attention_and_peft_key_formats_loads_every_layer(wide, tiny_sd_path: Path, tmp_path) -> None:
+    """Files written before the fix mix ``to_q.lora.down`` with ``conv1.lora_A`` (diffusers' converter renames only
+    the attention projections); diffusers alone would drop the attention layers of such a file without a word."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(wide["file"]), "pt") as handle:
+        metadata = handle.metadata()
+    mixed = {f"unet.{k}": v.contiguous()
+             for k, v in convert_state_dict_to_diffusers(get_peft_model_state_dict(wide["pipe"].unet)).items()}
+    assert any(".lora.down." in k for k in mixed) and any(".lora_A." in k for k in mixed)
+    save_file(mixed, str(tmp_path / LORA_WEIGHT_NAME), metadata=metadata)
+    fresh = load_sd_pipeline(tiny_sd_path)
+    load_lora(fresh, tmp_path)
+    torch.testing.assert_close(generate(fresh), wide["adapted"], atol=1e-5, rtol=0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [LORA_WEIGHT_NAME]  # the file itself is left as it was
+
+
+def test_a_lora_whose_layers_do_not_all_load_is_refused(wide, tiny_sd_path: Path, tmp_path) -> None:
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(wide["file"]), "pt") as handle:
+        metadata = handle.metadata()
+        tensors = {k: handle.get_tensor(k) for k in handle.keys()}
+    first = sorted(_layers(wide["file"]))[0]
+    renamed = {k.replace(first + ".", first.replace("down_blocks", "no_such_blocks") + ".") if k.startswith(first + ".")
+               else k: v for k, v in tensors.items()}
+    save_file(renamed, str(tmp_path / LORA_WEIGHT_NAME), metadata=metadata)
+    with pytest.raises(ModelLoadError, match=r"1 of the \d+ UNet layers .* did not load"):
+        load_lora(load_sd_pipeline(tiny_sd_path), tmp_path)

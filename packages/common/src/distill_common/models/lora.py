@@ -71,7 +71,52 @@ def lora_state_dict(unet: torch.nn.Module, adapter_name: str = DEFAULT_ADAPTER) 
             "call add_lora(unet) first"
         )
     state = get_peft_model_state_dict(unet, adapter_name=adapter_name)
-    return {k: v.detach().to("cpu").contiguous() for k, v in convert_state_dict_to_diffusers(state).items()}
+    converted = convert_state_dict_to_diffusers(state)
+    if _mixed_key_formats(converted):  # diffusers renames only the attention projections: keep one format
+        converted = state
+    return {k: v.detach().to("cpu").contiguous() for k, v in converted.items()}
+
+
+_OLD_KEY_PARTS = (".lora.down.", ".lora.up.")
+_PEFT_KEY_PARTS = (".lora_A.", ".lora_B.")
+
+
+def _mixed_key_formats(keys: Any) -> bool:
+    """Whether LoRA keys mix diffusers' attention format (``to_q.lora.down``) with peft's (``conv1.lora_A``).
+
+    ``convert_state_dict_to_diffusers`` writes exactly such a mix for a LoRA on more than the attention projections,
+    and diffusers' ``load_lora_weights`` picks one format from the first key, dropping the other kind silently."""
+    keys = list(keys)
+    return (any(p in k for k in keys for p in _OLD_KEY_PARTS)
+            and any(p in k for k in keys for p in _PEFT_KEY_PARTS))
+
+
+def _one_key_format_copy(file: Path, folder: Path) -> Path:
+    """A copy of the safetensors LoRA ``file`` in ``folder`` with every key in peft form, metadata kept."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(file), "pt") as handle:
+        metadata = handle.metadata() or {}
+        tensors = {k.replace(".lora.down.", ".lora_A.").replace(".lora.up.", ".lora_B."): handle.get_tensor(k)
+                   for k in handle.keys()}
+    out = folder / LORA_WEIGHT_NAME
+    save_file(tensors, str(out), metadata=metadata)
+    return out
+
+
+def _file_unet_modules(file: Path) -> set[str] | None:
+    """The UNet module names a diffusers/peft-format LoRA file holds (None for other formats, e.g. kohya's)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(file), "pt") as handle:
+            keys = list(handle.keys())
+    except Exception:  # noqa: BLE001 - not a safetensors file: load_lora_weights gives its own error
+        return None
+    unet = [k.removeprefix("unet.") for k in keys if k.startswith("unet.")]
+    parts = _OLD_KEY_PARTS + _PEFT_KEY_PARTS
+    return {next(k.split(p)[0] for p in parts if p in k) for k in unet if any(p in k for p in parts)} or None
 
 
 def save_lora(unet: torch.nn.Module, out_dir: str | os.PathLike, *, adapter_name: str = DEFAULT_ADAPTER) -> Path:
@@ -119,15 +164,49 @@ def load_lora(pipe: Any, path_or_dir: str | os.PathLike, adapter_name: str | Non
         folder, weight_name = path.parent, path.name
     else:
         raise ModelLoadError(f"LoRA {path} does not exist; pass a folder from save_lora or a .safetensors adapter")
+    file = folder / weight_name
+    expected = _file_unet_modules(file) if file.suffix == ".safetensors" else None
+    before = set(getattr(pipe.unet, "peft_config", None) or {})
+    staging = None
     try:
+        if expected is not None and _mixed_key_formats(_safetensors_keys(file)):
+            staging = Path(tempfile.mkdtemp(prefix="distill-lora-"))
+            folder, weight_name = staging, _one_key_format_copy(file, staging).name
         pipe.load_lora_weights(str(folder), weight_name=weight_name, adapter_name=adapter_name, local_files_only=True)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
         raise ModelLoadError(
-            f"cannot load the LoRA {folder / weight_name} into the pipeline: {first}; "
-            "check it was trained for this base model"
+            f"cannot load the LoRA {file} into the pipeline: {first}; check it was trained for this base model"
         ) from exc
+    finally:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+    if expected is not None:
+        _check_all_layers_loaded(pipe, file, expected, before)
     return pipe
+
+
+def _safetensors_keys(file: Path) -> list[str]:
+    from safetensors import safe_open
+
+    with safe_open(str(file), "pt") as handle:
+        return list(handle.keys())
+
+
+def _check_all_layers_loaded(pipe: Any, file: Path, expected: set[str], before: set[str]) -> None:
+    """Raise ModelLoadError when a UNet layer of the LoRA file did not become an adapter layer of ``pipe.unet``: a
+    partly loaded LoRA is another, unmeasured model."""
+    from peft.utils import get_peft_model_state_dict
+
+    added = [name for name in (getattr(pipe.unet, "peft_config", None) or {}) if name not in before]
+    loaded: set[str] = set()
+    for name in added:
+        for key in get_peft_model_state_dict(pipe.unet, adapter_name=name):
+            loaded.add(next((key.split(p)[0] for p in _PEFT_KEY_PARTS + _OLD_KEY_PARTS if p in key), key))
+    missing = sorted(expected - loaded)
+    if added and missing:
+        raise ModelLoadError(f"{len(missing)} of the {len(expected)} UNet layers of the LoRA {file} did not load "
+                             f"(first: {missing[0]}); check it was trained for this base model")
 
 
 def fuse_lora(pipe: Any, scale: float = 1.0, adapter_names: Sequence[str] | None = None) -> Any:
