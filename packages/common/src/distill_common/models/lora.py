@@ -105,15 +105,19 @@ def _one_key_format_copy(file: Path, folder: Path) -> Path:
     return out
 
 
-def _file_unet_modules(file: Path) -> set[str] | None:
-    """The UNet module names a diffusers/peft-format LoRA file holds (None for other formats, e.g. kohya's)."""
+def _safetensors_keys(file: Path) -> list[str] | None:
+    """The tensor names of a safetensors file (None when it is not one: load_lora_weights gives its own error)."""
     from safetensors import safe_open
 
     try:
         with safe_open(str(file), "pt") as handle:
-            keys = list(handle.keys())
-    except Exception:  # noqa: BLE001 - not a safetensors file: load_lora_weights gives its own error
+            return list(handle.keys())
+    except Exception:  # noqa: BLE001 - safetensors raises its own error types
         return None
+
+
+def _file_unet_modules(keys: list[str]) -> set[str] | None:
+    """The UNet module names in a diffusers/peft-format LoRA's keys (None for other formats, e.g. kohya's)."""
     unet = [k.removeprefix("unet.") for k in keys if k.startswith("unet.")]
     parts = _OLD_KEY_PARTS + _PEFT_KEY_PARTS
     return {next(k.split(p)[0] for p in parts if p in k) for k in unet if any(p in k for p in parts)} or None
@@ -165,11 +169,12 @@ def load_lora(pipe: Any, path_or_dir: str | os.PathLike, adapter_name: str | Non
     else:
         raise ModelLoadError(f"LoRA {path} does not exist; pass a folder from save_lora or a .safetensors adapter")
     file = folder / weight_name
-    expected = _file_unet_modules(file) if file.suffix == ".safetensors" else None
+    keys = _safetensors_keys(file) if file.suffix == ".safetensors" else None
+    expected = _file_unet_modules(keys) if keys is not None else None
     before = set(getattr(pipe.unet, "peft_config", None) or {})
     staging = None
     try:
-        if expected is not None and _mixed_key_formats(_safetensors_keys(file)):
+        if expected is not None and _mixed_key_formats(keys):
             staging = Path(tempfile.mkdtemp(prefix="distill-lora-"))
             folder, weight_name = staging, _one_key_format_copy(file, staging).name
         pipe.load_lora_weights(str(folder), weight_name=weight_name, adapter_name=adapter_name, local_files_only=True)
@@ -184,13 +189,6 @@ def load_lora(pipe: Any, path_or_dir: str | os.PathLike, adapter_name: str | Non
     if expected is not None:
         _check_all_layers_loaded(pipe, file, expected, before)
     return pipe
-
-
-def _safetensors_keys(file: Path) -> list[str]:
-    from safetensors import safe_open
-
-    with safe_open(str(file), "pt") as handle:
-        return list(handle.keys())
 
 
 def _check_all_layers_loaded(pipe: Any, file: Path, expected: set[str], before: set[str]) -> None:
