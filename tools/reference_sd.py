@@ -333,7 +333,7 @@ def _load_pipeline(model: str):
 
 @app.command("eval-teacher")
 def eval_teacher(configs: str = typer.Option("pndm:30:1,pndm:30:2,pndm:30:3,pndm:30:5,pndm:30:7.5",
-                                             help="comma-separated scheduler:steps:guidance"),
+                                             help="comma-separated scheduler:steps:guidance; scheduler one of pndm, ddim, euler, dpm, euler_a"),
                  model: str = "reference", num_images: int = 500, reference_n: int = 10000, batch_size: int = 100,
                  templates: str = "held_out", threads: int = 2, data_root: str = typer.Option(None),
                  classifier: str = typer.Option("reference", help="class-accuracy classifier: 'reference' or a folder"),
