@@ -333,25 +333,23 @@ def _load_pipeline(model: str):
 
 @app.command("eval-teacher")
 def eval_teacher(configs: str = typer.Option("pndm:30:1,pndm:30:2,pndm:30:3,pndm:30:5,pndm:30:7.5",
-                                             help="comma-separated scheduler:steps:guidance; scheduler one of pndm, ddim, euler, dpm, euler_a"),
+                                             help="comma-separated scheduler:steps:guidance; scheduler one of ddpm, pndm, ddim, euler, euler_a, dpm"),
                  model: str = "reference", num_images: int = 500, reference_n: int = 10000, batch_size: int = 100,
                  templates: str = "held_out", threads: int = 2, data_root: str = typer.Option(None),
                  classifier: str = typer.Option("reference", help="class-accuracy classifier: 'reference' or a folder"),
                  out_dir: Path = typer.Option(Path("~/distill-work/reference_sd/card").expanduser())) -> None:
     """FID (with 95% interval) and class accuracy of the text-to-image model on held-out caption templates;
-    one JSON per configuration (reused when its key matches: model files' sha256, N, seeds, sampler, steps, w)."""
+    one JSON per configuration (reused when its key matches: the weights' digest, N, seeds, sampler, steps, w and the
+    sampler's full config)."""
     _threads(threads)
     import torch
-    from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
-                           EulerDiscreteScheduler, PNDMScheduler)
 
     from distill_common.checkpoint import save_weights, write_json
     from distill_common.reference_sd.captions import evaluation_prompts
     from distill_eval.classifier import class_accuracy, load_classifier
     from distill_eval.fid import score_images
-
-    schedulers = {"pndm": PNDMScheduler, "ddim": DDIMScheduler, "euler": EulerDiscreteScheduler,
-                  "dpm": DPMSolverMultistepScheduler, "euler_a": EulerAncestralDiscreteScheduler}
+    from distill_sd_prune.sampling.pipeline import SAMPLERS as schedulers
+    from distill_sd_prune.sampling.pipeline import make_scheduler
     for spec in configs.split(","):
         parts = spec.split(":")
         try:
@@ -372,13 +370,12 @@ def eval_teacher(configs: str = typer.Option("pndm:30:1,pndm:30:2,pndm:30:3,pndm
     for spec in configs.split(","):
         name, steps, guidance = spec.split(":")
         steps, guidance = int(steps), float(guidance)
-        key = f"{name}-{steps}-w{guidance:g}-n{num_images}-{templates}-{weights}"
+        pipe.scheduler = make_scheduler(name, base_config)
+        key, sampler_config = _teacher_key(name, steps, guidance, num_images, templates, weights, pipe.scheduler)
         path = out_dir / f"teacher-{key}.json"
         if path.is_file():
             console.print(f"{spec}: reusing {path.name}")
             continue
-        extra = {"clip_sample": False} if name == "ddim" else {}  # SD's latents are not clipped to [-1, 1]
-        pipe.scheduler = schedulers[name].from_config(base_config, **extra)
         images, seconds = [], 0.0
         partial = out_dir / f"teacher-{key}.partial.safetensors"  # a killed run resumes from its last batch
         if partial.is_file():
@@ -420,12 +417,26 @@ def eval_teacher(configs: str = typer.Option("pndm:30:1,pndm:30:2,pndm:30:3,pndm
                "ms_per_image": 1000 * seconds / num_images, "batch_size": batch_size, "precision": "bf16 autocast",
                "feature_precision": "bf16", "reference_n": reference.reference_n, "protocol": str(res.protocol),
                "unet_images_seen": _shipped_images_seen() if model == "reference" else None,
+               "sampler_config": sampler_config,
                **part_digests}
         write_json(path, row)
         save_weights({"images": images[:100]}, out_dir / f"teacher-{key}-first100.safetensors")  # for looking at
         partial.unlink(missing_ok=True)
         console.print(f"{spec}: FID {res.fid:.2f} [{res.fid_interval.low:.2f}, {res.fid_interval.high:.2f}]  "
                       f"class accuracy {acc.cell()}  {row['ms_per_image']:.1f} ms/image")
+
+
+def _teacher_key(name: str, steps: int, guidance: float, num_images: int, templates: str, weights: str,
+                 scheduler) -> tuple[str, dict]:
+    """The file key of one teacher evaluation and the sampler config it stands for: sampler, steps, w, N, caption
+    templates, the weights' digest and an 8-hex digest of the scheduler's full config (a config change, such as
+    DDIM's ``clip_sample``, under the same sampler name is a new evaluation)."""
+    import hashlib
+    import json
+
+    config = {k: v for k, v in scheduler.config.items() if not k.startswith("_")}
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    return f"{name}-{steps}-w{guidance:g}-n{num_images}-{templates}-{weights}-s{digest}", config
 
 
 SAMPLER_NAMES = {"pndm": "PNDM", "ddim": "DDIM", "euler": "Euler", "dpm": "DPM-Solver++ (2M)",

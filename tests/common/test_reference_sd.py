@@ -228,7 +228,7 @@ def test_teacher_evaluation_resumes_from_its_partial_images(tmp_path: Path, data
     args = ["eval-teacher", "--configs", "pndm:2:5", "--num-images", "4", "--batch-size", "2", "--reference-n", "20",
             "--data-root", str(data_root), "--threads", "0", "--out-dir", str(tmp_path)]
     pipe = tool._load_pipeline("reference")
-    key = f"pndm-2-w5-n4-held_out-{tool._model_digest(pipe)}"
+    key, _ = tool._teacher_key("pndm", 2, 5.0, 4, "held_out", tool._model_digest(pipe), pipe.scheduler)
     marker = torch.full((2, 3, 32, 32), 7, dtype=torch.uint8)  # no generated image is a flat 7/255 field
     save_weights({"images": marker}, tmp_path / f"teacher-{key}.partial.safetensors", {"seconds": "1.0"})
     result = CliRunner().invoke(tool.app, args)
@@ -250,8 +250,27 @@ def test_teacher_evaluation_rejects_a_bad_configuration_before_loading_anything(
                                                         "--model", str(tmp_path / "absent"), "--out-dir", str(tmp_path)])
     message = str(result.exception) + result.output
     assert result.exit_code != 0 and "\n" not in message.strip()
-    assert "bad configuration" in message and "pndm, ddim, euler, dpm, euler_a" in message
+    assert "bad configuration" in message and "ddpm, pndm, ddim, euler, euler_a, dpm" in message
     assert list(tmp_path.iterdir()) == []
+
+
+def test_teacher_evaluation_key_changes_with_the_sampler_config():
+    """Two DDIM samplers that differ only in ``clip_sample`` are two evaluations: the saved score of one is never
+    reused for the other; the same config gives the same key."""
+    from diffusers import DDIMScheduler
+
+    from distill_common.models.tiny_sd import sd15_scheduler
+    from distill_sd_prune.sampling.pipeline import make_scheduler
+
+    key = _reference_tool()._teacher_key
+    base = dict(sd15_scheduler().config)
+    unclipped = make_scheduler("ddim", base)
+    clipped = DDIMScheduler.from_config({**base, "clip_sample": True})
+    assert unclipped.config.clip_sample is False and clipped.config.clip_sample is True
+    a, config = key("ddim", 30, 4.0, 500, "held_out", "abc", unclipped)
+    assert a == key("ddim", 30, 4.0, 500, "held_out", "abc", make_scheduler("ddim", base))[0]
+    assert a != key("ddim", 30, 4.0, 500, "held_out", "abc", clipped)[0]
+    assert a.startswith("ddim-30-w4-n500-held_out-abc-s") and config["clip_sample"] is False
 
 
 @pytest.mark.slow
@@ -261,7 +280,8 @@ def test_teacher_evaluation_names_an_unreadable_partial_file(tmp_path: Path, dat
     from typer.testing import CliRunner
 
     tool = _reference_tool()
-    key = f"pndm-2-w5-n4-held_out-{tool._model_digest(tool._load_pipeline('reference'))}"
+    pipe = tool._load_pipeline("reference")
+    key, _ = tool._teacher_key("pndm", 2, 5.0, 4, "held_out", tool._model_digest(pipe), pipe.scheduler)
     partial = tmp_path / f"teacher-{key}.partial.safetensors"
     partial.write_bytes(b"\x10\x00\x00\x00not a safetensors file")
     result = CliRunner().invoke(tool.app, ["eval-teacher", "--configs", "pndm:2:5", "--num-images", "4",

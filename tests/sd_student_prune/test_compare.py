@@ -87,7 +87,7 @@ def test_compare_trains_scores_tabulates_and_promotes_then_resumes(
         assert r["fid_ci95_low"] <= r["fid_ci95_high"]
     by = {(r["model"], r["setting"]): r for r in rows}
     assert by["teacher", "recipe"]["lpips_to_teacher"] == 0.0
-    assert by["v2.1", "recipe"]["steps"] == 2 and by["v2.1", "teacher"]["sampler"] == "pndm"
+    assert by["v2.1", "recipe"]["steps"] == 2 and by["v2.1", "teacher"]["sampler"] == "euler"
     assert by["v3", "recipe"]["budget"] == "sd_small" and by["v2.1", "recipe"]["budget"] == "none-w050"
     assert by["random", "recipe"]["init"] == "random" and by["v1", "recipe"]["init"] == "project"
     table = (out / "comparison.md").read_text().split("## Table")[1]

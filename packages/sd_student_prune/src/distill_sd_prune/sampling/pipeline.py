@@ -1,5 +1,5 @@
-"""Text-to-image sampling with diffusers: DDPM (Ho et al. 2020), PNDM (Liu et al. 2022) or DDIM (Song et al.
-2021) over a Stable Diffusion pipeline whose UNet may be a student, with classifier-free guidance (Ho &
+"""Text-to-image sampling with diffusers: DDPM (Ho et al. 2020), PNDM (Liu et al. 2022), DDIM (Song et al.
+2021), Euler and Euler ancestral (Karras et al. 2022) or DPM-Solver++ 2M (Lu et al. 2022) over a Stable Diffusion pipeline whose UNet may be a student, with classifier-free guidance (Ho &
 Salimans 2022).
 
 Each image has its own seed (a CPU ``torch.Generator`` per image), so the same seed gives the same initial
@@ -16,20 +16,24 @@ import torch
 
 from distill_common.errors import ConfigError, unknown_choice
 
-SAMPLERS = {"ddpm": "DDPMScheduler", "pndm": "PNDMScheduler", "ddim": "DDIMScheduler"}
+SAMPLERS = {"ddpm": "DDPMScheduler", "pndm": "PNDMScheduler", "ddim": "DDIMScheduler", "euler": "EulerDiscreteScheduler",
+            "euler_a": "EulerAncestralDiscreteScheduler", "dpm": "DPMSolverMultistepScheduler"}
 HEADLINE_STEPS = 25  # the seed's headline setting: 25 DDPM steps, CFG 5
 HEADLINE_GUIDANCE = 5.0
 
 
 def make_scheduler(name: str, base_config: Mapping[str, Any]):
-    """A fresh scheduler of kind ``name`` sharing the base model's noise schedule (betas, offset, spacing)."""
+    """A fresh scheduler of kind ``name`` sharing the base model's noise schedule (betas, offset, spacing).
+
+    DDPM and DDIM get ``clip_sample: false`` unless the base config sets it: SD's latents are not in [-1, 1], and
+    diffusers' default (clip) would distort every sample of a model whose config omits the key."""
     import diffusers
 
     if name not in SAMPLERS:
         raise unknown_choice("sampler", name, SAMPLERS)
     config = {k: v for k, v in dict(base_config).items() if not k.startswith("_")}
     if name in ("ddpm", "ddim"):
-        config.setdefault("clip_sample", False)  # SD's latents are not clipped to [-1, 1]
+        config.setdefault("clip_sample", False)
     return getattr(diffusers, SAMPLERS[name]).from_config(config)
 
 
