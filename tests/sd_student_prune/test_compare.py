@@ -152,3 +152,15 @@ def test_bad_compare_options_fail_in_one_line_before_anything_is_written(tmp_pat
     assert isinstance(result.exception, ConfigError), result.output + repr(result.exception)
     assert message in str(result.exception) and "\n" not in str(result.exception)
     assert not out.exists()
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_the_periodic_evaluation_uses_the_comparisons_feature_precision(tmp_path, precision):
+    """V2.x's periodic FID is the comparison's protocol at a smaller N: same reference, templates and Inception
+    precision, so its curve and the table's numbers are comparable."""
+    from distill_sd_prune.evaluation.compare import CompareConfig, row_train_config
+
+    cfg = CompareConfig(output_dir=tmp_path / "cmp", feature_precision=precision, reference_n=500)
+    periodic = row_train_config(cfg, "v2.1").eval
+    assert periodic.every and periodic.feature_precision == precision and periodic.reference_n == 500
+    assert row_train_config(cfg, "v1").eval.every == 0

@@ -156,6 +156,7 @@ def row_train_config(cfg: CompareConfig, row: str) -> TrainConfig:
     t.eval.steps, t.eval.guidance, t.eval.scheduler = cfg.recipe_steps, cfg.recipe_guidance, cfg.recipe_sampler
     t.eval.lpips_net = cfg.lpips_net
     t.eval.batch_size = cfg.eval_batch_size
+    t.eval.feature_precision = cfg.feature_precision  # the periodic FID is the comparison's protocol at a smaller N
     return t.resolved()
 
 

@@ -125,6 +125,8 @@ class EvalOptions:
     scheduler: str = option("ddpm", "Sampler for periodic evaluation.", choices=tuple(SAMPLERS))
     lpips_net: str = option("alex", "LPIPS backbone.", choices=("alex", "vgg"))
     batch_size: int = option(8, "Generation batch size.", ge=1)
+    feature_precision: str = option("fp32", "cifar10: Inception forward precision of the periodic FID (the scoring "
+                                    "protocol's).", choices=("fp32", "bf16"))
 
 
 @dataclass

@@ -328,7 +328,8 @@ def train(
         evaluator = PeriodicProtocolEvaluator(
             components,
             protocol=ScoringProtocol(
-                cfg.eval.num_images, reference_n=cfg.eval.reference_n, seed=cfg.seed, purpose="periodic"
+                cfg.eval.num_images, reference_n=cfg.eval.reference_n, seed=cfg.seed, purpose="periodic",
+                feature_precision=cfg.eval.feature_precision,
             ),
             setting=SamplingSetting("periodic", cfg.eval.steps, cfg.eval.guidance, cfg.eval.scheduler),
             resolution=cfg.data.resolution,
