@@ -439,7 +439,7 @@ def _teacher_key(name: str, steps: int, guidance: float, num_images: int, templa
     return f"{name}-{steps}-w{guidance:g}-n{num_images}-{templates}-{weights}-s{digest}", config
 
 
-SAMPLER_NAMES = {"pndm": "PNDM", "ddim": "DDIM", "euler": "Euler", "dpm": "DPM-Solver++ (2M)",
+SAMPLER_NAMES = {"ddpm": "DDPM", "pndm": "PNDM", "ddim": "DDIM", "euler": "Euler", "dpm": "DPM-Solver++ (2M)",
                  "euler_a": "Euler ancestral"}
 
 
