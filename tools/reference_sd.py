@@ -333,7 +333,8 @@ def _load_pipeline(model: str):
 
 @app.command("eval-teacher")
 def eval_teacher(configs: str = typer.Option("pndm:30:1,pndm:30:2,pndm:30:3,pndm:30:5,pndm:30:7.5",
-                                             help="comma-separated scheduler:steps:guidance; scheduler one of ddpm, pndm, ddim, euler, euler_a, dpm"),
+                                             help="comma-separated scheduler:steps:guidance; scheduler one of "
+                                                  "ddpm, pndm, ddim, euler, euler_a, dpm"),
                  model: str = "reference", num_images: int = 500, reference_n: int = 10000, batch_size: int = 100,
                  templates: str = "held_out", threads: int = 2, data_root: str = typer.Option(None),
                  classifier: str = typer.Option("reference", help="class-accuracy classifier: 'reference' or a folder"),
@@ -348,17 +349,16 @@ def eval_teacher(configs: str = typer.Option("pndm:30:1,pndm:30:2,pndm:30:3,pndm
     from distill_common.reference_sd.captions import evaluation_prompts
     from distill_eval.classifier import class_accuracy, load_classifier
     from distill_eval.fid import score_images
-    from distill_sd_prune.sampling.pipeline import SAMPLERS as schedulers
-    from distill_sd_prune.sampling.pipeline import make_scheduler
+    from distill_sd_prune.sampling.pipeline import SAMPLERS, make_scheduler
     for spec in configs.split(","):
         parts = spec.split(":")
         try:
-            ok = len(parts) == 3 and parts[0] in schedulers and int(parts[1]) >= 1 and float(parts[2]) >= 0
+            ok = len(parts) == 3 and parts[0] in SAMPLERS and int(parts[1]) >= 1 and float(parts[2]) >= 0
         except ValueError:
             ok = False
         if not ok:
             raise SystemExit(f"eval-teacher: bad configuration {spec!r}: write scheduler:steps:guidance with the scheduler "
-                             f"one of {', '.join(schedulers)}, steps >= 1 and guidance >= 0 (e.g. pndm:30:4)")
+                             f"one of {', '.join(SAMPLERS)}, steps >= 1 and guidance >= 0 (e.g. pndm:30:4)")
     judge = load_classifier(classifier)
     pipe = _load_pipeline(model)
     base_config = dict(pipe.scheduler.config)
@@ -429,14 +429,12 @@ def eval_teacher(configs: str = typer.Option("pndm:30:1,pndm:30:2,pndm:30:3,pndm
 def _teacher_key(name: str, steps: int, guidance: float, num_images: int, templates: str, weights: str,
                  scheduler) -> tuple[str, dict]:
     """The file key of one teacher evaluation and the sampler config it stands for: sampler, steps, w, N, caption
-    templates, the weights' digest and an 8-hex digest of the scheduler's full config (a config change, such as
+    templates, the weights' digest and a 16-hex digest of the scheduler's full config (a config change, such as
     DDIM's ``clip_sample``, under the same sampler name is a new evaluation)."""
-    import hashlib
-    import json
+    from distill_sd_prune.data.latent_cache import cache_fingerprint
 
     config = {k: v for k, v in scheduler.config.items() if not k.startswith("_")}
-    digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:8]
-    return f"{name}-{steps}-w{guidance:g}-n{num_images}-{templates}-{weights}-s{digest}", config
+    return f"{name}-{steps}-w{guidance:g}-n{num_images}-{templates}-{weights}-s{cache_fingerprint(config)}", config
 
 
 SAMPLER_NAMES = {"ddpm": "DDPM", "pndm": "PNDM", "ddim": "DDIM", "euler": "Euler", "dpm": "DPM-Solver++ (2M)",

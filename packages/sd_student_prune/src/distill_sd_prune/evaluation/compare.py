@@ -77,11 +77,12 @@ class CompareConfig:
     recipe_steps: int = option(HEADLINE_STEPS, "The recipes' sampling: steps.", ge=1)
     recipe_guidance: float = option(HEADLINE_GUIDANCE, "The recipes' sampling: CFG scale.", ge=0)
     recipe_sampler: str = option("ddpm", "The recipes' sampling: sampler.", choices=tuple(SAMPLERS))
-    teacher_steps: int = option(30, "The teacher's sampling: steps (the reference model card's best setting).", ge=1)
-    teacher_guidance: float = option(4.0, "The teacher's sampling: CFG scale (the reference model card's best setting).",
-                                     ge=0)
-    teacher_sampler: str = option("euler", "The teacher's sampling: sampler (the reference model card's best setting).",
-                                  choices=tuple(SAMPLERS))
+    teacher_steps: int = option(30, "The teacher's sampling: steps (the reference model card's best setting).",
+                                ge=1)
+    teacher_guidance: float = option(4.0, "The teacher's sampling: CFG scale (the reference model card's best "
+                                     "setting).", ge=0)
+    teacher_sampler: str = option("euler", "The teacher's sampling: sampler (the reference model card's best "
+                                  "setting).", choices=tuple(SAMPLERS))
     classifier: str = option("reference", "CIFAR-10 classifier of class accuracy: 'reference' (shipped), a folder "
                              "written by distill_eval.classifier.save_classifier, or none.")
     lpips_net: str = option("alex", "LPIPS backbone.", choices=("alex", "vgg"))

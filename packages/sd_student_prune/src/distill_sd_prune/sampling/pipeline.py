@@ -1,6 +1,6 @@
 """Text-to-image sampling with diffusers: DDPM (Ho et al. 2020), PNDM (Liu et al. 2022), DDIM (Song et al.
-2021), Euler and Euler ancestral (Karras et al. 2022) or DPM-Solver++ 2M (Lu et al. 2022) over a Stable Diffusion pipeline whose UNet may be a student, with classifier-free guidance (Ho &
-Salimans 2022).
+2021), Euler and Euler ancestral (Karras et al. 2022) or DPM-Solver++ 2M (Lu et al. 2022) over a Stable
+Diffusion pipeline whose UNet may be a student, with classifier-free guidance (Ho & Salimans 2022).
 
 Each image has its own seed (a CPU ``torch.Generator`` per image), so the same seed gives the same initial
 noise for the teacher and every student, on any device.
@@ -16,8 +16,9 @@ import torch
 
 from distill_common.errors import ConfigError, unknown_choice
 
-SAMPLERS = {"ddpm": "DDPMScheduler", "pndm": "PNDMScheduler", "ddim": "DDIMScheduler", "euler": "EulerDiscreteScheduler",
-            "euler_a": "EulerAncestralDiscreteScheduler", "dpm": "DPMSolverMultistepScheduler"}
+SAMPLERS = {"ddpm": "DDPMScheduler", "pndm": "PNDMScheduler", "ddim": "DDIMScheduler",
+            "euler": "EulerDiscreteScheduler", "euler_a": "EulerAncestralDiscreteScheduler",
+            "dpm": "DPMSolverMultistepScheduler"}
 HEADLINE_STEPS = 25  # the seed's headline setting: 25 DDPM steps, CFG 5
 HEADLINE_GUIDANCE = 5.0
 
