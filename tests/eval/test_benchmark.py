@@ -101,7 +101,10 @@ def test_benchmark_rows_carry_intervals_markers_and_the_protocol_resize(tmp_path
             self.linear = nn.Linear(48, 64)
             torch.nn.init.normal_(self.linear.weight, generator=torch.Generator().manual_seed(0))
 
+        calls = 0
+
         def forward(self, images):
+            Projection.calls += images.shape[0]
             images = images if images.dtype == torch.uint8 else (images * 255).round()
             return self.linear(F.adaptive_avg_pool2d(images.float() / 255, 4).flatten(1)).detach()
 
@@ -127,3 +130,48 @@ def test_benchmark_rows_carry_intervals_markers_and_the_protocol_resize(tmp_path
     assert f"{student['fid']:.2f} [{student['fid_ci95_low']:.2f}, {student['fid_ci95_high']:.2f}]" in md
     assert sorted(p.relative_to(tmp_path / "out").as_posix() for p in result.plot_paths) == [
         "plots/fid_vs_latency.png", "plots/fid_vs_steps.png"]
+
+    # a re-run reads each folder's Inception features from its cache: no generated image goes through the network
+    Projection.calls = 0
+    again = run_benchmark(cfg, loader=lambda uri: NoiseGenerator(Path(uri)))
+    assert Projection.calls == 0
+    assert [r["fid"] for r in again.rows] == pytest.approx([r["fid"] for r in result.rows], rel=1e-6)
+    # new student weights regenerate its images and recompute only its features; the teacher's stay cached
+    (folders["student"] / "generator.json").write_text(_json.dumps({"scale": 3.5}))
+    Projection.calls = 0
+    changed = run_benchmark(cfg, loader=lambda uri: NoiseGenerator(Path(uri)))
+    assert Projection.calls == 40 and changed.rows[1]["fid"] != pytest.approx(student["fid"], rel=1e-3)
+    assert changed.rows[0]["fid"] == pytest.approx(teacher["fid"], rel=1e-6)
+
+
+def test_cached_features_are_keyed_by_the_images_the_count_and_the_extractor(tmp_path):
+    from distill_eval.benchmark import CACHE_KEY_FILE, FEATURE_CACHE_FILE, cached_features
+
+    class Extractor:
+        extractor_hash, precision, resize = "abc", "bf16", "none"
+
+    computed = []
+
+    def compute(value):
+        def run():
+            computed.append(value)
+            return torch.full((4, 8), float(value))
+        return run
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    assert cached_features(folder, 4, Extractor(), compute(1)).mean() == 1  # no image key: never cached
+    assert not (folder / FEATURE_CACHE_FILE).exists()
+    (folder / CACHE_KEY_FILE).write_text(json.dumps({"weights": "w1", "steps": 2}))
+    assert cached_features(folder, 4, Extractor(), compute(2)).mean() == 2
+    assert cached_features(folder, 4, Extractor(), compute(3)).mean() == 2  # read back
+    assert cached_features(folder, 5, Extractor(), compute(4)).mean() == 4  # another count
+    other = Extractor()
+    other.precision = "fp32"
+    assert cached_features(folder, 5, other, compute(5)).mean() == 5  # another forward precision
+    (folder / CACHE_KEY_FILE).write_text(json.dumps({"weights": "w2", "steps": 2}))
+    assert cached_features(folder, 5, other, compute(6)).mean() == 6  # other images
+    (folder / FEATURE_CACHE_FILE).write_bytes(b"garbage")
+    assert cached_features(folder, 5, other, compute(7)).mean() == 7  # a garbled file is recomputed
+    assert cached_features(folder, 5, other, compute(8)).mean() == 7
+    assert computed == [1, 2, 4, 5, 6, 7]
