@@ -585,20 +585,15 @@ class _FidEvaluator:
         self.seed = cfg.seed
         self.last = None
 
-    def __call__(self, images: torch.Tensor, folder: Path | None = None):
-        """FID/KID of ``images``; given the cached folder they were read from, their features are cached there."""
-        from distill_eval.features import extract_features
-        from distill_eval.fid import fid_kid_result, score_images
+    def __call__(self, images: torch.Tensor, folder: Path):
+        """FID/KID of ``images``, read from the cached image ``folder``, where their features are cached too."""
+        from distill_eval.fid import extract_generated_features, fid_kid_result
 
-        if folder is None or images.shape[-1] != images.shape[-2]:
-            self.last = score_images(images, self.extractor, self.ref, batch_size=self.batch_size, progress=False,
-                                     seed=self.seed, bootstrap_resamples=self.resamples)
-            return self.last
-        features = cached_features(folder, images.shape[0], self.extractor, lambda: extract_features(
-            images.split(self.batch_size), self.extractor, self.batch_size, progress=False, total=images.shape[0]))
+        features = cached_features(folder, images.shape[0], self.extractor, lambda: extract_generated_features(
+            images, self.extractor, self.batch_size, progress=False)[0])
         self.last = fid_kid_result(features, self.ref, self.extractor.extractor_hash, int(images.shape[-1]),
                                    seed=self.seed, bootstrap_resamples=self.resamples,
-                                   feature_precision=self.extractor.precision, progress=False)
+                                   feature_precision=getattr(self.extractor, "precision", "fp32"), progress=False)
         return self.last
 
     def protocol_dict(self, generated_n: int) -> dict[str, Any]:

@@ -227,18 +227,14 @@ def fid_kid_result(
                      fid_interval=interval, kid_subsets=kid_subsets, kid_subset_size=size)
 
 
-def score_images(
+def extract_generated_features(
     images: torch.Tensor | Iterable[torch.Tensor],
     extractor: nn.Module,
-    reference: ReferenceStats,
     batch_size: int = 64,
-    kid_subsets: int = KID_SUBSETS,
-    kid_subset_size: int = KID_SUBSET_SIZE,
-    seed: int = 0,
     progress: bool = True,
-    bootstrap_resamples: int = DEFAULT_RESAMPLES,
-) -> FIDResult:
-    """Extract features of generated images (uint8 or float [0, 1], (N, 3, R, R)) and score them against ``reference``."""
+) -> tuple[torch.Tensor, int]:
+    """Features of generated images (uint8 or float [0, 1], (N, 3, R, R)) and their one resolution R; non-square or
+    mixed-resolution images are refused in one line."""
     resolutions: set[int] = set()
 
     def checked(batches: Iterable[torch.Tensor]) -> Iterator[torch.Tensor]:
@@ -253,7 +249,23 @@ def score_images(
     features = extract_features(checked(source), extractor, batch_size, progress=progress, total=total)
     if len(resolutions) != 1:
         raise ConfigError(f"generated images mix resolutions {sorted(resolutions)}; generate at one resolution")
+    return features, resolutions.pop()
+
+
+def score_images(
+    images: torch.Tensor | Iterable[torch.Tensor],
+    extractor: nn.Module,
+    reference: ReferenceStats,
+    batch_size: int = 64,
+    kid_subsets: int = KID_SUBSETS,
+    kid_subset_size: int = KID_SUBSET_SIZE,
+    seed: int = 0,
+    progress: bool = True,
+    bootstrap_resamples: int = DEFAULT_RESAMPLES,
+) -> FIDResult:
+    """Extract features of generated images (uint8 or float [0, 1], (N, 3, R, R)) and score them against ``reference``."""
+    features, resolution = extract_generated_features(images, extractor, batch_size, progress)
     return fid_kid_result(
-        features, reference, extractor.extractor_hash, resolutions.pop(), kid_subsets, kid_subset_size, seed,
+        features, reference, extractor.extractor_hash, resolution, kid_subsets, kid_subset_size, seed,
         bootstrap_resamples, getattr(extractor, "precision", "fp32"), progress,
     )
