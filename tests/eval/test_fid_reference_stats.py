@@ -70,12 +70,14 @@ def test_every_protocol_field_is_part_of_the_cache_key(data_root: Path, tmp_path
     reference_stats("cifar10-test", PooledProjection(extractor_hash="fake11111111"), n=8, **kwargs)  # other weights
     bicubic = reference_stats("cifar10-test", PooledProjection("bicubic"), n=8, resolution=64, **kwargs)
     bf16 = reference_stats("cifar10-test", PooledProjection(precision="bf16"), n=8, **kwargs)  # other precision
-    assert counted == [8, 6, 8, 8, 8]
+    compiled = reference_stats("cifar10-test", PooledProjection(precision="bf16+compile"), n=8, **kwargs)
+    assert counted == [8, 6, 8, 8, 8, 8]
     assert bicubic.resolution == 64 and bicubic.resize == "bicubic"
     assert bf16.feature_precision == "bf16" and bf16.protocol(4).feature_precision == "bf16"
-    assert len(list((tmp_path / "reference_stats").glob("*.safetensors"))) == 5
+    assert compiled.protocol(4).feature_precision == "bf16+compile"  # the compiled path is its own protocol
+    assert len(list((tmp_path / "reference_stats").glob("*.safetensors"))) == 6
     again = reference_stats("cifar10-test", PooledProjection(precision="bf16"), n=8, **kwargs)
-    assert counted == [8, 6, 8, 8, 8] and again.feature_precision == "bf16"  # read back with its precision
+    assert counted == [8, 6, 8, 8, 8, 8] and again.feature_precision == "bf16"  # read back with its precision
 
 
 def test_the_resize_follows_the_protocol() -> None:

@@ -139,3 +139,24 @@ def test_bf16_features_track_fp32_and_are_float32(extractor, cifar_uint8, native
     assert cosine.min() > 0.99, cosine
     with pytest.raises(ConfigError, match="valid choices"):
         InceptionFeatureExtractor(precision="fp8")
+
+
+def test_compiled_path_matches_eager_with_one_graph(cache_dir: Path, extractor, cifar_uint8,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """'+compile' runs the same network under torch.compile: same features (fp32, to float tolerance), one static
+    graph whatever the batch sizes (smaller batches padded, larger ones split), inductor's cache in the distill
+    cache, and its own protocol stamp."""
+    monkeypatch.delenv(inception.INDUCTOR_CACHE_ENV, raising=False)
+    compiled = InceptionFeatureExtractor(cache_dir=cache_dir, precision="fp32+compile")
+    assert compiled.compiled and compiled.precision == "fp32+compile"
+    assert Path(inception.os.environ[inception.INDUCTOR_CACHE_ENV]) == cache_dir / "inductor"
+    with torch.inference_mode():
+        first = compiled(cifar_uint8[:2])  # fixes the graph's batch at 2
+        tail = compiled(cifar_uint8[2:3])  # padded to 2
+        wide = compiled(cifar_uint8)  # split into 2 + 2
+        eager = extractor(cifar_uint8)
+    assert compiled._graph_batch == 2
+    assert first.shape == (2, 2048) and tail.shape == (1, 2048) and wide.shape == (4, 2048)
+    torch.testing.assert_close(wide, eager, atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(tail[0], wide[2], atol=1e-4, rtol=1e-4)  # the padding changes no real row
+    torch.testing.assert_close(first, wide[:2], atol=1e-4, rtol=1e-4)

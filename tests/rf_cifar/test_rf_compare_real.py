@@ -18,6 +18,7 @@ def test_the_real_preset_is_the_issues_protocol():
     assert cfg.budget == "wall_clock" and cfg.budget_seconds is None and cfg.train.steps >= 1000
     assert cfg.eval.num_images == 2000 and cfg.eval.reference_n == 10_000 and cfg.eval.bootstrap_resamples > 0
     assert cfg.eval.class_accuracy and cfg.eval.student_steps == [1, 2, 4]
+    assert cfg.eval.feature_precision == "bf16+compile"  # tens of thousands of Inception images: it pays off
     assert cfg.methods == [] and {"dmd", "guided_progressive"} <= set(compare_methods())  # every method, DMD2 too
 
 

@@ -14,6 +14,7 @@ from typing import Any
 from distill_common.config import option
 from distill_common.errors import ConfigError
 from distill_common.runtime import DEVICES
+from distill_eval.protocol import FEATURE_PRECISIONS
 from distill_sd_prune.sampling.pipeline import SAMPLERS
 from distill_sd_prune.training.config import DEFAULT_TEACHER
 
@@ -34,8 +35,8 @@ class EvaluateConfig:
     seed: int = option(0, "First seed (and prompt-subset seed).")
     reference: str = option("coco-val2017", "FID reference set.")
     reference_n: int | None = option(None, "Reference images used (default: all of the set).")
-    feature_precision: str = option("fp32", "Inception forward precision: fp32 or bf16 (part of the FID protocol).",
-                                    choices=("fp32", "bf16"))
+    feature_precision: str = option("fp32", "Inception forward precision: fp32 or bf16, +compile for torch.compile "
+                                    "(part of the FID protocol).", choices=FEATURE_PRECISIONS)
     bootstrap_resamples: int = option(200, "Bootstrap resamples for each FID's 95% interval (0 = none).")
     clip_model: str | None = option(
         None, "CLIP model for CLIPScore: a hub id in the cache or a local folder."

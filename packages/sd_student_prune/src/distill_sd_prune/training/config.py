@@ -12,6 +12,7 @@ from distill_common.config import nested, option
 from distill_common.errors import ConfigError
 from distill_common.models.sd_loading import SD15_MODEL_ID
 from distill_common.runtime import DEVICES, PRECISIONS
+from distill_eval.protocol import FEATURE_PRECISIONS
 from distill_sd_prune.architecture.channel_init import INIT_METHODS
 from distill_sd_prune.architecture.pruning import PRUNE_PLANS
 from distill_sd_prune.data.training_data import CIFAR_RESOLUTION, TRAIN_SOURCES
@@ -126,7 +127,7 @@ class EvalOptions:
     lpips_net: str = option("alex", "LPIPS backbone.", choices=("alex", "vgg"))
     batch_size: int = option(8, "Generation batch size.", ge=1)
     feature_precision: str = option("fp32", "cifar10: Inception forward precision of the periodic FID (the scoring "
-                                    "protocol's).", choices=("fp32", "bf16"))
+                                    "protocol's).", choices=FEATURE_PRECISIONS)
 
 
 @dataclass
