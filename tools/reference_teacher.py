@@ -10,7 +10,16 @@
 wall time, hardware, data). ``sweep`` scores a grid of (sampler, steps, guidance) on a small protocol;
 ``card`` scores the chosen settings on the long protocol (and the fp32 weights against the fp16 ones), each FID
 with its 95% bootstrap interval (distill_eval.intervals), and writes ``MODEL_CARD.md`` with the weights' sha256.
-Results are kept in ``runs/rf_cifar/reference-card/*.json``, so a cut-off run resumes.
+Results are kept in ``runs/rf_cifar/reference-card/*.json``, keyed by the scored weights' sha256, so a cut-off run
+resumes and a re-shipped teacher is never scored from its predecessor's results.
+
+A warm-started teacher (``distill rf train-teacher --init reference``) continues the shipped one: ``export`` keeps the
+earlier training stages and the FID-against-images curve in ``training.json`` and adds the new stage and the images
+seen; ``card --require-improvement`` appends the new weights' best FID to the curve and refuses (exit 1, nothing
+written) unless it improves beyond the interval of the previous point, so that only a measured gain re-ships:
+
+    python tools/reference_teacher.py export ~/distill-work/cifar-teacher-warm --command "..." --wall-time-s 5400
+    python tools/reference_teacher.py card --num-images 10000 --configs heun:8:2 euler:16:2 --require-improvement
 """
 
 from __future__ import annotations
@@ -63,6 +72,31 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def _training_record(folder: Path) -> dict | None:
+    path = folder / "training.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _stage_images(stage: dict) -> int:
+    return int(stage["steps"]) * int(stage.get("batch_size", 64))
+
+
+def _with_history(training: dict, previous: dict | None, manifest: dict) -> dict:
+    """A warm-started run's record: the earlier stages (from the shipped ``training.json``), this one, the images
+    seen over all of them, and the FID-against-images curve measured so far (``card`` appends to it)."""
+    stages = [] if previous is None else previous.get("stages") or [
+        {k: previous.get(k) for k in ("command", "commit", "steps", "wall_time_s", "hardware", "precision", "run_id")}
+        | {"batch_size": previous.get("batch_size", 64)}]
+    if previous is not None and manifest.get("init_sha256") and previous.get("sha256") not in (None, manifest["init_sha256"]):
+        raise SystemExit("error: the run was warm-started from other weights than the shipped ones; pass --output to "
+                         "export it elsewhere")
+    this = {k: training[k] for k in ("command", "commit", "steps", "wall_time_s", "hardware", "precision", "run_id",
+                                      "batch_size")}
+    stages = [*stages, this]
+    return {**training, "stages": stages, "images_seen": sum(_stage_images(st) for st in stages),
+            "fid_curve": [] if previous is None else list(previous.get("fid_curve", []))}
+
+
 def export(args: argparse.Namespace) -> None:
     """Run folder -> package data (fp16 weights unless --fp32)."""
     run = Path(args.run_dir)
@@ -72,6 +106,7 @@ def export(args: argparse.Namespace) -> None:
     model = load_model(gen)
     state = {k: (v.half() if v.is_floating_point() and not args.fp32 else v) for k, v in model.state_dict().items()}
     out = Path(args.output or REFERENCE_TEACHER)
+    previous = _training_record(out) if manifest.get("init") else None  # a warm start continues the shipped history
     out.mkdir(parents=True, exist_ok=True)
     ckpt.save_weights(state, out / MODEL_FILE)
     (out / MODEL_CONFIG_FILE).write_text((gen / MODEL_CONFIG_FILE).read_text())
@@ -81,12 +116,15 @@ def export(args: argparse.Namespace) -> None:
                                                     "sampler": sampler, "default_steps": int(steps),
                                                     "default_guidance": float(guidance),
                                                     "storage_dtype": "float32" if args.fp32 else "float16"}, indent=2))
-    training = {"command": args.command, "commit": args.commit or git_commit(), "steps": stage.get("info", {}).get("steps"),
+    steps = stage.get("info", {}).get("steps") or manifest.get("train_steps")
+    training = {"command": args.command, "commit": args.commit or git_commit(), "steps": steps,
                 "wall_time_s": args.wall_time_s, "hardware": f"{cpu_name()}, {args.threads} thread(s), no GPU",
                 "data": "CIFAR-10 train, 50,000 images (the shared WebDataset shards, JPEG q~75 re-encodings), "
                         "random horizontal flips", "precision": args.precision,
-                "parameters": manifest.get("parameters"), "run_id": stage.get("run_id")}
-    (out / "training.json").write_text(json.dumps(training, indent=2))
+                "parameters": manifest.get("parameters"), "run_id": stage.get("run_id"),
+                "batch_size": manifest.get("train_batch_size", 64)}
+    training = _with_history(training, previous, manifest)
+    ckpt.write_json(out / "training.json", training)
     console.print(f"exported {out} ({(out / MODEL_FILE).stat().st_size / 1e6:.2f} MB, sha256 "
                   f"{sha256(out / MODEL_FILE)})")
 
@@ -184,12 +222,35 @@ def _settings(specs: list[str]) -> list[tuple[str, int, float]]:
     return out
 
 
+def _curve_with(training: dict, best: dict, weights_sha: str) -> tuple[dict, list[dict], bool | None]:
+    """``training`` with ``best`` as the curve point of these weights (replacing an earlier point of the same weights),
+    the curve, and whether it improves beyond the previous point's interval (None when there is none to compare on
+    the same protocol): its upper bound lies below the previous lower bound."""
+    stages = training.get("stages") or [training]
+    seen = training.get("images_seen") or sum(_stage_images(st) for st in stages)
+    point = {"images_seen": seen, "setting": f"{best['sampler']}:{best['steps']}:{best['guidance']:g}",
+             "fid": best["fid"], "fid_low": best["fid_low"], "fid_high": best["fid_high"], "sha256": weights_sha,
+             "protocol": best["protocol"]}
+    curve = [c for c in training.get("fid_curve", []) if c.get("sha256") != weights_sha] + [point]
+    previous = curve[-2] if len(curve) > 1 else None
+    improved = None
+    if previous is not None and previous.get("protocol") == point["protocol"]:
+        improved = point["fid_high"] < previous["fid_low"]
+    return {**training, "sha256": weights_sha, "fid_curve": curve}, curve, improved
+
+
+def _weights_tag(folder: Path) -> str:
+    return sha256(folder / MODEL_FILE)[:10]
+
+
 def sweep(args: argparse.Namespace) -> list[dict]:
     settings = _settings(args.configs)  # a malformed setting fails before minutes of reference statistics
     extractor, reference = _setup(args)
     gen = RFGenerator(load_model(args.teacher), batch_size=args.batch_size, precision=args.sample_precision)
-    prec = "" if gen.precision == "fp32" else f"_{gen.precision}"  # fp32 results keep their earlier keys
-    rows = [_score(gen, s, k, w, args.num_images, reference, extractor, f"{args.tag}n{args.num_images}_{s}{k}_w{w:g}{prec}",
+    prec = "" if gen.precision == "fp32" else f"_{gen.precision}"
+    weights = _weights_tag(Path(args.teacher))  # the cache belongs to these weights, not to whatever ships later
+    rows = [_score(gen, s, k, w, args.num_images, reference, extractor,
+                   f"{args.tag}{weights}_n{args.num_images}_{s}{k}_w{w:g}{prec}_{extractor.precision}",
                    args.batch_size, args.resamples, getattr(args, "from_eval", None)) for s, k, w in settings]
     best = min(rows, key=lambda r: r["fid"])
     console.print(f"best: {best['sampler']}:{best['steps']}:{best['guidance']:g} FID {best['fid']:.2f}")
@@ -213,11 +274,18 @@ def card(args: argparse.Namespace) -> None:
             gen = RFGenerator(load_model(source), batch_size=args.batch_size, precision=args.sample_precision)
             tag = "fp32" if "fp32" in label else "fp16"
             storage.append((label, _score(gen, s, k, w, args.storage_images, reference, extractor,
-                                          f"storage_{tag}_n{args.storage_images}_{s}{k}_w{w:g}_{gen.precision}", args.batch_size,
+                                          f"storage_{tag}_{_weights_tag(folder)}_n{args.storage_images}_{s}{k}_w{w:g}_{gen.precision}", args.batch_size,
                                           args.resamples)))
-    sweep_rows = [json.loads(p.read_text()) for p in sorted(WORK.glob(f"{args.sweep_tag}n*.json"))]
+    sweep_rows = [json.loads(p.read_text()) for p in sorted(WORK.glob(f"{args.sweep_tag}{_weights_tag(folder)}_n*.json"))]
     protocol = rows[0]["protocol"]
     best = min(rows, key=lambda r: r["fid"])
+    training, curve, improved = _curve_with(training, best, sha256(folder / MODEL_FILE))
+    if improved is False and args.require_improvement:
+        raise SystemExit(f"error: FID {best['fid']:.2f} [{best['fid_low']:.2f}, {best['fid_high']:.2f}] does not improve "
+                         f"beyond the interval of the shipped {curve[-2]['fid']:.2f} [{curve[-2]['fid_low']:.2f}, "
+                         f"{curve[-2]['fid_high']:.2f}]; not shipped (restore the weights: git checkout -- {folder})")
+    ckpt.write_json(folder / "training.json", training)
+    stages = training.get("stages") or [training]
     lines = [
         "# Model card: rf_cifar reference teacher",
         "",
@@ -240,11 +308,22 @@ def card(args: argparse.Namespace) -> None:
         "",
         "## Training",
         "",
-        f"- command: `{training['command']}`",
-        f"- commit: `{training['commit']}`",
-        f"- steps: {training['steps']} (batch 64); wall time: {training['wall_time_s'] / 3600:.2f} h",
-        f"- hardware: {training['hardware']}; precision: {training['precision']}",
+        f"- images seen: {training.get('images_seen') or sum(_stage_images(st) for st in stages):,} "
+        f"over {len(stages)} stage(s), each resuming the one before from its shipped weights",
         f"- data: {training['data']}",
+        *[line for i, st in enumerate(stages, 1) for line in (
+            f"- stage {i}: `{st['command']}`",
+            f"  - commit `{st['commit']}`; {st['steps']} steps of batch {st.get('batch_size', 64)}; wall time "
+            f"{st['wall_time_s'] / 3600:.2f} h; {st['hardware']}; {st['precision']}")],
+        "",
+        "## FID against images seen",
+        "",
+        "Each point is the best setting of the table below at the time it shipped (10,000 vs 10,000 protocol).",
+        "",
+        "| images seen | best setting | FID [95% interval] | weights sha256 |",
+        "|---:|---|---|---|",
+        *[f"| {c['images_seen']:,} | {c['setting']} | {c['fid']:.2f} [{c['fid_low']:.2f}, {c['fid_high']:.2f}] | "
+          f"`{c['sha256'][:12]}` |" for c in curve],
         "",
         "## Evaluation",
         "",
@@ -305,7 +384,7 @@ def main() -> None:
                                                         "heun:8:2", "euler:32:2"])
         p.add_argument("--num-images", type=int, default=1000)
         p.add_argument("--reference-n", type=int, default=10000)
-        p.add_argument("--feature-precision", default="bf16", choices=("fp32", "bf16"))
+        p.add_argument("--feature-precision", default="bf16", choices=("fp32", "bf16", "fp32+compile", "bf16+compile"))
         p.add_argument("--resamples", type=int, default=200)
         p.add_argument("--batch-size", type=int, default=64, help="generation batch (bf16 autocast is fastest at 64 here)")
         p.add_argument("--sample-precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
@@ -317,6 +396,9 @@ def main() -> None:
             p.add_argument("--fp32-run", default=None, help="the training run folder, to compare fp32 vs fp16 storage")
             p.add_argument("--storage-images", type=int, default=2000)
             p.add_argument("--note", nargs="*", default=[], help="paragraphs added after the results")
+            p.add_argument("--require-improvement", action="store_true",
+                           help="exit 1 (writing nothing) unless the best FID improves beyond the interval of the "
+                           "previous curve point on the same protocol: the rule for re-shipping a warm-started teacher")
             p.add_argument("--from-eval", default=None, help="a 'distill rf evaluate' output folder whose teacher rows "
                            "on the same protocol are used instead of scoring them again")
     args = ap.parse_args()

@@ -57,3 +57,45 @@ def test_reference_registers_in_mlflow_like_a_trained_generator(tmp_path, mlflow
     assert torch.equal(loaded.generate([3], 2, [5]), load_generator("reference", device="cpu").generate([3], 2, [5]))
     again = use_teacher("reference", tmp_path / "teacher", experiment="reference-test")
     assert again.skipped and again.model_uri == outcome.model_uri  # a rerun reuses the logged model
+
+
+def _shipping_tool():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[2] / "tools" / "reference_teacher.py"
+    spec = importlib.util.spec_from_file_location("reference_teacher_tool", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_warm_start_continues_the_shipped_history_and_reships_only_on_a_measured_gain():
+    """export keeps the earlier stages and the FID curve and adds the images seen; the card's gate passes only when
+    the new interval lies below the previous one on the same protocol."""
+    tool = _shipping_tool()
+    shipped = json.loads((REFERENCE_TEACHER / "training.json").read_text())
+    first_point = shipped["fid_curve"][-1]
+    new_stage = {"command": "distill rf train-teacher --init reference ...", "commit": "abc1234", "steps": 9000,
+                 "wall_time_s": 5400.0, "hardware": "AMD EPYC, 2 thread(s), no GPU", "precision": "bf16 autocast",
+                 "run_id": "r", "batch_size": 64, "data": shipped["data"], "parameters": shipped["parameters"]}
+    record = tool._with_history(new_stage, shipped, {"init": "reference", "init_sha256": shipped["sha256"]})
+    assert [st["steps"] for st in record["stages"]] == [4500, 9000]
+    assert record["images_seen"] == 4500 * 64 + 9000 * 64 and record["fid_curve"] == shipped["fid_curve"]
+    with pytest.raises(SystemExit, match="other weights"):
+        tool._with_history(new_stage, shipped, {"init": "x", "init_sha256": "0" * 64})
+
+    def best(fid, low, high, protocol=first_point["protocol"]):
+        return {"sampler": "heun", "steps": 8, "guidance": 2.0, "fid": fid, "fid_low": low, "fid_high": high,
+                "protocol": protocol}
+
+    better, curve, improved = tool._curve_with(record, best(24.0, 23.6, 24.4), "f" * 64)
+    assert improved is True and [c["images_seen"] for c in curve] == [288_000, 864_000]
+    assert better["sha256"] == "f" * 64 and better["fid_curve"][-1]["fid"] == 24.0
+    _, _, improved = tool._curve_with(record, best(30.3, 29.9, 30.7), "f" * 64)  # overlaps 30.50 [30.10, 30.91]
+    assert improved is False
+    other = {**first_point["protocol"], "generated_n": 2000}
+    _, curve, improved = tool._curve_with(record, best(20.0, 19.0, 21.0, other), "f" * 64)
+    assert improved is None and len(curve) == 2  # another protocol: no verdict
+    _, again, _ = tool._curve_with(better, best(23.9, 23.5, 24.3), "f" * 64)
+    assert len(again) == 2 and again[-1]["fid"] == 23.9  # the same weights rescored replace their point
