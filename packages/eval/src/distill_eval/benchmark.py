@@ -402,7 +402,9 @@ def run_benchmark(
     teacher_images = load_png_folder(image_dirs[teacher_cfg.key], cfg.num_images) if teacher_cfg else None
     teacher_ms = None
     for c in configs:
-        images = load_png_folder(image_dirs[c.key], cfg.num_images)
+        # the teacher's folder is read once: its images are already in memory for LPIPS
+        images = teacher_images if c is teacher_cfg and teacher_images is not None else \
+            load_png_folder(image_dirs[c.key], cfg.num_images)
         row: dict[str, Any] = {"model": c.label, "role": "teacher" if c.is_teacher else "student", "steps": c.steps,
                                "uri": c.uri, "num_images": cfg.num_images}
         timing = time_generator(c.generator, c.steps, conditions=conditions[: cfg.batch_size],
