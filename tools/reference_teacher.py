@@ -87,12 +87,14 @@ def _with_history(training: dict, previous: dict | None, manifest: dict) -> dict
     stages = [] if previous is None else previous.get("stages") or [
         {k: previous.get(k) for k in ("command", "commit", "steps", "wall_time_s", "hardware", "precision", "run_id")}
         | {"batch_size": previous.get("batch_size", 64)}]
-    if previous is not None and manifest.get("init_sha256") and previous.get("sha256") not in (None, manifest["init_sha256"]):
+    reexport = bool(stages) and stages[-1].get("run_id") == training.get("run_id")  # the same run exported again
+    if (previous is not None and not reexport and manifest.get("init_sha256")
+            and previous.get("sha256") not in (None, manifest["init_sha256"])):
         raise SystemExit("error: the run was warm-started from other weights than the shipped ones; pass --output to "
                          "export it elsewhere")
     this = {k: training[k] for k in ("command", "commit", "steps", "wall_time_s", "hardware", "precision", "run_id",
                                       "batch_size")}
-    stages = [*stages, this]
+    stages = [*(st for st in stages if not (st.get("run_id") and st.get("run_id") == this["run_id"])), this]  # re-export
     return {**training, "stages": stages, "images_seen": sum(_stage_images(st) for st in stages),
             "fid_curve": [] if previous is None else list(previous.get("fid_curve", []))}
 
@@ -125,6 +127,13 @@ def export(args: argparse.Namespace) -> None:
                 "batch_size": manifest.get("train_batch_size", 64)}
     training = _with_history(training, previous, manifest)
     ckpt.write_json(out / "training.json", training)
+    shipped_manifest = json.loads((out / "generator.json").read_text())
+    if shipped_manifest.get("images_seen") is None:  # a warm start from the shipped weights carries it on from here
+        ckpt.write_json(out / "generator.json", {**shipped_manifest, "images_seen": training["images_seen"]})
+    # A provisional card naming the new weights' sha256 (the loader checks shipped weights against it) until
+    # ``card`` measures them and writes the full one.
+    (out / "MODEL_CARD.md").write_text(f"# Model card: rf_cifar reference teacher\n\n- sha256: `{sha256(out / MODEL_FILE)}`\n\n"
+                                       "Evaluation pending: `python tools/reference_teacher.py card`.\n")
     console.print(f"exported {out} ({(out / MODEL_FILE).stat().st_size / 1e6:.2f} MB, sha256 "
                   f"{sha256(out / MODEL_FILE)})")
 

@@ -13,20 +13,25 @@ import torch
 from distill_common.errors import ModelLoadError
 from distill_common.generator import load_generator, named_generators, resolve_generator_folder
 from distill_rf_cifar.generator import MODEL_FILE, REFERENCE_TEACHER, load_model, weights_sha256
+from distill_rf_cifar.generator import named_generators as rf_cifar_generators
 
 
-def test_model_card_states_the_sha256_of_the_shipped_weights_and_the_protocol():
-    card = (REFERENCE_TEACHER / "MODEL_CARD.md").read_text()
-    digest = hashlib.sha256((REFERENCE_TEACHER / MODEL_FILE).read_bytes()).hexdigest()
+@pytest.mark.parametrize("name", sorted(rf_cifar_generators()))
+def test_model_card_states_the_sha256_of_the_shipped_weights_and_the_protocol(name):
+    folder = rf_cifar_generators()[name]
+    card = (folder / "MODEL_CARD.md").read_text()
+    digest = hashlib.sha256((folder / MODEL_FILE).read_bytes()).hexdigest()
     assert re.search(r"sha256: `([0-9a-f]{64})`", card).group(1) == digest
-    assert (REFERENCE_TEACHER / MODEL_FILE).stat().st_size <= 15e6
-    training = json.loads((REFERENCE_TEACHER / "training.json").read_text())
+    assert (folder / MODEL_FILE).stat().st_size <= 15e6
+    training = json.loads((folder / "training.json").read_text())
     for needle in (training["command"], training["commit"], "FID", "interval", "generated", "cifar10-train"):
         assert needle in card, needle
+    assert weights_sha256(name) == digest  # the name loads these very weights
 
 
 def test_reference_resolves_by_name_and_samples_cifar_shaped_images():
     assert named_generators()["reference"] == REFERENCE_TEACHER
+    assert set(rf_cifar_generators()) <= {"reference", "reference-v1"}
     assert resolve_generator_folder("rf_cifar:reference") == REFERENCE_TEACHER
     gen = load_generator("reference", device="cpu")
     manifest = json.loads((REFERENCE_TEACHER / "generator.json").read_text())
@@ -74,8 +79,13 @@ def test_a_warm_start_continues_the_shipped_history_and_reships_only_on_a_measur
     """export keeps the earlier stages and the FID curve and adds the images seen; the card's gate passes only when
     the new interval lies below the previous one on the same protocol."""
     tool = _shipping_tool()
-    shipped = json.loads((REFERENCE_TEACHER / "training.json").read_text())
-    first_point = shipped["fid_curve"][-1]
+    protocol = {"extractor_hash": "9d7e5a4f85a9", "reference_set": "cifar10-train", "reference_n": 10000,
+                "generated_n": 10000, "resolution": 32, "resize": "none", "feature_precision": "bf16"}
+    first_point = {"images_seen": 288_000, "setting": "heun:8:2", "fid": 30.50, "fid_low": 30.10, "fid_high": 30.91,
+                   "sha256": "a" * 64, "protocol": protocol}
+    shipped = {"command": "distill rf train-teacher ...", "commit": "f93dc61", "steps": 4500, "wall_time_s": 5100.0,
+               "hardware": "AMD EPYC", "precision": "bf16 autocast", "run_id": "first", "batch_size": 64,
+               "data": "CIFAR-10 train", "parameters": 1541891, "sha256": "a" * 64, "fid_curve": [first_point]}
     new_stage = {"command": "distill rf train-teacher --init reference ...", "commit": "abc1234", "steps": 9000,
                  "wall_time_s": 5400.0, "hardware": "AMD EPYC, 2 thread(s), no GPU", "precision": "bf16 autocast",
                  "run_id": "r", "batch_size": 64, "data": shipped["data"], "parameters": shipped["parameters"]}
@@ -84,6 +94,9 @@ def test_a_warm_start_continues_the_shipped_history_and_reships_only_on_a_measur
     assert record["images_seen"] == 4500 * 64 + 9000 * 64 and record["fid_curve"] == shipped["fid_curve"]
     with pytest.raises(SystemExit, match="other weights"):
         tool._with_history(new_stage, shipped, {"init": "x", "init_sha256": "0" * 64})
+    shipped_again = {**record, "sha256": "e" * 64}  # exported and carded once already: exporting it again
+    again = tool._with_history(new_stage, shipped_again, {"init": "reference", "init_sha256": shipped["sha256"]})
+    assert [st["steps"] for st in again["stages"]] == [4500, 9000] and again["images_seen"] == record["images_seen"]
 
     def best(fid, low, high, protocol=first_point["protocol"]):
         return {"sampler": "heun", "steps": 8, "guidance": 2.0, "fid": fid, "fid_low": low, "fid_high": high,

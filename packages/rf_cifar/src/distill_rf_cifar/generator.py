@@ -38,11 +38,19 @@ FAMILY = "rf_cifar"
 MODEL_FILE = "model.safetensors"
 MODEL_CONFIG_FILE = "model_config.json"
 REFERENCE_TEACHER = Path(__file__).parent / "reference_teacher"  # shipped package data (see its MODEL_CARD.md)
+# The first shipped teacher (288,000 training images), kept when a longer-trained one replaced it: the published
+# student tables were distilled from it, so they stay reproducible.
+REFERENCE_TEACHER_V1 = Path(__file__).parent / "reference_teacher_v1"
+
+
+def _shipped_folders() -> dict[str, Path]:
+    return {"reference": REFERENCE_TEACHER, "reference-v1": REFERENCE_TEACHER_V1}  # read at call time (tests patch)
 
 
 def named_generators() -> dict[str, Path]:
-    """Generators shipped with this package: ``reference``, the CIFAR-10 teacher this project trained."""
-    return {"reference": REFERENCE_TEACHER} if (REFERENCE_TEACHER / MODEL_FILE).is_file() else {}
+    """Generators shipped with this package: ``reference``, the CIFAR-10 teacher this project trained, and
+    ``reference-v1``, its first version."""
+    return {name: folder for name, folder in _shipped_folders().items() if (folder / MODEL_FILE).is_file()}
 
 
 def card_sha256(folder: Path = REFERENCE_TEACHER) -> str | None:
@@ -59,7 +67,7 @@ def verify_shipped_weights(folder: str | Path) -> None:
     """A shipped generator's weights must match the sha256 in its model card (3 MB: milliseconds); an altered or
     truncated file is refused in one line. Other folders pass unchecked."""
     folder = Path(folder)
-    if folder.resolve() != REFERENCE_TEACHER.resolve():
+    if folder.resolve() not in {shipped.resolve() for shipped in _shipped_folders().values()}:
         return
     path = folder / MODEL_FILE
     want = card_sha256(folder)
