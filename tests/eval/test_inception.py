@@ -156,6 +156,7 @@ def test_compiled_path_matches_eager_with_one_graph(cache_dir: Path, extractor, 
         wide = compiled(cifar_uint8)  # split into 2 + 2
         eager = extractor(cifar_uint8)
     assert compiled._graph_batch == 2
+    assert compiled.state_dict().keys() == extractor.state_dict().keys()  # the compiled wrapper is no second copy
     assert first.shape == (2, 2048) and tail.shape == (1, 2048) and wide.shape == (4, 2048)
     torch.testing.assert_close(wide, eager, atol=1e-3, rtol=1e-3)
     torch.testing.assert_close(tail[0], wide[2], atol=1e-4, rtol=1e-4)  # the padding changes no real row

@@ -287,11 +287,13 @@ class InceptionFeatureExtractor(nn.Module):
             self.network = self.network.to(memory_format=torch.channels_last)
         self.requires_grad_(False)
         self.eval()
-        self._forward = self.network
+        self._compiled_network = None
         if self.compiled:
             folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
             os.environ.setdefault(INDUCTOR_CACHE_ENV, str(folder / "inductor"))
-            self._forward = torch.compile(self.network, dynamic=False)
+            # set past nn.Module's registration: the compiled wrapper shares self.network's weights and must not
+            # appear a second time in state_dict() or parameters()
+            object.__setattr__(self, "_compiled_network", torch.compile(self.network, dynamic=False))
 
     @property
     def resize_description(self) -> str:
@@ -323,7 +325,8 @@ class InceptionFeatureExtractor(nn.Module):
 
     def _network_features(self, pixels: torch.Tensor) -> torch.Tensor:
         with torch.autocast(pixels.device.type, dtype=torch.bfloat16, enabled=self.precision.startswith("bf16")):
-            (features,) = self._forward(pixels)  # (B, 2048)
+            network = self.network if self._compiled_network is None else self._compiled_network
+            (features,) = network(pixels)  # (B, 2048)
         return features.float()
 
     def _static_batches(self, pixels: torch.Tensor) -> torch.Tensor:
