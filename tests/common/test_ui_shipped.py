@@ -25,8 +25,9 @@ def test_an_empty_registry_offers_the_shipped_generators(mlflow_uri: str) -> Non
     assert tracking.list_models() == []
     cat = build_catalog()
     assert cat.shipped_only and cat.families[0] == "rf_cifar"  # the CIFAR-10 main job's family first
-    (teacher,) = cat.of_role("rf_cifar", "teacher")
+    teacher, *earlier = cat.of_role("rf_cifar", "teacher")  # the current reference first: the page preselects it
     assert (teacher.uri, teacher.label) == ("reference", "reference (shipped)")
+    assert [t.uri for t in earlier] == ["reference-v1"]  # its first version, from which the published students came
     assert named_generators()[teacher.uri] == named_generators()["rf_cifar:reference"]  # loads by that name
     offered = {c.uri for cs in cat.choices.values() for c in cs}
     assert offered == {name for name in named_generators() if ":" not in name}  # each shipped folder once
