@@ -87,14 +87,15 @@ def _with_history(training: dict, previous: dict | None, manifest: dict) -> dict
     stages = [] if previous is None else previous.get("stages") or [
         {k: previous.get(k) for k in ("command", "commit", "steps", "wall_time_s", "hardware", "precision", "run_id")}
         | {"batch_size": previous.get("batch_size", 64)}]
-    reexport = bool(stages) and stages[-1].get("run_id") == training.get("run_id")  # the same run exported again
+    run_id = training.get("run_id")
+    reexport = bool(stages) and run_id is not None and stages[-1].get("run_id") == run_id  # the same run, again
     if (previous is not None and not reexport and manifest.get("init_sha256")
             and previous.get("sha256") not in (None, manifest["init_sha256"])):
         raise SystemExit("error: the run was warm-started from other weights than the shipped ones; pass --output to "
                          "export it elsewhere")
     this = {k: training[k] for k in ("command", "commit", "steps", "wall_time_s", "hardware", "precision", "run_id",
                                       "batch_size")}
-    stages = [*(st for st in stages if not (st.get("run_id") and st.get("run_id") == this["run_id"])), this]  # re-export
+    stages = [*(stages[:-1] if reexport else stages), this]  # a re-export replaces its own stage
     return {**training, "stages": stages, "images_seen": sum(_stage_images(st) for st in stages),
             "fid_curve": [] if previous is None else list(previous.get("fid_curve", []))}
 
@@ -132,10 +133,10 @@ def export(args: argparse.Namespace) -> None:
         ckpt.write_json(out / "generator.json", {**shipped_manifest, "images_seen": training["images_seen"]})
     # A provisional card naming the new weights' sha256 (the loader checks shipped weights against it) until
     # ``card`` measures them and writes the full one.
-    (out / "MODEL_CARD.md").write_text(f"# Model card: rf_cifar reference teacher\n\n- sha256: `{sha256(out / MODEL_FILE)}`\n\n"
+    digest = sha256(out / MODEL_FILE)
+    (out / "MODEL_CARD.md").write_text(f"# Model card: rf_cifar reference teacher\n\n- sha256: `{digest}`\n\n"
                                        "Evaluation pending: `python tools/reference_teacher.py card`.\n")
-    console.print(f"exported {out} ({(out / MODEL_FILE).stat().st_size / 1e6:.2f} MB, sha256 "
-                  f"{sha256(out / MODEL_FILE)})")
+    console.print(f"exported {out} ({(out / MODEL_FILE).stat().st_size / 1e6:.2f} MB, sha256 {digest})")
 
 
 def _from_evaluation(gen: RFGenerator, sampler: str, steps: int, guidance: float, n: int, reference, extractor,
