@@ -71,14 +71,15 @@ def test_compare_trains_scores_tabulates_and_promotes_then_resumes(
     from distill_common import tracking
 
     out = tmp_path / "compare"
-    args = compare_args(tiny_reference, tiny_classifier, data_root, out)
+    first_rows = [r for r in ROWS if r != "v1-tiny"]
+    args = compare_args(tiny_reference, tiny_classifier, data_root, out, **{"--rows": ",".join(first_rows)})
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output + repr(result.exception)
 
     report = json.loads((out / "comparison.json").read_text())
     rows = report["rows"]
     assert {(r["model"], r["setting"]) for r in rows} == {
-        (m, s) for m in ("teacher", *ROWS) for s in ("recipe", "teacher")
+        (m, s) for m in ("teacher", *first_rows) for s in ("recipe", "teacher")
     }
     for r in rows:
         for column in ("params", "gmacs", "ms_per_image", "fid", "fid_ci95_low", "fid_ci95_high",
@@ -113,7 +114,7 @@ def test_compare_trains_scores_tabulates_and_promotes_then_resumes(
 
     # registry: every student registered and stamped under one protocol; the gate crowned one of them
     versions = tracking.list_versions("sd_student_prune_reference")
-    assert len(versions) == len(ROWS)
+    assert len(versions) == len(first_rows)
     champion = tracking.version_by_alias("sd_student_prune_reference", tracking.CHAMPION)
     assert champion is not None and "promotion.reason" in champion.tags
     assert len({v.tags["eval.protocol"] for v in versions}) == 1
@@ -121,12 +122,30 @@ def test_compare_trains_scores_tabulates_and_promotes_then_resumes(
     # a rerun resumes: nothing is retrained, rescored or registered twice
     import distill_sd_prune.training.loop as loop
 
+    real_train = loop.train
     monkeypatch.setattr(loop, "train", lambda *a, **k: pytest.fail("a finished row was retrained"))
     (out / "comparison.json").unlink()
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output + repr(result.exception)
     assert json.loads((out / "comparison.json").read_text())["rows"] == rows
+    assert len(tracking.list_versions("sd_student_prune_reference")) == len(first_rows)
+
+    # the comparison grows: a rerun naming a new row trains and scores that row only, and the table keeps the rest
+    trained = []
+    monkeypatch.setattr(loop, "train", lambda cfg, *a, **k: trained.append(cfg.output_dir.name) or real_train(
+        cfg, *a, **k))
+    result = CliRunner().invoke(app, compare_args(tiny_reference, tiny_classifier, data_root, out,
+                                                  **{"--rows": "v1-tiny"}))
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    assert trained == ["v1-tiny"]
+    grown = json.loads((out / "comparison.json").read_text())["rows"]
+    assert [r for r in grown if r["model"] != "v1-tiny"] == rows
+    tiny = {r["setting"]: r for r in grown if r["model"] == "v1-tiny"}
+    assert set(tiny) == {"recipe", "teacher"} and tiny["recipe"]["budget"] == "sd_tiny-w075"
+    assert tiny["recipe"]["params"] < by["v3", "recipe"]["params"] and tiny["recipe"]["fid_ci95_low"] is not None
+    assert json.loads((out / "compare_config.json").read_text())["rows"] == [*first_rows, "v1-tiny"]
     assert len(tracking.list_versions("sd_student_prune_reference")) == len(ROWS)
+    assert any("v1-tiny" in c for c in json.loads((out / "comparison.json").read_text())["meta"]["claims"])
 
     # the same folder with other options is refused in one line
     result = CliRunner().invoke(app, compare_args(tiny_reference, tiny_classifier, data_root, out,
@@ -138,10 +157,11 @@ def test_compare_trains_scores_tabulates_and_promotes_then_resumes(
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        ({"--rows": "v1,v4"}, "valid choices: 'random', 'v1', 'v2.1', 'v2.2', 'v3'"),
+        ({"--rows": "v1,v4"}, "valid choices: 'random', 'v1', 'v1-tiny', 'v2.1', 'v2.2', 'v3'"),
         ({"--rows": "v1,v1"}, "names a row twice"),
         ({"--v3-plan": "none"}, "valid choices: 'bk_small', 'sd_small', 'sd_tiny'"),
         ({"--num-images": "1"}, "--num-images"),
+        ({"--v1-tiny-width": "1.5"}, "--v1-tiny-width"),
         ({"--no-track": None}, "--promote needs MLflow tracking"),
     ],
 )
@@ -164,3 +184,23 @@ def test_the_periodic_evaluation_uses_the_comparisons_feature_precision(tmp_path
     periodic = row_train_config(cfg, "v2.1").eval
     assert periodic.every and periodic.feature_precision == precision and periodic.reference_n == 500
     assert row_train_config(cfg, "v1").eval.every == 0
+
+
+def test_the_v1_tiny_row_is_v1s_recipe_on_the_narrowed_sd_tiny_plan_under_half_the_reference_teacher(tmp_path):
+    """The row aimed at the goal: BK-SDM-Tiny's block removal plus narrowing, trained with V1's recipe (projection
+    init, feature KD, progressive chain); at the default width it keeps under half the reference UNet's parameters."""
+    from distill_common.models.tiny_sd import build_tiny_unet
+    from distill_common.reference_sd.spec import REFERENCE_SD_SPEC
+    from distill_sd_prune.architecture import build_student, count_parameters
+    from distill_sd_prune.evaluation.compare import CompareConfig, row_train_config
+
+    cfg = CompareConfig(output_dir=tmp_path / "cmp")
+    tiny, v1 = row_train_config(cfg, "v1-tiny"), row_train_config(cfg, "v1")
+    assert (tiny.recipe, tiny.student.plan, tiny.student.width, tiny.student.init) == ("v1", "sd_tiny", 0.75, "project")
+    assert tiny.schedule.timesteps == v1.schedule.timesteps == "progressive"
+    assert tiny.loss.feature_kd_weight == v1.loss.feature_kd_weight > 0
+    assert tiny.output_dir.name == "v1-tiny" and tiny.max_steps == v1.max_steps
+    assert row_train_config(CompareConfig(output_dir=tmp_path, v1_tiny_width=0.5), "v1-tiny").student.width == 0.5
+    teacher = build_tiny_unet(REFERENCE_SD_SPEC)
+    student = build_student(teacher, tiny.student.plan, tiny.student.width, tiny.student.init).unet
+    assert count_parameters(student) <= 0.5 * count_parameters(teacher)

@@ -36,7 +36,9 @@ from distill_eval.protocol import FEATURE_PRECISIONS
 from distill_sd_prune.sampling.pipeline import HEADLINE_GUIDANCE, HEADLINE_STEPS, SAMPLERS
 from distill_sd_prune.training.config import RECIPES, TrainConfig
 
-ROWS = ("v1", "v2.1", "v2.2", "v3", "random")
+ROWS = ("v1", "v2.1", "v2.2", "v3", "random", "v1-tiny")
+# Rows that are a recipe on another student: V1's recipe on BK-SDM-Tiny's block plan, narrowed.
+PLANNED_ROWS = {"v1-tiny": ("v1", "sd_tiny")}
 V3_PLANS = ("sd_small", "bk_small", "sd_tiny")
 TEACHER = "teacher"
 CONFIG_FILE = "compare_config.json"
@@ -44,6 +46,8 @@ STATE_FILE = "compare_state.json"
 REPORT = "comparison"
 # Options that may change between a run and its resumption (they do not change any number).
 RESUMABLE_FIELDS = ("output_dir", "device", "track", "promote", "experiment", "registered_name", "min_improvement")
+# Options that may grow between a run and its resumption: a rerun with more rows trains and scores only the new ones.
+EXTENDABLE_FIELDS = ("rows",)
 # The issue's goal: <= 50% of the teacher's UNet parameters, FID <= 1.3x the teacher's, class accuracy >= 90%.
 GOAL_PARAMS, GOAL_FID, GOAL_ACCURACY = 0.5, 1.3, 0.9
 
@@ -62,6 +66,8 @@ class CompareConfig:
     random_recipe: str = option("v2.1", "Recipe of the random-init row (its plan, width and schedules).",
                                 choices=RECIPES)
     v3_plan: str = option("sd_small", "Block plan of the V3 row.", choices=V3_PLANS)
+    v1_tiny_width: float = option(0.75, "Channel width of the v1-tiny row (V1's recipe on the sd_tiny plan).",
+                                  gt=0, le=1)
     max_steps: int = option(2000, "The one optimiser-step budget of every student.", ge=1)
     batch_size: int = option(64, "Micro-batch size of every student (V3 accumulates 4 per step).", ge=1)
     data_root: Path | None = option(None, "Data root holding cifar10/ (default: $DISTILL_DATA_ROOT).")
@@ -118,6 +124,8 @@ def row_recipe(cfg: CompareConfig, row: str) -> tuple[str, str | None]:
         from distill_common.errors import unknown_choice
 
         raise unknown_choice("comparison row", row, ROWS)
+    if row in PLANNED_ROWS:
+        return PLANNED_ROWS[row][0], None
     return (cfg.random_recipe, "random") if row == "random" else (row, None)
 
 
@@ -150,6 +158,9 @@ def row_train_config(cfg: CompareConfig, row: str) -> TrainConfig:
         t.student.init = init
     if recipe == "v3":
         t.student.plan = cfg.v3_plan
+    if row in PLANNED_ROWS:
+        t.student.plan = PLANNED_ROWS[row][1]
+        t.student.width = cfg.v1_tiny_width
     periodic = bool(recipe_values(recipe)["eval"].get("every"))
     t.eval.every = cfg.eval_every if periodic else 0
     t.eval.num_images = cfg.eval_num_images
@@ -189,24 +200,34 @@ def _read_json(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def check_same_comparison(cfg: CompareConfig) -> None:
-    """Refuse to resume a folder that holds a comparison with other options; record the options otherwise."""
+def check_same_comparison(cfg: CompareConfig) -> list[str]:
+    """Refuse to resume a folder that holds a comparison with other options; record the options otherwise.
+
+    Returns the rows of the comparison: the folder's rows, then any new ones of ``cfg.rows`` (a comparison grows;
+    the rows already trained and scored are kept)."""
     from distill_common.checkpoint import write_json
 
     path = Path(cfg.output_dir) / CONFIG_FILE
-    current = {k: v for k, v in to_dict(cfg).items() if k not in RESUMABLE_FIELDS}
-    saved = _read_json(path)
-    if saved:
-        saved = {k: v for k, v in saved.items() if k not in RESUMABLE_FIELDS}
-        current = json.loads(json.dumps(current, default=str))
-        differing = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+    skip = RESUMABLE_FIELDS + EXTENDABLE_FIELDS
+    current = json.loads(json.dumps({k: v for k, v in to_dict(cfg).items() if k not in skip}, default=str))
+    saved_all = _read_json(path)
+    if saved_all:
+        # an option newer than the folder's record compares against its default, which is what that run used
+        defaults = json.loads(json.dumps(to_dict(CompareConfig()), default=str))
+        saved = {k: saved_all.get(k, defaults.get(k)) for k in set(saved_all) | set(current) if k not in skip}
+        differing = sorted(k for k in saved if saved.get(k) != current.get(k))
         if differing:
             raise ConfigError(
                 f"{cfg.output_dir} holds a comparison with other options (differing: {', '.join(differing)}); "
                 "rerun it with its own options (see its compare_config.json) or pass another --output-dir"
             )
-        return
+        rows = list(saved_all.get("rows", []))
+        rows += [r for r in cfg.rows if r not in rows]
+        if rows != saved_all.get("rows"):
+            write_json(path, {**saved_all, "rows": rows})
+        return rows
     write_json(path, to_dict(cfg))
+    return list(cfg.rows)
 
 
 def train_row(cfg: CompareConfig, row: str, console: Any = None) -> dict[str, Any]:
@@ -377,6 +398,8 @@ def claims(rows: list[dict[str, Any]], random_recipe: str) -> list[str]:
         ("V2.2 beats V2.1 (output KD, alpha(t), caption dropout)", "v2.2", "v2.1"),
         ("feature KD helps: V1 (feature + output KD, projection init, progressive chain, EMA) vs V2.1", "v1", "v2.1"),
         (f"teacher-weight init beats random init at the same budget ({random_recipe})", random_recipe, "random"),
+        ("removing blocks beats narrowing alone at V1's recipe: v1-tiny (sd_tiny, narrowed) vs V1 (narrow 0.5)",
+         "v1-tiny", "v1"),
     ]
     out = []
     for title, a, b in questions:
@@ -466,9 +489,10 @@ def run_compare(cfg: CompareConfig, console: Any = None) -> dict[str, Any]:
     resolution = int(components.unet.config.sample_size) * components.vae_scale_factor
     del components
     load_scoring_classifier(cfg.classifier)
-    check_same_comparison(cfg)
+    all_rows = check_same_comparison(cfg)
 
-    done = {row: train_row(cfg, row, console) for row in cfg.rows}
+    trained = {row: train_row(cfg, row, console) for row in all_rows}
+    done = {row: trained[row] for row in sorted(all_rows, key=ROWS.index)}  # the table's order, however it grew
     teacher_dir = out / "teacher_generator"
     if not (teacher_dir / "generator.json").is_file():
         write_teacher_folder(teacher_dir, cfg.teacher_model, resolution)
