@@ -71,7 +71,7 @@ def test_compare_trains_scores_tabulates_and_promotes_then_resumes(
     from distill_common import tracking
 
     out = tmp_path / "compare"
-    first_rows = [r for r in ROWS if r != "v1-tiny"]
+    first_rows = [r for r in ROWS if not r.startswith("v1-tiny")]
     args = compare_args(tiny_reference, tiny_classifier, data_root, out, **{"--rows": ",".join(first_rows)})
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output + repr(result.exception)
@@ -135,15 +135,15 @@ def test_compare_trains_scores_tabulates_and_promotes_then_resumes(
     monkeypatch.setattr(loop, "train", lambda cfg, *a, **k: trained.append(cfg.output_dir.name) or real_train(
         cfg, *a, **k))
     result = CliRunner().invoke(app, compare_args(tiny_reference, tiny_classifier, data_root, out,
-                                                  **{"--rows": "v1-tiny"}))
+                                                  **{"--rows": "v1-tiny,v1-tiny-dropout"}))
     assert result.exit_code == 0, result.output + repr(result.exception)
-    assert trained == ["v1-tiny"]
+    assert trained == ["v1-tiny", "v1-tiny-dropout"]
     grown = json.loads((out / "comparison.json").read_text())["rows"]
-    assert [r for r in grown if r["model"] != "v1-tiny"] == rows
+    assert [r for r in grown if not r["model"].startswith("v1-tiny")] == rows
     tiny = {r["setting"]: r for r in grown if r["model"] == "v1-tiny"}
     assert set(tiny) == {"recipe", "teacher"} and tiny["recipe"]["budget"] == "sd_tiny-w075"
     assert tiny["recipe"]["params"] < by["v3", "recipe"]["params"] and tiny["recipe"]["fid_ci95_low"] is not None
-    assert json.loads((out / "compare_config.json").read_text())["rows"] == [*first_rows, "v1-tiny"]
+    assert json.loads((out / "compare_config.json").read_text())["rows"] == [*first_rows, "v1-tiny", "v1-tiny-dropout"]
     assert len(tracking.list_versions("sd_student_prune_reference")) == len(ROWS)
     assert any("v1-tiny" in c for c in json.loads((out / "comparison.json").read_text())["meta"]["claims"])
 
@@ -157,11 +157,12 @@ def test_compare_trains_scores_tabulates_and_promotes_then_resumes(
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        ({"--rows": "v1,v4"}, "valid choices: 'random', 'v1', 'v1-tiny', 'v2.1', 'v2.2', 'v3'"),
+        ({"--rows": "v1,v4"}, "valid choices: 'random', 'v1', 'v1-tiny', 'v1-tiny-dropout', 'v2.1', 'v2.2', 'v3'"),
         ({"--rows": "v1,v1"}, "names a row twice"),
         ({"--v3-plan": "none"}, "valid choices: 'bk_small', 'sd_small', 'sd_tiny'"),
         ({"--num-images": "1"}, "--num-images"),
         ({"--v1-tiny-width": "1.5"}, "--v1-tiny-width"),
+        ({"--v1-tiny-dropout": "0"}, "--v1-tiny-dropout"),
         ({"--no-track": None}, "--promote needs MLflow tracking"),
     ],
 )
@@ -201,6 +202,11 @@ def test_the_v1_tiny_row_is_v1s_recipe_on_the_narrowed_sd_tiny_plan_under_half_t
     assert tiny.loss.feature_kd_weight == v1.loss.feature_kd_weight > 0
     assert tiny.output_dir.name == "v1-tiny" and tiny.max_steps == v1.max_steps
     assert row_train_config(CompareConfig(output_dir=tmp_path, v1_tiny_width=0.5), "v1-tiny").student.width == 0.5
+    # V1 never drops a caption; the dropout row replaces a constant share by the empty prompt, nothing else changes
+    assert tiny.schedule.caption_dropout_start == tiny.schedule.caption_dropout_end == 0
+    dropout = row_train_config(cfg, "v1-tiny-dropout")
+    assert dropout.schedule.caption_dropout_start == dropout.schedule.caption_dropout_end == 0.1
+    assert (dropout.recipe, dropout.student, dropout.loss) == (tiny.recipe, tiny.student, tiny.loss)
     teacher = build_tiny_unet(REFERENCE_SD_SPEC)
     student = build_student(teacher, tiny.student.plan, tiny.student.width, tiny.student.init).unet
     assert count_parameters(student) <= 0.5 * count_parameters(teacher)

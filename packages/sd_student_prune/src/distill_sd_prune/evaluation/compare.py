@@ -36,9 +36,10 @@ from distill_eval.protocol import FEATURE_PRECISIONS
 from distill_sd_prune.sampling.pipeline import HEADLINE_GUIDANCE, HEADLINE_STEPS, SAMPLERS
 from distill_sd_prune.training.config import RECIPES, TrainConfig
 
-ROWS = ("v1", "v2.1", "v2.2", "v3", "random", "v1-tiny")
-# Rows that are a recipe on another student: V1's recipe on BK-SDM-Tiny's block plan, narrowed.
-PLANNED_ROWS = {"v1-tiny": ("v1", "sd_tiny")}
+ROWS = ("v1", "v2.1", "v2.2", "v3", "random", "v1-tiny", "v1-tiny-dropout")
+# Rows that are a recipe on another student: V1's recipe on BK-SDM-Tiny's block plan, narrowed (``--v1-tiny-width``),
+# and the same with caption dropout (``--v1-tiny-dropout``), so that KD also distils the unconditional branch.
+PLANNED_ROWS = {"v1-tiny": ("v1", "sd_tiny", False), "v1-tiny-dropout": ("v1", "sd_tiny", True)}
 V3_PLANS = ("sd_small", "bk_small", "sd_tiny")
 TEACHER = "teacher"
 CONFIG_FILE = "compare_config.json"
@@ -68,6 +69,9 @@ class CompareConfig:
     v3_plan: str = option("sd_small", "Block plan of the V3 row.", choices=V3_PLANS)
     v1_tiny_width: float = option(0.75, "Channel width of the v1-tiny row (V1's recipe on the sd_tiny plan).",
                                   gt=0, le=1)
+    v1_tiny_dropout: float = option(
+        0.1, "Caption dropout of the v1-tiny-dropout row: the share of captions replaced by the empty prompt, so "
+        "output and feature KD also distil the teacher's unconditional prediction that CFG samples with.", gt=0, le=1)
     max_steps: int = option(2000, "The one optimiser-step budget of every student.", ge=1)
     batch_size: int = option(64, "Micro-batch size of every student (V3 accumulates 4 per step).", ge=1)
     data_root: Path | None = option(None, "Data root holding cifar10/ (default: $DISTILL_DATA_ROOT).")
@@ -159,8 +163,10 @@ def row_train_config(cfg: CompareConfig, row: str) -> TrainConfig:
     if recipe == "v3":
         t.student.plan = cfg.v3_plan
     if row in PLANNED_ROWS:
-        t.student.plan = PLANNED_ROWS[row][1]
+        _, t.student.plan, dropout = PLANNED_ROWS[row]
         t.student.width = cfg.v1_tiny_width
+        if dropout:
+            t.schedule.caption_dropout_start = t.schedule.caption_dropout_end = cfg.v1_tiny_dropout
     periodic = bool(recipe_values(recipe)["eval"].get("every"))
     t.eval.every = cfg.eval_every if periodic else 0
     t.eval.num_images = cfg.eval_num_images
@@ -400,6 +406,7 @@ def claims(rows: list[dict[str, Any]], random_recipe: str) -> list[str]:
         (f"teacher-weight init beats random init at the same budget ({random_recipe})", random_recipe, "random"),
         ("removing blocks beats narrowing alone at V1's recipe: v1-tiny (sd_tiny, narrowed) vs V1 (narrow 0.5)",
          "v1-tiny", "v1"),
+        ("caption dropout helps a KD student under CFG: v1-tiny-dropout vs v1-tiny", "v1-tiny-dropout", "v1-tiny"),
     ]
     out = []
     for title, a, b in questions:
