@@ -130,7 +130,9 @@ def test_compare_trains_scores_tabulates_and_promotes_then_resumes(
     assert json.loads((out / "comparison.json").read_text())["rows"] == rows
     assert len(tracking.list_versions("sd_student_prune_reference")) == len(first_rows)
 
-    # the comparison grows: a rerun naming a new row trains and scores that row only, and the table keeps the rest
+    # the comparison grows: a rerun naming new rows trains and scores those only, and the table keeps the other
+    # finished rows; a row whose training has not finished is left out and named
+    (out / "students" / "random" / "done.json").rename(out / "students" / "random" / "done.json.bak")
     trained = []
     monkeypatch.setattr(loop, "train", lambda cfg, *a, **k: trained.append(cfg.output_dir.name) or real_train(
         cfg, *a, **k))
@@ -139,7 +141,10 @@ def test_compare_trains_scores_tabulates_and_promotes_then_resumes(
     assert result.exit_code == 0, result.output + repr(result.exception)
     assert trained == ["v1-tiny", "v1-tiny-dropout"]
     grown = json.loads((out / "comparison.json").read_text())["rows"]
-    assert [r for r in grown if not r["model"].startswith("v1-tiny")] == rows
+    assert [r for r in grown if not r["model"].startswith("v1-tiny")] == [r for r in rows if r["model"] != "random"]
+    meta = json.loads((out / "comparison.json").read_text())["meta"]
+    assert meta["rows not finished (not in the table)"] == "random" and "--rows random" in " ".join(result.output.split())
+    (out / "students" / "random" / "done.json.bak").rename(out / "students" / "random" / "done.json")
     tiny = {r["setting"]: r for r in grown if r["model"] == "v1-tiny"}
     assert set(tiny) == {"recipe", "teacher"} and tiny["recipe"]["budget"] == "sd_tiny-w075"
     assert tiny["recipe"]["params"] < by["v3", "recipe"]["params"] and tiny["recipe"]["fid_ci95_low"] is not None

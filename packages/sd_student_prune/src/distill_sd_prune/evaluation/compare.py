@@ -63,7 +63,8 @@ class CompareConfig:
         aliases=("--base-model",),
     )
     output_dir: Path = option(Path("runs/prune/compare"), "Students, images, scores, the table and the grid.")
-    rows: list[str] = option(list(ROWS), "Students to train and compare.", choices=ROWS)
+    rows: list[str] = option(list(ROWS), "Students to train and compare; the folder's other finished rows stay in "
+                             "its table.", choices=ROWS)
     random_recipe: str = option("v2.1", "Recipe of the random-init row (its plan, width and schedules).",
                                 choices=RECIPES)
     v3_plan: str = option("sd_small", "Block plan of the V3 row.", choices=V3_PLANS)
@@ -236,6 +237,12 @@ def check_same_comparison(cfg: CompareConfig) -> list[str]:
     return list(cfg.rows)
 
 
+def finished_row(cfg: CompareConfig, row: str) -> dict[str, Any]:
+    """A row's ``done.json`` when its training finished and its student is on disk; else ``{}``."""
+    done = _read_json(Path(cfg.output_dir) / "students" / row / "done.json")
+    return done if done and (Path(done["final_dir"]) / "generator.json").is_file() else {}
+
+
 def train_row(cfg: CompareConfig, row: str, console: Any = None) -> dict[str, Any]:
     """Train one row (or resume it, or return it when done); returns its ``done.json``."""
     from distill_common import tracking
@@ -244,8 +251,7 @@ def train_row(cfg: CompareConfig, row: str, console: Any = None) -> dict[str, An
 
     tcfg = row_train_config(cfg, row)
     done_path = Path(tcfg.output_dir) / "done.json"
-    done = _read_json(done_path)
-    if done and (Path(done["final_dir"]) / "generator.json").is_file():
+    if done := finished_row(cfg, row):
         return done
     if console is not None:
         console.print(f"[bold]{row}[/]: recipe {tcfg.recipe}, plan {tcfg.student.plan}, width "
@@ -466,6 +472,8 @@ def register_and_promote(cfg: CompareConfig, run: Any, done: dict[str, dict[str,
             "class_accuracy_ci95_low", "class_accuracy_ci95_high", "params", "gmacs")
     steps = cfg.recipe_steps
     for row, version in versions.items():
+        if row not in by:  # registered by an earlier run of the folder, not in this table
+            continue
         r = by[row]
         stamp: dict[str, Any] = {f"eval.s{steps}.{k}": r[k] for k in keys if _finite(r.get(k))}
         stamp.update({"eval.protocol": json.dumps(protocol, sort_keys=True, default=str), "eval.run_id": run.run_id,
@@ -498,8 +506,16 @@ def run_compare(cfg: CompareConfig, console: Any = None) -> dict[str, Any]:
     load_scoring_classifier(cfg.classifier)
     all_rows = check_same_comparison(cfg)
 
-    trained = {row: train_row(cfg, row, console) for row in all_rows}
-    done = {row: trained[row] for row in sorted(all_rows, key=ROWS.index)}  # the table's order, however it grew
+    # the rows asked for are trained (or resumed); the folder's other finished rows stay in the table
+    trained = {row: train_row(cfg, row, console) for row in cfg.rows}
+    for row in all_rows:
+        if row not in trained and (finished := finished_row(cfg, row)):
+            trained[row] = finished
+    unfinished = [row for row in all_rows if row not in trained]
+    if unfinished and console is not None:
+        console.print(f"not in this table (training not finished): {', '.join(unfinished)}; rerun with --rows "
+                      f"{','.join(unfinished)} to finish them", highlight=False)
+    done = {row: trained[row] for row in sorted(trained, key=ROWS.index)}  # the table's order, however it grew
     teacher_dir = out / "teacher_generator"
     if not (teacher_dir / "generator.json").is_file():
         write_teacher_folder(teacher_dir, cfg.teacher_model, resolution)
@@ -518,6 +534,7 @@ def run_compare(cfg: CompareConfig, console: Any = None) -> dict[str, Any]:
                    f"{cfg.seed}..{cfg.seed + cfg.num_images - 1}",
         "settings": "; ".join(s.label() for s in settings_of(cfg)),
         "budget": f"{cfg.max_steps} optimiser steps, batch {cfg.batch_size} (V3: x4 gradient accumulation)",
+        "rows not finished (not in the table)": ", ".join(unfinished) or "none",
         "intervals": interval_note(cfg.bootstrap_resamples) + "; class accuracy: Wilson 95%",
         "periodic evaluation (same protocol code, smaller N)": "; ".join(
             periodic_summary(row, d["periodic"]) for row, d in done.items() if d["periodic"]
