@@ -134,6 +134,11 @@ def row_recipe(cfg: CompareConfig, row: str) -> tuple[str, str | None]:
     return (cfg.random_recipe, "random") if row == "random" else (row, None)
 
 
+def row_done_path(cfg: CompareConfig, row: str) -> Path:
+    """``students/ROW/done.json``: written when the row's training finished (the row's folder is its training's)."""
+    return Path(cfg.output_dir) / "students" / row / "done.json"
+
+
 def row_train_config(cfg: CompareConfig, row: str) -> TrainConfig:
     """The ``distill prune train`` options of one row: its recipe, the shared budget and data, resolved."""
     from distill_sd_prune.training.recipes import recipe_values
@@ -142,7 +147,7 @@ def row_train_config(cfg: CompareConfig, row: str) -> TrainConfig:
     t = TrainConfig(
         recipe=recipe,
         teacher_model=cfg.teacher_model,
-        output_dir=Path(cfg.output_dir) / "students" / row,
+        output_dir=row_done_path(cfg, row).parent,
         max_steps=cfg.max_steps,
         batch_size=cfg.batch_size,
         seed=cfg.seed,
@@ -239,7 +244,7 @@ def check_same_comparison(cfg: CompareConfig) -> list[str]:
 
 def finished_row(cfg: CompareConfig, row: str) -> dict[str, Any]:
     """A row's ``done.json`` when its training finished and its student is on disk; else ``{}``."""
-    done = _read_json(Path(cfg.output_dir) / "students" / row / "done.json")
+    done = _read_json(row_done_path(cfg, row))
     return done if done and (Path(done["final_dir"]) / "generator.json").is_file() else {}
 
 
@@ -250,7 +255,6 @@ def train_row(cfg: CompareConfig, row: str, console: Any = None) -> dict[str, An
     from distill_sd_prune.training.loop import checkpoint_run_id, train
 
     tcfg = row_train_config(cfg, row)
-    done_path = Path(tcfg.output_dir) / "done.json"
     if done := finished_row(cfg, row):
         return done
     if console is not None:
@@ -276,7 +280,7 @@ def train_row(cfg: CompareConfig, row: str, console: Any = None) -> dict[str, An
         "student": result.student_info,
         "periodic": result.history,
     }
-    write_json(done_path, done)
+    write_json(row_done_path(cfg, row), done)
     return done
 
 
