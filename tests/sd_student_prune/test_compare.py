@@ -137,9 +137,9 @@ def test_compare_trains_scores_tabulates_and_promotes_then_resumes(
     monkeypatch.setattr(loop, "train", lambda cfg, *a, **k: trained.append(cfg.output_dir.name) or real_train(
         cfg, *a, **k))
     result = CliRunner().invoke(app, compare_args(tiny_reference, tiny_classifier, data_root, out,
-                                                  **{"--rows": "v1-tiny,v1-tiny-dropout"}))
+                                                  **{"--rows": "v1-tiny,v1-tiny-dropout,v1-tiny-long"}))
     assert result.exit_code == 0, result.output + repr(result.exception)
-    assert trained == ["v1-tiny", "v1-tiny-dropout"]
+    assert trained == ["v1-tiny", "v1-tiny-dropout", "v1-tiny-long"]
     grown = json.loads((out / "comparison.json").read_text())["rows"]
     assert [r for r in grown if not r["model"].startswith("v1-tiny")] == [r for r in rows if r["model"] != "random"]
     meta = json.loads((out / "comparison.json").read_text())["meta"]
@@ -148,7 +148,12 @@ def test_compare_trains_scores_tabulates_and_promotes_then_resumes(
     tiny = {r["setting"]: r for r in grown if r["model"] == "v1-tiny"}
     assert set(tiny) == {"recipe", "teacher"} and tiny["recipe"]["budget"] == "sd_tiny-w075"
     assert tiny["recipe"]["params"] < by["v3", "recipe"]["params"] and tiny["recipe"]["fid_ci95_low"] is not None
-    assert json.loads((out / "compare_config.json").read_text())["rows"] == [*first_rows, "v1-tiny", "v1-tiny-dropout"]
+    # the longer-budget row trains twice the table's steps and says so in its row and in the budget line
+    long = {r["setting"]: r for r in grown if r["model"] == "v1-tiny-long"}
+    assert long["recipe"]["train_steps"] == 4 and tiny["recipe"]["train_steps"] == 2
+    assert "v1-tiny-long: 4 steps" in meta["budget"]
+    assert json.loads((out / "compare_config.json").read_text())["rows"] == [
+        *first_rows, "v1-tiny", "v1-tiny-dropout", "v1-tiny-long"]
     assert len(tracking.list_versions("sd_student_prune_reference")) == len(ROWS)
     assert any("v1-tiny" in c for c in json.loads((out / "comparison.json").read_text())["meta"]["claims"])
 
@@ -162,12 +167,13 @@ def test_compare_trains_scores_tabulates_and_promotes_then_resumes(
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        ({"--rows": "v1,v4"}, "valid choices: 'random', 'v1', 'v1-tiny', 'v1-tiny-dropout', 'v2.1', 'v2.2', 'v3'"),
+        ({"--rows": "v1,v4"}, "valid choices: 'random', 'v1', 'v1-tiny', 'v1-tiny-dropout', 'v1-tiny-long', 'v2.1', 'v2.2', 'v3'"),
         ({"--rows": "v1,v1"}, "names a row twice"),
         ({"--v3-plan": "none"}, "valid choices: 'bk_small', 'sd_small', 'sd_tiny'"),
         ({"--num-images": "1"}, "--num-images"),
         ({"--v1-tiny-width": "1.5"}, "--v1-tiny-width"),
         ({"--v1-tiny-dropout": "0"}, "--v1-tiny-dropout"),
+        ({"--v1-tiny-long-steps": "0"}, "--v1-tiny-long-steps"),
         ({"--no-track": None}, "--promote needs MLflow tracking"),
     ],
 )
@@ -212,6 +218,13 @@ def test_the_v1_tiny_row_is_v1s_recipe_on_the_narrowed_sd_tiny_plan_under_half_t
     dropout = row_train_config(cfg, "v1-tiny-dropout")
     assert dropout.schedule.caption_dropout_start == dropout.schedule.caption_dropout_end == 0.1
     assert (dropout.recipe, dropout.student, dropout.loss) == (tiny.recipe, tiny.student, tiny.loss)
+    # the longer-budget row is the dropout row with more steps (twice the table's by default), in its own folder;
+    # the default rows are the table's one budget
+    long = row_train_config(cfg, "v1-tiny-long")
+    assert (long.student, long.loss, long.schedule) == (dropout.student, dropout.loss, dropout.schedule)
+    assert long.max_steps == 2 * cfg.max_steps and long.output_dir.name == "v1-tiny-long"
+    assert row_train_config(CompareConfig(output_dir=tmp_path, v1_tiny_long_steps=3000), "v1-tiny-long").max_steps == 3000
+    assert "v1-tiny-long" not in CompareConfig().rows and "v1-tiny-dropout" in CompareConfig().rows
     teacher = build_tiny_unet(REFERENCE_SD_SPEC)
     student = build_student(teacher, tiny.student.plan, tiny.student.width, tiny.student.init).unet
     assert count_parameters(student) <= 0.5 * count_parameters(teacher)

@@ -36,10 +36,14 @@ from distill_eval.protocol import FEATURE_PRECISIONS
 from distill_sd_prune.sampling.pipeline import HEADLINE_GUIDANCE, HEADLINE_STEPS, SAMPLERS
 from distill_sd_prune.training.config import RECIPES, TrainConfig
 
-ROWS = ("v1", "v2.1", "v2.2", "v3", "random", "v1-tiny", "v1-tiny-dropout")
+ROWS = ("v1", "v2.1", "v2.2", "v3", "random", "v1-tiny", "v1-tiny-dropout", "v1-tiny-long")
 # Rows that are a recipe on another student: V1's recipe on BK-SDM-Tiny's block plan, narrowed (``--v1-tiny-width``),
-# and the same with caption dropout (``--v1-tiny-dropout``), so that KD also distils the unconditional branch.
-PLANNED_ROWS = {"v1-tiny": ("v1", "sd_tiny", False), "v1-tiny-dropout": ("v1", "sd_tiny", True)}
+# the same with caption dropout (``--v1-tiny-dropout``), so that KD also distils the unconditional branch, and that
+# student at a longer budget (``--v1-tiny-long-steps``): the one row outside the table's one budget.
+PLANNED_ROWS = {"v1-tiny": ("v1", "sd_tiny", False), "v1-tiny-dropout": ("v1", "sd_tiny", True),
+                "v1-tiny-long": ("v1", "sd_tiny", True)}
+LONG_ROW = "v1-tiny-long"
+TABLE_ROWS = tuple(r for r in ROWS if r != LONG_ROW)  # the rows of the one budget
 V3_PLANS = ("sd_small", "bk_small", "sd_tiny")
 TEACHER = "teacher"
 CONFIG_FILE = "compare_config.json"
@@ -63,8 +67,9 @@ class CompareConfig:
         aliases=("--base-model",),
     )
     output_dir: Path = option(Path("runs/prune/compare"), "Students, images, scores, the table and the grid.")
-    rows: list[str] = option(list(ROWS), "Students to train and compare; the folder's other finished rows stay in "
-                             "its table.", choices=ROWS)
+    rows: list[str] = option(list(TABLE_ROWS), "Students to train and compare (default: every row of the one budget; "
+                             "add v1-tiny-long for the longer one); the folder's other finished rows stay in its table.",
+                             choices=ROWS)
     random_recipe: str = option("v2.1", "Recipe of the random-init row (its plan, width and schedules).",
                                 choices=RECIPES)
     v3_plan: str = option("sd_small", "Block plan of the V3 row.", choices=V3_PLANS)
@@ -73,7 +78,10 @@ class CompareConfig:
     v1_tiny_dropout: float = option(
         0.1, "Caption dropout of the v1-tiny-dropout row: the share of captions replaced by the empty prompt, so "
         "output and feature KD also distil the teacher's unconditional prediction that CFG samples with.", gt=0, le=1)
-    max_steps: int = option(2000, "The one optimiser-step budget of every student.", ge=1)
+    v1_tiny_long_steps: int | None = option(
+        None, "Optimiser steps of the v1-tiny-long row (v1-tiny-dropout trained longer; default: twice --max-steps), "
+        "the one row outside the table's one budget.", ge=1)
+    max_steps: int = option(2000, "The one optimiser-step budget of every student (v1-tiny-long: its own).", ge=1)
     batch_size: int = option(64, "Micro-batch size of every student (V3 accumulates 4 per step).", ge=1)
     data_root: Path | None = option(None, "Data root holding cifar10/ (default: $DISTILL_DATA_ROOT).")
     data_limit: int | None = option(None, "Train on the first N CIFAR-10 train images only.", ge=1)
@@ -134,6 +142,11 @@ def row_recipe(cfg: CompareConfig, row: str) -> tuple[str, str | None]:
     return (cfg.random_recipe, "random") if row == "random" else (row, None)
 
 
+def long_row_steps(cfg: CompareConfig) -> int:
+    """The v1-tiny-long row's budget: ``--v1-tiny-long-steps``, or twice the table's one budget."""
+    return cfg.v1_tiny_long_steps or 2 * cfg.max_steps
+
+
 def row_done_path(cfg: CompareConfig, row: str) -> Path:
     """``students/ROW/done.json``: written when the row's training finished (the row's folder is its training's)."""
     return Path(cfg.output_dir) / "students" / row / "done.json"
@@ -173,6 +186,8 @@ def row_train_config(cfg: CompareConfig, row: str) -> TrainConfig:
         t.student.width = cfg.v1_tiny_width
         if dropout:
             t.schedule.caption_dropout_start = t.schedule.caption_dropout_end = cfg.v1_tiny_dropout
+    if row == LONG_ROW:
+        t.max_steps = long_row_steps(cfg)
     periodic = bool(recipe_values(recipe)["eval"].get("every"))
     t.eval.every = cfg.eval_every if periodic else 0
     t.eval.num_images = cfg.eval_num_images
@@ -352,6 +367,7 @@ def score_models(
                     **meta.get(label, {}),
                 )
                 write_json(path, row)
+            row.update(meta.get(label, {}))  # rows scored before a meta column existed get it too
             rows.append(row)
     add_relative_columns(rows)
     return rows, scorer
@@ -417,6 +433,8 @@ def claims(rows: list[dict[str, Any]], random_recipe: str) -> list[str]:
         ("removing blocks beats narrowing alone at V1's recipe: v1-tiny (sd_tiny, narrowed) vs V1 (narrow 0.5)",
          "v1-tiny", "v1"),
         ("caption dropout helps a KD student under CFG: v1-tiny-dropout vs v1-tiny", "v1-tiny-dropout", "v1-tiny"),
+        ("a longer budget helps: v1-tiny-long vs v1-tiny-dropout (the same student and recipe)", LONG_ROW,
+         "v1-tiny-dropout"),
     ]
     out = []
     for title, a, b in questions:
@@ -431,7 +449,8 @@ def claims(rows: list[dict[str, Any]], random_recipe: str) -> list[str]:
 
 
 COLUMNS = [
-    "model", "recipe", "init", "budget", "setting", "steps", "sampler", "guidance", "params", "params_vs_teacher",
+    "model", "recipe", "init", "budget", "train_steps", "setting", "steps", "sampler", "guidance", "params",
+    "params_vs_teacher",
     "gmacs", "gmacs_vs_teacher", "ms_per_image", "fid", "fid_ci95_low", "fid_ci95_high", "fid_vs_teacher",
     "class_accuracy", "class_accuracy_ci95_low", "class_accuracy_ci95_high", "class_accuracy_vs_teacher",
     "lpips_to_teacher", "kid", "goal",
@@ -526,8 +545,8 @@ def run_compare(cfg: CompareConfig, console: Any = None) -> dict[str, Any]:
     models = {TEACHER: teacher_dir, **{row: Path(d["final_dir"]) for row, d in done.items()}}
     meta = {
         TEACHER: {"recipe": "", "init": "", "budget": TEACHER},
-        **{row: {"recipe": d["recipe"], "init": d["student"]["init"], "budget": d["student"]["budget"]}
-           for row, d in done.items()},
+        **{row: {"recipe": d["recipe"], "init": d["student"]["init"], "budget": d["student"]["budget"],
+                 "train_steps": d["steps"]} for row, d in done.items()},
     }
     rows, scorer = score_models(cfg, models, meta, console)
     grid = write_grid(cfg, scorer, list(models), rows)
@@ -537,7 +556,8 @@ def run_compare(cfg: CompareConfig, console: Any = None) -> dict[str, Any]:
         "prompts": f"{cfg.num_images} held-out caption templates x CIFAR-10 classes; seeds "
                    f"{cfg.seed}..{cfg.seed + cfg.num_images - 1}",
         "settings": "; ".join(s.label() for s in settings_of(cfg)),
-        "budget": f"{cfg.max_steps} optimiser steps, batch {cfg.batch_size} (V3: x4 gradient accumulation)",
+        "budget": f"{cfg.max_steps} optimiser steps, batch {cfg.batch_size} (V3: x4 gradient accumulation)"
+                  + (f"; {LONG_ROW}: {long_row_steps(cfg)} steps" if LONG_ROW in done else ""),
         "rows not finished (not in the table)": ", ".join(unfinished) or "none",
         "intervals": interval_note(cfg.bootstrap_resamples) + "; class accuracy: Wilson 95%",
         "periodic evaluation (same protocol code, smaller N)": "; ".join(
