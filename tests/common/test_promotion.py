@@ -55,6 +55,27 @@ def test_apply_moves_alias_records_decision_and_respects_min_improvement(three_v
     assert not promotion.decide("rf", "fid", max_steps=4).promote  # already champion
 
 
+def test_an_eligible_set_narrows_the_gate_and_replaces_a_champion_outside_it(three_versions):
+    """A comparison promotes only the students that meet its goal: the best of them wins even when an ineligible
+    version has a lower FID, and an ineligible champion gives way without an interval test."""
+    promotion.apply(promotion.decide("rf", "fid", max_steps=4))  # v2 (20.0) is champion
+    d = promotion.decide("rf", "fid", max_steps=4, eligible={"3"}, eligible_reason="the students meeting the goal")
+    assert d.promote and d.chosen.version == "3" and d.previous.version == "2"
+    assert "not among the students meeting the goal" in d.reason and {c.version for c in d.considered} == {"3"}
+    promotion.apply(d)
+    assert tracking.version_by_alias("rf", "champion").version == "3"
+    # within the eligible set the usual rule holds: v1's 30.0 at 4 steps does not beat v3's 21.0
+    assert not promotion.decide("rf", "fid", max_steps=4, eligible={"1", "3"}).promote
+    with pytest.raises(ConfigError, match="no version of 'rf' is among"):
+        promotion.decide("rf", "fid", max_steps=4, eligible=set())
+
+
+def test_class_accuracy_is_higher_is_better(three_versions):
+    for version, accuracy in zip(three_versions, (0.5, 0.7, 0.6), strict=True):
+        _stamp(version, {4: {"class_accuracy": accuracy, "fid": 20.0}})
+    assert promotion.decide("rf", "class_accuracy", max_steps=4).chosen.version == "2"
+
+
 def test_different_protocols_are_refused(three_versions):
     other = json.dumps({"reference_set": "cifar10-train", "reference_n": 1000, "generated_n": 64}, sort_keys=True)
     _stamp(three_versions[2], {1: {"fid": 1.0}}, protocol=other)

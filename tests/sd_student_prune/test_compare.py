@@ -118,6 +118,12 @@ def test_compare_trains_scores_tabulates_and_promotes_then_resumes(
     champion = tracking.version_by_alias("sd_student_prune_reference", tracking.CHAMPION)
     assert champion is not None and "promotion.reason" in champion.tags
     assert len({v.tags["eval.protocol"] for v in versions}) == 1
+    # each version carries whether it met the goal at both settings; when some did, the champion is one of them
+    goals = {v.tags["comparison.row"]: v.tags["comparison.goal"] for v in versions}
+    assert goals == {m: ("met" if {by[m, "recipe"]["goal"], by[m, "teacher"]["goal"]} == {"met"} else "no")
+                     for m in first_rows}
+    if "met" in goals.values():
+        assert goals[champion.tags["comparison.row"]] == "met"
 
     # a rerun resumes: nothing is retrained, rescored or registered twice
     import distill_sd_prune.training.loop as loop
@@ -228,3 +234,11 @@ def test_the_v1_tiny_row_is_v1s_recipe_on_the_narrowed_sd_tiny_plan_under_half_t
     teacher = build_tiny_unet(REFERENCE_SD_SPEC)
     student = build_student(teacher, tiny.student.plan, tiny.student.width, tiny.student.init).unet
     assert count_parameters(student) <= 0.5 * count_parameters(teacher)
+
+
+def test_the_goal_of_a_student_is_met_only_at_every_setting():
+    from distill_sd_prune.evaluation.compare import goal_of
+
+    rows = [{"model": "a", "goal": "met"}, {"model": "a", "goal": "met"}, {"model": "b", "goal": "met"},
+            {"model": "b", "goal": "no"}, {"model": "c", "goal": "n/a (no classifier)"}]
+    assert [goal_of(rows, m) for m in ("a", "b", "c")] == ["met", "no", "n/a (no classifier)"]

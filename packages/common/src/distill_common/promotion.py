@@ -18,7 +18,7 @@ import getpass
 import json
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,7 +26,8 @@ from distill_common import tracking
 from distill_common.errors import ConfigError, TrackingError
 
 _STEP_METRIC = re.compile(r"^s(\d+)\.(.+)$")
-LOWER_IS_BETTER = {"fid": True, "kid": True, "lpips_to_teacher": True, "ms_per_image": True, "clip_score": False}
+LOWER_IS_BETTER = {"fid": True, "kid": True, "lpips_to_teacher": True, "ms_per_image": True, "clip_score": False,
+                   "class_accuracy": False}
 
 
 CI_LOW, CI_HIGH = "ci95_low", "ci95_high"
@@ -172,12 +173,21 @@ def _beats(new: Candidate, old: Candidate, metric: str, lower: bool, min_improve
 
 
 def decide(name: str, metric: str = "fid", *, max_steps: int | None = 4, max_latency_ms: float | None = None,
-           min_improvement: float = 0.0) -> PromotionDecision:
+           min_improvement: float = 0.0, eligible: Collection[str] | None = None,
+           eligible_reason: str = "the eligible versions") -> PromotionDecision:
     """Pick the best gated version; promote it only if it beats the champion: by non-overlapping 95% intervals when
-    both carry them (and by more than ``min_improvement``), else by more than ``min_improvement`` (metric units)."""
+    both carry them (and by more than ``min_improvement``), else by more than ``min_improvement`` (metric units).
+
+    ``eligible`` (version numbers) narrows the gate further, e.g. to the students that meet a comparison's goal; a
+    champion outside it is replaced by the best eligible version, as one without a score within the gate is."""
     versions = tracking.list_versions(name)
     if not versions:
         raise TrackingError(f"registered model {name!r} has no versions; see 'distill registry list'")
+    allowed = None if eligible is None else {str(v) for v in eligible}
+    if allowed is not None:
+        versions = [v for v in versions if str(v.version) in allowed]
+        if not versions:
+            raise ConfigError(f"no version of {name!r} is among {eligible_reason} ({', '.join(sorted(allowed)) or 'none'})")
     lower = LOWER_IS_BETTER.get(metric, True)
     cands = [c for v in versions if (c := best_candidate(v, metric, max_steps, max_latency_ms)) is not None]
     if not cands:
@@ -195,6 +205,10 @@ def decide(name: str, metric: str = "fid", *, max_steps: int | None = 4, max_lat
     best = (min if lower else max)(cands, key=lambda c: c.value)
     current_info = tracking.version_by_alias(name, tracking.CHAMPION)
     current = best_candidate(current_info, metric, max_steps, max_latency_ms) if current_info else None
+    if current_info is not None and allowed is not None and str(current_info.version) not in allowed:
+        previous = current or Candidate(current_info.version, -1, float("nan"), None, None)
+        return PromotionDecision(name, metric, True, f"the champion v{current_info.version} is not among "
+                                 f"{eligible_reason}; v{best.version} is the best of them", previous, best, cands)
     if current_info is not None and current is None:  # champion never scored (or only NaN): any score beats it
         current = Candidate(current_info.version, -1, float("inf") if lower else float("-inf"), None, None)
     if current is not None and current.protocol is not None and current.protocol != best.protocol:

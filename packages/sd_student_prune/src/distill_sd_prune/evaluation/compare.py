@@ -478,7 +478,10 @@ def write_grid(cfg: CompareConfig, scorer: Any, labels: list[str], rows: list[di
 
 def register_and_promote(cfg: CompareConfig, run: Any, done: dict[str, dict[str, Any]], rows: list[dict[str, Any]],
                          protocol: dict[str, Any], state: dict[str, Any]) -> Any:
-    """Register each student once, stamp its recipe-setting numbers and protocol, then run the promotion gate."""
+    """Register each student once, stamp its recipe-setting numbers and protocol, then run the promotion gate.
+
+    When some students meet the goal (at every setting), only they are eligible: the winner is the lowest-FID one
+    of them, and a champion that misses the goal gives way to it. Otherwise every student is."""
     from distill_common import promotion, tracking
     from distill_common.checkpoint import write_json
     from distill_sd_prune.evaluation.champions import register_student
@@ -501,11 +504,19 @@ def register_and_promote(cfg: CompareConfig, run: Any, done: dict[str, dict[str,
         stamp: dict[str, Any] = {f"eval.s{steps}.{k}": r[k] for k in keys if _finite(r.get(k))}
         stamp.update({"eval.protocol": json.dumps(protocol, sort_keys=True, default=str), "eval.run_id": run.run_id,
                       "eval.guidance": cfg.recipe_guidance, "eval.sampler": cfg.recipe_sampler,
-                      "comparison.row": row})
+                      "comparison.row": row, "comparison.goal": goal_of(rows, row)})
         tracking.set_version_tags(cfg.registered_name, version, stamp)
-    decision = promotion.decide(cfg.registered_name, "fid", max_steps=None, min_improvement=cfg.min_improvement)
+    eligible = [version for row, version in versions.items() if row in by and goal_of(rows, row) == "met"]
+    decision = promotion.decide(cfg.registered_name, "fid", max_steps=None, min_improvement=cfg.min_improvement,
+                                eligible=eligible or None, eligible_reason="the students meeting the goal")
     promotion.apply(decision)
     return decision
+
+
+def goal_of(rows: list[dict[str, Any]], model: str) -> str:
+    """``met`` when the model meets the goal at every setting it was scored at, else ``no`` (or why not)."""
+    goals = {r.get("goal") for r in rows if r["model"] == model}
+    return "met" if goals == {"met"} else "no" if "no" in goals or "met" in goals else next(iter(goals), "n/a")
 
 
 def _finite(value: Any) -> bool:
