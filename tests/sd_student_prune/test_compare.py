@@ -124,6 +124,9 @@ def test_compare_trains_scores_tabulates_and_promotes_then_resumes(
                      for m in first_rows}
     if "met" in goals.values():
         assert goals[champion.tags["comparison.row"]] == "met"
+    # the console names the promoted version by its row
+    said = " ".join(result.output.split())
+    assert f"promotion: sd_student_prune_reference v{champion.version} ({champion.tags['comparison.row']})" in said
 
     # a rerun resumes: nothing is retrained, rescored or registered twice
     import distill_sd_prune.training.loop as loop

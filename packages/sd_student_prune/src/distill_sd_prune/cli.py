@@ -285,10 +285,8 @@ def compare_cmd(cfg: CompareConfig) -> None:
                 title="teacher vs students", console=console)
     for line in result["claims"]:
         console.print(f"- {line}", highlight=False)
-    if result["decision"] is not None:
-        d = result["decision"]
-        console.print(f"promotion: {'promoted' if d.promote else 'not promoted'} v{d.chosen.version}: {d.reason}",
-                      highlight=False)
+    if result["promotion"]:  # registered model, version (row), decision and why
+        console.print(f"promotion: {result['promotion']}", highlight=False)
     console.print(f"table: {result['report']['md']}  grid: {result['grid']}", highlight=False)
 
 

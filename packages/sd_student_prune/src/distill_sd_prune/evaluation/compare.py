@@ -603,7 +603,8 @@ def run_compare(cfg: CompareConfig, console: Any = None) -> dict[str, Any]:
             for path in report.values():
                 run.log_artifact(path, "report")
             run.log_artifact(grid, "grids")
-    return {"rows": rows, "report": report, "grid": grid, "decision": decision, "claims": claim_lines}
+    return {"rows": rows, "report": report, "grid": grid, "decision": decision, "claims": claim_lines,
+            "promotion": report_meta.get("promotion")}
 
 
 def periodic_summary(row: str, history: list[dict[str, Any]]) -> str:
