@@ -450,8 +450,7 @@ def claims(rows: list[dict[str, Any]], random_recipe: str) -> list[str]:
 
 COLUMNS = [
     "model", "recipe", "init", "budget", "train_steps", "setting", "steps", "sampler", "guidance", "params",
-    "params_vs_teacher",
-    "gmacs", "gmacs_vs_teacher", "ms_per_image", "fid", "fid_ci95_low", "fid_ci95_high", "fid_vs_teacher",
+    "params_vs_teacher", "gmacs", "gmacs_vs_teacher", "ms_per_image", "fid", "fid_ci95_low", "fid_ci95_high", "fid_vs_teacher",
     "class_accuracy", "class_accuracy_ci95_low", "class_accuracy_ci95_high", "class_accuracy_vs_teacher",
     "lpips_to_teacher", "kid", "goal",
 ]
