@@ -159,7 +159,8 @@ def mlflow_executable() -> str:
 @app.command("promote")
 def promote_cmd(
     name: str = typer.Argument(..., help="Registered model name."),
-    metric: str = typer.Option("fid", "--metric", help="Metric to rank by (fid, kid, clip_score, lpips_to_teacher)."),
+    metric: str = typer.Option("fid", "--metric", help="Metric to rank by (fid, kid, lpips_to_teacher: lower is "
+                               "better; clip_score, class_accuracy: higher)."),
     max_steps: int = typer.Option(4, "--max-steps", help="Only step counts up to this pass the gate."),
     max_latency_ms: float = typer.Option(None, "--max-latency-ms", help="Only configurations at most this slow pass."),
     min_improvement: float = typer.Option(0.0, "--min-improvement",
