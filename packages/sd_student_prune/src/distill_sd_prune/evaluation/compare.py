@@ -367,7 +367,8 @@ def score_models(
                     **meta.get(label, {}),
                 )
                 write_json(path, row)
-            row.update(meta.get(label, {}))  # rows scored before a meta column existed get it too
+            else:  # a score written before a meta column existed gets it too
+                row.update(meta.get(label, {}))
             rows.append(row)
     add_relative_columns(rows)
     return rows, scorer
@@ -515,7 +516,11 @@ def register_and_promote(cfg: CompareConfig, run: Any, done: dict[str, dict[str,
 def goal_of(rows: list[dict[str, Any]], model: str) -> str:
     """``met`` when the model meets the goal at every setting it was scored at, else ``no`` (or why not)."""
     goals = {r.get("goal") for r in rows if r["model"] == model}
-    return "met" if goals == {"met"} else "no" if "no" in goals or "met" in goals else next(iter(goals), "n/a")
+    if goals == {"met"}:
+        return "met"
+    if goals & {"met", "no"}:
+        return "no"
+    return next(iter(goals), "n/a")  # e.g. "n/a (no classifier)"
 
 
 def _finite(value: Any) -> bool:
