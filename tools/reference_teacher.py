@@ -16,7 +16,8 @@ resumes and a re-shipped teacher is never scored from its predecessor's results.
 A warm-started teacher (``distill rf train-teacher --init reference``) continues the shipped one: ``export`` keeps the
 earlier training stages and the FID-against-images curve in ``training.json`` and adds the new stage and the images
 seen; ``card --require-improvement`` appends the new weights' best FID to the curve and refuses (exit 1, nothing
-written) unless it improves beyond the interval of the previous point, so that only a measured gain re-ships:
+written) unless it improves beyond the interval of the previous point on the same protocol (no previous point, or
+one on another protocol, is refused too), so that only a measured gain re-ships:
 
     python tools/reference_teacher.py export ~/distill-work/cifar-teacher-warm --command "..." --wall-time-s 5400
     python tools/reference_teacher.py card --num-images 10000 --configs heun:8:2 euler:16:2 --require-improvement
@@ -249,6 +250,27 @@ def _curve_with(training: dict, best: dict, weights_sha: str) -> tuple[dict, lis
     return {**training, "sha256": weights_sha, "fid_curve": curve}, curve, improved
 
 
+def _refusal(curve: list[dict], improved: bool | None, folder: Path) -> str | None:
+    """The one-line error of ``card --require-improvement`` (None when the new point ships): the new interval must lie
+    below the previous point's on the same protocol; no previous point, or one on another protocol, is no evidence."""
+    if improved:
+        return None
+    restore = f"not shipped (restore the weights: git checkout -- {folder})"
+    new = curve[-1]
+    if len(curve) < 2:
+        return (f"error: the FID curve has no earlier point to improve on; {restore}, or drop --require-improvement "
+                "for a first ship")
+    prev = curve[-2]
+    if improved is None:
+        fields = sorted(k for k in set(prev.get("protocol") or {}) | set(new.get("protocol") or {})
+                        if (prev.get("protocol") or {}).get(k) != (new.get("protocol") or {}).get(k))
+        return (f"error: the previous FID {prev['fid']:.2f} was measured on another protocol (differing: "
+                f"{', '.join(fields) or 'protocol missing'}); score on its protocol (--num-images, --reference-n, "
+                f"feature precision) to compare; {restore}")
+    return (f"error: FID {new['fid']:.2f} [{new['fid_low']:.2f}, {new['fid_high']:.2f}] does not improve beyond the "
+            f"interval of the shipped {prev['fid']:.2f} [{prev['fid_low']:.2f}, {prev['fid_high']:.2f}]; {restore}")
+
+
 def _weights_tag(folder: Path) -> str:
     return sha256(folder / MODEL_FILE)[:10]
 
@@ -290,10 +312,9 @@ def card(args: argparse.Namespace) -> None:
     protocol = rows[0]["protocol"]
     best = min(rows, key=lambda r: r["fid"])
     training, curve, improved = _curve_with(training, best, sha256(folder / MODEL_FILE))
-    if improved is False and args.require_improvement:
-        raise SystemExit(f"error: FID {best['fid']:.2f} [{best['fid_low']:.2f}, {best['fid_high']:.2f}] does not improve "
-                         f"beyond the interval of the shipped {curve[-2]['fid']:.2f} [{curve[-2]['fid_low']:.2f}, "
-                         f"{curve[-2]['fid_high']:.2f}]; not shipped (restore the weights: git checkout -- {folder})")
+    refusal = _refusal(curve, improved, folder) if args.require_improvement else None
+    if refusal:
+        raise SystemExit(refusal)
     ckpt.write_json(folder / "training.json", training)
     stages = training.get("stages") or [training]
     lines = [

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -112,3 +113,14 @@ def test_a_warm_start_continues_the_shipped_history_and_reships_only_on_a_measur
     assert improved is None and len(curve) == 2  # another protocol: no verdict
     _, again, _ = tool._curve_with(better, best(23.9, 23.5, 24.3), "f" * 64)
     assert len(again) == 2 and again[-1]["fid"] == 23.9  # the same weights rescored replace their point
+    # --require-improvement: only a gain beyond the previous interval on the same protocol ships
+    folder = Path("pkg/reference_teacher")
+    gain = tool._curve_with(record, best(24.0, 23.6, 24.4), "f" * 64)
+    assert gain[2] is True and tool._refusal(gain[1], gain[2], folder) is None
+    worse = tool._curve_with(record, best(30.3, 29.9, 30.7), "f" * 64)[1]
+    assert "does not improve beyond the interval of the shipped 30.50" in tool._refusal(worse, False, folder)
+    other_curve = tool._curve_with(record, best(20.0, 19.0, 21.0, other), "f" * 64)[1]
+    msg = tool._refusal(other_curve, None, folder)
+    assert "another protocol (differing: generated_n)" in msg and "git checkout" in msg and "\n" not in msg
+    first = tool._curve_with({**new_stage, "fid_curve": []}, best(24.0, 23.6, 24.4), "f" * 64)
+    assert first[2] is None and "no earlier point" in tool._refusal(first[1], None, folder)
