@@ -91,6 +91,55 @@ def test_student_is_its_own_no_grad_target(tiny_sd_path):
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in unet.named_parameters() if "lora_" in n)
 
 
+def test_noise_matching_weight_adds_the_cfg_teachers_term_to_the_consistency_loss(tiny_sd_path):
+    """``--lcm-noise-matching-weight w``: loss = LCM + w * noise matching, each on its own noise, with both sets of logs;
+    at the same RNG state the total is exactly the sum of the two components run in that order."""
+    from diffusers import DDPMScheduler
+
+    from distill_common.models import add_lora, load_sd_components
+    from distill_lora_flash.losses import NoiseMatchingLoss, NoiseMatchingMethod
+    from distill_lora_flash.training import encode_prompts
+
+    parts = load_sd_components(tiny_sd_path)
+    unet = parts.unet
+    add_lora(unet, rank=4, alpha=4, init_lora_weights=False)
+    cond = encode_prompts(parts.tokenizer, parts.text_encoder, ["a cat", "a dog"], torch.device("cpu"))
+    uncond = encode_prompts(parts.tokenizer, parts.text_encoder, ["", ""], torch.device("cpu"))
+    abar = parts.scheduler.alphas_cumprod
+    consistency = lcm.LCMMethod(abar, guidance_min=7.5, guidance_max=7.5)
+    sampler = lambda b, device: torch.randint(0, 1000, (b,), device=device)  # noqa: E731
+    matching = NoiseMatchingMethod(NoiseMatchingLoss(abar, 7.5, 5.0), DDPMScheduler.from_config(parts.scheduler.config),
+                                   sampler)
+    combined = lcm.WeightedMethods([(1.0, consistency), (0.5, matching)])
+    latents = torch.randn(2, 4, 16, 16)
+    torch.manual_seed(3)
+    loss, logs = combined(unet, latents, cond, uncond)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        alone_lcm, _ = consistency(unet, latents, cond, uncond)
+        alone_nm, _ = matching(unet, latents, cond, uncond)
+    torch.testing.assert_close(loss.detach(), alone_lcm + 0.5 * alone_nm)
+    assert combined.name == "lcm+noise_matching" and alone_nm > 0
+    assert {"lcm/loss", "lcm/lcm_loss", "lcm/guidance", "noise_matching/loss", "noise_matching/mse"} <= set(logs)
+    loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in unet.named_parameters() if "lora_" in n)
+    with pytest.raises(ConfigError, match="weights >= 0"):
+        lcm.WeightedMethods([(-1.0, consistency)])
+
+
+def test_lcm_with_noise_matching_trains_resumes_and_is_a_resume_invariant(tiny_sd_path, data_root, tmp_path):
+    cfg = tiny_config(tiny_sd_path, data_root, tmp_path, method="lcm", lcm_guidance_min=7.5, lcm_guidance_max=7.5,
+                      lcm_noise_matching_weight=0.5)
+    cfg.validate()
+    result = train(cfg)
+    assert result.global_step == 4 and {"lcm/lcm_loss", "noise_matching/mse", "loss"} <= set(result.metrics)
+    with pytest.raises(ConfigError, match="lcm_noise_matching_weight"):  # the run folder was started with 0.5
+        train(tiny_config(tiny_sd_path, data_root, tmp_path, method="lcm", lcm_guidance_min=7.5,
+                          lcm_guidance_max=7.5, lcm_noise_matching_weight=1.0))
+    with pytest.raises(ConfigError, match="--lcm-noise-matching-weight"):
+        TrainConfig(method="noise_matching", lcm_noise_matching_weight=0.5).validate()
+
+
 def test_lcm_training_run_layout_resume_and_config_errors(tiny_sd_path, data_root, tmp_path):
     cfg = tiny_config(tiny_sd_path, data_root, tmp_path, method="lcm", lcm_guidance_min=3.0, lcm_guidance_max=9.0)
     cfg.validate()
@@ -123,6 +172,8 @@ def test_lcm_training_run_layout_resume_and_config_errors(tiny_sd_path, data_roo
     (["--lcm-huber-c", "nan"], "--lcm-huber-c"),
     (["--lcm-guidance-max", "inf"], "--lcm-guidance-max"),
     (["--lcm-loss", "l1"], "--lcm-loss"),
+    (["--lcm-noise-matching-weight", "-1"], "--lcm-noise-matching-weight"),
+    (["--lcm-noise-matching-weight", "0.5"], "--lcm-noise-matching-weight"),
     (["--method", "lcm", "--use-discrete-timesteps"], "--use-discrete-timesteps"),
     (["--teacher-guidance", "inf"], "--teacher-guidance"),
 ])
@@ -137,5 +188,5 @@ def test_help_lists_the_new_options(capsys, monkeypatch):
     code, out, _ = run_cli(["train", "--help"], capsys)
     text = " ".join(out.split())
     for flag in ("--method", "--lcm-skip", "--lcm-guidance-min", "--lcm-guidance-max", "--lcm-loss", "--lcm-huber-c",
-                 "stable-diffusion-v1-5/stable-diffusion-v1-5"):
+                 "--lcm-noise-matching-weight", "stable-diffusion-v1-5/stable-diffusion-v1-5"):
         assert flag in text, flag

@@ -204,6 +204,9 @@ class TrainConfig:
     lcm_guidance_max: float = option(16.0, "LCM: highest teacher CFG scale w.", ge=0, le=100)
     lcm_loss: str = option("huber", "LCM: consistency loss, pseudo-Huber or L2.", choices=("huber", "l2"))
     lcm_huber_c: float = option(0.001, "LCM: pseudo-Huber constant c.", gt=0, le=1)
+    lcm_noise_matching_weight: float = option(0.0, "LCM: weight of an added noise-matching term (Min-SNR MSE to the CFG "
+                                              "teacher at --teacher-guidance, on its own noised batch); 0 = pure "
+                                              "LCM-LoRA.", ge=0, le=100)
     # optimisation
     learning_rate: float = option(1e-4, "AdamW learning rate.", gt=0)
     lr_scheduler: str = option("constant", "Learning-rate schedule.", choices=LR_SCHEDULERS)
@@ -263,6 +266,9 @@ class TrainConfig:
         if self.method == "lcm" and self.use_discrete_timesteps:
             raise ConfigError("--use-discrete-timesteps is for --method noise_matching; --method lcm draws t on its "
                               "own skipping-step grid (--lcm-skip)")
+        if self.lcm_noise_matching_weight and self.method != "lcm":
+            raise ConfigError(f"--lcm-noise-matching-weight adds a term to --method lcm; --method {self.method} already "
+                              "is noise matching: pass --method lcm or leave the weight at 0")
         if self.lcm_guidance_min > self.lcm_guidance_max:
             raise ConfigError(f"--lcm-guidance-min {self.lcm_guidance_min:g} is above --lcm-guidance-max "
                               f"{self.lcm_guidance_max:g}; pass min <= max (equal values fix w)")

@@ -153,3 +153,29 @@ class LCMMethod:
                 f"the consistency loss became {loss.item()} at timesteps {t.tolist()}; lower --learning-rate or "
                 "use --precision fp32/bf16")
         return loss, {"lcm_loss": float(loss.detach()), "guidance": float(w.mean()), "t": float(t.float().mean())}
+
+
+class WeightedMethods:
+    """A recipe as a weighted sum of recipes, ``sum_i w_i loss_i``, each on its own noise and timesteps; logs are
+    prefixed by the component's name (``lcm/lcm_loss``, ``noise_matching/mse``, ...).
+
+    ``--lcm-noise-matching-weight`` composes LCM-LoRA with the noise-matching term of the CFG teacher (Flash Diffusion's
+    per-timestep target, Chadebec et al. 2024): the consistency term learns the few-step trajectory, the noise-matching
+    term pulls each step's prediction toward the guided teacher's, i.e. toward its prompt adherence."""
+
+    def __init__(self, components: list[tuple[float, Any]]) -> None:
+        if not components or any(w < 0 for w, _ in components):
+            raise ConfigError("a weighted recipe needs at least one component and weights >= 0")
+        self.components = components
+        self.name = "+".join(m.name for _, m in components)
+
+    def __call__(self, unet: Any, latents: torch.Tensor, cond: torch.Tensor | Conditioning,
+                 uncond: torch.Tensor | Conditioning) -> tuple[torch.Tensor, dict[str, float]]:
+        total: torch.Tensor | None = None
+        logs: dict[str, float] = {}
+        for weight, method in self.components:
+            loss, part = method(unet, latents, cond, uncond)
+            total = weight * loss if total is None else total + weight * loss
+            logs[f"{method.name}/loss"] = float(loss.detach())
+            logs.update({f"{method.name}/{k}": v for k, v in part.items()})
+        return total, logs

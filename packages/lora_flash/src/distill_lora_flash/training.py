@@ -48,13 +48,13 @@ from distill_lora_flash.conditioning import (
 )
 from distill_lora_flash.config import TrainConfig
 from distill_lora_flash.generator import FlashGenerator, write_generator_folder
-from distill_lora_flash.lcm import LCMMethod
+from distill_lora_flash.lcm import LCMMethod, WeightedMethods
 from distill_lora_flash.losses import NoiseMatchingLoss, NoiseMatchingMethod
 from distill_lora_flash.schedule import FlashSchedule
 
 CONFIG_FILE = "train_config.yaml"
 # Options that must not change between a run and its resumption.
-RESUME_INVARIANTS = ("base_model", "method", "lcm_skip", "data_shards", "lora_rank", "lora_alpha", "lora_targets", "resolution", "batch_size",
+RESUME_INVARIANTS = ("base_model", "method", "lcm_skip", "lcm_noise_matching_weight", "data_shards", "lora_rank", "lora_alpha", "lora_targets", "resolution", "batch_size",
                      "gradient_accumulation_steps", "seed", "use_discrete_timesteps", "discrete_steps")
 
 
@@ -198,12 +198,16 @@ def build_method(cfg: TrainConfig, schedule: FlashSchedule, noise_scheduler: Any
                  discrete: list[int] | None) -> Any:
     """The recipe component ``method(unet, latents, cond, uncond) -> (loss, logs)`` that ``cfg.method`` names."""
     alphas_cumprod = noise_scheduler.alphas_cumprod.to(device)
-    if cfg.method == "lcm":
-        return LCMMethod(alphas_cumprod, skip=cfg.lcm_skip, guidance_min=cfg.lcm_guidance_min,
-                         guidance_max=cfg.lcm_guidance_max, loss=cfg.lcm_loss, huber_c=cfg.lcm_huber_c,
-                         prediction_type=schedule.prediction_type)
     loss_fn = NoiseMatchingLoss(alphas_cumprod, cfg.teacher_guidance, cfg.snr_gamma or None, schedule.prediction_type)
-    return NoiseMatchingMethod(loss_fn, noise_scheduler, schedule.timestep_sampler(discrete))
+    noise_matching = NoiseMatchingMethod(loss_fn, noise_scheduler, schedule.timestep_sampler(discrete))
+    if cfg.method != "lcm":
+        return noise_matching
+    lcm = LCMMethod(alphas_cumprod, skip=cfg.lcm_skip, guidance_min=cfg.lcm_guidance_min,
+                    guidance_max=cfg.lcm_guidance_max, loss=cfg.lcm_loss, huber_c=cfg.lcm_huber_c,
+                    prediction_type=schedule.prediction_type)
+    if not cfg.lcm_noise_matching_weight:
+        return lcm
+    return WeightedMethods([(1.0, lcm), (cfg.lcm_noise_matching_weight, noise_matching)])
 
 
 def _prompts(cfg: TrainConfig) -> list[str]:
