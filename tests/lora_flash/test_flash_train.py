@@ -156,6 +156,33 @@ def test_training_data_sources(tmp_path, data_root):
     torch.testing.assert_close(flip[1]["pixel_values"], first)
 
 
+def test_cifar10_data_source_captions_with_the_reference_models_training_templates(data_root):
+    """--data-source cifar10: 32 px CIFAR-10 train images whose caption is one of their class's training templates
+    (never a held-out one), drawn per (seed, epoch, index); a wrong resolution or a second data option is refused."""
+    from distill_common.data.cifar10 import open_cifar10
+    from distill_common.reference_sd.captions import class_captions, class_of_caption
+    from distill_lora_flash.data import training_dataset
+
+    ds = training_dataset(TrainConfig(data_root=data_root, data_source="cifar10", resolution=32, max_train_samples=8))
+    labels = open_cifar10(data_root, "train", limit=8, show_progress=False).labels
+    train_templates, held_out = class_captions("train"), class_captions("held_out")
+    assert len(ds) == 8
+    for i in range(8):
+        sample = ds[i]
+        assert sample["pixel_values"].shape == (3, 32, 32) and -1 <= sample["pixel_values"].min()
+        assert sample["caption"] in train_templates[labels[i]] and class_of_caption(sample["caption"]) == labels[i]
+        assert not any(sample["caption"] in row for row in held_out)
+    drawn = {training_dataset(TrainConfig(data_root=data_root, data_source="cifar10", resolution=32,
+                                          max_train_samples=8, seed=seed))[0]["caption"] for seed in range(12)}
+    assert len(drawn) > 1  # the template is drawn, not fixed
+    with pytest.raises(ConfigError, match="--resolution 32"):
+        TrainConfig(data_source="cifar10").validate()
+    with pytest.raises(ConfigError, match="--data-source"):
+        TrainConfig(data_source="cifar10", resolution=32, data_dir=Path("x")).validate()
+    with pytest.raises(ConfigError, match="coco, cifar10"):
+        TrainConfig(data_source="imagenet").validate()
+
+
 @pytest.mark.slow
 def test_cli_training_logs_validation_and_registers_a_generator(tiny_sd_path, data_root, tmp_path, mlflow_uri,
                                                                  capsys, monkeypatch):

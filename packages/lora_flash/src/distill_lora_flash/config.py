@@ -27,6 +27,7 @@ DEFAULT_VALIDATION_PROMPTS = [
 ]
 EXPORT_FORMATS = ("diffusers", "peft", "kohya")
 TRAIN_METHODS = ("noise_matching", "lcm")
+FLASH_DATA_SOURCES = ("coco", "cifar10")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
 PROMPTS_FILE_HELP = (f"Text file with one prompt per line; '{DEMO_PROMPTS_NAME}' is the packaged list of 20 varied "
                      "prompts unless such a file exists here.")
@@ -178,6 +179,10 @@ class TrainConfig:
     data_shards: str | None = option(None, "Stream WebDataset caption shards instead: a brace pattern such as "
                                      "'data/{00000..00099}.tar' (image + .txt or .json caption per sample); split by "
                                      "process rank, the shard position is saved in every checkpoint.")
+    data_source: str = option("coco", "Data when neither --dataset-name, --data-dir nor --data-shards is given: COCO 2017 "
+                              "captions, or CIFAR-10 train images captioned with the reference model's training "
+                              "templates (cifar10: 32 px, pass --resolution 32; for --base-model reference).",
+                              choices=FLASH_DATA_SOURCES)
     coco_split: str = option("train", "COCO 2017 split of the default data.", choices=("train", "val"))
     max_train_samples: int | None = option(None, "Use only the first N images.", ge=1)
     resolution: int = option(512, "Training image side (pixels).")
@@ -261,6 +266,15 @@ class TrainConfig:
             from distill_common.data.shards import expand_shards
 
             expand_shards(self.data_shards)
+        if self.data_source not in FLASH_DATA_SOURCES:
+            raise ConfigError(f"--data-source must be one of {', '.join(FLASH_DATA_SOURCES)}, got {self.data_source!r}")
+        if self.data_source == "cifar10":
+            if self.dataset_name or self.data_dir or self.data_shards:
+                raise ConfigError("--data-source cifar10 is the default data's choice; leave out --dataset-name, "
+                                  "--data-dir and --data-shards, or --data-source")
+            if self.resolution != 32:
+                raise ConfigError(f"--data-source cifar10 is 32 px images, got --resolution {self.resolution}; "
+                                  "pass --resolution 32")
         if self.method not in TRAIN_METHODS:
             raise ConfigError(f"--method must be one of {', '.join(TRAIN_METHODS)}, got {self.method!r}")
         if self.method == "lcm" and self.use_discrete_timesteps:

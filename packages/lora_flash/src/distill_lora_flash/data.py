@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from distill_common.data.captioned import CaptionedImageDataset, load_captioned
+from distill_common.data.captioned import CaptionedImageDataset, captioned_cifar10, load_captioned
 from distill_lora_flash.config import TrainConfig
 
 
@@ -39,6 +39,9 @@ def _captioned(cfg: TrainConfig) -> CaptionedImageDataset:
                               image_column=cfg.image_column, **common)
     if cfg.data_dir is not None:
         return load_captioned("folder", root=cfg.data_dir, split=cfg.dataset_split, **common)
+    if cfg.data_source == "cifar10":
+        return captioned_cifar10(cfg.data_root, random_flip=cfg.random_flip, seed=cfg.seed,
+                                 limit=cfg.max_train_samples)
     return load_captioned("coco", root=cfg.data_root, split=cfg.coco_split, **common)
 
 

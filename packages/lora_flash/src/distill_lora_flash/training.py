@@ -54,7 +54,8 @@ from distill_lora_flash.schedule import FlashSchedule
 
 CONFIG_FILE = "train_config.yaml"
 # Options that must not change between a run and its resumption.
-RESUME_INVARIANTS = ("base_model", "method", "lcm_skip", "lcm_noise_matching_weight", "data_shards", "lora_rank", "lora_alpha", "lora_targets", "resolution", "batch_size",
+RESUME_INVARIANTS = ("base_model", "method", "lcm_skip", "lcm_noise_matching_weight", "data_source", "data_shards",
+                     "lora_rank", "lora_alpha", "lora_targets", "resolution", "batch_size",
                      "gradient_accumulation_steps", "seed", "use_discrete_timesteps", "discrete_steps")
 
 

@@ -435,3 +435,48 @@ def _load_hub_captioned(
         description=f"hub data set {hub_name!r} split {split!r}",
         **common,
     )
+
+
+CIFAR10_CAPTION_RESOLUTION = 32
+
+
+class _CifarImage:
+    """``open_image`` of the captioned CIFAR-10 records: the decoded 32 px image as PIL (picklable for workers)."""
+
+    def __init__(self, cifar: object) -> None:
+        self.cifar = cifar
+
+    def __call__(self, record: CaptionedRecord) -> Image.Image:
+        return Image.fromarray(self.cifar.image_uint8(int(record.location)).permute(1, 2, 0).numpy())
+
+
+def captioned_cifar10(
+    root: str | Path | None = None,
+    *,
+    random_flip: bool = False,
+    caption_mode: str = "random",
+    seed: int = 0,
+    limit: int | None = None,
+    show_progress: bool = True,
+) -> CaptionedImageDataset:
+    """CIFAR-10 train images at 32 px captioned with the reference text-to-image model's training templates
+    (``distill_common.reference_sd.captions.class_captions("train")``: "a photo of a cat", ...), its own training
+    data, so the held-out templates stay unseen by students too. ``caption_mode`` ``random`` draws one template per
+    image and epoch; ``all`` gives one sample per (image, template) pair."""
+    from distill_common.data.cifar10 import open_cifar10
+    from distill_common.reference_sd.captions import class_captions
+
+    if caption_mode not in CAPTION_MODES:
+        raise unknown_choice("caption mode", caption_mode, CAPTION_MODES)
+    cifar = open_cifar10(root, "train", limit=limit, show_progress=show_progress)
+    captions = class_captions("train")
+    records = [CaptionedRecord(key, i, tuple(captions[label]))
+               for i, (key, label) in enumerate(zip(cifar.keys, cifar.labels, strict=True))]
+    return CaptionedImageDataset(
+        records,
+        build_image_transform(CIFAR10_CAPTION_RESOLUTION, center_crop=True, random_flip=random_flip),
+        open_image=_CifarImage(cifar),
+        caption_mode=caption_mode,
+        seed=seed,
+        description=f"CIFAR-10 train ({len(records)} images) x {len(captions[0])} caption templates",
+    )

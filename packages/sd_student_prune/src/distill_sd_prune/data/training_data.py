@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
+from distill_common.data.captioned import CIFAR10_CAPTION_RESOLUTION
 from distill_common.errors import ConfigError, unknown_choice
 from distill_sd_prune.data.batches import ResumableBatchSampler
 from distill_sd_prune.data.encoding import encode_prompts, latent_moments, sample_latents
@@ -42,19 +43,7 @@ def load_coco_captions(data_root: str | Path | None, split: str, resolution: int
 # Training data sources: COCO 2017 captions, or CIFAR-10 train images captioned with the reference model's training
 # templates (distill_common.reference_sd.captions.TRAIN_TEMPLATES), its own training data.
 TRAIN_SOURCES = ("coco", "cifar10")
-CIFAR_RESOLUTION = 32
-
-
-class _CifarImage:
-    """``open_image`` of the captioned CIFAR-10 records: the decoded 32 px image as PIL (picklable for workers)."""
-
-    def __init__(self, cifar: Any) -> None:
-        self.cifar = cifar
-
-    def __call__(self, record: Any):
-        from PIL import Image
-
-        return Image.fromarray(self.cifar.image_uint8(int(record.location)).permute(1, 2, 0).numpy())
+CIFAR_RESOLUTION = CIFAR10_CAPTION_RESOLUTION
 
 
 def load_training_captions(
@@ -93,23 +82,10 @@ def load_training_captions(
             show_progress=show_progress,
         )
     if source == "cifar10":
-        from distill_common.data.captioned import CaptionedImageDataset, CaptionedRecord
-        from distill_common.data.cifar10 import open_cifar10
-        from distill_common.data.transforms import build_image_transform
-        from distill_common.reference_sd.captions import class_captions
+        from distill_common.data.captioned import captioned_cifar10
 
-        cifar = open_cifar10(data_root, "train", limit=limit, show_progress=show_progress)
-        captions = class_captions("train")
-        records = [CaptionedRecord(key, i, tuple(captions[label])) for i, (key, label) in enumerate(
-            zip(cifar.keys, cifar.labels, strict=True))]
-        return CaptionedImageDataset(
-            records,
-            build_image_transform(CIFAR_RESOLUTION, center_crop=True, random_flip=random_flip),
-            open_image=_CifarImage(cifar),
-            caption_mode="all",
-            seed=seed,
-            description=f"CIFAR-10 train ({len(records)} images) x {len(captions[0])} caption templates",
-        )
+        return captioned_cifar10(data_root, random_flip=random_flip, caption_mode="all", seed=seed, limit=limit,
+                                 show_progress=show_progress)
     raise unknown_choice("training data source", source, TRAIN_SOURCES)
 
 
