@@ -724,6 +724,11 @@ def ship_lora(run: Path = typer.Option(..., help="the flash train run folder (it
               "noise_matching": "Flash-style CFG noise matching: per-timestep MSE to the teacher at CFG "
                                 f"{cfg['teacher_guidance']:g}, Min-SNR-{cfg['snr_gamma']:g}, timesteps on the "
                                 "LCM grid of 2/4/8 steps"}[cfg["method"]]
+    if cfg.get("lcm_noise_matching_weight"):
+        method += (f", plus {cfg['lcm_noise_matching_weight']:g} x the noise-matching term of the teacher at CFG "
+                   f"{cfg['teacher_guidance']:g} (Min-SNR-{cfg['snr_gamma']:g})")
+    data = ("CIFAR-10 training images with captions from the training templates" if cfg.get("data_source") == "cifar10"
+            else f"training data {cfg.get('data_shards') or cfg.get('data_dir') or cfg.get('dataset_name') or 'COCO 2017'}")
     dest = SHIPPED_LORAS / name
     with atomic_dir(dest) as tmp:
         for f in generator_dir.iterdir():
@@ -757,7 +762,7 @@ def ship_lora(run: Path = typer.Option(..., help="the flash train run folder (it
                  f"- `distill flash train --base-model reference --method {cfg['method']}`, {cfg['max_steps']:,} "
                  f"optimiser steps of {cfg['batch_size']} x {cfg['gradient_accumulation_steps']} images "
                  f"({images:,} images), learning rate {cfg['learning_rate']:g} ({cfg['lr_scheduler']}), seed "
-                 f"{cfg['seed']}, CIFAR-10 training images with captions from the training templates; MLflow run "
+                 f"{cfg['seed']}, {data}; MLflow run "
                  f"`{mlflow_id}`; commit `{_git_commit()}`.", "",
                  "## Scores", "",
                  f"`distill flash eval`: {meta.get('images', '?')} images per row ({Path(str(meta.get('prompts', '?'))).name} "
