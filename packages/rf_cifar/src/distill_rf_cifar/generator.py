@@ -41,15 +41,22 @@ REFERENCE_TEACHER = Path(__file__).parent / "reference_teacher"  # shipped packa
 # The first shipped teacher (288,000 training images), kept when a longer-trained one replaced it: the published
 # student tables were distilled from it, so they stay reproducible.
 REFERENCE_TEACHER_V1 = Path(__file__).parent / "reference_teacher_v1"
+# Few-step students of ``reference`` shipped as named generators, one folder each (``reference-four-step``, ...),
+# written by tools/reference_students.py with a model card naming their sha256.
+REFERENCE_STUDENTS = Path(__file__).parent / "reference_students"
 
 
 def _shipped_folders() -> dict[str, Path]:
-    return {"reference": REFERENCE_TEACHER, "reference-v1": REFERENCE_TEACHER_V1}  # read at call time (tests patch)
+    shipped = {"reference": REFERENCE_TEACHER, "reference-v1": REFERENCE_TEACHER_V1}  # read at call time (tests patch)
+    if REFERENCE_STUDENTS.is_dir():
+        shipped.update({f.name: f for f in sorted(REFERENCE_STUDENTS.iterdir())
+                        if f.is_dir() and not f.name.startswith(".") and (f / "generator.json").is_file()})
+    return shipped
 
 
 def named_generators() -> dict[str, Path]:
-    """Generators shipped with this package: ``reference``, the CIFAR-10 teacher this project trained, and
-    ``reference-v1``, its first version."""
+    """Generators shipped with this package: ``reference``, the CIFAR-10 teacher this project trained,
+    ``reference-v1``, its first version, and the students of ``reference`` under ``reference_students/``."""
     return {name: folder for name, folder in _shipped_folders().items() if (folder / MODEL_FILE).is_file()}
 
 
@@ -72,13 +79,13 @@ def verify_shipped_weights(folder: str | Path) -> None:
     path = folder / MODEL_FILE
     want = card_sha256(folder)
     if want is None:
-        raise ModelLoadError(f"the shipped reference teacher's MODEL_CARD.md ({folder}) names no sha256; "
+        raise ModelLoadError(f"the shipped generator's MODEL_CARD.md ({folder}) names no sha256; "
                              "reinstall distill-rf-cifar")
     stat = path.stat()
     key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
     got = _verified.get(key) or ckpt.file_sha256(path)
     if got != want:
-        raise ModelLoadError(f"the shipped reference teacher's weights {path} do not match the sha256 in its model "
+        raise ModelLoadError(f"the shipped generator's weights {path} do not match the sha256 in its model "
                              f"card ({got[:12]} != {want[:12]}): the file was altered; reinstall distill-rf-cifar")
     _verified[key] = got
 
