@@ -1,7 +1,7 @@
 """Ship few-step students of rf_cifar's reference teacher as named generators (``reference-one-step``, ...).
 
     python tools/reference_students.py export runs/rf_cifar/students/four_step --name reference-four-step \
-        --command "distill rf distill --recipe progressive ..." --wall-time-s 5400
+        --command "distill rf distill --recipe progressive ..." --hardware "AMD EPYC, 2 threads" --precision bf16
     distill rf evaluate --teacher reference --students four=rf_cifar:reference-four-step \
         --eval-num-images 10000 --eval-reference-n 10000 --output-dir runs/rf_cifar/ship-four
     python tools/reference_students.py card --name reference-four-step --eval-dir runs/rf_cifar/ship-four --label four
@@ -9,7 +9,7 @@
 ``export`` copies a student's generator folder (``RUN/generator`` or the folder itself) into
 ``packages/rf_cifar/src/distill_rf_cifar/reference_students/NAME/``: the EMA weights in fp16 storage, its
 ``model_config.json``, its ``generator.json`` (with ``name`` and the teacher named ``reference`` instead of a local
-path) and ``training.json`` (command, commit, recipe, steps, wall time, hardware). It refuses a student distilled from
+path) and ``training.json`` (command, commit, recipe, steps, wall time, and the hardware and precision given). It refuses a student distilled from
 other weights than the shipped ``reference`` teacher. A provisional card names the weights' sha256, so the loader's
 check passes while the student is scored.
 
@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import re
 import subprocess
 from pathlib import Path
@@ -44,7 +43,7 @@ from distill_rf_cifar.generator import (
 
 ROOT = Path(__file__).resolve().parents[1]
 NAME_RULE = re.compile(r"reference-[a-z0-9][a-z0-9-]*")
-RESERVED = ("reference", "reference-v1")
+TEACHER_NAME = re.compile(r"reference(-v\d+)?")  # the teachers' names, now and later versions
 console = Console()
 
 
@@ -56,20 +55,10 @@ def git_commit() -> str:
         return "unknown"
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _check_name(name: str) -> None:
-    if not NAME_RULE.fullmatch(name) or name in RESERVED:
+    if not NAME_RULE.fullmatch(name) or TEACHER_NAME.fullmatch(name):
         raise SystemExit(f"error: --name {name!r}: use 'reference-' then lowercase letters, digits and '-' (e.g. "
-                         f"reference-four-step); {', '.join(RESERVED)} are the teachers")
+                         "reference-four-step); reference and reference-vN are the teachers' names")
 
 
 def _generator_folder(run: Path) -> Path:
@@ -95,6 +84,9 @@ def export(args: argparse.Namespace, root: Path = REFERENCE_STUDENTS, teacher: P
     state = {k: (v.half() if v.is_floating_point() and not args.fp32 else v) for k, v in model.state_dict().items()}
     stage_file = Path(args.run_dir) / "stage.json"
     stage = json.loads(stage_file.read_text()) if stage_file.is_file() else {}
+    wall_time_s = args.wall_time_s if args.wall_time_s is not None else stage.get("info", {}).get("train_seconds")
+    if wall_time_s is None:
+        raise SystemExit(f"error: {stage_file} records no training time; pass --wall-time-s")
     out = root / args.name
     with ckpt.atomic_dir(out) as tmp:
         ckpt.save_weights(state, tmp / MODEL_FILE)
@@ -103,8 +95,8 @@ def export(args: argparse.Namespace, root: Path = REFERENCE_STUDENTS, teacher: P
                                                  "storage_dtype": "float32" if args.fp32 else "float16"})
         ckpt.write_json(tmp / "training.json", {
             "command": args.command, "commit": args.commit or git_commit(), "recipe": manifest.get("recipe"),
-            "steps": manifest.get("train_steps"), "wall_time_s": args.wall_time_s,
-            "hardware": f"{cpu_name()}, {args.threads} thread(s), no GPU", "precision": args.precision,
+            "steps": manifest.get("train_steps"), "wall_time_s": wall_time_s, "hardware": args.hardware,
+            "precision": args.precision,
             "teacher": "reference", "teacher_sha256": shipped_teacher, "run_id": stage.get("run_id"),
             "parameters": manifest.get("parameters")})
         digest = ckpt.file_sha256(tmp / MODEL_FILE)
@@ -128,7 +120,13 @@ def _sidecar(eval_dir: Path, key: str) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def card(args: argparse.Namespace, root: Path = REFERENCE_STUDENTS) -> Path:
+def _fingerprint(folder: Path, precision: str) -> str:
+    from distill_eval.benchmark import generator_fingerprint
+
+    return generator_fingerprint(load_generator(folder, device="cpu", precision=precision))
+
+
+def card(args: argparse.Namespace, root: Path = REFERENCE_STUDENTS, teacher: Path = REFERENCE_TEACHER) -> Path:
     """The shipped student's MODEL_CARD.md from an evaluation of the shipped folder."""
     _check_name(args.name)
     folder = root / args.name
@@ -141,12 +139,14 @@ def card(args: argparse.Namespace, root: Path = REFERENCE_STUDENTS) -> Path:
         raise SystemExit(f"error: {eval_dir} has no rows for {args.label!r}; models: "
                          f"{', '.join(sorted({str(r.get('model')) for r in rows}))}")
     manifest = json.loads((folder / "generator.json").read_text())
-    row = next((r for r in mine if r.get("steps") == manifest["default_steps"]), mine[0])
+    row = next((r for r in mine if r.get("steps") == manifest["default_steps"]), None)
+    if row is None:
+        raise SystemExit(f"error: {eval_dir} scored {args.label!r} at steps {sorted(r.get('steps') for r in mine)}, not "
+                         f"at its {manifest['default_steps']}; evaluate with --eval-students-at-own-steps")
     side = _sidecar(eval_dir, row["key"])
     key = side.get("cache_key") or {}
-    from distill_eval.benchmark import generator_fingerprint
-
-    shipped = generator_fingerprint(load_generator(folder, device="cpu", precision=side.get("sample_precision", "fp32")))
+    precision = side.get("sample_precision", "fp32")
+    shipped = _fingerprint(folder, precision)
     if key.get("weights") != shipped:
         raise SystemExit(f"error: the images of {row['key']} in {eval_dir} were not made by the shipped {args.name} "
                          f"(fingerprint {str(key.get('weights'))[:12]} != {shipped[:12]}); evaluate "
@@ -157,11 +157,16 @@ def card(args: argparse.Namespace, root: Path = REFERENCE_STUDENTS) -> Path:
         raise SystemExit(f"error: {eval_dir} scored {', '.join(f'{k} {v}' for k, v in small.items())} images, fewer "
                          f"than --min-images {args.min_images}; evaluate with --eval-num-images {args.min_images} "
                          f"--eval-reference-n {args.min_images}")
-    if side.get("fid_ci95_low") is None or side.get("class_acc") is None:
+    if any(side.get(k) is None for k in ("fid_ci95_low", "fid_ci95_high", "class_acc", "class_acc_ci95_low",
+                                         "class_acc_ci95_high")):
         raise SystemExit(f"error: {row['key']} in {eval_dir} has no FID interval or class accuracy; evaluate with "
                          "--eval-bootstrap-resamples 100 and --eval-class-accuracy")
     training = json.loads((folder / "training.json").read_text())
     teacher_rows = [(r, _sidecar(eval_dir, r["key"])) for r in rows if r.get("role") == "teacher"]
+    reference = _fingerprint(teacher, precision)
+    if any((s.get("cache_key") or {}).get("weights") != reference for _, s in teacher_rows):
+        raise SystemExit(f"error: the teacher rows of {eval_dir} were not made by the shipped reference teacher; "
+                         "evaluate with --teacher reference")
     digest = ckpt.file_sha256(folder / MODEL_FILE)
 
     def line(label: str, r: dict, s: dict) -> str:
@@ -225,9 +230,10 @@ def main(argv: list[str] | None = None) -> None:
     ex.add_argument("--name", required=True, help="shipped name: reference-one-step, reference-four-step, ...")
     ex.add_argument("--command", required=True, help="the training command, for the card")
     ex.add_argument("--commit", default=None)
-    ex.add_argument("--wall-time-s", type=float, required=True)
-    ex.add_argument("--threads", default="2")
-    ex.add_argument("--precision", default="bf16 autocast")
+    ex.add_argument("--wall-time-s", type=float, default=None, help="training wall time (default: the run's "
+                    "stage.json train_seconds)")
+    ex.add_argument("--hardware", required=True, help="where it trained, e.g. 'AMD EPYC 9B14, 2 threads, no GPU'")
+    ex.add_argument("--precision", required=True, help="how it trained, e.g. 'bf16 autocast'")
     ex.add_argument("--fp32", action="store_true", help="keep fp32 storage (default fp16, as the teacher)")
     cd = sub.add_parser("card", help="write MODEL_CARD.md from an evaluation of the shipped folder")
     cd.add_argument("--name", required=True)

@@ -256,11 +256,10 @@ def _refusal(curve: list[dict], improved: bool | None, folder: Path) -> str | No
     if improved:
         return None
     restore = f"not shipped (restore the weights: git checkout -- {folder})"
-    new = curve[-1]
     if len(curve) < 2:
         return (f"error: the FID curve has no earlier point to improve on; {restore}, or drop --require-improvement "
                 "for a first ship")
-    prev = curve[-2]
+    prev, new = curve[-2], curve[-1]
     if improved is None:
         fields = sorted(k for k in set(prev.get("protocol") or {}) | set(new.get("protocol") or {})
                         if (prev.get("protocol") or {}).get(k) != (new.get("protocol") or {}).get(k))
@@ -294,9 +293,11 @@ def card(args: argparse.Namespace) -> None:
     if args.from_eval and not (Path(args.from_eval) / "fid_vs_nfe.json").is_file():
         raise SystemExit(f"error: --from-eval {args.from_eval} holds no fid_vs_nfe.json; pass the --output-dir of a "
                          "finished 'distill rf evaluate' run, or leave --from-eval out to score every setting here")
-    rows = sweep(args)
     folder = REFERENCE_TEACHER
     training = json.loads((folder / "training.json").read_text())
+    if args.require_improvement and not training.get("fid_curve"):  # known before minutes of scoring
+        raise SystemExit(_refusal([], None, folder))
+    rows = sweep(args)
     manifest = json.loads((folder / "generator.json").read_text())
     storage = []
     if args.fp32_run:  # same setting, fp32 weights of the run vs the shipped fp16 ones

@@ -39,7 +39,8 @@ def _student(folder: Path, teacher: Path, seed: int = 1) -> Path:
 
 def _export_args(run: Path, name: str = "reference-one-step", fp32: bool = False) -> argparse.Namespace:
     return argparse.Namespace(run_dir=str(run), name=name, command="distill rf distill --recipe progressive ...",
-                              commit="abc1234", wall_time_s=60.0, threads="2", precision="fp32", fp32=fp32)
+                              commit="abc1234", wall_time_s=None, hardware="test CPU, 2 threads", precision="fp32",
+                              fp32=fp32)
 
 
 def test_export_evaluate_card_and_the_refusals(tmp_path, teacher_dir, other_teacher_dir, data_root, monkeypatch):
@@ -51,9 +52,10 @@ def test_export_evaluate_card_and_the_refusals(tmp_path, teacher_dir, other_teac
     monkeypatch.setattr(rf_generator, "REFERENCE_STUDENTS", root)
     run = tmp_path / "run"
     _student(run / "generator", teacher_dir)
+    (run / "stage.json").write_text(json.dumps({"run_id": "r1", "info": {"train_seconds": 72.0}}))
 
     # export: bad names, another teacher and a teacher are refused before anything is written
-    for bad in ("one-step", "reference", "reference-v1", "reference-One"):
+    for bad in ("one-step", "reference", "reference-v1", "reference-v2", "reference-One"):
         with pytest.raises(SystemExit, match="--name"):
             tool.export(_export_args(run, bad), root, teacher_dir)
     with pytest.raises(SystemExit, match="not the shipped reference"):
@@ -66,7 +68,15 @@ def test_export_evaluate_card_and_the_refusals(tmp_path, teacher_dir, other_teac
     manifest = json.loads((shipped / "generator.json").read_text())
     assert manifest["name"] == "reference-one-step" and manifest["teacher"] == "reference"
     assert manifest["storage_dtype"] == "float16" and manifest["default_steps"] == 1
+    training = json.loads((shipped / "training.json").read_text())
+    assert training["wall_time_s"] == 72.0 and training["hardware"] == "test CPU, 2 threads"  # from the run, as given
     assert "reference-one-step" in rf_generator.named_generators()  # discovered under reference_students/
+    impostor = root / "reference"
+    impostor.mkdir()
+    (impostor / "generator.json").write_text((shipped / "generator.json").read_text())
+    assert rf_generator.named_generators()["reference"] == rf_generator.REFERENCE_TEACHER  # never a teacher's name
+    impostor.joinpath("generator.json").unlink()
+    impostor.rmdir()
     student = load_generator("reference-one-step", device="cpu", precision="fp32")  # by name, sha-checked
     assert student.generate([3], 1, [0]).shape == (1, 3, 32, 32)
 
@@ -80,12 +90,17 @@ def test_export_evaluate_card_and_the_refusals(tmp_path, teacher_dir, other_teac
     side = json.loads((out / "images" / "one_s1" / "result.json").read_text())
 
     card_args = argparse.Namespace(name="reference-one-step", eval_dir=str(out), label="one", min_images=10000)
-    with pytest.raises(SystemExit, match="fewer than --min-images 10000"):
-        tool.card(card_args, root)
-    with pytest.raises(SystemExit, match="models: one, teacher"):
-        tool.card(argparse.Namespace(**{**vars(card_args), "label": "two", "min_images": 8}), root)
+    refusals = [(card_args, teacher_dir, "fewer than --min-images 10000"),
+                (argparse.Namespace(**{**vars(card_args), "label": "two", "min_images": 8}), teacher_dir,
+                 "models: one, teacher"),
+                (argparse.Namespace(**{**vars(card_args), "min_images": 8}), other_teacher_dir,
+                 "not made by the shipped reference teacher")]  # the card's teacher rows must be the shipped teacher's
+    for args, teacher_folder, needle in refusals:
+        with pytest.raises(SystemExit, match=needle) as refused:
+            tool.card(args, root, teacher_folder)
+        assert "\n" not in str(refused.value) and not (shipped / "MODEL_CARD.md").read_text().count("## Evaluation")
     card_args.min_images = 8
-    tool.card(card_args, root)
+    tool.card(card_args, root, teacher_dir)
     card = (shipped / "MODEL_CARD.md").read_text()
     digest = hashlib.sha256((shipped / MODEL_FILE).read_bytes()).hexdigest()
     assert re.search(r"sha256: `([0-9a-f]{64})`", card).group(1) == digest
@@ -97,7 +112,7 @@ def test_export_evaluate_card_and_the_refusals(tmp_path, teacher_dir, other_teac
     # re-exported weights (fp32 storage: other bytes) no longer match the evaluation: the card is refused
     tool.export(_export_args(run, fp32=True), root, teacher_dir)
     with pytest.raises(SystemExit, match="were not made by the shipped reference-one-step"):
-        tool.card(card_args, root)
+        tool.card(card_args, root, teacher_dir)
     # an altered shipped file fails the loader's sha check in one line
     (shipped / MODEL_FILE).write_bytes((shipped / MODEL_FILE).read_bytes()[:-8] + b"\0" * 8)
     with pytest.raises(ModelLoadError, match="do not match the sha256"):

@@ -124,3 +124,6 @@ def test_a_warm_start_continues_the_shipped_history_and_reships_only_on_a_measur
     assert "another protocol (differing: generated_n)" in msg and "git checkout" in msg and "\n" not in msg
     first = tool._curve_with({**new_stage, "fid_curve": []}, best(24.0, 23.6, 24.4), "f" * 64)
     assert first[2] is None and "no earlier point" in tool._refusal(first[1], None, folder)
+    assert "no earlier point" in tool._refusal([], None, folder)  # card refuses this before scoring anything
+    for refusal in (tool._refusal(worse, False, folder), tool._refusal(first[1], None, folder)):
+        assert refusal.startswith("error: ") and "\n" not in refusal and "git checkout" in refusal

@@ -49,8 +49,8 @@ REFERENCE_STUDENTS = Path(__file__).parent / "reference_students"
 def _shipped_folders() -> dict[str, Path]:
     shipped = {"reference": REFERENCE_TEACHER, "reference-v1": REFERENCE_TEACHER_V1}  # read at call time (tests patch)
     if REFERENCE_STUDENTS.is_dir():
-        shipped.update({f.name: f for f in sorted(REFERENCE_STUDENTS.iterdir())
-                        if f.is_dir() and not f.name.startswith(".") and (f / "generator.json").is_file()})
+        shipped.update({f.name: f for f in sorted(REFERENCE_STUDENTS.iterdir()) if f.is_dir() and f.name not in shipped
+                        and not f.name.startswith(".") and (f / "generator.json").is_file()})  # never a teacher's name
     return shipped
 
 
