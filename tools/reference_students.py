@@ -25,13 +25,13 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import subprocess
 from pathlib import Path
 
 from rich.console import Console
 
 from distill_common import checkpoint as ckpt
 from distill_common.errors import DistillError
+from distill_common.tracking.run import git_commit
 from distill_rf_cifar.generator import (
     MODEL_CONFIG_FILE,
     MODEL_FILE,
@@ -45,14 +45,6 @@ ROOT = Path(__file__).resolve().parents[1]
 NAME_RULE = re.compile(r"reference-[a-z0-9][a-z0-9-]*")
 TEACHER_NAME = re.compile(r"reference(-v\d+)?")  # the teachers' names, now and later versions
 console = Console()
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def _check_name(name: str) -> None:
@@ -94,7 +86,7 @@ def export(args: argparse.Namespace, root: Path = REFERENCE_STUDENTS, teacher: P
         ckpt.write_json(tmp / "generator.json", {**manifest, "name": args.name, "teacher": "reference",
                                                  "storage_dtype": "float32" if args.fp32 else "float16"})
         ckpt.write_json(tmp / "training.json", {
-            "command": args.command, "commit": args.commit or git_commit(), "recipe": manifest.get("recipe"),
+            "command": args.command, "commit": args.commit or git_commit(ROOT), "recipe": manifest.get("recipe"),
             "steps": manifest.get("train_steps"), "wall_time_s": wall_time_s, "hardware": args.hardware,
             "precision": args.precision,
             "teacher": "reference", "teacher_sha256": shipped_teacher, "run_id": stage.get("run_id"),

@@ -23,3 +23,14 @@ def pairs_config(teacher: Path, out: Path, **kw) -> PairsConfig:
     base = dict(teacher=teacher, output_dir=out, num_pairs=24, shard_size=8, seed_start=100, steps=2, batch_size=8,
                 device="cpu", track=False)
     return PairsConfig(**{**base, **kw})
+
+
+def load_tool(name: str):
+    """A script of the repository's tools/ folder, imported as a module (``load_tool("reference_teacher")``)."""
+    import importlib.util
+
+    path = Path(__file__).parents[2] / "tools" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"{name}_tool", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -6,26 +6,17 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import importlib.util
 import json
 import re
 from pathlib import Path
 
 import pytest
 import torch
-from rf_helpers import tiny_unet_config
+from rf_helpers import load_tool, tiny_unet_config
 
 from distill_common.errors import ModelLoadError
 from distill_rf_cifar import generator as rf_generator
 from distill_rf_cifar.generator import MODEL_FILE, load_generator, save_generator, weights_sha256
-
-
-def _tool():
-    path = Path(__file__).parents[2] / "tools" / "reference_students.py"
-    spec = importlib.util.spec_from_file_location("reference_students_tool", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _student(folder: Path, teacher: Path, seed: int = 1) -> Path:
@@ -47,7 +38,7 @@ def test_export_evaluate_card_and_the_refusals(tmp_path, teacher_dir, other_teac
     from distill_rf_cifar.config import EvalConfig
     from distill_rf_cifar.evaluation import run_sweep
 
-    tool = _tool()
+    tool = load_tool("reference_students")
     root = tmp_path / "reference_students"
     monkeypatch.setattr(rf_generator, "REFERENCE_STUDENTS", root)
     run = tmp_path / "run"

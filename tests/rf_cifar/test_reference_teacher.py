@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from rf_helpers import load_tool
 
 from distill_common.errors import ModelLoadError
 from distill_common.generator import load_generator, named_generators, resolve_generator_folder
@@ -65,21 +66,10 @@ def test_reference_registers_in_mlflow_like_a_trained_generator(tmp_path, mlflow
     assert again.skipped and again.model_uri == outcome.model_uri  # a rerun reuses the logged model
 
 
-def _shipping_tool():
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).parents[2] / "tools" / "reference_teacher.py"
-    spec = importlib.util.spec_from_file_location("reference_teacher_tool", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_a_warm_start_continues_the_shipped_history_and_reships_only_on_a_measured_gain():
     """export keeps the earlier stages and the FID curve and adds the images seen; the card's gate passes only when
     the new interval lies below the previous one on the same protocol."""
-    tool = _shipping_tool()
+    tool = load_tool("reference_teacher")
     protocol = {"extractor_hash": "9d7e5a4f85a9", "reference_set": "cifar10-train", "reference_n": 10000,
                 "generated_n": 10000, "resolution": 32, "resize": "none", "feature_precision": "bf16"}
     first_point = {"images_seen": 288_000, "setting": "heun:8:2", "fid": 30.50, "fid_low": 30.10, "fid_high": 30.91,
