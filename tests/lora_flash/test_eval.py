@@ -173,3 +173,21 @@ def test_retention_columns_are_fractions_of_the_baseline_and_only_where_measured
     zero = [{"model": "baseline", "role": "teacher", "class_accuracy": 0.0}, {"model": "s", "class_accuracy": 0.5}]
     add_retention(zero)
     assert not any("class_accuracy_retention" in r for r in zero)  # no ratio to a baseline of 0
+
+
+def test_a_generators_image_cache_key_does_not_depend_on_which_generator_sampled_before(tiny_sd_path, tiny_lora):
+    """The baseline and the LoRA students share scheduler objects, and each installs its own scheduler on its pipeline
+    before sampling. Their fingerprints (the image cache key) must stay what they were when freshly loaded, whatever
+    sampled in between; otherwise cached images are regenerated for nothing in the next evaluation."""
+    from distill_eval.benchmark import generator_fingerprint
+    from distill_lora_flash.config import EvalConfig
+    from distill_lora_flash.evaluation import build_eval_generators
+
+    models = build_eval_generators(EvalConfig(base_model=str(tiny_sd_path), lora_path=[f"seed={tiny_lora}"],
+                                              device="cpu", control=True))
+    generators = {"baseline": models.baseline, **models.students}
+    fresh = {label: generator_fingerprint(g) for label, g in generators.items()}
+    assert len(set(fresh.values())) == len(fresh)  # baseline, LoRA and control are told apart
+    for label in ("seed", "baseline", "base"):  # each samples once, in an order unlike the eval's
+        generators[label].generate(["a red cube"], 1, [0])
+        assert {lbl: generator_fingerprint(g) for lbl, g in generators.items()} == fresh, f"after {label} sampled"

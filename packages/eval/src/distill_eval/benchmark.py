@@ -177,7 +177,9 @@ def _modules_of(generator: Any) -> list[Any]:
 def generator_fingerprint(generator: Any) -> str:
     """sha256 identifying a loaded generator's weights and settings: its tensors (every nn.Module it holds, a
     pipeline's components included) and its plain settings (default guidance, sampler, scheduler, precision, info).
-    A generator may define ``fingerprint()`` itself."""
+    A generator may define ``fingerprint()`` itself. One whose class sets ``installs_own_scheduler = True`` puts its
+    own ``scheduler`` on its pipeline before each sampling, so the pipeline's current scheduler (whichever generator
+    sampled last) is left out: its key stays the same whatever ran before it."""
     own = getattr(generator, "fingerprint", None)
     if callable(own):
         return str(own())
@@ -188,7 +190,8 @@ def generator_fingerprint(generator: Any) -> str:
     plain.update({k: dataclasses.asdict(v) for k, v in vars(generator).items()
                   if dataclasses.is_dataclass(v) and not isinstance(v, type)})  # e.g. a sampling schedule's options
     digest.update(json.dumps(plain, sort_keys=True, default=str).encode())
-    for attr in ("scheduler", "pipe"):  # the scheduler options (class and config) decide the images too
+    attrs = ("scheduler",) if getattr(generator, "installs_own_scheduler", False) else ("scheduler", "pipe")
+    for attr in attrs:  # the scheduler options (class and config) decide the images too
         sched = getattr(generator, attr, None)
         sched = getattr(sched, "scheduler", sched) if attr == "pipe" else sched
         if sched is not None and hasattr(sched, "config"):

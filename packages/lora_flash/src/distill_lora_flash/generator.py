@@ -35,6 +35,7 @@ class FlashGenerator:
 
     family = FAMILY
     condition_kind = "prompt"
+    installs_own_scheduler = True  # generate() sets self.scheduler on the (maybe shared) pipeline: see the fingerprint
 
     def __init__(self, pipe: Any, schedule: FlashSchedule | None, *, default_steps: int = 4,
                  default_guidance: float = 0.0, label: str = "flash", cache_info: dict[str, Any] | None = None) -> None:
